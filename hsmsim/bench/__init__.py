@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench-*`): throughput ratios against references measured in the same run."""

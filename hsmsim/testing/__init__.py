@@ -1,0 +1,1 @@
+"""Helpers for people testing their own code against hsmsim (the pytest plugin lives here)."""
