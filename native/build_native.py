@@ -32,6 +32,17 @@ def core_sources() -> list[str]:
     return sorted(str(p.relative_to(NATIVE.parent)) for p in CORE_DIR.glob("*.c"))
 
 
+def package_version() -> str:
+    """hsmsim.__version__, read from the source so that it is compiled into the core."""
+    import re
+
+    text = (NATIVE.parent / "hsmsim" / "__init__.py").read_text()
+    m = re.search(r'^__version__\s*=\s*"([^"]+)"', text, re.M)
+    if m is None:
+        raise RuntimeError("hsmsim/__init__.py has no __version__ = \"...\" line")
+    return m.group(1)
+
+
 def make_core_ffibuilder():  # type: ignore[no-untyped-def]
     """The cffi builder for the crypto core; its cdef is the umbrella header's public part."""
     from cffi import FFI
@@ -45,6 +56,7 @@ def make_core_ffibuilder():  # type: ignore[no-untyped-def]
         sources=core_sources(),
         include_dirs=[str(CORE_DIR)],
         libraries=["crypto"],
+        define_macros=[("HSMSIM_VERSION", f'"{package_version()}"')],
         extra_compile_args=[f for f in CFLAGS if f != "-fvisibility=hidden"],
         extra_link_args=LDFLAGS,
     )

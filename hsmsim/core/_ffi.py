@@ -1,0 +1,38 @@
+"""The cffi seam: loads the compiled core (hsmsim.core._native) and checks its version.
+
+Everything typed `Any` in hsmsim.core comes from here; no other module imports _native."""
+
+from __future__ import annotations
+
+from array import array
+from typing import Any
+
+import hsmsim
+
+try:
+    from hsmsim.core._native import ffi as _ffi, lib as _lib
+except ImportError as exc:  # pragma: no cover - depends on the installation
+    raise ImportError(
+        "hsmsim.core: the compiled extension hsmsim.core._native is missing or cannot load "
+        f"({exc}); build it with `make venv` or `pip install --no-build-isolation -e .`"
+    ) from exc
+
+ffi: Any = _ffi
+lib: Any = _lib
+
+
+def native_version() -> str:
+    """The version string compiled into the C core."""
+    return str(ffi.string(lib.hsmsim_version()).decode("ascii"))
+
+
+if native_version() != hsmsim.__version__:
+    raise ImportError(
+        f"hsmsim.core: the compiled core is version {native_version()!r} but the hsmsim "
+        f"package is {hsmsim.__version__!r}; rebuild it (`make venv`, or "
+        "`pip install --no-build-isolation -e .`)"
+    )
+
+# array.array typecodes matching size_t and int32_t, for passing length/status vectors.
+SIZE_T_CODE = next(c for c in "LQI" if array(c).itemsize == ffi.sizeof("size_t"))
+INT32_CODE = next(c for c in "ilh" if array(c).itemsize == 4)

@@ -1,0 +1,305 @@
+"""AES-GCM on a key loaded once into the C core: single messages, caller buffers and batches.
+
+Thread safety: an AesGcmKey may be used from several threads at once (the C context keeps
+a pool of per-operation cipher contexts). The GIL is released during every C call.
+`close()` drops this object's reference to the C context; the context is zeroised and
+freed as soon as no call in flight still holds it.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Sequence
+from itertools import accumulate
+from types import TracebackType
+from typing import Any
+
+from hsmsim.core._args import MAX_INPUT, as_bytes, as_int, bytes_seq, check_len, out_buffer
+from hsmsim.core._errors import ERR_TAG, InvalidTag, raise_for
+from hsmsim.core._ffi import INT32_CODE, SIZE_T_CODE, ffi, lib
+
+KEY_SIZES = (16, 24, 32)
+IV_MIN, IV_MAX = 1, 128
+TAG_MIN, TAG_MAX = 4, 16
+_TAG_LENS = frozenset(range(TAG_MIN, TAG_MAX + 1))
+
+
+def _check_iv(iv: object) -> bytes:
+    iv = as_bytes(iv, "iv")
+    if not IV_MIN <= len(iv) <= IV_MAX:
+        raise ValueError(f"iv must be {IV_MIN} to {IV_MAX} bytes, got {len(iv)}")
+    return iv
+
+
+def _check_tag_len(tag_len: object) -> int:
+    if type(tag_len) is not int:
+        raise TypeError(f"tag_len must be an int, not {type(tag_len).__name__}")
+    if tag_len not in _TAG_LENS:
+        raise ValueError(f"tag_len must be {TAG_MIN} to {TAG_MAX}, got {tag_len}")
+    return tag_len
+
+
+def _check_data(data: object, name: str = "data") -> bytes:
+    data = as_bytes(data, name)
+    check_len(data, name)
+    return data
+
+
+class AesGcmKey:
+    """An AES-128/192/256 key for GCM, expanded once in the C core and reused.
+
+    encrypt returns ciphertext || tag; decrypt takes the same layout. Any authentication
+    failure raises InvalidTag and nothing else about it."""
+
+    __slots__ = ("_ctx", "_key_size")
+
+    def __init__(self, key: bytes) -> None:
+        self._ctx: Any = None
+        key = as_bytes(key, "key")
+        if len(key) not in KEY_SIZES:
+            raise ValueError("key must be 16, 24 or 32 bytes")
+        pp = ffi.new("hsmsim_gcm **")
+        status = lib.hsmsim_gcm_new(key, len(key), pp)
+        if status:
+            raise_for(status)
+        self._key_size = len(key)
+        self._ctx = ffi.gc(pp[0], lib.hsmsim_gcm_free)
+
+    @property
+    def key_size(self) -> int:
+        """Key length in bytes (16, 24 or 32)."""
+        return self._key_size
+
+    def _live(self) -> Any:
+        ctx = self._ctx
+        if ctx is None:
+            raise ValueError("key is closed")
+        return ctx
+
+    # ---- single messages -------------------------------------------------------------------
+
+    def encrypt(self, iv: bytes, data: bytes, aad: bytes = b"", tag_len: int = 16) -> bytes:
+        """ciphertext || tag (tag_len bytes)."""
+        ctx = self._live()
+        iv, data, aad, tag_len = (
+            _check_iv(iv), _check_data(data), _check_data(aad, "aad"), _check_tag_len(tag_len)
+        )
+        size = len(data) + tag_len
+        out = ffi.new("uint8_t[]", size)
+        status = lib.hsmsim_gcm_encrypt(
+            ctx, iv, len(iv), aad, len(aad), data, len(data), out, size, tag_len
+        )
+        if status:
+            raise_for(status)
+        return bytes(ffi.buffer(out, size))
+
+    def decrypt(self, iv: bytes, data: bytes, aad: bytes = b"", tag_len: int = 16) -> bytes:
+        """The plaintext of ciphertext || tag; InvalidTag if it does not authenticate."""
+        ctx = self._live()
+        iv, data, aad, tag_len = (
+            _check_iv(iv), _check_data(data), _check_data(aad, "aad"), _check_tag_len(tag_len)
+        )
+        size = len(data) - tag_len
+        if size < 0:
+            raise ValueError(f"data must be at least tag_len ({tag_len}) bytes, got {len(data)}")
+        out = ffi.new("uint8_t[]", max(size, 1))
+        status = lib.hsmsim_gcm_decrypt(
+            ctx, iv, len(iv), aad, len(aad), data, len(data), out, size, tag_len
+        )
+        if status:
+            raise_for(status)
+        return bytes(ffi.buffer(out, size))
+
+    def encrypt_into(
+        self,
+        iv: bytes,
+        data: bytes,
+        out: bytearray | memoryview,
+        aad: bytes = b"",
+        tag_len: int = 16,
+    ) -> int:
+        """Writes ciphertext || tag at the start of `out`; returns the bytes written."""
+        ctx = self._ctx
+        if ctx is None:
+            raise ValueError("key is closed")
+        # Fast path for the common types; the general checks otherwise.
+        if type(iv) is not bytes or not IV_MIN <= len(iv) <= IV_MAX:
+            iv = _check_iv(iv)
+        if type(data) is not bytes or len(data) > MAX_INPUT:
+            data = _check_data(data)
+        if type(aad) is not bytes or len(aad) > MAX_INPUT:
+            aad = _check_data(aad, "aad")
+        if type(tag_len) is not int or tag_len not in _TAG_LENS:
+            tag_len = _check_tag_len(tag_len)
+        size = len(data) + tag_len
+        status = lib.hsmsim_gcm_encrypt(
+            ctx, iv, len(iv), aad, len(aad), data, len(data), out_buffer(out, size), size,
+            tag_len,
+        )
+        if status:
+            raise_for(status)
+        return size
+
+    def decrypt_into(
+        self,
+        iv: bytes,
+        data: bytes,
+        out: bytearray | memoryview,
+        aad: bytes = b"",
+        tag_len: int = 16,
+    ) -> int:
+        """Writes the plaintext at the start of `out`; returns its length. On InvalidTag the
+        bytes of `out` that would have held plaintext are zeroed."""
+        ctx = self._ctx
+        if ctx is None:
+            raise ValueError("key is closed")
+        if type(iv) is not bytes or not IV_MIN <= len(iv) <= IV_MAX:
+            iv = _check_iv(iv)
+        if type(data) is not bytes or len(data) > MAX_INPUT:
+            data = _check_data(data)
+        if type(aad) is not bytes or len(aad) > MAX_INPUT:
+            aad = _check_data(aad, "aad")
+        if type(tag_len) is not int or tag_len not in _TAG_LENS:
+            tag_len = _check_tag_len(tag_len)
+        size = len(data) - tag_len
+        if size < 0:
+            raise ValueError(f"data must be at least tag_len ({tag_len}) bytes, got {len(data)}")
+        status = lib.hsmsim_gcm_decrypt(
+            ctx, iv, len(iv), aad, len(aad), data, len(data), out_buffer(out, size), size,
+            tag_len,
+        )
+        if status:
+            raise_for(status)
+        return size
+
+    # ---- batches ---------------------------------------------------------------------------
+
+    def _batch_args(
+        self, ivs: object, datas: object, aads: object, tag_len: object
+    ) -> tuple[int, list[bytes], array[int], list[bytes], array[int], list[bytes] | None,
+               array[int] | None, int]:
+        tag_len = _check_tag_len(tag_len)
+        iv_list = bytes_seq(ivs, "ivs")
+        data_list = bytes_seq(datas, "datas")
+        n = len(data_list)
+        if len(iv_list) != n:
+            raise ValueError(f"ivs must have one iv per message: {len(iv_list)} for {n}")
+        iv_lens = array(SIZE_T_CODE, map(len, iv_list))
+        if n and (min(iv_lens) < IV_MIN or max(iv_lens) > IV_MAX):
+            i = next(i for i, v in enumerate(iv_lens) if not IV_MIN <= v <= IV_MAX)
+            raise ValueError(f"ivs[{i}] must be {IV_MIN} to {IV_MAX} bytes, got {iv_lens[i]}")
+        in_lens = array(SIZE_T_CODE, map(len, data_list))
+        if sum(in_lens) > MAX_INPUT:
+            raise ValueError(f"datas must total at most {MAX_INPUT} bytes")
+        aad_list: list[bytes] | None = None
+        aad_lens: array[int] | None = None
+        if aads is not None:
+            aad_list = bytes_seq(aads, "aads")
+            if len(aad_list) != n:
+                raise ValueError(f"aads must have one aad per message: {len(aad_list)} for {n}")
+            aad_lens = array(SIZE_T_CODE, map(len, aad_list))
+            if sum(aad_lens) > MAX_INPUT:
+                raise ValueError(f"aads must total at most {MAX_INPUT} bytes")
+        return n, iv_list, iv_lens, data_list, in_lens, aad_list, aad_lens, tag_len
+
+    def _batch(
+        self, fn: Any, ivs: object, datas: object, aads: object, tag_len: object, enc: bool
+    ) -> tuple[bytes, list[int], array[int]]:
+        ctx = self._live()
+        n, iv_list, iv_lens, data_list, in_lens, aad_list, aad_lens, tag = self._batch_args(
+            ivs, datas, aads, tag_len
+        )
+        if enc:
+            out_lens = [v + tag for v in in_lens]
+        else:
+            out_lens = [v - tag for v in in_lens]
+            if n and min(out_lens) < 0:
+                i = next(i for i, v in enumerate(out_lens) if v < 0)
+                raise ValueError(f"datas[{i}] must be at least tag_len ({tag}) bytes")
+        total = sum(out_lens)
+        out = ffi.new("uint8_t[]", max(total, 1))
+        status = array(INT32_CODE, bytes(4 * n))
+        if n:
+            rc = fn(
+                ctx, n,
+                b"".join(iv_list), ffi.from_buffer("size_t[]", iv_lens),
+                ffi.NULL if aad_list is None else b"".join(aad_list),
+                ffi.NULL if aad_lens is None else ffi.from_buffer("size_t[]", aad_lens),
+                b"".join(data_list), ffi.from_buffer("size_t[]", in_lens),
+                out, total, tag, ffi.from_buffer("int32_t[]", status),
+            )
+            if rc:
+                raise_for(rc)
+        return bytes(ffi.buffer(out, total)), out_lens, status
+
+    def encrypt_batch(
+        self,
+        ivs: Sequence[bytes],
+        datas: Sequence[bytes],
+        aads: Sequence[bytes] | None = None,
+        tag_len: int = 16,
+    ) -> list[bytes]:
+        """Encrypts message i under ivs[i] with aads[i]; one C call for the whole batch."""
+        blob, out_lens, status = self._batch(
+            lib.hsmsim_gcm_encrypt_batch, ivs, datas, aads, tag_len, True
+        )
+        if any(status):
+            raise_for(next(s for s in status if s))
+        return _split(blob, out_lens)
+
+    def decrypt_batch(
+        self,
+        ivs: Sequence[bytes],
+        datas: Sequence[bytes],
+        aads: Sequence[bytes] | None = None,
+        tag_len: int = 16,
+    ) -> list[bytes | None]:
+        """Decrypts message i; None in place of each message whose tag failed."""
+        blob, out_lens, status = self._batch(
+            lib.hsmsim_gcm_decrypt_batch, ivs, datas, aads, tag_len, False
+        )
+        parts: list[bytes | None] = list(_split(blob, out_lens))
+        if any(status):
+            for i, s in enumerate(status):
+                if s == ERR_TAG:
+                    parts[i] = None
+                elif s:
+                    raise_for(s)
+        return parts
+
+    # ---- lifetime --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Releases the C context (zeroised and freed once no call in flight holds it)."""
+        self._ctx = None
+
+    def __enter__(self) -> AesGcmKey:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self._ctx = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._ctx is None else "open"
+        return f"<AesGcmKey AES-{getattr(self, '_key_size', 0) * 8}-GCM {state}>"
+
+
+def _split(blob: bytes, lens: list[int]) -> list[bytes]:
+    """Cuts blob into consecutive pieces of the given lengths."""
+    if not lens:
+        return []
+    first = lens[0]
+    if lens.count(first) == len(lens):
+        return [blob[i : i + first] for i in range(0, first * len(lens), first)] if first else [
+            b"" for _ in lens
+        ]
+    ends = list(accumulate(lens))
+    return [blob[e - n : e] for e, n in zip(ends, lens)]
+
+
+__all__ = ["AesGcmKey", "InvalidTag"]
