@@ -1,0 +1,204 @@
+"""Attribute rules of the node: defaults per object class (CloudHSM's tables), which
+attributes are read-only, modifiable, sensitive or material-derived, which templates a key
+generation needs, and which SoftHSM2 attributes the node sets on the backing object.
+
+Pure functions over templates; no I/O."""
+
+from __future__ import annotations
+
+from hsmsim.pkcs11.attributes import AttrValue, Template
+from hsmsim.pkcs11.constants import RV, Attribute as A, KeyType, Mechanism as M, ObjectClass
+from hsmsim.pkcs11.errors import Pkcs11Error
+
+KEY_CLASSES = (ObjectClass.SECRET_KEY, ObjectClass.PUBLIC_KEY, ObjectClass.PRIVATE_KEY)
+ASYMMETRIC_CLASSES = (ObjectClass.PUBLIC_KEY, ObjectClass.PRIVATE_KEY)
+SUPPORTED_CLASSES = (ObjectClass.DATA, ObjectClass.CERTIFICATE, *KEY_CLASSES)
+SUPPORTED_KEY_TYPES = {
+    ObjectClass.SECRET_KEY: (KeyType.AES, KeyType.GENERIC_SECRET),
+    ObjectClass.PUBLIC_KEY: (KeyType.RSA, KeyType.EC),
+    ObjectClass.PRIVATE_KEY: (KeyType.RSA, KeyType.EC),
+}
+USAGE = (A.ENCRYPT, A.DECRYPT, A.SIGN, A.VERIFY, A.WRAP, A.UNWRAP, A.DERIVE)
+
+# Attributes the node sets and users may not give (PKCS#11 "read-only"/computed).
+READ_ONLY = frozenset({A.LOCAL, A.ALWAYS_SENSITIVE, A.NEVER_EXTRACTABLE, A.KEY_GEN_MECHANISM,
+                       A.CHECK_VALUE})
+# FIDELITY: CloudHSM's modifiable list (UG:modify-attr); CKA_TOKEN may change only false->true,
+# CKA_SENSITIVE only false->true, CKA_EXTRACTABLE only true->false, CKA_WRAP_WITH_TRUSTED only
+# false->true (PKCS#11 one-way rules). CKA_ID is also accepted (PKCS#11 allows it; tools set it).
+MODIFIABLE = frozenset({A.LABEL, A.ID, A.TOKEN, A.ENCRYPT, A.DECRYPT, A.SIGN, A.VERIFY, A.WRAP,
+                        A.UNWRAP, A.DERIVE, A.SENSITIVE, A.EXTRACTABLE, A.TRUSTED,
+                        A.WRAP_WITH_TRUSTED, A.START_DATE, A.END_DATE, A.SUBJECT,
+                        A.APPLICATION, A.MODIFIABLE, A.DESTROYABLE})
+
+# Secret material, per class: never returned unless the key is non-sensitive and extractable.
+SECRET_ATTRS = {
+    ObjectClass.SECRET_KEY: frozenset({A.VALUE}),
+    ObjectClass.PRIVATE_KEY: frozenset({A.VALUE, A.PRIVATE_EXPONENT, A.PRIME_1, A.PRIME_2,
+                                        A.EXPONENT_1, A.EXPONENT_2, A.COEFFICIENT}),
+}
+# Material given in a create template that goes to SoftHSM2 and never into the index.
+MATERIAL_ATTRS = frozenset({A.VALUE, A.PRIVATE_EXPONENT, A.PRIME_1, A.PRIME_2, A.EXPONENT_1,
+                            A.EXPONENT_2, A.COEFFICIENT})
+# Public material kept in the index (copied from SoftHSM2 after creation).
+PUBLIC_MATERIAL = {
+    (ObjectClass.PUBLIC_KEY, KeyType.RSA): (A.MODULUS, A.PUBLIC_EXPONENT),
+    (ObjectClass.PRIVATE_KEY, KeyType.RSA): (A.MODULUS, A.PUBLIC_EXPONENT),
+    (ObjectClass.PUBLIC_KEY, KeyType.EC): (A.EC_PARAMS, A.EC_POINT),
+    (ObjectClass.PRIVATE_KEY, KeyType.EC): (A.EC_PARAMS,),
+}
+
+AES_SIZES = (16, 24, 32)
+GENERIC_SECRET_RANGE = (1, 800)
+RSA_BITS = tuple(range(2048, 4096 + 1, 256))
+
+# DER OIDs of the supported curves (CKA_EC_PARAMS as namedCurve).
+CURVES: dict[bytes, str] = {
+    bytes.fromhex("06052b81040021"): "secp224r1",
+    bytes.fromhex("06082a8648ce3d030107"): "secp256r1",
+    bytes.fromhex("06052b81040022"): "secp384r1",
+    bytes.fromhex("06052b81040023"): "secp521r1",
+    bytes.fromhex("06052b8104000a"): "secp256k1",
+}
+
+
+def _bool(t: Template, a: int, default: bool) -> bool:
+    v = t.get(a, default)
+    if not isinstance(v, bool):
+        raise Pkcs11Error(RV.ATTRIBUTE_VALUE_INVALID, f"attribute 0x{a:x} must be a CK_BBOOL")
+    return v
+
+
+def common_defaults(cls: int, token: bool) -> Template:
+    """CloudHSM defaults (UG:pkcs11-attributes): token false, private true, modifiable true,
+    destroyable true, copyable true, label/id empty."""
+    d: Template = {A.CLASS: cls, A.TOKEN: token, A.PRIVATE: cls != ObjectClass.PUBLIC_KEY
+                   and cls != ObjectClass.CERTIFICATE, A.MODIFIABLE: True, A.DESTROYABLE: True,
+                   A.COPYABLE: True, A.LABEL: "", }
+    if cls in KEY_CLASSES:
+        d.update({A.ID: b"", A.DERIVE: False, A.LOCAL: False, A.START_DATE: b"",
+                  A.END_DATE: b"", A.KEY_GEN_MECHANISM: (1 << 64) - 1})
+    if cls == ObjectClass.SECRET_KEY:
+        d.update({A.SENSITIVE: True, A.EXTRACTABLE: True, A.ENCRYPT: False, A.DECRYPT: False,
+                  A.SIGN: False, A.VERIFY: False, A.WRAP: False, A.UNWRAP: False,
+                  A.TRUSTED: False, A.WRAP_WITH_TRUSTED: False})
+    elif cls == ObjectClass.PRIVATE_KEY:
+        d.update({A.SENSITIVE: True, A.EXTRACTABLE: True, A.DECRYPT: False, A.SIGN: False,
+                  A.UNWRAP: False, A.SUBJECT: b"", A.WRAP_WITH_TRUSTED: False,
+                  A.ALWAYS_AUTHENTICATE: False})
+    elif cls == ObjectClass.PUBLIC_KEY:
+        d.update({A.ENCRYPT: False, A.VERIFY: False, A.WRAP: False, A.TRUSTED: False,
+                  A.SUBJECT: b""})
+    elif cls == ObjectClass.CERTIFICATE:
+        d.update({A.CERTIFICATE_TYPE: 0, A.TRUSTED: False, A.SUBJECT: b"", A.ID: b"",
+                  A.ISSUER: b"", A.SERIAL_NUMBER: b"", A.CERTIFICATE_CATEGORY: 0})
+    elif cls == ObjectClass.DATA:
+        d.update({A.APPLICATION: b"", A.OBJECT_ID: b""})
+    return d
+
+
+def check_user_template(t: Template, *, creating: bool) -> None:
+    """Reject attributes a user may never give (read-only ones)."""
+    for a in t:
+        if a in READ_ONLY:
+            raise Pkcs11Error(RV.ATTRIBUTE_READ_ONLY, f"attribute 0x{a:x} is read-only")
+
+
+def build_attrs(cls: int, key_type: int | None, template: Template, *, local: bool,
+                gen_mech: int | None) -> Template:
+    """The full user-visible attribute set of a new object: defaults, then the template
+    (material removed), then the computed attributes."""
+    token = _bool(template, A.TOKEN, False)
+    attrs = common_defaults(cls, token)
+    for a, v in template.items():
+        if a not in MATERIAL_ATTRS:
+            attrs[a] = v
+    attrs[A.CLASS] = cls
+    if key_type is not None:
+        attrs[A.KEY_TYPE] = key_type
+    if cls in KEY_CLASSES:
+        attrs[A.LOCAL] = local
+        if gen_mech is not None:
+            attrs[A.KEY_GEN_MECHANISM] = gen_mech
+    if cls in (ObjectClass.SECRET_KEY, ObjectClass.PRIVATE_KEY):
+        sensitive = _bool(attrs, A.SENSITIVE, True)
+        extractable = _bool(attrs, A.EXTRACTABLE, True)
+        attrs[A.ALWAYS_SENSITIVE] = sensitive if local else False
+        attrs[A.NEVER_EXTRACTABLE] = (not extractable) if local else False
+    for a in USAGE + (A.TOKEN, A.PRIVATE, A.MODIFIABLE, A.DESTROYABLE, A.COPYABLE):
+        if a in attrs:
+            _bool(attrs, a, False)
+    return attrs
+
+
+def is_sensitive_value(attrs: Template) -> bool:
+    """True when the key's secret material may not be read out."""
+    return bool(attrs.get(A.SENSITIVE, True)) or not bool(attrs.get(A.EXTRACTABLE, True))
+
+
+def softhsm_template(cls: int, key_type: int | None, handle: int, token: bool,
+                     extra: Template | None = None) -> Template:
+    """Attributes of the backing SoftHSM2 object: the node's tag as CKA_ID and CKA_LABEL,
+    every usage the key type allows (the node enforces the user's flags), always sensitive
+    and extractable (so the node can mask it), private."""
+    tag = f"hsmsim:{handle}"
+    t: Template = {A.CLASS: cls, A.TOKEN: token, A.PRIVATE: True, A.ID: tag.encode(),
+                   A.LABEL: tag}
+    if key_type is not None:
+        t[A.KEY_TYPE] = key_type
+    if cls == ObjectClass.SECRET_KEY:
+        t.update({A.SENSITIVE: True, A.EXTRACTABLE: True, A.SIGN: True, A.VERIFY: True,
+                  A.DERIVE: True})
+        if key_type == KeyType.AES:
+            t.update({A.ENCRYPT: True, A.DECRYPT: True, A.WRAP: True, A.UNWRAP: True})
+    elif cls == ObjectClass.PRIVATE_KEY:
+        t.update({A.SENSITIVE: True, A.EXTRACTABLE: True, A.SIGN: True})
+        if key_type == KeyType.RSA:
+            t.update({A.DECRYPT: True, A.UNWRAP: True})
+        else:
+            t[A.DERIVE] = True
+    elif cls == ObjectClass.PUBLIC_KEY:
+        t[A.VERIFY] = True
+        if key_type == KeyType.RSA:
+            t.update({A.ENCRYPT: True, A.WRAP: True})
+    if extra:
+        t.update(extra)
+    return t
+
+
+def gen_key_type(mech: int, template: Template) -> tuple[int, int]:
+    """Key type and length in bytes of a C_GenerateKey template."""
+    if mech == M.AES_KEY_GEN:
+        kt = KeyType.AES
+    elif mech == M.GENERIC_SECRET_KEY_GEN:
+        kt = KeyType.GENERIC_SECRET
+    else:
+        raise Pkcs11Error(RV.MECHANISM_INVALID, f"mechanism 0x{mech:x} does not generate keys")
+    given = template.get(A.KEY_TYPE, kt)
+    if given != kt:
+        raise Pkcs11Error(RV.TEMPLATE_INCONSISTENT, "CKA_KEY_TYPE does not match the mechanism")
+    if template.get(A.CLASS, ObjectClass.SECRET_KEY) != ObjectClass.SECRET_KEY:
+        raise Pkcs11Error(RV.TEMPLATE_INCONSISTENT, "CKA_CLASS must be CKO_SECRET_KEY")
+    length = template.get(A.VALUE_LEN)
+    if not isinstance(length, int) or isinstance(length, bool):
+        raise Pkcs11Error(RV.TEMPLATE_INCOMPLETE, "CKA_VALUE_LEN is required")
+    check_secret_len(kt, length)
+    return kt, length
+
+
+def check_secret_len(kt: int, length: int) -> None:
+    if kt == KeyType.AES and length not in AES_SIZES:
+        raise Pkcs11Error(RV.KEY_SIZE_RANGE, "AES keys are 16, 24 or 32 bytes")
+    if kt == KeyType.GENERIC_SECRET and not (
+            GENERIC_SECRET_RANGE[0] <= length <= GENERIC_SECRET_RANGE[1]):
+        raise Pkcs11Error(RV.KEY_SIZE_RANGE, "generic secret keys are 1 to 800 bytes")
+
+
+def merge(base: Template, extra: Template) -> Template:
+    out = dict(base)
+    out.update(extra)
+    return out
+
+
+def value(attrs: Template, a: int, default: AttrValue) -> AttrValue:
+    return attrs.get(a, default)
