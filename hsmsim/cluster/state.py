@@ -283,11 +283,12 @@ def prepare_new_cluster(state: StateDir, azs: Sequence[str], hsms_per_az: int,
         if state.init_marker.exists():
             discard_new_cluster(state, created_root=False)
     state.root.mkdir(parents=True, exist_ok=True)
-    atomic_write(state.init_marker, b"initialisation in progress\n")
     spec = ClusterSpec(
         cluster_id=new_id("cluster-"),
         hsms=tuple(HsmSpec(new_id("hsm-"), az) for az in azs for _ in range(hsms_per_az)),
         created=utcnow())
+    # The marker holds the spec-to-be: the daemon bootstraps from it, then writes cluster.json.
+    atomic_write(state.init_marker, spec.to_json())
     admin = admin_password or new_password()
     cu = cu_password or new_password()
     write_secret(state.cluster_secret, _secrets.token_hex(32))

@@ -1,0 +1,744 @@
+"""The cluster client the daemon plays (CloudHSM's client SDK): implements `ClusterClient` over
+the members' NodeClients — logins on every HSM, routing round-robin over the healthy HSMs that
+hold an object, key sync with the key availability check, retries with backoff, failover, and
+the object directory that maps cluster-wide handles to the HSMs holding them."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from hsmsim.cluster.api import (AttributeResult, ClusterInfo, EncryptResult, HsmInfo, Login,
+                                UserInfo)
+from hsmsim.cluster.config import ClusterConfig
+from hsmsim.cluster.journal import HandleAllocator, Journal
+from hsmsim.cluster.members import ACTIVE, DEGRADED, Member
+from hsmsim.cluster.state import ClusterSpec, StateDir
+from hsmsim.node.client import NodeThrottled, NodeUnavailable
+from hsmsim.pkcs11.attributes import Template
+from hsmsim.pkcs11.constants import RV, Attribute, UserType
+from hsmsim.pkcs11.errors import Pkcs11Error
+from hsmsim.pkcs11.params import MechanismSpec
+
+log = logging.getLogger("hsmsim.cluster")
+T = TypeVar("T")
+
+AVAILABILITY_MSG = ("Key {handle} does not meet the availability requirements - The key must be "
+                    "available on at least 2 HSMs before being used.")
+
+
+@dataclass
+class Obj:
+    """Directory entry of one object: which members hold it. Session objects live on exactly
+    one member and belong to one (login, session)."""
+
+    token: bool
+    holders: set[str]
+    login_id: int | None = None
+    session: int | None = None
+
+
+@dataclass
+class LoginRecord:
+    login: Login
+    password: str  # kept in daemon memory only, to log in to an HSM that (re)joins
+
+
+class Cluster:
+    """The daemon's view of the cluster; one instance per daemon."""
+
+    def __init__(self, state: StateDir, spec: ClusterSpec, config: ClusterConfig) -> None:
+        self.state, self.spec, self.config = state, spec, config
+        self.members: dict[str, Member] = {h.hsm_id: Member(h.hsm_id, h.az, state) for h in spec.hsms}
+        self.handles = HandleAllocator(state.handles)
+        self.journal = Journal(state.journal)
+        self.objects: dict[int, Obj] = {}
+        self._logins: dict[int, LoginRecord] = {}
+        self._login_ids = itertools.count(1)
+        self._rr = itertools.count()
+        self._bg: set[asyncio.Task[Any]] = set()
+        self._closing = False
+        self._reconciling: set[str] = set()
+        self._member_locks: dict[str, asyncio.Lock] = {}
+        self.ca_pem = state.ca_cert.read_bytes() if state.ca_cert.exists() else b""
+        self.converge_events = 0
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def spawn_bg(self, coro: Awaitable[Any], name: str = "") -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._bg.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._bg.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.warning("background %s failed: %s", name or "task", t.exception())
+        task.add_done_callback(done)
+        return task
+
+    def lock_for(self, hsm_id: str) -> asyncio.Lock:
+        return self._member_locks.setdefault(hsm_id, asyncio.Lock())
+
+    async def timed(self, member: Member, aw: Awaitable[T], timeout: float | None = None) -> T:
+        """Await a node call; a member that does not answer in time is marked down."""
+        try:
+            return await asyncio.wait_for(aw, timeout or self.config.request_timeout_s)
+        except asyncio.TimeoutError:
+            member.mark_down(f"no answer within {timeout or self.config.request_timeout_s:.1f}s")
+            raise NodeUnavailable(f"{member.hsm_id} did not answer in time") from None
+
+    def usable(self) -> list[Member]:
+        return [m for m in self.members.values() if m.usable]
+
+    def routable(self) -> list[Member]:
+        return [m for m in self.members.values() if m.routable]
+
+    def _rotate(self, members: list[Member]) -> list[Member]:
+        if not members:
+            return members
+        k = next(self._rr) % len(members)
+        return members[k:] + members[:k]
+
+    def live_token_handles(self) -> set[int]:
+        return {h for h, o in self.objects.items() if o.token}
+
+    def _backoff(self, attempt: int) -> float:
+        return self.config.retry_base_ms / 1000.0 * (2 ** max(0, attempt - 1))
+
+    @property
+    def check_availability(self) -> bool:
+        return not self.config.disable_key_availability_check
+
+    # -- logins ----------------------------------------------------------------------------------
+    async def node_login(self, member: Member, rec: LoginRecord) -> int:
+        """This application's login id on `member`, logging in there first if needed (an HSM
+        that joined or restarted since the application's C_Login)."""
+        lid = member.logins.get(rec.login.login_id)
+        if lid is not None:
+            return lid
+        assert member.client is not None
+        client, gen = member.client, member.generation
+        info = await self.timed(member, client.login(rec.login.user_type, rec.login.username,
+                                                     rec.password))
+        if member.generation != gen:
+            raise NodeUnavailable(f"{member.hsm_id} reconnected during login")
+        member.logins[rec.login.login_id] = info.login_id
+        return info.login_id
+
+    def _rec(self, login: Login) -> LoginRecord:
+        rec = self._logins.get(login.login_id)
+        if rec is None:
+            raise Pkcs11Error(RV.USER_NOT_LOGGED_IN, "the application is not logged in")
+        return rec
+
+    async def login(self, user_type: UserType, username: str, password: str) -> Login:
+        members = self.usable()
+        if not members:
+            raise Pkcs11Error(RV.DEVICE_ERROR, "no HSM of the cluster is reachable")
+        results = await asyncio.gather(
+            *(self.timed(m, m.client.login(user_type, username, password))  # type: ignore[union-attr]
+              for m in members), return_exceptions=True)
+        ok: list[tuple[Member, int]] = []
+        errors: list[Pkcs11Error] = []
+        for m, r in zip(members, results):
+            if isinstance(r, Pkcs11Error) and not isinstance(r, NodeThrottled):
+                errors.append(r)
+            elif isinstance(r, BaseException):
+                if isinstance(r, NodeUnavailable):
+                    m.mark_down(str(r))
+            else:
+                ok.append((m, r.login_id))
+        # A locked account anywhere, or a refusal by every HSM, fails the login. An HSM that
+        # refused while others accepted (a user not yet synced to it) is retried lazily.
+        locked = [e for e in errors if e.rv == RV.PIN_LOCKED]
+        if locked or not ok:
+            for m, lid in ok:
+                self.spawn_bg(self._quiet(m.client.logout(lid)))  # type: ignore[union-attr]
+            if locked:
+                raise locked[0]
+            if errors:
+                raise errors[0]
+            raise Pkcs11Error(RV.DEVICE_ERROR, "no HSM of the cluster answered the login")
+        login = Login(next(self._login_ids), UserType(int(user_type)), username)
+        self._logins[login.login_id] = LoginRecord(login, password)
+        for m, lid in ok:
+            m.logins[login.login_id] = lid
+        return login
+
+    async def logout(self, login: Login) -> None:
+        rec = self._logins.pop(login.login_id, None)
+        if rec is None:
+            raise Pkcs11Error(RV.USER_NOT_LOGGED_IN, "the application is not logged in")
+        calls = []
+        for m in self.members.values():
+            lid = m.logins.pop(login.login_id, None)
+            if lid is not None and m.usable:
+                calls.append(self._quiet(self.timed(m, m.client.logout(lid))))  # type: ignore[union-attr]
+        await asyncio.gather(*calls)
+        for h, o in list(self.objects.items()):
+            if not o.token and o.login_id == login.login_id:
+                del self.objects[h]  # PKCS#11: the node drops a logged-out user's session objects
+
+    @staticmethod
+    async def _quiet(aw: Awaitable[Any]) -> None:
+        try:
+            await aw
+        except Exception:
+            pass
+
+    # -- routing and retries ---------------------------------------------------------------------
+    def _entry(self, handle: int, invalid: RV) -> Obj:
+        obj = self.objects.get(handle)
+        if obj is None or handle in self.journal.tombstones:
+            raise Pkcs11Error(invalid, f"object handle {handle} is not valid")
+        return obj
+
+    def _check_available(self, handle: int, obj: Obj) -> None:
+        # CloudHSM SDK 5 key availability check: a token key must be on at least 2 HSMs to be
+        # used. FIDELITY: holders count HSMs that hold the key durably even while one of them is
+        # briefly down (CloudHSM's exact rule for a temporarily failed HSM is not documented).
+        if self.check_availability and obj.token and len(obj.holders & set(self.members)) < 2:
+            # FIDELITY: CloudHSM documents only the log message; the PKCS#11 return value is not
+            # documented. We return CKR_FUNCTION_FAILED with that message.
+            raise Pkcs11Error(RV.FUNCTION_FAILED, AVAILABILITY_MSG.format(handle=handle))
+
+    def _candidates(self, handles: Sequence[int], invalid: RV, tried: set[str]) -> list[Member]:
+        holders: set[str] | None = None
+        for h in handles:
+            obj = self._entry(h, invalid)
+            holders = set(obj.holders) if holders is None else holders & obj.holders
+        if holders is None:
+            members = [m for m in self.members.values() if m.hsm_id not in tried]
+        else:
+            members = [self.members[h] for h in sorted(holders) if h in self.members and h not in tried]
+        usable = [m for m in members if m.usable]
+        converged = [m for m in usable if m.converged]
+        return self._rotate(converged or usable)
+
+    async def run(self, login: Login | None, handles: Sequence[int], invalid: RV,
+                  fn: Callable[[Member, int | None], Awaitable[T]]) -> T:
+        """Run `fn(member, node_login_id)` on a member holding every handle, retrying throttled
+        calls with exponential backoff and failing over when a member is lost."""
+        rec = self._rec(login) if login is not None else None
+        tried: set[str] = set()
+        attempt = 0
+        last: BaseException | None = None
+        while True:
+            for h in handles:
+                obj = self._entry(h, invalid)
+                self._check_available(h, obj)
+            cands = self._candidates(handles, invalid, tried)
+            if not cands:
+                if isinstance(last, NodeThrottled):
+                    raise last
+                if handles and all(not self._entry(h, invalid).token for h in handles):
+                    raise Pkcs11Error(invalid, "the HSM holding this session object is gone")
+                raise Pkcs11Error(RV.DEVICE_ERROR, "no HSM holding the object is reachable")
+            m = cands[0]
+            try:
+                lid = await self.node_login(m, rec) if rec is not None else None
+                return await self.timed(m, fn(m, lid))
+            except NodeThrottled as exc:
+                last = exc
+            except NodeUnavailable as exc:
+                last = exc
+                m.mark_down(str(exc))
+                tried.add(m.hsm_id)
+                self._drop_session_objects(m)
+            except Pkcs11Error as exc:
+                if rec is not None and m.logins.get(rec.login.login_id) is None:
+                    # This HSM refused the application's login (not yet in sync): try another.
+                    last = exc
+                    tried.add(m.hsm_id)
+                    continue
+                raise
+            attempt += 1
+            if attempt > self.config.retries:
+                if isinstance(last, NodeThrottled):
+                    raise last
+                raise Pkcs11Error(RV.DEVICE_ERROR, f"the HSM was lost: {last}")
+            if isinstance(last, NodeThrottled):
+                await asyncio.sleep(self._backoff(attempt))
+
+    def _drop_session_objects(self, m: Member) -> None:
+        """Session objects live on one HSM and are lost with it (CloudHSM)."""
+        for h, o in list(self.objects.items()):
+            if not o.token and m.hsm_id in o.holders:
+                del self.objects[h]
+
+    def on_member_reconnected(self, m: Member) -> None:
+        self._drop_session_objects(m)
+        for o in self.objects.values():
+            pass
+
+    # -- creation and key sync -------------------------------------------------------------------
+    async def create(self, login: Login, token_flags: Sequence[bool], session: int,
+                     requires: Sequence[int], invalid: RV,
+                     fn: Callable[[Member, int, list[int]], Awaitable[T]]) -> tuple[T, list[int]]:
+        """Create objects (one handle per flag) on one member, then sync the token ones."""
+        rec = self._rec(login)
+        if any(token_flags) and self.check_availability and len(self.members) < 2:
+            raise Pkcs11Error(RV.FUNCTION_FAILED, AVAILABILITY_MSG.format(handle="(new)")
+                              + " Set disable_key_availability_check for a single-HSM cluster.")
+        tried: set[str] = set()
+        attempt = 0
+        last: BaseException | None = None
+        while True:
+            for h in requires:
+                self._check_available(h, self._entry(h, invalid))
+            cands = self._candidates(requires, invalid, tried)
+            if not cands:
+                if isinstance(last, NodeThrottled):
+                    raise last
+                raise Pkcs11Error(RV.DEVICE_ERROR, "no HSM of the cluster is reachable")
+            m = cands[0]
+            handles = self.handles.allocate(len(token_flags))
+            try:
+                lid = await self.node_login(m, rec)
+                result = await self.timed(m, fn(m, lid, handles), timeout=max(
+                    30.0, self.config.request_timeout_s))
+                break
+            except NodeThrottled as exc:
+                last = exc
+            except NodeUnavailable as exc:
+                last = exc
+                # The HSM may have created the objects before it was lost: make sure they die.
+                self.journal.tombstone(*handles)
+                m.mark_down(str(exc))
+                tried.add(m.hsm_id)
+                self._drop_session_objects(m)
+            except Pkcs11Error as exc:
+                if m.logins.get(rec.login.login_id) is None:
+                    last = exc
+                    tried.add(m.hsm_id)
+                    continue
+                raise
+            attempt += 1
+            if attempt > self.config.retries:
+                if isinstance(last, NodeThrottled):
+                    raise last
+                raise Pkcs11Error(RV.DEVICE_ERROR, f"the HSM was lost: {last}")
+            if isinstance(last, NodeThrottled):
+                await asyncio.sleep(self._backoff(attempt))
+        for h, tok in zip(handles, token_flags):
+            self.objects[h] = Obj(tok, {m.hsm_id}, None if tok else login.login_id,
+                                  None if tok else session)
+        token_handles = [h for h, tok in zip(handles, token_flags) if tok]
+        if token_handles:
+            await self.replicate_new(m, token_handles)
+        return result, handles
+
+    def quorum_needed(self) -> int:
+        """Other HSMs that must hold a new token object before it is acknowledged."""
+        if not self.check_availability or len(self.members) < 2:
+            return 0
+        return 1
+
+    async def replicate_new(self, source: Member, handles: list[int]) -> None:
+        """Copy new token objects from `source` to every other usable member as masked blobs;
+        return once the key availability check is met (the rest finish in the background)."""
+        need = self.quorum_needed()
+        try:
+            assert source.client is not None
+            blobs = await self.timed(source, asyncio.gather(
+                *(source.client.export_masked(h) for h in handles)))
+        except (NodeUnavailable, Pkcs11Error) as exc:
+            if isinstance(exc, NodeUnavailable):
+                source.mark_down(str(exc))
+            if need == 0:
+                return  # reconciliation copies them when the HSM is back
+            self._abandon(handles)
+            raise Pkcs11Error(RV.FUNCTION_FAILED,
+                              AVAILABILITY_MSG.format(handle=handles[0])) from None
+        targets = [m for m in self.usable() if m is not source]
+        if not targets:
+            if need:
+                self._abandon(handles)
+                raise Pkcs11Error(RV.FUNCTION_FAILED, AVAILABILITY_MSG.format(handle=handles[0]))
+            return
+        done = asyncio.Event()
+        state = {"ok": 0, "finished": 0}
+
+        async def copy_to(m: Member) -> None:
+            try:
+                for h, blob in zip(handles, blobs):
+                    await self.import_blob(m, h, blob)
+                state["ok"] += 1
+            except Exception as exc:
+                log.info("sync of %s to %s failed: %s", handles, m.hsm_id, exc)
+            finally:
+                state["finished"] += 1
+                if state["ok"] >= need or state["finished"] == len(targets):
+                    done.set()
+
+        for m in targets:
+            self.spawn_bg(copy_to(m), "key sync")
+        if need == 0:
+            return
+        await done.wait()
+        if state["ok"] < need:
+            self._abandon(handles)
+            raise Pkcs11Error(RV.FUNCTION_FAILED, AVAILABILITY_MSG.format(handle=handles[0]))
+
+    async def import_blob(self, m: Member, handle: int, blob: bytes, replace: bool = False) -> None:
+        if m.client is None or not m.usable:
+            raise NodeUnavailable(f"{m.hsm_id} is not usable")
+        gen = m.generation
+        try:
+            await self.timed(m, m.client.import_masked(blob, replace=replace))
+        except NodeUnavailable as exc:
+            m.mark_down(str(exc))
+            raise
+        except Pkcs11Error as exc:
+            # Already there (a retried copy) counts as held only if the fingerprints agree;
+            # reconciliation checks that, so leave it to the next pass.
+            m.converged = m.converged and False
+            raise exc
+        obj = self.objects.get(handle)
+        if handle in self.journal.tombstones:
+            self.spawn_bg(self._quiet(m.client.destroy_object(None, handle)))
+        elif obj is not None and m.generation == gen:
+            obj.holders.add(m.hsm_id)
+
+    def _abandon(self, handles: Iterable[int]) -> None:
+        """A creation that cannot be acknowledged: tombstone it everywhere (SDK 3 did this)."""
+        hs = list(handles)
+        self.journal.tombstone(*hs)
+        for h in hs:
+            obj = self.objects.pop(h, None)
+            if obj is None:
+                continue
+            for hid in obj.holders:
+                m = self.members.get(hid)
+                if m is not None and m.usable:
+                    self.spawn_bg(self._quiet(m.client.destroy_object(None, h)))  # type: ignore[union-attr]
+
+    # -- ClusterClient: info -----------------------------------------------------------------------
+    def sync_lag(self, m: Member) -> int:
+        return sum(1 for h, o in self.objects.items() if o.token and m.hsm_id not in o.holders)
+
+    def held(self, m: Member) -> int:
+        return sum(1 for o in self.objects.values() if o.token and m.hsm_id in o.holders)
+
+    def cluster_state(self) -> str:
+        members = list(self.members.values())
+        if members and all(m.usable and m.converged for m in members):
+            return ACTIVE
+        return DEGRADED
+
+    async def info(self) -> ClusterInfo:
+        hsms = tuple(HsmInfo(m.hsm_id, m.az, m.hsm_state if m.usable else DEGRADED
+                             if m.hsm_state == ACTIVE else m.hsm_state,
+                             self.held(m), self.sync_lag(m), m.last_error)
+                     for m in self.members.values())
+        return ClusterInfo(self.spec.cluster_id, self.cluster_state(), hsms, self.ca_pem)
+
+    # -- ClusterClient: objects --------------------------------------------------------------------
+    @staticmethod
+    def _is_token(template: Template) -> bool:
+        return bool(template.get(int(Attribute.TOKEN), False))
+
+    async def generate_key(self, login: Login, mech: MechanismSpec, template: Template,
+                           session: int) -> int:
+        _, handles = await self.create(
+            login, [self._is_token(template)], session, (), RV.KEY_HANDLE_INVALID,
+            lambda m, lid, hs: m.client.generate_key(lid, mech, template, handle=hs[0],  # type: ignore[union-attr]
+                                                     session=session))
+        return handles[0]
+
+    async def generate_key_pair(self, login: Login, mech: MechanismSpec, public: Template,
+                                private: Template, session: int) -> tuple[int, int]:
+        _, handles = await self.create(
+            login, [self._is_token(public), self._is_token(private)], session, (),
+            RV.KEY_HANDLE_INVALID,
+            lambda m, lid, hs: m.client.generate_key_pair(  # type: ignore[union-attr]
+                lid, mech, public, private, public_handle=hs[0], private_handle=hs[1],
+                session=session))
+        return handles[0], handles[1]
+
+    async def create_object(self, login: Login, template: Template, session: int) -> int:
+        _, handles = await self.create(
+            login, [self._is_token(template)], session, (), RV.OBJECT_HANDLE_INVALID,
+            lambda m, lid, hs: m.client.create_object(lid, template, handle=hs[0],  # type: ignore[union-attr]
+                                                      session=session))
+        return handles[0]
+
+    async def copy_object(self, login: Login, handle: int, template: Template, session: int) -> int:
+        src = self._entry(handle, RV.OBJECT_HANDLE_INVALID)
+        token = self._is_token(template) if int(Attribute.TOKEN) in template else src.token
+        _, handles = await self.create(
+            login, [token], session, (handle,), RV.OBJECT_HANDLE_INVALID,
+            lambda m, lid, hs: m.client.copy_object(lid, handle, template, new_handle=hs[0],  # type: ignore[union-attr]
+                                                    session=session))
+        return handles[0]
+
+    async def unwrap_key(self, login: Login, unwrapping: int, mech: MechanismSpec, wrapped: bytes,
+                         template: Template, session: int) -> int:
+        _, handles = await self.create(
+            login, [self._is_token(template)], session, (unwrapping,),
+            RV.UNWRAPPING_KEY_HANDLE_INVALID,
+            lambda m, lid, hs: m.client.unwrap_key(lid, unwrapping, mech, wrapped, template,  # type: ignore[union-attr]
+                                                   handle=hs[0], session=session))
+        return handles[0]
+
+    async def derive_key(self, login: Login, base: int, mech: MechanismSpec, template: Template,
+                         session: int) -> int:
+        _, handles = await self.create(
+            login, [self._is_token(template)], session, (base,), RV.KEY_HANDLE_INVALID,
+            lambda m, lid, hs: m.client.derive_key(lid, base, mech, template, handle=hs[0],  # type: ignore[union-attr]
+                                                   session=session))
+        return handles[0]
+
+    async def destroy_object(self, login: Login, handle: int) -> None:
+        obj = self._entry(handle, RV.OBJECT_HANDLE_INVALID)
+        await self.run(login, (handle,), RV.OBJECT_HANDLE_INVALID,
+                       lambda m, lid: m.client.destroy_object(lid, handle))  # type: ignore[union-attr]
+        if obj.token:
+            self.journal.tombstone(handle)
+        self.objects.pop(handle, None)
+        for hid in obj.holders:
+            m = self.members.get(hid)
+            if m is not None and m.usable:
+                self.spawn_bg(self._destroy_replica(m, handle))
+
+    async def _destroy_replica(self, m: Member, handle: int) -> None:
+        try:
+            await self.timed(m, m.client.destroy_object(None, handle))  # type: ignore[union-attr]
+        except Pkcs11Error as exc:
+            if exc.rv not in (RV.OBJECT_HANDLE_INVALID, RV.KEY_HANDLE_INVALID):
+                raise
+
+    async def get_attributes(self, login: Login, handle: int,
+                             attrs: Sequence[int]) -> list[AttributeResult]:
+        slots = await self.run(login, (handle,), RV.OBJECT_HANDLE_INVALID,
+                               lambda m, lid: m.client.get_attributes(lid, handle, attrs))  # type: ignore[union-attr, arg-type]
+        return [AttributeResult(s.attr, s.value, s.rv) for s in slots]
+
+    async def _apply_everywhere(self, login: Login, handle: int,
+                                fn: Callable[[Member, int], Awaitable[Any]]) -> None:
+        """A change to a token object: on one holder first (the HSM checks the user may make
+        it), then on every other usable holder; a holder that misses it is reconciled."""
+        obj = self._entry(handle, RV.OBJECT_HANDLE_INVALID)
+        first: list[str] = []
+
+        async def once(m: Member, lid: int | None) -> None:
+            assert lid is not None
+            await fn(m, lid)
+            first.append(m.hsm_id)
+
+        await self.run(login, (handle,), RV.OBJECT_HANDLE_INVALID, once)
+        if not obj.token:
+            return
+        rec = self._rec(login)
+        others = [self.members[h] for h in obj.holders if h in self.members and h not in first]
+
+        async def follow(m: Member) -> None:
+            try:
+                lid = await self.node_login(m, rec)
+                await self.timed(m, fn(m, lid))
+            except Exception as exc:
+                log.info("change of %s on %s failed (%s): reconciling", handle, m.hsm_id, exc)
+                m.converged = False
+        await asyncio.gather(*(follow(m) for m in others if m.usable))
+        for m in others:
+            if not m.usable:
+                m.converged = False
+
+    async def set_attributes(self, login: Login, handle: int, template: Template) -> None:
+        await self._apply_everywhere(login, handle, lambda m, lid: m.client.set_attributes(  # type: ignore[union-attr]
+            lid, handle, template))
+
+    async def share_key(self, login: Login, handle: int, username: str) -> None:
+        await self._apply_everywhere(login, handle, lambda m, lid: m.client.share_key(  # type: ignore[union-attr]
+            lid, handle, username))
+
+    async def unshare_key(self, login: Login, handle: int, username: str) -> None:
+        await self._apply_everywhere(login, handle, lambda m, lid: m.client.unshare_key(  # type: ignore[union-attr]
+            lid, handle, username))
+
+    async def find_objects(self, login: Login, template: Template, session: int) -> list[int]:
+        rec = self._rec(login)
+        found: set[int] = set()
+        session_homes = {hid for o in self.objects.values()
+                         if not o.token and o.login_id == login.login_id for hid in o.holders}
+
+        async def on(m: Member, lid: int | None) -> list[int]:
+            assert lid is not None
+            return await m.client.find_objects(lid, template, None)  # type: ignore[union-attr]
+
+        primary: list[int] = await self.run(login, (), RV.OBJECT_HANDLE_INVALID, on)
+        found.update(primary)
+        for hid in session_homes:
+            m = self.members.get(hid)
+            if m is None or not m.usable:
+                continue
+            try:
+                lid = await self.node_login(m, rec)
+                found.update(await self.timed(m, m.client.find_objects(lid, template, None)))  # type: ignore[union-attr]
+            except (NodeUnavailable, Pkcs11Error):
+                pass
+        out = []
+        for h in sorted(found):
+            o = self.objects.get(h)
+            if o is None or h in self.journal.tombstones:
+                continue
+            if not o.token and o.login_id != login.login_id:
+                continue
+            out.append(h)
+        return out
+
+    async def close_session(self, login: Login | None, session: int) -> None:
+        homes: set[str] = set()
+        for h, o in list(self.objects.items()):
+            if not o.token and o.session == session and (login is None or o.login_id == login.login_id):
+                homes |= o.holders
+                del self.objects[h]
+        for hid in homes:
+            m = self.members.get(hid)
+            if m is None or not m.usable:
+                continue
+            lid = m.logins.get(login.login_id) if login is not None else None
+            try:
+                await self.timed(m, m.client.close_session(session, lid))  # type: ignore[union-attr]
+            except (NodeUnavailable, Pkcs11Error) as exc:
+                log.info("close_session on %s: %s", hid, exc)
+
+    # -- ClusterClient: crypto ---------------------------------------------------------------------
+    async def encrypt(self, login: Login, handle: int, mech: MechanismSpec, data: bytes) -> EncryptResult:
+        r = await self.run(login, (handle,), RV.KEY_HANDLE_INVALID,
+                           lambda m, lid: m.client.encrypt(lid, handle, mech, data))  # type: ignore[union-attr, arg-type]
+        return EncryptResult(r.data, r.iv)
+
+    async def decrypt(self, login: Login, handle: int, mech: MechanismSpec, data: bytes) -> bytes:
+        return await self.run(login, (handle,), RV.KEY_HANDLE_INVALID,
+                              lambda m, lid: m.client.decrypt(lid, handle, mech, data))  # type: ignore[union-attr, arg-type]
+
+    async def sign(self, login: Login, handle: int, mech: MechanismSpec, data: bytes) -> bytes:
+        return await self.run(login, (handle,), RV.KEY_HANDLE_INVALID,
+                              lambda m, lid: m.client.sign(lid, handle, mech, data))  # type: ignore[union-attr, arg-type]
+
+    async def verify(self, login: Login, handle: int, mech: MechanismSpec, data: bytes,
+                     signature: bytes) -> None:
+        await self.run(login, (handle,), RV.KEY_HANDLE_INVALID,
+                       lambda m, lid: m.client.verify(lid, handle, mech, data, signature))  # type: ignore[union-attr, arg-type]
+
+    async def wrap_key(self, login: Login, wrapping: int, mech: MechanismSpec, key: int) -> bytes:
+        self._entry(wrapping, RV.WRAPPING_KEY_HANDLE_INVALID)
+        return await self.run(login, (wrapping, key), RV.KEY_HANDLE_INVALID,
+                              lambda m, lid: m.client.wrap_key(lid, wrapping, mech, key))  # type: ignore[union-attr, arg-type]
+
+    async def generate_random(self, login: Login | None, length: int) -> bytes:
+        return await self.run(None, (), RV.DEVICE_ERROR,
+                              lambda m, lid: m.client.generate_random(length))  # type: ignore[union-attr]
+
+    # -- ClusterClient: users ----------------------------------------------------------------------
+    async def create_user(self, login: Login, username: str, role: str, password: str) -> None:
+        rec = self._rec(login)
+        first: list[Member] = []
+
+        async def once(m: Member, lid: int | None) -> None:
+            assert lid is not None
+            await m.client.create_user(lid, username, role, password)  # type: ignore[union-attr]
+            first.append(m)
+
+        await self.run(login, (), RV.DEVICE_ERROR, once)
+        self.journal.append({"t": "user_live", "u": username})
+        src = first[0]
+        try:
+            blob = await self.timed(src, src.client.export_users())  # type: ignore[union-attr]
+        except NodeUnavailable:
+            return
+        targets = [m for m in self.usable() if m is not src]
+        results = await asyncio.gather(
+            *(self.timed(m, m.client.import_users(blob)) for m in targets),  # type: ignore[union-attr]
+            return_exceptions=True)
+        for m, r in zip(targets, results):
+            if isinstance(r, BaseException):
+                m.converged = False
+        _ = rec
+
+    async def _user_everywhere(self, login: Login,
+                               fn: Callable[[Member, int], Awaitable[Any]]) -> None:
+        rec = self._rec(login)
+        done: list[str] = []
+
+        async def once(m: Member, lid: int | None) -> None:
+            assert lid is not None
+            await fn(m, lid)
+            done.append(m.hsm_id)
+
+        await self.run(login, (), RV.DEVICE_ERROR, once)
+
+        async def follow(m: Member) -> None:
+            try:
+                lid = await self.node_login(m, rec)
+                await self.timed(m, fn(m, lid))
+            except Exception as exc:
+                log.info("user change on %s failed (%s)", m.hsm_id, exc)
+                m.converged = False
+        await asyncio.gather(*(follow(m) for m in self.usable() if m.hsm_id not in done))
+        for m in self.members.values():
+            if not m.usable:
+                m.converged = False
+
+    async def delete_user(self, login: Login, username: str) -> None:
+        await self._user_everywhere(login, lambda m, lid: m.client.delete_user(lid, username))  # type: ignore[union-attr]
+        self.journal.append({"t": "user_tomb", "u": username})
+
+    async def change_password(self, login: Login, username: str, password: str) -> None:
+        await self._user_everywhere(login, lambda m, lid: m.client.change_password(  # type: ignore[union-attr]
+            lid, username, password))
+        rec = self._logins.get(login.login_id)
+        if rec is not None and rec.login.username == username:
+            rec.password = password
+
+    async def unlock_user(self, login: Login, username: str) -> None:
+        await self._user_everywhere(login, lambda m, lid: m.client.unlock_user(lid, username))  # type: ignore[union-attr]
+
+    async def list_users(self, login: Login) -> list[UserInfo]:
+        users = await self.run(login, (), RV.DEVICE_ERROR,
+                               lambda m, lid: m.client.list_users(lid))  # type: ignore[union-attr]
+        return [UserInfo(u.username, u.role, u.locked, u.failed_logins) for u in users]
+
+    async def list_users_cluster(self) -> list[dict[str, Any]]:
+        """`user list` for the CLI (no login, as CloudHSM CLI): each user's coverage across
+        the reachable HSMs ("full" or "inconsistent")."""
+        members = self.usable()
+        per: dict[str, dict[str, Any]] = {}
+        results = await asyncio.gather(
+            *(self.timed(m, m.client.list_users(None)) for m in members),  # type: ignore[union-attr]
+            return_exceptions=True)
+        ok = 0
+        for m, r in zip(members, results):
+            if isinstance(r, BaseException):
+                continue
+            ok += 1
+            for u in r:
+                e = per.setdefault(u.username, {"username": u.username, "role": u.role,
+                                                "locked": set(), "hsms": 0})
+                e["locked"].add(u.locked)
+                e["hsms"] += 1
+        out = []
+        for e in per.values():
+            locked = e.pop("locked")
+            e["locked"] = "inconsistent" if len(locked) > 1 else str(locked.pop()).lower()
+            e["cluster-coverage"] = "full" if e.pop("hsms") == ok else "inconsistent"
+            out.append(e)
+        return sorted(out, key=lambda e: e["username"])
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def close(self) -> None:
+        self._closing = True
+        for t in list(self._bg):
+            t.cancel()
+        await asyncio.gather(*self._bg, return_exceptions=True)
+        await asyncio.gather(*(m.terminate() for m in self.members.values()),
+                             return_exceptions=True)
+        self.journal.close()
+
+    def uptime_marker(self) -> float:
+        return time.monotonic()

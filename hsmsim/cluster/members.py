@@ -1,0 +1,227 @@
+"""One HSM of the cluster as the daemon sees it: its node process (spawn, kill, pause,
+restart), its NodeClient connection as the cluster principal, its health and its faults."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hsmsim.cluster.state import StateDir
+from hsmsim.errors import HsmsimError
+from hsmsim.node.client import NodeClient
+
+log = logging.getLogger("hsmsim.cluster")
+
+# CloudHSMv2 HsmState values.
+CREATE_IN_PROGRESS = "CREATE_IN_PROGRESS"
+ACTIVE = "ACTIVE"
+DEGRADED = "DEGRADED"
+DELETE_IN_PROGRESS = "DELETE_IN_PROGRESS"
+DELETED = "DELETED"
+
+
+class MemberDown(HsmsimError):
+    """The member cannot take requests now (stopped, paused, partitioned, unreachable)."""
+
+
+@dataclass(frozen=True)
+class MemberStatus:
+    hsm_id: str
+    az: str
+    state: str
+    condition: str  # healthy | converging | down | killed | paused | partitioned | starting
+    pid: int | None
+    keys: int
+    sync_lag: int
+    last_error: str | None
+    restarts: int
+    latency_ms: int
+    throttle_rps: int
+
+
+class Member:
+    """A node process and the daemon's connection to it."""
+
+    def __init__(self, hsm_id: str, az: str, state: StateDir, python: str = sys.executable) -> None:
+        self.hsm_id, self.az, self.state, self.python = hsm_id, az, state, python
+        self.proc: asyncio.subprocess.Process | None = None
+        self.client: NodeClient | None = None
+        self.generation = 0  # bumps on every new connection: node login ids die with it
+        self.hsm_state = CREATE_IN_PROGRESS
+        self.killed = False  # stopped on purpose (`hsm kill`): not restarted by supervision
+        self.paused = False
+        self.partitioned = False
+        self.removing = False
+        self.converged = False  # reconciled since the last (re)connection
+        self.last_error: str | None = None
+        self.restarts = 0
+        self.latency_ms = 0
+        self.throttle_rps = 0
+        self.logins: dict[int, int] = {}  # cluster login id -> node login id (this generation)
+        self.down_since: float | None = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    # -- paths -----------------------------------------------------------------------------------
+    @property
+    def dir(self) -> Path:
+        return self.state.node_dir(self.hsm_id)
+
+    @property
+    def address(self) -> str:
+        return f"unix:{self.state.node_socket(self.hsm_id)}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.returncode is None else None
+
+    # -- health ----------------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self.client is not None and not self.client.closed
+
+    @property
+    def usable(self) -> bool:
+        """May take requests for objects it holds."""
+        return (self.connected and not self.paused and not self.partitioned and not self.killed
+                and not self.removing)
+
+    @property
+    def routable(self) -> bool:
+        """May take new work (creation, finds): usable and caught up."""
+        return self.usable and self.converged
+
+    def condition(self) -> str:
+        if self.removing:
+            return "removing"
+        if self.killed:
+            return "killed"
+        if self.partitioned:
+            return "partitioned"
+        if self.paused:
+            return "paused"
+        if not self.connected:
+            return "starting" if self.hsm_state == CREATE_IN_PROGRESS else "down"
+        return "healthy" if self.converged else "converging"
+
+    def mark_down(self, why: str) -> None:
+        """The connection failed: forget it (the supervisor reconnects or restarts)."""
+        if self.client is not None:
+            client, self.client = self.client, None
+            asyncio.get_running_loop().create_task(_close_quietly(client))
+            log.warning("%s: down (%s)", self.hsm_id, why)
+        self.last_error = why
+        self.converged = False
+        self.logins.clear()
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+        if self.hsm_state == ACTIVE:
+            self.hsm_state = DEGRADED
+
+    # -- process ---------------------------------------------------------------------------------
+    def _command(self, init: str | None) -> list[str]:
+        cmd = [self.python, "-m", "hsmsim", "node", "serve", "--state", str(self.dir),
+               "--hsm-id", self.hsm_id, "--az", self.az, "--listen", self.address,
+               "--cluster-secret-file", str(self.state.cluster_secret)]
+        if init is not None:
+            cmd += ["--init", init]
+        return cmd
+
+    async def spawn(self, init: str | None, timeout: float) -> None:
+        """Start the node process and connect to it as the cluster principal."""
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        sock = self.state.node_socket(self.hsm_id)
+        sock.unlink(missing_ok=True)
+        logf = open(self.dir / "node.log", "ab")
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self._command(init), stdin=asyncio.subprocess.DEVNULL, stdout=logf,
+                stderr=logf, start_new_session=True, env=_node_env())
+        finally:
+            logf.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.returncode is not None:
+                raise MemberDown(f"node {self.hsm_id} exited with status {self.proc.returncode} "
+                                 f"while starting (see {self.dir / 'node.log'})")
+            if sock.exists():
+                try:
+                    await self.connect()
+                    return
+                except (HsmsimError, OSError) as exc:
+                    if time.monotonic() > deadline:
+                        raise MemberDown(f"node {self.hsm_id} did not accept connections: {exc}") from None
+            if time.monotonic() > deadline:
+                await self.terminate()
+                raise MemberDown(f"node {self.hsm_id} did not start within {timeout:.0f}s "
+                                 f"(see {self.dir / 'node.log'})")
+            await asyncio.sleep(0.02)
+
+    async def connect(self) -> None:
+        secret = self.state.cluster_secret.read_bytes()
+        client = await NodeClient.connect(self.address, cluster_secret=secret, timeout=3.0)
+        self.client = client
+        self.generation += 1
+        self.logins.clear()
+        self.converged = False
+        self.down_since = None
+        if self.hsm_state in (CREATE_IN_PROGRESS, DEGRADED):
+            self.hsm_state = ACTIVE
+
+    def exited(self) -> bool:
+        return self.proc is None or self.proc.returncode is not None
+
+    def send_signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            try:
+                os.kill(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    async def kill(self) -> None:
+        """SIGKILL, as an HSM failing hard; it stays down until started again."""
+        self.killed = True
+        self.send_signal(signal.SIGKILL)
+        if self.proc is not None:
+            await self.proc.wait()
+        self.mark_down("killed on purpose")
+
+    async def terminate(self, grace: float = 3.0) -> None:
+        """Stop the node cleanly (SIGTERM, then SIGKILL after `grace`)."""
+        if self.client is not None:
+            client, self.client = self.client, None
+            await _close_quietly(client)
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        if self.paused:
+            self.send_signal(signal.SIGCONT)
+        self.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.proc.wait(), grace)
+        except asyncio.TimeoutError:
+            self.send_signal(signal.SIGKILL)
+            await self.proc.wait()
+
+    def status(self, keys: int, sync_lag: int) -> MemberStatus:
+        return MemberStatus(self.hsm_id, self.az, self.hsm_state, self.condition(), self.pid,
+                            keys, sync_lag, self.last_error, self.restarts, self.latency_ms,
+                            self.throttle_rps)
+
+
+def _node_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("SOFTHSM2_CONF", None)  # each node renders and sets its own
+    return env
+
+
+async def _close_quietly(client: Any) -> None:
+    try:
+        await client.close()
+    except Exception:
+        pass

@@ -1,0 +1,1 @@
+"""The hsmsim daemon process (`hsmsim up`): cluster, control API, gateway and KMS."""

@@ -1,0 +1,209 @@
+"""The hsmsim daemon: one asyncio process that starts the cluster (its node processes), then
+serves the control socket, the PKCS#11 gateway and the KMS endpoint until told to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import os
+import signal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hsmsim.cluster.api import Service
+from hsmsim.cluster.cluster import Cluster
+from hsmsim.cluster.config import ClusterConfig, load_cluster_config
+from hsmsim.cluster.state import ClusterSpec, StateDir, StateError, finish_new_cluster
+from hsmsim.cluster.supervisor import Supervisor
+from hsmsim.config import load_file
+from hsmsim.control.server import ControlServer
+from hsmsim.errors import HsmsimError
+
+log = logging.getLogger("hsmsim.daemon")
+
+KMS_DEFAULT = "http://127.0.0.1:4599"
+
+
+class DaemonError(HsmsimError):
+    """The daemon cannot start (already running, corrupt state, nodes do not start)."""
+
+
+@dataclass(frozen=True)
+class DaemonOptions:
+    state_dir: Path
+    config_file: Path | None = None
+    cluster_overrides: tuple[tuple[str, Any], ...] = ()
+
+
+def read_pid(state: StateDir) -> int | None:
+    try:
+        pid = int(state.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+def _optional(module: str) -> Any | None:
+    """A sibling service's module, or None when that area is not built yet."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module.startswith(exc.name):
+            return None
+        raise
+
+
+class Daemon:
+    def __init__(self, opts: DaemonOptions, environ: Mapping[str, str]) -> None:
+        self.opts = opts
+        self.environ = dict(environ)
+        self.state = StateDir(opts.state_dir)
+        self.file_data = load_file(opts.config_file or self.state.config_file)
+        self.config: ClusterConfig = load_cluster_config(
+            self.file_data, environ, dict(opts.cluster_overrides))
+        self.cluster: Cluster | None = None
+        self.supervisor: Supervisor | None = None
+        self.control: ControlServer | None = None
+        self.services: dict[str, Service] = {}
+        self.endpoints: dict[str, str] = {}
+        self.stopping = asyncio.Event()
+
+    async def start(self) -> dict[str, Any]:
+        state = self.state
+        pid = read_pid(state)
+        if pid is not None and pid != os.getpid():
+            raise DaemonError(f"a daemon (pid {pid}) already runs for {state.root}; stop it with "
+                              "`hsmsim down`")
+        new = state.init_marker.exists() and not state.cluster_json.exists()
+        if new:
+            try:
+                spec = ClusterSpec.from_json(state.init_marker.read_bytes(), state.init_marker)
+            except StateError:
+                raise DaemonError(f"{state.root} holds an interrupted cluster initialisation; "
+                                  "run `hsmsim up` again to recreate it") from None
+        else:
+            spec = state.load_spec()
+        state.pid_file.write_text(f"{os.getpid()}\n")
+        self.cluster = Cluster(state, spec, self.config)
+        self.supervisor = Supervisor(self.cluster)
+        if new:
+            await self.supervisor.bootstrap_new(state.read_secret(state.admin_password),
+                                                state.read_secret(state.cu_password))
+            finish_new_cluster(state, spec)
+        else:
+            await self.supervisor.start_existing()
+        self.control = ControlServer(self._handlers())
+        await self.control.start(state.control_sock)
+        await self._start_services()
+        self.supervisor.start()
+        return {"cluster_id": spec.cluster_id, "new": new, **self.endpoints}
+
+    def _handlers(self) -> dict[str, Any]:
+        from hsmsim.daemon.control_ops import handlers
+        assert self.cluster is not None and self.supervisor is not None
+        return handlers(self)
+
+    async def _start_services(self) -> None:
+        assert self.cluster is not None
+        gw = _optional("hsmsim.gateway.server")
+        if gw is not None:
+            gcfg = _optional("hsmsim.gateway.config")
+            from hsmsim.config import resolve_section
+            config = (resolve_section(gcfg.GatewayConfig, "gateway", self.file_data, self.environ)
+                      if gcfg is not None else None)
+            try:
+                self.services["gateway"] = await gw.start_gateway(self.cluster, config,
+                                                                  self.state.gateway_sock)
+                self.endpoints["gateway"] = str(self.state.gateway_sock)
+            except Exception as exc:
+                log.exception("the PKCS#11 gateway failed to start")
+                raise DaemonError(f"the PKCS#11 gateway failed to start: {exc}") from exc
+        kms = _optional("hsmsim.kms.server")
+        if kms is not None:
+            kcfg_mod = _optional("hsmsim.kms.config")
+            from hsmsim.config import resolve_section
+            kcfg = (resolve_section(kcfg_mod.KmsConfig, "kms", self.file_data, self.environ)
+                    if kcfg_mod is not None else None)
+            try:
+                self.services["kms"] = await kms.start_kms(self.cluster, kcfg, self.state.root)
+                host = getattr(kcfg, "host", "127.0.0.1")
+                port = getattr(kcfg, "port", 4599)
+                self.endpoints["kms"] = f"http://{host}:{port}"
+            except Exception as exc:
+                log.exception("the KMS endpoint failed to start")
+                raise DaemonError(f"the KMS endpoint failed to start: {exc}") from exc
+
+    async def close(self) -> None:
+        for name, svc in list(self.services.items()):
+            try:
+                await asyncio.wait_for(svc.close(), 10)
+            except Exception:
+                log.exception("closing %s failed", name)
+        self.services.clear()
+        if self.control is not None:
+            await self.control.close()
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+        if self.cluster is not None:
+            await self.cluster.close()
+        for p in (self.state.control_sock, self.state.gateway_sock):
+            with contextlib.suppress(OSError):
+                p.unlink()
+        with contextlib.suppress(OSError):
+            if read_pid(self.state) == os.getpid():
+                self.state.pid_file.unlink()
+
+
+def setup_logging(path: Path | None, level: str = "INFO") -> None:
+    root = logging.getLogger()
+    root.handlers.clear()
+    handler: logging.Handler = (logging.FileHandler(path) if path is not None
+                                else logging.StreamHandler())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level.upper() if isinstance(level, str) else logging.INFO)
+
+
+async def serve(opts: DaemonOptions, environ: Mapping[str, str],
+                on_ready: Callable[[dict[str, Any]], None],
+                on_error: Callable[[str], None]) -> int:
+    """Run the daemon until SIGTERM/SIGINT or a `shutdown` control request."""
+    try:
+        daemon = Daemon(opts, environ)
+    except HsmsimError as exc:
+        on_error(str(exc))
+        return 1
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.stopping.set)
+    try:
+        try:
+            info = await daemon.start()
+        except HsmsimError as exc:
+            log.error("start failed: %s", exc)
+            on_error(str(exc))
+            return 1
+        except Exception as exc:
+            log.exception("start failed")
+            on_error(f"internal error while starting: {exc} (see {daemon.state.log_file})")
+            return 1
+        log.info("ready: %s", json.dumps(info))
+        on_ready(info)
+        await daemon.stopping.wait()
+        log.info("stopping")
+        return 0
+    finally:
+        await daemon.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
