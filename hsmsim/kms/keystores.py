@@ -1,0 +1,209 @@
+"""Custom key stores of type AWS_CLOUDHSM backed by the hsmsim cluster: the checks that
+CreateCustomKeyStore / UpdateCustomKeyStore make against the real cluster, and the connection
+state machine (DISCONNECTED -> CONNECTING -> CONNECTED | FAILED, DISCONNECTING -> DISCONNECTED)
+driven by actually logging in as `kmsuser`, rotating its password, and staying logged in while
+connected."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import string
+from dataclasses import replace
+
+from cryptography import x509
+
+from hsmsim.cluster.api import ClusterClient, ClusterInfo, Login
+from hsmsim.kms import errors as e
+from hsmsim.kms.material import Fleet
+from hsmsim.kms.model import StoreRecord
+from hsmsim.kms.store import Store
+from hsmsim.pkcs11.constants import RV, UserType
+from hsmsim.pkcs11.errors import Pkcs11Error
+
+KMS_USER = "kmsuser"
+CONNECTED, CONNECTING, DISCONNECTED, DISCONNECTING, FAILED = (
+    "CONNECTED", "CONNECTING", "DISCONNECTED", "DISCONNECTING", "FAILED")
+
+
+def active_hsms(info: ClusterInfo) -> list[str]:
+    return [h.az for h in info.hsms if h.state == "ACTIVE"]
+
+
+def same_certificate(a_pem: str | bytes, b_pem: str | bytes) -> bool:
+    """Whether two PEM certificates are the same certificate (DER compare)."""
+    try:
+        a = x509.load_pem_x509_certificate(a_pem.encode() if isinstance(a_pem, str) else a_pem)
+        b = x509.load_pem_x509_certificate(b_pem.encode() if isinstance(b_pem, str) else b_pem)
+    except ValueError:
+        return False
+    return a == b
+
+
+def _new_password() -> str:
+    # CloudHSM kmsuser passwords: 7-32 alphanumeric characters.
+    alphabet = string.ascii_letters + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(32))
+
+
+class KeyStores:
+    def __init__(self, cluster: ClusterClient, store: Store, fleet: Fleet) -> None:
+        self._cluster = cluster
+        self._store = store
+        self._fleet = fleet
+        self._logins: dict[str, Login] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def connected(self, store_id: str) -> bool:
+        s = self._store.stores.get(store_id)
+        return s is not None and s.state == CONNECTED and store_id in self._logins
+
+    def login(self, store_id: str) -> Login | None:
+        return self._logins.get(store_id) if self.connected(store_id) else None
+
+    async def cluster_info(self, cluster_id: str) -> ClusterInfo:
+        """The cluster a store names; CloudHsmClusterNotFound unless it is ours."""
+        try:
+            info = await self._cluster.info()
+        except Pkcs11Error:
+            raise e.ClusterNotFound(f"Cluster {cluster_id} was not found.") from None
+        if info.cluster_id != cluster_id:
+            raise e.ClusterNotFound(f"Cluster {cluster_id} was not found.")
+        return info
+
+    async def check_for_create(self, cluster_id: str, trust_anchor: str | None) -> ClusterInfo:
+        info = await self.cluster_info(cluster_id)
+        if info.state not in ("ACTIVE", "DEGRADED"):
+            raise e.ClusterNotActive(f"Cluster {cluster_id} is not active.")
+        if trust_anchor is not None and not same_certificate(trust_anchor, info.ca_cert_pem):
+            raise e.IncorrectTrustAnchor(
+                f"The trust anchor certificate does not match the issuing certificate of cluster {cluster_id}.")
+        self.require_two_azs(info)
+        return info
+
+    @staticmethod
+    def require_two_azs(info: ClusterInfo) -> None:
+        azs = active_hsms(info)
+        if len(azs) < 2 or len(set(azs)) < 2:
+            raise e.ClusterInvalidConfiguration(
+                f"The cluster {info.cluster_id} must contain at least two active HSMs, each in a "
+                "different Availability Zone.")
+
+    # -- connection state machine -------------------------------------------------------------
+    def start_connect(self, store_id: str) -> None:
+        s = self._store.stores[store_id]
+        self._store.put_store(replace(s, state=CONNECTING, error_code=None))
+        self._tasks[store_id] = asyncio.get_running_loop().create_task(self._connect(store_id))
+
+    async def _fail(self, store_id: str, code: str) -> None:
+        s = self._store.stores.get(store_id)
+        if s is not None:
+            self._store.put_store(replace(s, state=FAILED, error_code=code))
+
+    async def _connect(self, store_id: str) -> None:
+        s = self._store.stores[store_id]
+        try:
+            info = await self._cluster.info()
+        except Exception:
+            return await self._fail(store_id, "NETWORK_ERRORS")
+        if info.cluster_id != s.cluster_id:
+            return await self._fail(store_id, "CLUSTER_NOT_FOUND")
+        if not active_hsms(info):
+            return await self._fail(store_id, "INSUFFICIENT_CLOUDHSM_HSMS")
+        login: Login | None = None
+        for password in (s.password, *( [s.pending_password] if s.pending_password else [])):
+            try:
+                login = await self._cluster.login(UserType.USER, KMS_USER, password)
+                if password != s.password:
+                    s = replace(s, password=password)
+                break
+            except Pkcs11Error as exc:
+                code = await self._login_failure(exc)
+                if code != "INVALID_CREDENTIALS":
+                    return await self._fail(store_id, code)
+        if login is None:
+            return await self._fail(store_id, "INVALID_CREDENTIALS")
+        # Rotate the kmsuser password, remembering the new one before the cluster changes it.
+        new_password = _new_password()
+        self._store.put_store(replace(s, pending_password=new_password))
+        try:
+            await self._cluster.change_password(login, KMS_USER, new_password)
+        except Pkcs11Error as exc:
+            await self._safe_logout(login)
+            self._store.put_store(replace(s, pending_password=None))
+            return await self._fail(store_id, await self._login_failure(exc))
+        current = self._store.stores.get(store_id)
+        if current is None or current.state != CONNECTING:
+            await self._safe_logout(login)
+            return
+        self._logins[store_id] = login
+        self._store.put_store(replace(current, password=new_password, pending_password=None,
+                                      state=CONNECTED, error_code=None))
+
+    async def _login_failure(self, exc: Pkcs11Error) -> str:
+        rv = exc.rv
+        if rv == RV.PIN_LOCKED:
+            return "USER_LOCKED_OUT"
+        if rv in (RV.USER_ALREADY_LOGGED_IN, RV.USER_ANOTHER_ALREADY_LOGGED_IN):
+            return "USER_LOGGED_IN"
+        if rv in (RV.PIN_INCORRECT, RV.PIN_INVALID, RV.USER_PIN_NOT_INITIALIZED, RV.USER_TYPE_INVALID):
+            # CloudHSM answers an unknown user like a wrong password; ask the user list.
+            if await self._user_missing():
+                return "USER_NOT_FOUND"
+            return "INVALID_CREDENTIALS"
+        if rv in (RV.DEVICE_ERROR, RV.DEVICE_REMOVED, RV.TOKEN_NOT_PRESENT):
+            return "INSUFFICIENT_CLOUDHSM_HSMS"
+        return "INTERNAL_ERROR"
+
+    async def _user_missing(self) -> bool:
+        try:
+            login = await self._fleet.any_login()
+            users = await self._cluster.list_users(login)
+        except Exception:
+            return False
+        for u in users:
+            if u.username == KMS_USER:
+                return False
+        return True
+
+    async def _safe_logout(self, login: Login) -> None:
+        try:
+            await self._cluster.logout(login)
+        except Exception:
+            pass
+
+    async def disconnect(self, store_id: str) -> None:
+        task = self._tasks.pop(store_id, None)
+        if task is not None and not task.done():
+            task.cancel()
+        s = self._store.stores[store_id]
+        self._store.put_store(replace(s, state=DISCONNECTING))
+        login = self._logins.pop(store_id, None)
+        if login is not None:
+            await self._safe_logout(login)
+        s = self._store.stores[store_id]
+        self._store.put_store(replace(s, state=DISCONNECTED, error_code=None))
+
+    def mark_lost(self, store_id: str) -> None:
+        """The store's login stopped working (cluster gone): it is disconnected."""
+        self._logins.pop(store_id, None)
+
+    async def resume(self) -> None:
+        """After a restart: stores that were connected (or connecting) connect again."""
+        for s in list(self._store.stores.values()):
+            if s.state in (CONNECTED, CONNECTING):
+                self.start_connect(s.store_id)
+            elif s.state == DISCONNECTING:
+                self._store.put_store(replace(s, state=DISCONNECTED))
+
+    async def wait(self, store_id: str) -> None:
+        task = self._tasks.get(store_id)
+        if task is not None:
+            await asyncio.shield(task)
+
+    async def close(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        for login in self._logins.values():
+            await self._safe_logout(login)
+        self._logins.clear()

@@ -1,0 +1,205 @@
+"""Key policies, grants and tags: PutKeyPolicy, GetKeyPolicy, ListKeyPolicies, CreateGrant,
+ListGrants, ListRetirableGrants, RevokeGrant, RetireGrant, TagResource, UntagResource,
+ListResourceTags."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import replace
+
+from hsmsim.kms import errors as e, model, policy
+from hsmsim.kms.model import GrantRecord
+from hsmsim.kms.ops.common import Call, Handler, Request, Response, check_tags, dry_run, paginate
+from hsmsim.kms.runtime import Kms
+
+MAX_GRANTS_PER_KEY = 50_000
+
+
+def _policy_name(req: Request) -> None:
+    if req.get("PolicyName", "default") != "default":
+        raise e.NotFound("No such policy exists")
+
+
+async def put_key_policy(kms: Kms, call: Call, req: Request) -> Response:
+    key = kms.resolve(req["KeyId"], aliases=False)
+    call.touch(key)
+    kms.authorize(call.caller, key, "PutKeyPolicy")
+    _policy_name(req)
+    doc = req["Policy"]
+    policy.validate(doc)
+    if len(doc.encode()) > 32768:
+        raise e.LimitExceeded("The key policy exceeds the 32 KB limit.")
+    if not req.get("BypassPolicyLockoutSafetyCheck") and \
+            policy.evaluate(doc, call.caller, "PutKeyPolicy", {}) != "Allow":
+        raise e.MalformedPolicy("The new key policy will not allow you to update the key policy in the future.")
+    kms.store.put_key(replace(kms.store.keys[key.key_id], policy=doc))
+    return {}
+
+
+async def get_key_policy(kms: Kms, call: Call, req: Request) -> Response:
+    key = kms.resolve(req["KeyId"], aliases=False)
+    call.touch(key)
+    kms.authorize(call.caller, key, "GetKeyPolicy")
+    _policy_name(req)
+    return {"Policy": key.policy, "PolicyName": "default"}
+
+
+async def list_key_policies(kms: Kms, call: Call, req: Request) -> Response:
+    key = kms.resolve(req["KeyId"], aliases=False)
+    call.touch(key)
+    kms.authorize(call.caller, key, "ListKeyPolicies")
+    return {"PolicyNames": ["default"], "Truncated": False}
+
+
+def _grant_token_ok(kms: Kms, tokens: list[str] | None) -> None:
+    for token in tokens or []:
+        if not token.startswith("hsmsim-grant:") or kms.store.grant(token.split(":")[1]) is None:
+            raise e.InvalidGrantToken("The grant token is not valid.")
+
+
+def _grant_entry(kms: Kms, g: GrantRecord) -> Response:
+    out: Response = {"KeyId": kms.key_arn(g.key_id), "GrantId": g.grant_id, "Name": g.name,
+                     "CreationDate": g.created, "GranteePrincipal": g.grantee,
+                     "RetiringPrincipal": g.retiring, "IssuingAccount": f"arn:aws:iam::{g.issuing_account}:root",
+                     "Operations": list(g.operations)}
+    if g.ec_subset is not None or g.ec_equals is not None:
+        out["Constraints"] = {k: dict(v) for k, v in (("EncryptionContextSubset", g.ec_subset),
+                                                       ("EncryptionContextEquals", g.ec_equals)) if v is not None}
+    return out
+
+
+async def create_grant(kms: Kms, call: Call, req: Request) -> Response:
+    key = kms.resolve(req["KeyId"], aliases=False)
+    call.touch(key)
+    _grant_token_ok(kms, req.get("GrantTokens"))
+    kms.authorize(call.caller, key, "CreateGrant", grant_op="CreateGrant")
+    kms.require_usable(key) if kms.state_of(key) != model.UNAVAILABLE else None
+    ops = req["Operations"]
+    if not ops:
+        raise e.Invalid("1 validation error detected: Value '[]' at 'operations' failed to satisfy "
+                        "constraint: Member must have length greater than or equal to 1")
+    sym_only = {"Encrypt", "Decrypt", "ReEncryptFrom", "ReEncryptTo", "GenerateDataKey",
+                "GenerateDataKeyWithoutPlaintext", "GenerateDataKeyPair", "GenerateDataKeyPairWithoutPlaintext"}
+    if key.key_usage == "SIGN_VERIFY" and sym_only & set(ops) or \
+            key.key_usage == "GENERATE_VERIFY_MAC" and set(ops) - {"GenerateMac", "VerifyMac", "DescribeKey",
+                                                                  "CreateGrant", "RetireGrant"}:
+        raise e.Invalid(f"Grant operations {sorted(set(ops))} are not valid for a key with usage {key.key_usage}.")
+    constraints = req.get("Constraints") or {}
+    if constraints and key.key_spec != model.SYMMETRIC:
+        raise e.Invalid("Encryption context grant constraints are valid only for symmetric encryption keys.")
+    subset = constraints.get("EncryptionContextSubset")
+    equals = constraints.get("EncryptionContextEquals")
+    name = req.get("Name")
+    grants = kms.store.grants(key.key_id)
+    if len(grants) >= MAX_GRANTS_PER_KEY:
+        raise e.LimitExceeded(f"Too many grants for {key.arn}")
+    dry_run(req)
+    for g in grants:  # CreateGrant is idempotent for an identical named grant
+        if name is not None and g.name == name and g.grantee == req["GranteePrincipal"] and \
+                tuple(ops) == g.operations:
+            return {"GrantToken": g.token, "GrantId": g.grant_id}
+    grant_id = secrets.token_hex(32)
+    token = f"hsmsim-grant:{grant_id}:{secrets.token_urlsafe(48)}"
+    kms.store.put_grant(GrantRecord(
+        grant_id=grant_id, key_id=key.key_id, token=token, grantee=req["GranteePrincipal"],
+        operations=tuple(ops), issuing_account=kms.account, created=kms.clock.now(), name=name,
+        retiring=req.get("RetiringPrincipal"),
+        ec_subset=tuple(sorted(subset.items())) if subset is not None else None,
+        ec_equals=tuple(sorted(equals.items())) if equals is not None else None))
+    return {"GrantToken": token, "GrantId": grant_id}
+
+
+async def list_grants(kms: Kms, call: Call, req: Request) -> Response:
+    key = kms.resolve(req["KeyId"], aliases=False)
+    call.touch(key)
+    kms.authorize(call.caller, key, "ListGrants")
+    grants = kms.store.grants(key.key_id)
+    if "GrantId" in req:
+        grants = [g for g in grants if g.grant_id == req["GrantId"]]
+    if "GranteePrincipal" in req:
+        grants = [g for g in grants if g.grantee == req["GranteePrincipal"]]
+    page, extra = paginate(grants, req, 50)
+    return {"Grants": [_grant_entry(kms, g) for g in page], **extra}
+
+
+async def list_retirable_grants(kms: Kms, call: Call, req: Request) -> Response:
+    who = req["RetiringPrincipal"]
+    grants = [g for g in kms.store.grants_all() if g.retiring == who]
+    page, extra = paginate(grants, req, 50)
+    return {"Grants": [_grant_entry(kms, g) for g in page], **extra}
+
+
+async def revoke_grant(kms: Kms, call: Call, req: Request) -> Response:
+    key = kms.resolve(req["KeyId"], aliases=False)
+    call.touch(key)
+    kms.authorize(call.caller, key, "RevokeGrant")
+    grant = kms.store.grant(req["GrantId"])
+    if grant is None or grant.key_id != key.key_id:
+        raise e.NotFound(f"Grant ID {req['GrantId']} not found")
+    dry_run(req)
+    kms.store.delete_grant(grant.grant_id)
+    return {}
+
+
+async def retire_grant(kms: Kms, call: Call, req: Request) -> Response:
+    token, grant_id, key_ref = req.get("GrantToken"), req.get("GrantId"), req.get("KeyId")
+    grant: GrantRecord | None
+    if token is not None:
+        parts = token.split(":")
+        grant = kms.store.grant(parts[1]) if len(parts) == 3 and parts[0] == "hsmsim-grant" else None
+        if grant is None or not secrets.compare_digest(grant.token, token):
+            raise e.InvalidGrantToken("The grant token is not valid.")
+    elif grant_id is not None and key_ref is not None:
+        key = kms.resolve(key_ref, aliases=False)
+        grant = kms.store.grant(grant_id)
+        if grant is None or grant.key_id != key.key_id:
+            raise e.NotFound(f"Grant ID {grant_id} not found")
+    else:
+        raise e.Invalid("Either GrantToken or both KeyId and GrantId must be specified.")
+    if kms.config.enforce_policies and call.caller.arn not in (grant.retiring, grant.grantee) and \
+            call.caller.arn != f"arn:aws:iam::{grant.issuing_account}:root":
+        raise e.AccessDenied(f"User: {call.caller.arn} is not authorized to perform: kms:RetireGrant")
+    call.resources.append(kms.key_arn(grant.key_id))
+    dry_run(req)
+    kms.store.delete_grant(grant.grant_id)
+    return {}
+
+
+async def tag_resource(kms: Kms, call: Call, req: Request) -> Response:
+    key = kms.resolve(req["KeyId"], aliases=False)
+    call.touch(key)
+    kms.authorize(call.caller, key, "TagResource")
+    kms.require_not_pending_deletion(key)
+    new = check_tags(req["Tags"])
+    tags = dict(key.tags)
+    tags.update(new)
+    if len(tags) > 50:
+        raise e.TagError("Too many tags")
+    kms.store.put_key(replace(key, tags=tuple(tags.items())))
+    return {}
+
+
+async def untag_resource(kms: Kms, call: Call, req: Request) -> Response:
+    key = kms.resolve(req["KeyId"], aliases=False)
+    call.touch(key)
+    kms.authorize(call.caller, key, "UntagResource")
+    kms.require_not_pending_deletion(key)
+    drop = set(req["TagKeys"])
+    kms.store.put_key(replace(key, tags=tuple((k, v) for k, v in key.tags if k not in drop)))
+    return {}
+
+
+async def list_resource_tags(kms: Kms, call: Call, req: Request) -> Response:
+    key = kms.resolve(req["KeyId"], aliases=False)
+    call.touch(key)
+    kms.authorize(call.caller, key, "ListResourceTags")
+    page, extra = paginate(list(key.tags), req, 50)
+    return {"Tags": [{"TagKey": k, "TagValue": v} for k, v in page], **extra}
+
+
+HANDLERS: dict[str, Handler] = {
+    "PutKeyPolicy": put_key_policy, "GetKeyPolicy": get_key_policy, "ListKeyPolicies": list_key_policies,
+    "CreateGrant": create_grant, "ListGrants": list_grants, "ListRetirableGrants": list_retirable_grants,
+    "RevokeGrant": revoke_grant, "RetireGrant": retire_grant, "TagResource": tag_resource,
+    "UntagResource": untag_resource, "ListResourceTags": list_resource_tags,
+}

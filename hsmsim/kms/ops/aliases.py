@@ -1,0 +1,91 @@
+"""Alias operations: CreateAlias, UpdateAlias, DeleteAlias, ListAliases. `alias/aws/` is
+reserved for AWS managed keys."""
+
+from __future__ import annotations
+
+from hsmsim.kms import errors as e, model
+from hsmsim.kms.model import AliasRecord, KeyRecord
+from hsmsim.kms.ops.common import Call, Handler, Request, Response, paginate
+from hsmsim.kms.runtime import Kms
+
+MAX_ALIASES_PER_KEY = 50
+_PREFIX_MSG = ('Alias must start with the prefix "alias/". Please see '
+               "https://docs.aws.amazon.com/kms/latest/developerguide/kms-alias.html")
+
+
+def _check_name(name: str) -> None:
+    if not name.startswith("alias/") or name == "alias/":
+        raise e.Invalid(_PREFIX_MSG)
+    if name.startswith("alias/aws/"):
+        raise e.NotAuthorized("Cannot create, update or delete an alias with the reserved prefix alias/aws/.")
+
+
+def _target(kms: Kms, call: Call, ref: str) -> KeyRecord:
+    if ref.startswith("alias/") or ":alias/" in ref:
+        raise e.Invalid("Aliases must refer to keys. Not aliases")
+    key = kms.resolve(ref, aliases=False)
+    call.touch(key)
+    kms.require_not_pending_deletion(key)
+    return key
+
+
+async def create_alias(kms: Kms, call: Call, req: Request) -> Response:
+    name = req["AliasName"]
+    _check_name(name)
+    key = _target(kms, call, req["TargetKeyId"])
+    kms.authorize(call.caller, key, "CreateAlias")
+    if name in kms.store.aliases:
+        raise e.AlreadyExists(f"An alias with the name {kms.alias_arn(name)} already exists")
+    if sum(1 for a in kms.store.aliases.values() if a.key_id == key.key_id) >= MAX_ALIASES_PER_KEY:
+        raise e.LimitExceeded(f"Too many aliases for {key.arn}")
+    now = kms.clock.now()
+    kms.store.put_alias(AliasRecord(name, key.key_id, now, now))
+    return {}
+
+
+async def update_alias(kms: Kms, call: Call, req: Request) -> Response:
+    name = req["AliasName"]
+    _check_name(name)
+    alias = kms.store.aliases.get(name)
+    if alias is None:
+        raise e.NotFound(f"Alias {kms.alias_arn(name)} is not found.")
+    key = _target(kms, call, req["TargetKeyId"])
+    kms.authorize(call.caller, key, "UpdateAlias")
+    old = kms.store.keys.get(alias.key_id)
+    if old is not None and (old.key_usage, old.key_spec) != (key.key_usage, key.key_spec):
+        raise e.Invalid(f"{key.arn} key usage or key spec does not match the current target of {name}.")
+    kms.store.put_alias(AliasRecord(name, key.key_id, alias.created, kms.clock.now()))
+    return {}
+
+
+async def delete_alias(kms: Kms, call: Call, req: Request) -> Response:
+    name = req["AliasName"]
+    _check_name(name)
+    alias = kms.store.aliases.get(name)
+    if alias is None:
+        raise e.NotFound(f"Alias {kms.alias_arn(name)} is not found.")
+    key = kms.store.keys.get(alias.key_id)
+    if key is not None:
+        call.touch(key)
+        kms.authorize(call.caller, key, "DeleteAlias")
+    kms.store.delete_alias(name)
+    return {}
+
+
+async def list_aliases(kms: Kms, call: Call, req: Request) -> Response:
+    aliases = sorted(kms.store.aliases.values(), key=lambda a: a.name)
+    if "KeyId" in req:
+        key = kms.resolve(req["KeyId"], aliases=False)
+        call.touch(key)
+        aliases = [a for a in aliases if a.key_id == key.key_id]
+    page, extra = paginate(aliases, req)
+    return {"Aliases": [{"AliasName": a.name, "AliasArn": kms.alias_arn(a.name), "TargetKeyId": a.key_id,
+                         "CreationDate": a.created, "LastUpdatedDate": a.updated} for a in page], **extra}
+
+
+HANDLERS: dict[str, Handler] = {
+    "CreateAlias": create_alias, "UpdateAlias": update_alias, "DeleteAlias": delete_alias,
+    "ListAliases": list_aliases,
+}
+
+_ = model

@@ -1,0 +1,127 @@
+"""Pieces every operation family uses: the per-call context, pagination markers, tag rules,
+DryRun, and KeyMetadata rendering."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from hsmsim.kms import errors as e
+from hsmsim.kms import model
+from hsmsim.kms.model import KeyRecord
+from hsmsim.kms.policy import Caller
+from hsmsim.kms.runtime import Kms
+
+T = TypeVar("T")
+Request = dict[str, Any]
+Response = dict[str, Any]
+
+
+@dataclass
+class Call:
+    """One request as the handlers see it: who calls, and what the audit record should name."""
+
+    caller: Caller
+    resources: list[str] = field(default_factory=list)
+    additional: dict[str, Any] | None = None
+    response_elements: dict[str, Any] | None = None
+
+    def touch(self, key: KeyRecord) -> None:
+        if key.arn not in self.resources:
+            self.resources.append(key.arn)
+
+
+Handler = Callable[[Kms, Call, Request], Awaitable[Response]]
+
+
+def paginate(items: Sequence[T], req: Request, default_limit: int = 100) -> tuple[list[T], Response]:
+    """One page of `items` and the NextMarker/Truncated members."""
+    limit = req.get("Limit", default_limit)
+    start = 0
+    marker = req.get("Marker")
+    if marker is not None:
+        try:
+            start = int(base64.urlsafe_b64decode(marker.encode()).decode().removeprefix("hsmsim:"))
+        except (ValueError, UnicodeDecodeError):
+            raise e.InvalidMarker("The marker that specifies where pagination should next begin is not valid.") from None
+        if start < 0 or start > len(items):
+            raise e.InvalidMarker("The marker that specifies where pagination should next begin is not valid.")
+    page = list(items[start:start + limit])
+    extra: Response = {"Truncated": start + limit < len(items)}
+    if extra["Truncated"]:
+        extra["NextMarker"] = base64.urlsafe_b64encode(f"hsmsim:{start + limit}".encode()).decode()
+    return page, extra
+
+
+def dry_run(req: Request) -> None:
+    if req.get("DryRun"):
+        raise e.DryRun("The request would have succeeded, but the DryRun option is set.")
+
+
+def check_tags(tags: Sequence[dict[str, str]], existing: int = 0) -> list[tuple[str, str]]:
+    seen: set[str] = set()
+    out = []
+    for tag in tags:
+        k, v = tag["TagKey"], tag["TagValue"]
+        if k.startswith("aws:"):
+            raise e.TagError("Tags beginning with aws: are reserved")
+        if k in seen:
+            raise e.TagError("Duplicate tag keys")
+        seen.add(k)
+        out.append((k, v))
+    if existing + len(out) > 50:
+        raise e.TagError("Too many tags")
+    return out
+
+
+def encryption_algorithms(key: KeyRecord) -> list[str] | None:
+    if key.key_usage != "ENCRYPT_DECRYPT":
+        return None
+    if key.key_spec == model.SYMMETRIC:
+        return ["SYMMETRIC_DEFAULT"]
+    return ["RSAES_OAEP_SHA_1", "RSAES_OAEP_SHA_256"]
+
+
+def signing_algorithms(key: KeyRecord) -> list[str] | None:
+    if key.key_usage != "SIGN_VERIFY":
+        return None
+    if key.key_spec in model.RSA_SPECS:
+        return [f"RSASSA_{p}_SHA_{b}" for p in ("PSS", "PKCS1_V1_5") for b in (256, 384, 512)]
+    return {"ECC_NIST_P256": ["ECDSA_SHA_256"], "ECC_SECG_P256K1": ["ECDSA_SHA_256"],
+            "ECC_NIST_P384": ["ECDSA_SHA_384"], "ECC_NIST_P521": ["ECDSA_SHA_512"]}[key.key_spec]
+
+
+def mac_algorithms(key: KeyRecord) -> list[str] | None:
+    if key.key_usage != "GENERATE_VERIFY_MAC":
+        return None
+    return [f"HMAC_SHA_{key.key_spec.split('_')[1]}"]
+
+
+def metadata(kms: Kms, key: KeyRecord) -> Response:
+    state = kms.state_of(key)
+    md: Response = {
+        "AWSAccountId": kms.account, "KeyId": key.key_id, "Arn": key.arn,
+        "CreationDate": key.created, "Enabled": state == model.ENABLED,
+        "Description": key.description, "KeyUsage": key.key_usage, "KeyState": state,
+        "Origin": key.origin, "KeyManager": "CUSTOMER",
+        "CustomerMasterKeySpec": key.key_spec, "KeySpec": key.key_spec,
+        "EncryptionAlgorithms": encryption_algorithms(key),
+        "SigningAlgorithms": signing_algorithms(key),
+        "MacAlgorithms": mac_algorithms(key),
+        "MultiRegion": key.multi_region,
+    }
+    if key.state == model.PENDING_DELETION:
+        md["DeletionDate"] = key.deletion_date
+        md["PendingDeletionWindowInDays"] = key.pending_window
+    if key.custom_key_store_id:
+        md["CustomKeyStoreId"] = key.custom_key_store_id
+        md["CloudHsmClusterId"] = key.cluster_id
+    if key.multi_region:
+        md["MultiRegionConfiguration"] = {
+            "MultiRegionKeyType": "PRIMARY",
+            "PrimaryKey": {"Arn": key.arn, "Region": kms.region}, "ReplicaKeys": []}
+    if key.origin == model.AWS_KMS and key.key_spec == model.SYMMETRIC and key.current_material:
+        md["CurrentKeyMaterialId"] = key.current_material
+    return md

@@ -1,0 +1,146 @@
+"""Custom key store operations: CreateCustomKeyStore, ConnectCustomKeyStore,
+DisconnectCustomKeyStore, DescribeCustomKeyStores, UpdateCustomKeyStore, DeleteCustomKeyStore.
+Only the AWS_CLOUDHSM type exists here."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import replace
+
+from hsmsim.kms import errors as e
+from hsmsim.kms.keystores import CONNECTED, CONNECTING, DISCONNECTED, DISCONNECTING, FAILED
+from hsmsim.kms.model import StoreRecord
+from hsmsim.kms.ops.common import Call, Handler, Request, Response, paginate
+from hsmsim.kms.runtime import Kms
+
+MAX_STORES = 10
+
+
+def _store(kms: Kms, store_id: str) -> StoreRecord:
+    s = kms.store.stores.get(store_id)
+    if s is None:
+        raise e.StoreNotFound(f"Custom key store {store_id} was not found.")
+    return s
+
+
+def _event(call: Call, s: StoreRecord) -> None:
+    call.additional = {"customKeyStoreName": s.name, "clusterId": s.cluster_id}
+
+
+async def create_custom_key_store(kms: Kms, call: Call, req: Request) -> Response:
+    if req.get("CustomKeyStoreType", "AWS_CLOUDHSM") != "AWS_CLOUDHSM":
+        # FIDELITY: external key stores (XKS) are not simulated.
+        raise e.Unsupported("Only AWS_CLOUDHSM custom key stores are supported by hsmsim.")
+    missing = [m for m in ("CloudHsmClusterId", "TrustAnchorCertificate", "KeyStorePassword") if m not in req]
+    if missing:
+        raise e.Invalid(f"{missing[0]} is required for custom key stores of type AWS_CLOUDHSM.")
+    name, cluster_id = req["CustomKeyStoreName"], req["CloudHsmClusterId"]
+    if any(s.name == name for s in kms.store.stores.values()):
+        raise e.StoreNameInUse(f"Custom key store name {name} is already in use.")
+    info = await kms.keystores.check_for_create(cluster_id, req["TrustAnchorCertificate"])
+    if any(s.cluster_id == info.cluster_id for s in kms.store.stores.values()):
+        raise e.ClusterInUse(f"Cluster {cluster_id} is already associated with a custom key store.")
+    if len(kms.store.stores) >= MAX_STORES:
+        raise e.LimitExceeded("You have reached the maximum of 10 custom key stores.")
+    store_id = "cks-" + secrets.token_hex(9)[:17]
+    s = StoreRecord(store_id=store_id, name=name, cluster_id=cluster_id,
+                    trust_anchor=req["TrustAnchorCertificate"], password=req["KeyStorePassword"],
+                    created=kms.clock.now())
+    kms.store.put_store(s)
+    _event(call, s)
+    call.response_elements = {"customKeyStoreId": store_id}
+    return {"CustomKeyStoreId": store_id}
+
+
+async def connect_custom_key_store(kms: Kms, call: Call, req: Request) -> Response:
+    s = _store(kms, req["CustomKeyStoreId"])
+    _event(call, s)
+    if s.state in (DISCONNECTING, FAILED):
+        raise e.StoreInvalidState(f"Custom key store {s.store_id} is {s.state.lower()}; it cannot be "
+                                  "connected in this state.")
+    if s.state in (CONNECTED, CONNECTING):
+        return {}
+    info = await kms.keystores.cluster_info(s.cluster_id)
+    if info.state not in ("ACTIVE", "DEGRADED"):
+        raise e.ClusterNotActive(f"Cluster {s.cluster_id} is not active.")
+    kms.keystores.start_connect(s.store_id)
+    return {}
+
+
+async def disconnect_custom_key_store(kms: Kms, call: Call, req: Request) -> Response:
+    s = _store(kms, req["CustomKeyStoreId"])
+    _event(call, s)
+    if s.state in (DISCONNECTING, DISCONNECTED):
+        raise e.StoreInvalidState(f"Custom key store {s.store_id} is {s.state.lower()}.")
+    await kms.keystores.disconnect(s.store_id)
+    return {}
+
+
+async def describe_custom_key_stores(kms: Kms, call: Call, req: Request) -> Response:
+    stores = sorted(kms.store.stores.values(), key=lambda s: s.created)
+    if "CustomKeyStoreId" in req:
+        stores = [s for s in stores if s.store_id == req["CustomKeyStoreId"]]
+        if not stores:
+            raise e.StoreNotFound(f"Custom key store {req['CustomKeyStoreId']} was not found.")
+    if "CustomKeyStoreName" in req:
+        stores = [s for s in stores if s.name == req["CustomKeyStoreName"]]
+        if not stores:
+            raise e.StoreNotFound(f"Custom key store {req['CustomKeyStoreName']} was not found.")
+    page, extra = paginate(stores, req)
+    rows = []
+    for s in page:
+        row: Response = {"CustomKeyStoreId": s.store_id, "CustomKeyStoreName": s.name,
+                         "CloudHsmClusterId": s.cluster_id, "TrustAnchorCertificate": s.trust_anchor,
+                         "ConnectionState": s.state, "CreationDate": s.created,
+                         "CustomKeyStoreType": "AWS_CLOUDHSM"}
+        if s.state == FAILED and s.error_code:
+            row["ConnectionErrorCode"] = s.error_code
+        rows.append(row)
+    return {"CustomKeyStores": rows, **extra}
+
+
+async def update_custom_key_store(kms: Kms, call: Call, req: Request) -> Response:
+    s = _store(kms, req["CustomKeyStoreId"])
+    _event(call, s)
+    changes: dict[str, object] = {}
+    new_name = req.get("NewCustomKeyStoreName")
+    if new_name is not None and new_name != s.name:
+        if any(o.name == new_name for o in kms.store.stores.values()):
+            raise e.StoreNameInUse(f"Custom key store name {new_name} is already in use.")
+        changes["name"] = new_name
+    other = {k for k in ("KeyStorePassword", "CloudHsmClusterId") if k in req}
+    if other and s.state != DISCONNECTED:
+        raise e.StoreInvalidState(f"Custom key store {s.store_id} must be disconnected to change "
+                                  f"{sorted(other)[0]}.")
+    if "CloudHsmClusterId" in req and req["CloudHsmClusterId"] != s.cluster_id:
+        info = await kms.keystores.check_for_create(req["CloudHsmClusterId"], None)
+        from hsmsim.kms.keystores import same_certificate
+        if not same_certificate(s.trust_anchor, info.ca_cert_pem):
+            raise e.ClusterNotRelated(f"Cluster {req['CloudHsmClusterId']} is not related to the "
+                                      "custom key store's cluster.")
+        changes["cluster_id"] = req["CloudHsmClusterId"]
+    if "KeyStorePassword" in req:
+        changes["password"] = req["KeyStorePassword"]
+        changes["pending_password"] = None
+    if changes:
+        kms.store.put_store(replace(s, **changes))  # type: ignore[arg-type]
+    return {}
+
+
+async def delete_custom_key_store(kms: Kms, call: Call, req: Request) -> Response:
+    s = _store(kms, req["CustomKeyStoreId"])
+    _event(call, s)
+    if s.state != DISCONNECTED:
+        raise e.StoreInvalidState(f"Custom key store {s.store_id} must be disconnected before it is deleted.")
+    if any(k.custom_key_store_id == s.store_id for k in kms.store.keys.values()):
+        raise e.StoreHasKeys(f"Custom key store {s.store_id} still contains KMS keys.")
+    kms.store.delete_store(s.store_id)
+    return {}
+
+
+HANDLERS: dict[str, Handler] = {
+    "CreateCustomKeyStore": create_custom_key_store, "ConnectCustomKeyStore": connect_custom_key_store,
+    "DisconnectCustomKeyStore": disconnect_custom_key_store,
+    "DescribeCustomKeyStores": describe_custom_key_stores, "UpdateCustomKeyStore": update_custom_key_store,
+    "DeleteCustomKeyStore": delete_custom_key_store,
+}

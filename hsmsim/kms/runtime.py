@@ -1,0 +1,162 @@
+"""The KMS's running state shared by the operation handlers: configuration, store, clock,
+material backends, custom key stores, and the lookups and checks every operation needs
+(resolving a KeyId, the key-state matrix, key usage, access control)."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+from hsmsim.cluster.api import ClusterClient
+from hsmsim.kms import errors as e
+from hsmsim.kms import model, policy
+from hsmsim.kms.clock import Clock
+from hsmsim.kms.config import KmsConfig
+from hsmsim.kms.keystores import KeyStores
+from hsmsim.kms.material import ClusterKeys, Fleet
+from hsmsim.kms.model import KeyRecord
+from hsmsim.kms.policy import Caller
+from hsmsim.kms.store import Store
+
+KEY_ID_RE = re.compile(r"^(?:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|mrk-[0-9a-f]{32})$")
+DAY = 86400.0
+
+
+class Kms:
+    def __init__(self, cluster: ClusterClient, config: KmsConfig, state_dir: Path, store: Store) -> None:
+        self.cluster = cluster
+        self.config = config
+        self.state_dir = state_dir
+        self.store = store
+        offset = store.get_meta("clock_offset")
+        self.clock = Clock(float(offset) if offset else 0.0)
+        self.fleet = Fleet(cluster, state_dir)
+        self.cluster_keys = ClusterKeys(cluster)
+        self.keystores = KeyStores(cluster, store, self.fleet)
+        self.principals = config.principal_table()
+
+    # -- identifiers ------------------------------------------------------------------------
+    @property
+    def region(self) -> str:
+        return self.config.region
+
+    @property
+    def account(self) -> str:
+        return self.config.account_id
+
+    def key_arn(self, key_id: str) -> str:
+        return f"arn:aws:kms:{self.region}:{self.account}:key/{key_id}"
+
+    def alias_arn(self, name: str) -> str:
+        return f"arn:aws:kms:{self.region}:{self.account}:{name}"
+
+    @staticmethod
+    def new_key_id(multi_region: bool = False) -> str:
+        return f"mrk-{uuid.uuid4().hex}" if multi_region else str(uuid.uuid4())
+
+    def _split_arn(self, ref: str) -> tuple[str, str]:
+        parts = ref.split(":", 5)
+        if len(parts) != 6 or parts[1] not in ("aws", "aws-cn", "aws-us-gov") or parts[2] != "kms":
+            raise e.InvalidArn(f"Invalid arn {ref}")
+        if parts[3] != self.region or parts[4] != self.account:
+            # FIDELITY: one account and Region per endpoint; other ARNs name nothing here.
+            raise e.NotFound(f"Invalid arn {ref}" if "/" not in parts[5] else
+                             f"Key '{ref}' does not exist")
+        kind, _, name = parts[5].partition("/")
+        if kind not in ("key", "alias") or not name:
+            raise e.InvalidArn(f"Invalid arn {ref}")
+        return kind, name
+
+    def resolve(self, ref: str, *, aliases: bool = True) -> KeyRecord:
+        """The key a KeyId parameter names: key id, key ARN, and (when `aliases`) alias name or
+        alias ARN."""
+        kind, name = ("key", ref)
+        if ref.startswith("arn:"):
+            kind, name = self._split_arn(ref)
+            if kind == "alias":
+                name = "alias/" + name
+        elif ref.startswith("alias/"):
+            kind = "alias"
+        if kind == "alias":
+            if not aliases:
+                raise e.NotFound(f"Invalid keyId {ref}")
+            alias = self.store.aliases.get(name)
+            if alias is None:
+                raise e.NotFound(f"Alias {self.alias_arn(name)} is not found.")
+            key = self.store.keys.get(alias.key_id)
+            if key is None:
+                raise e.NotFound(f"Alias {self.alias_arn(name)} is not found.")
+            return key
+        if not KEY_ID_RE.match(name):
+            raise e.NotFound(f"Invalid keyId '{ref}'")
+        key = self.store.keys.get(name)
+        if key is None:
+            raise e.NotFound(f"Key '{self.key_arn(name)}' does not exist")
+        return key
+
+    # -- key state --------------------------------------------------------------------------
+    def state_of(self, key: KeyRecord) -> str:
+        """The KeyState shown to clients: Unavailable while the key's store is not connected
+        (PendingDeletion is kept)."""
+        if key.custom_key_store_id and key.state != model.PENDING_DELETION:
+            if not self.keystores.connected(key.custom_key_store_id):
+                return model.UNAVAILABLE
+        return key.state
+
+    def require_usable(self, key: KeyRecord) -> None:
+        """Key-state matrix for cryptographic operations."""
+        state = self.state_of(key)
+        if state == model.ENABLED:
+            return
+        if state == model.DISABLED:
+            raise e.Disabled(f"{key.arn} is disabled.")
+        if state == model.PENDING_DELETION:
+            raise e.InvalidState(f"{key.arn} is pending deletion.")
+        if state == model.PENDING_IMPORT:
+            raise e.InvalidState(f"{key.arn} is pending import.")
+        raise e.InvalidState(f"{key.arn} is unavailable.")
+
+    def require_not_pending_deletion(self, key: KeyRecord) -> None:
+        if key.state == model.PENDING_DELETION:
+            raise e.InvalidState(f"{key.arn} is pending deletion.")
+
+    @staticmethod
+    def require_usage(key: KeyRecord, usage: str, op: str) -> None:
+        if key.key_usage != usage:
+            raise e.InvalidKeyUsage(f"{key.arn} key usage is {key.key_usage} which is not valid for {op}.")
+
+    # -- access -----------------------------------------------------------------------------
+    def caller_for(self, access_key: str | None) -> Caller:
+        if access_key and access_key in self.principals:
+            arn = self.principals[access_key][0]
+            parts = arn.split(":")
+            account = parts[4] if len(parts) > 4 and parts[4].isdigit() else self.account
+            return Caller(arn, account, access_key)
+        return Caller(self.config.root_arn, self.account, access_key or "")
+
+    def authorize(self, caller: Caller, key: KeyRecord, action: str,
+                  context: Mapping[str, str] | None = None,
+                  grant_tokens: list[str] | None = None, grant_op: str | None = None) -> None:
+        """Key policy and grants (when enforcement is on); AccessDenied otherwise."""
+        if not self.config.enforce_policies:
+            return
+        ctx = context or {}
+        verdict = policy.evaluate(key.policy, caller, action, ctx)
+        if verdict == "Deny":
+            self._deny(caller, key, action, "with an explicit deny in a resource-based policy")
+        if verdict == "Allow":
+            return
+        # FIDELITY: grants are consistent immediately (AWS: eventually, GrantTokens for now).
+        op = grant_op or action
+        for grant in self.store.grants(key.key_id):
+            if policy.grant_allows(grant, caller, op, ctx):
+                return
+        self._deny(caller, key, action, "because no resource-based policy allows the "
+                   f"kms:{action} action")
+
+    @staticmethod
+    def _deny(caller: Caller, key: KeyRecord, action: str, why: str) -> None:
+        raise e.AccessDenied(f"User: {caller.arn} is not authorized to perform: kms:{action} "
+                             f"on resource: {key.arn} {why}")

@@ -1,0 +1,139 @@
+"""The KMS HTTP server: an aiohttp application in the daemon's event loop that serves
+`POST /` (AWS JSON 1.1, `X-Amz-Target: TrentService.*`), stamps `x-amzn-RequestId` on every
+response, enforces the request size limit, and runs the background sweep (scheduled deletions,
+automatic rotation). `start_kms` is what the daemon calls; `python -m hsmsim.kms.server` is not
+provided: the endpoint always runs inside the daemon, next to its cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from pathlib import Path
+
+from aiohttp import web
+
+from hsmsim.cluster.api import ClusterClient
+from hsmsim.kms import errors as e
+from hsmsim.kms import wire
+from hsmsim.kms.audit import AuditLog
+from hsmsim.kms.config import KmsConfig
+from hsmsim.kms.runtime import Kms
+from hsmsim.kms.service import HttpRequest, KmsService
+from hsmsim.kms.store import Store
+
+log = logging.getLogger("hsmsim.kms")
+
+
+class KmsServer:
+    """The running endpoint; `close()` stops it and releases the store and cluster logins."""
+
+    def __init__(self, service: KmsService, runner: web.AppRunner, url: str) -> None:
+        self.service = service
+        self._runner = runner
+        self.url = url
+        self._sweeper: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def start_sweeper(self, every: float) -> None:
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(every)
+                try:
+                    await self.service.sweep()
+                except Exception:
+                    log.exception("KMS sweep failed")
+        self._sweeper = asyncio.get_running_loop().create_task(loop())
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await self._runner.cleanup()
+        kms = self.service.kms
+        await kms.keystores.close()
+        await kms.fleet.close()
+        self.service.audit.close()
+        kms.store.close()
+
+
+def _response(status: int, body: bytes, request_id: str) -> web.Response:
+    return web.Response(status=status, body=body, headers={
+        "x-amzn-RequestId": request_id, "Content-Type": wire.CONTENT_TYPE})
+
+
+def make_app(service: KmsService) -> web.Application:
+    max_size = service.kms.config.max_request_bytes
+
+    async def handle(request: web.Request) -> web.Response:
+        request_id = str(uuid.uuid4())
+        if request.method != "POST":
+            err = wire.to_wire(e.UnknownOperation(""))
+            return _response(err.status, err.body(), request_id)
+        if request.content_length is not None and request.content_length > max_size:
+            err = wire.to_wire(e.TooLarge(f"Request body exceeds {max_size} bytes"))
+            return _response(err.status, err.body(), request_id)
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            err = wire.to_wire(e.TooLarge(f"Request body exceeds {max_size} bytes"))
+            return _response(err.status, err.body(), request_id)
+        result = await service.handle(HttpRequest(
+            method=request.method, path=request.raw_path.split("?", 1)[0], query=request.query_string,
+            headers=dict(request.headers), body=body, source_ip=request.remote or "",
+            request_id=request_id))
+        return _response(result.status, result.body, request_id)
+
+    async def clock(request: web.Request) -> web.Response:
+        """Test control: {"advance_seconds": N} moves the KMS clock forward, then sweeps."""
+        request_id = str(uuid.uuid4())
+        try:
+            data = json.loads(await request.read() or b"{}")
+            seconds = float(data.get("advance_seconds", 0))
+            service.kms.clock.advance(seconds)
+        except (ValueError, TypeError, AttributeError) as exc:
+            return _response(400, json.dumps({"__type": "ValidationException", "message": str(exc)}).encode(),
+                             request_id)
+        service.kms.store.set_meta("clock_offset", repr(service.kms.clock.offset))
+        await service.sweep()
+        return _response(200, json.dumps({"now": service.kms.clock.now(),
+                                          "offset": service.kms.clock.offset}).encode(), request_id)
+
+    app = web.Application(client_max_size=max_size)
+    if service.kms.config.clock_control:
+        app.router.add_post("/_hsmsim/clock", clock)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+async def start_kms(cluster: ClusterClient, config: KmsConfig, state_dir: Path) -> KmsServer:
+    """Opens the store in `state_dir/kms/`, reconnects custom key stores that were connected,
+    and serves the endpoint on config.host:config.port (port 0 picks a free port)."""
+    store = Store(state_dir / "kms" / "kms.sqlite3")
+    kms = Kms(cluster, config, state_dir, store)
+    service = KmsService(kms, AuditLog(state_dir))
+    runner = web.AppRunner(make_app(service), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        store.close()
+        raise
+    sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
+    port = sockets[0].getsockname()[1] if sockets else config.port
+    server = KmsServer(service, runner, f"http://{config.host}:{port}")
+    await kms.keystores.resume()
+    try:
+        await service.sweep()
+    except Exception:
+        log.exception("KMS start-up sweep failed; the periodic sweep will retry")
+    server.start_sweeper(config.rotation_check_seconds)
+    return server

@@ -1,0 +1,162 @@
+"""The KMS's durable state in SQLite (WAL): keys, key material (sealed), aliases, grants,
+custom key stores and settings such as the clock offset. Every mutation is committed before
+the operation is acknowledged, so a kill -9 loses nothing that was answered. Keys, aliases and
+stores are also cached in memory (the daemon is the only writer)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from hsmsim.kms.model import AliasRecord, GrantRecord, KeyRecord, MaterialRecord, StoreRecord
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (key_id TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS materials (material_id TEXT PRIMARY KEY, key_id TEXT NOT NULL,
+    seq INTEGER NOT NULL, data TEXT NOT NULL, sealed BLOB NOT NULL, public BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS materials_key ON materials(key_id, seq);
+CREATE TABLE IF NOT EXISTS aliases (name TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS grants (grant_id TEXT PRIMARY KEY, key_id TEXT NOT NULL, data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS grants_key ON grants(key_id);
+CREATE TABLE IF NOT EXISTS stores (store_id TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+"""
+
+
+def _tuples(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def _load(cls: type[T], data: str) -> T:
+    raw = json.loads(data)
+    return cls(**{k: _tuples(v) for k, v in raw.items()})
+
+
+def _dump(record: Any, skip: tuple[str, ...] = ()) -> str:
+    d = {k: v for k, v in dataclasses.asdict(record).items() if k not in skip}
+    return json.dumps(d, separators=(",", ":"))
+
+
+class Store:
+    """One KMS database file, `<state>/kms/kms.sqlite3` (0600)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        new = not path.exists()
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        if new:
+            os.chmod(path, 0o600)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # survives process kill; fsync at checkpoints
+        self._db.executescript(_SCHEMA)
+        self.keys: dict[str, KeyRecord] = {
+            k: _load(KeyRecord, d) for k, d in self._db.execute("SELECT key_id, data FROM keys")}
+        self.aliases: dict[str, AliasRecord] = {
+            n: _load(AliasRecord, d) for n, d in self._db.execute("SELECT name, data FROM aliases")}
+        self.stores: dict[str, StoreRecord] = {
+            s: _load(StoreRecord, d) for s, d in self._db.execute("SELECT store_id, data FROM stores")}
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- keys -------------------------------------------------------------------------------
+    def put_key(self, key: KeyRecord) -> None:
+        self._db.execute("INSERT OR REPLACE INTO keys VALUES (?, ?)", (key.key_id, _dump(key)))
+        self.keys[key.key_id] = key
+
+    def delete_key(self, key_id: str) -> None:
+        """Removes a key with its material, aliases and grants."""
+        with self.transaction():
+            self._db.execute("DELETE FROM keys WHERE key_id = ?", (key_id,))
+            self._db.execute("DELETE FROM materials WHERE key_id = ?", (key_id,))
+            self._db.execute("DELETE FROM grants WHERE key_id = ?", (key_id,))
+            for name in [n for n, a in self.aliases.items() if a.key_id == key_id]:
+                self._db.execute("DELETE FROM aliases WHERE name = ?", (name,))
+        self.keys.pop(key_id, None)
+        for name in [n for n, a in self.aliases.items() if a.key_id == key_id]:
+            del self.aliases[name]
+
+    # -- material ---------------------------------------------------------------------------
+    def put_material(self, m: MaterialRecord) -> None:
+        self._db.execute("INSERT INTO materials VALUES (?, ?, ?, ?, ?, ?)",
+                         (m.material_id, m.key_id, m.seq, _dump(m, ("sealed", "public")),
+                          m.sealed, m.public))
+
+    def material(self, material_id: str) -> MaterialRecord | None:
+        row = self._db.execute("SELECT data, sealed, public FROM materials WHERE material_id = ?",
+                               (material_id,)).fetchone()
+        if row is None:
+            return None
+        d = json.loads(row[0])
+        return MaterialRecord(sealed=bytes(row[1]), public=bytes(row[2]), **d)
+
+    def materials(self, key_id: str) -> list[MaterialRecord]:
+        out = []
+        for data, sealed, public in self._db.execute(
+                "SELECT data, sealed, public FROM materials WHERE key_id = ? ORDER BY seq", (key_id,)):
+            out.append(MaterialRecord(sealed=bytes(sealed), public=bytes(public), **json.loads(data)))
+        return out
+
+    # -- aliases ----------------------------------------------------------------------------
+    def put_alias(self, alias: AliasRecord) -> None:
+        self._db.execute("INSERT OR REPLACE INTO aliases VALUES (?, ?)", (alias.name, _dump(alias)))
+        self.aliases[alias.name] = alias
+
+    def delete_alias(self, name: str) -> None:
+        self._db.execute("DELETE FROM aliases WHERE name = ?", (name,))
+        self.aliases.pop(name, None)
+
+    # -- grants -----------------------------------------------------------------------------
+    def put_grant(self, g: GrantRecord) -> None:
+        self._db.execute("INSERT OR REPLACE INTO grants VALUES (?, ?, ?)", (g.grant_id, g.key_id, _dump(g)))
+
+    def delete_grant(self, grant_id: str) -> None:
+        self._db.execute("DELETE FROM grants WHERE grant_id = ?", (grant_id,))
+
+    def grants(self, key_id: str) -> list[GrantRecord]:
+        return [_load(GrantRecord, d) for (d,) in self._db.execute(
+            "SELECT data FROM grants WHERE key_id = ? ORDER BY rowid", (key_id,))]
+
+    def grant(self, grant_id: str) -> GrantRecord | None:
+        row = self._db.execute("SELECT data FROM grants WHERE grant_id = ?", (grant_id,)).fetchone()
+        return None if row is None else _load(GrantRecord, row[0])
+
+    def grants_all(self) -> list[GrantRecord]:
+        return [_load(GrantRecord, d) for (d,) in self._db.execute("SELECT data FROM grants ORDER BY rowid")]
+
+    # -- custom key stores -------------------------------------------------------------------
+    def put_store(self, s: StoreRecord) -> None:
+        self._db.execute("INSERT OR REPLACE INTO stores VALUES (?, ?)", (s.store_id, _dump(s)))
+        self.stores[s.store_id] = s
+
+    def delete_store(self, store_id: str) -> None:
+        self._db.execute("DELETE FROM stores WHERE store_id = ?", (store_id,))
+        self.stores.pop(store_id, None)
+
+    # -- settings ---------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT v FROM meta WHERE k = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))

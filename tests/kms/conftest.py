@@ -1,0 +1,104 @@
+"""Fixtures of the KMS tests.
+
+* `kms_double`: the real KMS HTTP server (aiohttp, real store, real audit) in a background
+  event loop, on a free port, backed by `InMemoryClusterDouble` (ring-1 logic tests only).
+* `kms_real`: the KMS of a real daemon with a real cluster (`hsmsim up`), for rings 2 and 3;
+  skipped with the reason when the cluster cannot start here.
+* `kms`: parametrised over both, for tests that must hold against each."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import threading
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from hsmsim.kms.config import KmsConfig
+from hsmsim.kms.server import KmsServer, start_kms
+from tests.kms.cluster_double import InMemoryClusterDouble
+
+T = TypeVar("T")
+
+
+def make_ca_pem(name: str = "hsmsim test CA") -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread; `run(coro)` runs a coroutine there and waits."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+
+@dataclass
+class KmsEndpoint:
+    url: str
+    state_dir: Path
+    kind: str  # "double" | "real"
+    cluster_id: str
+    ca_pem: str
+    region: str = "us-east-1"
+    account: str = "111122223333"
+    double: InMemoryClusterDouble | None = None
+    loop: LoopThread | None = None
+    server: KmsServer | None = None
+    extra: Any = None
+
+    def client(self, **kw: Any) -> Any:
+        import boto3
+        return boto3.client("kms", endpoint_url=self.url, region_name=self.region,
+                            aws_access_key_id=kw.pop("akid", "AKIDEXAMPLE"),
+                            aws_secret_access_key=kw.pop("secret", "secret"), **kw)
+
+
+def start_double(tmp: Path, config: KmsConfig | None = None,
+                 double: InMemoryClusterDouble | None = None) -> KmsEndpoint:
+    ca = make_ca_pem()
+    double = double or InMemoryClusterDouble(ca_cert_pem=ca)
+    (tmp / "secrets").mkdir(parents=True, exist_ok=True)
+    (tmp / "secrets" / "admin.password").write_text("adminpw1")
+    loop = LoopThread()
+    cfg = config or KmsConfig(port=0)
+    server = loop.run(start_kms(double, cfg, tmp))  # type: ignore[arg-type]
+    return KmsEndpoint(server.url, tmp, "double", double.cluster_id, ca.decode(), double=double,
+                       loop=loop, server=server)
+
+
+def stop_double(ep: KmsEndpoint) -> None:
+    assert ep.loop is not None and ep.server is not None
+    ep.loop.run(ep.server.close())
+    ep.loop.stop()
+
+
+@pytest.fixture(scope="session")
+def kms_double(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KmsEndpoint]:
+    ep = start_double(tmp_path_factory.mktemp("kms-double"))
+    yield ep
+    stop_double(ep)
