@@ -65,6 +65,7 @@ class Member:
         self.latency_ms = 0
         self.throttle_rps = 0
         self.logins: dict[int, int] = {}  # cluster login id -> node login id (this generation)
+        self.adopted_pid: int | None = None  # a node left running by a previous daemon
         self.down_since: float | None = time.monotonic()
         self._lock = asyncio.Lock()
 
@@ -78,8 +79,16 @@ class Member:
         return f"unix:{self.state.node_socket(self.hsm_id)}"
 
     @property
+    def pid_file(self) -> Path:
+        return self.dir / "node.pid"
+
+    @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None and self.proc.returncode is None else None
+        if self.proc is not None:
+            return self.proc.pid if self.proc.returncode is None else None
+        if self.adopted_pid is not None and _alive(self.adopted_pid):
+            return self.adopted_pid
+        return None
 
     # -- health ----------------------------------------------------------------------------------
     @property
@@ -145,6 +154,8 @@ class Member:
                 stderr=logf, start_new_session=True, env=_node_env())
         finally:
             logf.close()
+        self.adopted_pid = None
+        self.pid_file.write_text(f"{self.proc.pid}\n")
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.returncode is not None:
@@ -175,21 +186,70 @@ class Member:
             self.hsm_state = ACTIVE
 
     def exited(self) -> bool:
-        return self.proc is None or self.proc.returncode is not None
+        if self.proc is not None:
+            return self.proc.returncode is not None
+        return self.adopted_pid is None or not _alive(self.adopted_pid)
+
+    def running_orphan(self) -> int | None:
+        """The pid of this HSM's node process left running by a previous daemon (a daemon
+        crash does not take the HSMs down), or None."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return None
+        if self.hsm_id.encode() not in cmdline or b"serve" not in cmdline:
+            return None
+        return pid
+
+    async def adopt(self) -> bool:
+        """Reconnect to a node left running by a previous daemon; False if there is none."""
+        pid = self.running_orphan()
+        if pid is None:
+            return False
+        self.adopted_pid = pid
+        self.proc = None
+        try:
+            await self.connect()
+        except (HsmsimError, OSError) as exc:
+            log.warning("%s: cannot reconnect to running node %d (%s); restarting it",
+                        self.hsm_id, pid, exc)
+            _kill_pid(pid)
+            self.adopted_pid = None
+            return False
+        log.info("%s: reconnected to running node (pid %d)", self.hsm_id, pid)
+        return True
 
     def send_signal(self, sig: int) -> None:
-        if self.proc is not None and self.proc.returncode is None:
+        pid = self.pid
+        if pid is not None:
             try:
-                os.kill(self.proc.pid, sig)
+                os.kill(pid, sig)
             except ProcessLookupError:
                 pass
+
+    async def _wait_exit(self, timeout: float | None = None) -> bool:
+        if self.proc is not None:
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout)
+                return True
+            except asyncio.TimeoutError:
+                return False
+        deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
+        while self.adopted_pid is not None and _alive(self.adopted_pid):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
 
     async def kill(self) -> None:
         """SIGKILL, as an HSM failing hard; it stays down until started again."""
         self.killed = True
         self.send_signal(signal.SIGKILL)
-        if self.proc is not None:
-            await self.proc.wait()
+        await self._wait_exit()
         self.mark_down("killed on purpose")
 
     async def terminate(self, grace: float = 3.0) -> None:
@@ -197,21 +257,39 @@ class Member:
         if self.client is not None:
             client, self.client = self.client, None
             await _close_quietly(client)
-        if self.proc is None or self.proc.returncode is not None:
+        if self.exited():
             return
         if self.paused:
             self.send_signal(signal.SIGCONT)
         self.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(self.proc.wait(), grace)
-        except asyncio.TimeoutError:
+        if not await self._wait_exit(grace):
             self.send_signal(signal.SIGKILL)
-            await self.proc.wait()
+            await self._wait_exit()
 
     def status(self, keys: int, sync_lag: int) -> MemberStatus:
         return MemberStatus(self.hsm_id, self.az, self.hsm_state, self.condition(), self.pid,
                             keys, sync_lag, self.last_error, self.restarts, self.latency_ms,
                             self.throttle_rps)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _kill_pid(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _node_env() -> dict[str, str]:

@@ -65,9 +65,12 @@ class Supervisor:
 
     async def start_existing(self) -> None:
         c = self.c
-        results = await asyncio.gather(
-            *(m.spawn(None, c.config.node_start_timeout_s) for m in c.members.values()),
-            return_exceptions=True)
+
+        async def bring_up(m: Member) -> None:
+            if not await m.adopt():
+                await m.spawn(None, c.config.node_start_timeout_s)
+        results = await asyncio.gather(*(bring_up(m) for m in c.members.values()),
+                                       return_exceptions=True)
         for m, r in zip(c.members.values(), results):
             if isinstance(r, BaseException):
                 m.last_error = str(r)
@@ -242,8 +245,9 @@ class Supervisor:
         c = self.c
         async with lock:
             if m.exited():
-                if m.proc is not None:
-                    why = f"node process exited with status {m.proc.returncode}"
+                if m.proc is not None or m.adopted_pid is not None:
+                    code = m.proc.returncode if m.proc is not None else "unknown"
+                    why = f"node process exited with status {code}"
                     m.mark_down(why)
                     c._drop_session_objects(m)
                     m.restarts += 1

@@ -171,10 +171,23 @@ def _failure(r: subprocess.CompletedProcess[str], state_dir: Path) -> str:
     return f"hsmsim up failed ({r.returncode}): {r.stderr.strip()}\n--- daemon.log tail ---\n{tail}"
 
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def start_cluster(state_dir: Path, azs: int | Sequence[str] = 3, hsms_per_az: int = 1,
                   extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None,
                   timeout: float = 120.0) -> HsmsimCluster:
-    """Create and start a cluster in `state_dir` (must not hold one yet)."""
+    """Create and start a cluster in `state_dir` (must not hold one yet). Its KMS endpoint
+    gets a free port (written to STATE/hsmsim.toml) so that several clusters can run at once."""
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    toml = state_dir / "hsmsim.toml"
+    if not toml.exists():
+        toml.write_text(f"[kms]\nport = {free_port()}\n")
     args = ["up", "--detach", "--json", "--state", str(state_dir),
             "--hsms-per-az", str(hsms_per_az)]
     if isinstance(azs, int):
