@@ -1,0 +1,217 @@
+"""The gateway's socket server: accepts module connections on a 0600 Unix socket, checks the
+handshake, binds each connection to its application, frames requests and replies, and turns
+every failure into a return value. One bad connection never affects another."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import deque
+from pathlib import Path
+
+from hsmsim.cluster.api import ClusterClient
+from hsmsim.errors import HsmsimError
+from hsmsim.gateway import protocol as P
+from hsmsim.gateway.config import GatewayConfig
+from hsmsim.gateway.protocol import Op, Reader
+from hsmsim.gateway.service import Gateway, Reply
+from hsmsim.gateway.state import Application, new_token
+from hsmsim.pkcs11.constants import RV
+from hsmsim.pkcs11.errors import Pkcs11Error
+
+log = logging.getLogger(__name__)
+
+
+class Connection(asyncio.Protocol):
+    """One module connection: requests are answered in order."""
+
+    def __init__(self, server: "GatewayServer") -> None:
+        self.server = server
+        self.gw = server.gateway
+        self.buf = bytearray()
+        self.app: Application | None = None
+        self.transport: asyncio.Transport | None = None
+        self.pending: deque[bytes] = deque()
+        self.busy = False
+        self.closed = False
+
+    # -- asyncio.Protocol --------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.server.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        limit = self.gw.config.max_frame
+        while len(buf) >= 4:
+            (n,) = P.LENGTH.unpack_from(buf)
+            if n < P.REQUEST_HEADER.size or n > limit:
+                self._drop("bad frame length")
+                return
+            if len(buf) < 4 + n:
+                break
+            self.pending.append(bytes(buf[4:4 + n]))
+            del buf[:4 + n]
+        if not self.busy:
+            self._pump()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        app, self.app = self.app, None
+        if app is not None:
+            app.connections -= 1
+            if app.connections <= 0 and self.gw.apps.get(app.token) is app:
+                self.server.spawn(self.gw.close_application(app))
+
+    # -- request processing ----------------------------------------------------------------------------
+    def _drop(self, why: str) -> None:
+        log.info("dropping a gateway connection: %s", why)
+        self.pending.clear()
+        self.buf.clear()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _send(self, request_id: int, op: int, reply: Reply) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(P.response(request_id, op, reply[0], reply[1]))
+
+    def _pump(self) -> None:
+        while self.pending and not self.busy and not self.closed:
+            frame = self.pending.popleft()
+            request_id, op, _flags = P.REQUEST_HEADER.unpack_from(frame)
+            body = memoryview(frame)[P.REQUEST_HEADER.size:]
+            if self.app is None:
+                if op != Op.HELLO:
+                    self._drop("first frame is not HELLO")
+                    return
+                self._hello(request_id, body)
+                continue
+            if op == Op.HELLO:
+                self._send(request_id, op, (int(RV.GENERAL_ERROR), b""))
+                continue
+            fn = self.gw.sync.get(op)
+            if fn is not None:
+                reply = self._guard(lambda: fn(self.app, Reader(body)))
+                self._send(request_id, op, reply)
+                if op == Op.Finalize:
+                    self._finalize()
+                continue
+            afn = self.gw.async_.get(op)
+            if afn is None:
+                self._send(request_id, op, (int(RV.FUNCTION_NOT_SUPPORTED), b""))
+                continue
+            self.busy = True
+            self.server.spawn(self._run(request_id, op, afn, body))
+
+    async def _run(self, request_id: int, op: int, afn, body: memoryview) -> None:  # type: ignore[no-untyped-def]
+        try:
+            try:
+                reply = await afn(self.app, Reader(body))
+            except Exception as exc:  # noqa: BLE001 - translated once, here
+                reply = self._translate(exc)
+            self._send(request_id, op, reply)
+        finally:
+            self.busy = False
+            self._pump()
+
+    def _guard(self, call) -> Reply:  # type: ignore[no-untyped-def]
+        try:
+            return call()  # type: ignore[no-any-return]
+        except Exception as exc:  # noqa: BLE001 - translated once, here
+            return self._translate(exc)
+
+    @staticmethod
+    def _translate(exc: Exception) -> Reply:
+        if isinstance(exc, Pkcs11Error):
+            return int(exc.rv), b""
+        if isinstance(exc, (HsmsimError, OSError, asyncio.TimeoutError)):
+            # CloudHSM maps an HSM it cannot use to CKR_FUNCTION_FAILED (UG:troubleshoot-hsm-throttling).
+            log.warning("cluster call failed: %s", type(exc).__name__)
+            return int(RV.FUNCTION_FAILED), b""
+        log.error("gateway bug: %s", type(exc).__name__, exc_info=exc)
+        return int(RV.GENERAL_ERROR), b""
+
+    def _hello(self, request_id: int, body: memoryview) -> None:
+        try:
+            hello = P.Hello.decode(Reader(body))
+        except Pkcs11Error:
+            self._send(request_id, Op.HELLO, (int(RV.GENERAL_ERROR), b""))
+            self._drop("bad handshake")
+            return
+        if hello.major != P.MAJOR:
+            self._send(request_id, Op.HELLO, (int(RV.GENERAL_ERROR), b""))
+            self._drop(f"protocol major version {hello.major} is not {P.MAJOR}")
+            return
+        app = self.gw.apps.get(hello.app_token) if hello.app_token else None
+        if app is None:
+            app = Application(new_token(), hello.pid)
+            self.gw.apps[app.token] = app
+        app.connections += 1
+        self.app = app
+        max_frame = min(hello.max_frame, self.gw.config.max_frame)
+        body_out = P.Writer().u16(P.MAJOR).u16(P.MINOR).u32(max_frame).bytes(app.token).done()
+        self._send(request_id, Op.HELLO, (int(RV.OK), body_out))
+
+    def _finalize(self) -> None:
+        app = self.app
+        if app is not None and self.gw.apps.get(app.token) is app:
+            self.gw.apps.pop(app.token, None)
+            self.server.spawn(self.gw.close_application(app))
+
+
+class GatewayServer:
+    """The running gateway; `close()` stops accepting, drops connections, closes applications."""
+
+    def __init__(self, gateway: Gateway, socket_path: Path) -> None:
+        self.gateway = gateway
+        self.socket_path = socket_path
+        self.connections: set[Connection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.AbstractServer | None = None
+
+    def spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def start(self) -> None:
+        path = self.socket_path
+        tmp = path.with_name(path.name + ".tmp")
+        for p in (tmp, path):
+            if p.exists() or p.is_symlink():
+                p.unlink()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: Connection(self), str(tmp))
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        await asyncio.sleep(0)
+        for app in list(self.gateway.apps.values()):
+            await self.gateway.close_application(app)
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=5)
+        try:
+            self.socket_path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+async def start_gateway(cluster: ClusterClient, config: GatewayConfig, socket_path: Path) -> GatewayServer:
+    """Serves the PKCS#11 module on `socket_path` (created 0600) until `close()`."""
+    gateway = Gateway(cluster, config)
+    await gateway.prepare()
+    server = GatewayServer(gateway, Path(socket_path))
+    await server.start()
+    return server

@@ -1,0 +1,103 @@
+"""The gateway's state model: applications (one per client; one login shared by all its sessions),
+their sessions, and each session's active operations (init/update/final state)."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hsmsim.cluster.api import Login
+from hsmsim.gateway.params import DecodedMechanism
+from hsmsim.pkcs11.constants import RV, SessionFlag, SessionState, UserType
+from hsmsim.pkcs11.errors import Pkcs11Error
+from hsmsim.pkcs11.mechanisms import MechanismInfo
+
+
+class OpKind(Enum):
+    ENCRYPT = "encrypt"
+    DECRYPT = "decrypt"
+    DIGEST = "digest"
+    SIGN = "sign"
+    VERIFY = "verify"
+
+
+@dataclass
+class Operation:
+    """One active cryptographic operation. Multi-part input is hashed (hash-and-sign, digests) or
+    buffered; a computed result is cached until the caller has fetched it, so a length query and
+    the follow-up call see the same bytes (same signature, same HSM-generated IV)."""
+
+    kind: OpKind
+    mech: DecodedMechanism
+    info: MechanismInfo
+    key: int
+    hasher: Any = None
+    buffer: bytearray = field(default_factory=bytearray)
+    updated: bool = False
+    cached_input: bytes | None = None
+    cached: bytes | None = None
+    cached_iv: bytes | None = None
+
+
+@dataclass
+class Session:
+    handle: int
+    flags: int
+    ops: dict[OpKind, Operation] = field(default_factory=dict)
+    found: list[int] | None = None
+    wrap_cache: tuple[tuple[Any, ...], bytes, bytes | None] | None = None
+
+    def op(self, kind: OpKind) -> Operation:
+        op = self.ops.get(kind)
+        if op is None:
+            raise Pkcs11Error(RV.OPERATION_NOT_INITIALIZED, f"no {kind.value} operation is active")
+        return op
+
+
+class Application:
+    """One client application: all connections presenting the same application token."""
+
+    def __init__(self, token: bytes, pid: int) -> None:
+        self.token = token
+        self.pid = pid
+        self.login: Login | None = None
+        self.sessions: dict[int, Session] = {}
+        self.connections = 0
+
+    def session(self, handle: int) -> Session:
+        s = self.sessions.get(handle)
+        if s is None:
+            raise Pkcs11Error(RV.SESSION_HANDLE_INVALID, "no such session in this application")
+        return s
+
+    def state(self, s: Session) -> int:
+        rw = bool(s.flags & SessionFlag.RW_SESSION)
+        if self.login is None:
+            return SessionState.RW_PUBLIC if rw else SessionState.RO_PUBLIC
+        if self.login.user_type == UserType.SO:
+            return SessionState.RW_SO
+        return SessionState.RW_USER if rw else SessionState.RO_USER
+
+    def require_login(self) -> Login:
+        if self.login is None:
+            raise Pkcs11Error(RV.USER_NOT_LOGGED_IN, "the application is not logged in")
+        return self.login
+
+
+class HandleSource:
+    """Session handles: a random per-daemon epoch in the high bits, so handles from before a
+    daemon restart are never valid afterwards; kept below 2**31 for 32-bit-minded callers."""
+
+    def __init__(self) -> None:
+        self._next = (secrets.randbelow(1 << 10) << 20) | 1
+
+    def next(self) -> int:
+        h = self._next
+        self._next = h + 1 if (h + 1) & 0xFFFFF else (h & ~0xFFFFF) + 1
+        return h
+
+
+def new_token() -> bytes:
+    return secrets.token_bytes(16)
