@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 
 from hsmsim.kms.config import KmsConfig
 from hsmsim.kms.server import KmsServer, start_kms
-from tests.kms.cluster_double import InMemoryClusterDouble
+from .cluster_double import InMemoryClusterDouble
 
 T = TypeVar("T")
 
@@ -102,3 +102,63 @@ def kms_double(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KmsEndpoint
     ep = start_double(tmp_path_factory.mktemp("kms-double"))
     yield ep
     stop_double(ep)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_real(state_dir: Path, extra_env: dict[str, str] | None = None) -> KmsEndpoint:
+    """A real `hsmsim up --detach` cluster with its KMS on a free port."""
+    import os
+    try:
+        from hsmsim.resources import softhsm_library
+        softhsm_library()
+    except FileNotFoundError as exc:
+        pytest.skip(f"hsmsim cluster unavailable: {exc}")
+    from hsmsim.testing.cluster import ClusterStartError, start_cluster
+    port = free_port()
+    env = {**os.environ, "HSMSIM_KMS_PORT": str(port), **(extra_env or {})}
+    try:
+        cluster = start_cluster(state_dir, env=env)
+    except ClusterStartError as exc:
+        pytest.fail(f"the hsmsim cluster did not start:\n{exc}", pytrace=False)
+    ca = (state_dir / "ca" / "ca.crt").read_text()
+    return KmsEndpoint(f"http://127.0.0.1:{port}", state_dir, "real", cluster.cluster_id, ca, extra=cluster)
+
+
+@pytest.fixture(scope="session")
+def kms_real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KmsEndpoint]:
+    ep = start_real(tmp_path_factory.mktemp("kms-real") / "state")
+    yield ep
+    ep.extra.down()
+
+
+@pytest.fixture(scope="session", params=["double", "real"])
+def kms(request: pytest.FixtureRequest) -> KmsEndpoint:
+    """The KMS backed by the cluster double (ring 1) and by a real cluster (ring 3)."""
+    return request.getfixturevalue(f"kms_{request.param}")  # type: ignore[no-any-return]
+
+
+def advance_clock(ep: KmsEndpoint, seconds: float) -> None:
+    import json
+    import urllib.request
+    req = urllib.request.Request(ep.url + "/_hsmsim/clock", method="POST",
+                                 data=json.dumps({"advance_seconds": seconds}).encode())
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 200
+
+
+def add_cu(ep: KmsEndpoint, username: str, password: str) -> None:
+    """Creates a crypto user in the endpoint's cluster (as the admin)."""
+    if ep.kind == "double":
+        from .cluster_double import _User
+        assert ep.double is not None
+        ep.double.users[username] = _User("crypto-user", password)
+        return
+    r = ep.extra.cli("user", "create", "--username", username, "--role", "crypto-user",
+                     "--password", password)
+    assert r.returncode == 0, r.stderr
