@@ -55,7 +55,7 @@ def make_core_ffibuilder():  # type: ignore[no-untyped-def]
         '#include "hsmsim_core.h"\n',
         sources=core_sources(),
         include_dirs=[str(CORE_DIR)],
-        libraries=["crypto"],
+        libraries=["crypto", "pthread"],
         define_macros=[("HSMSIM_VERSION", f'"{package_version()}"')],
         extra_compile_args=[f for f in CFLAGS if f != "-fvisibility=hidden"],
         extra_link_args=LDFLAGS,

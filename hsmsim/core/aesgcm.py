@@ -8,8 +8,11 @@ freed as soon as no call in flight still holds it.
 
 from __future__ import annotations
 
+import os
+import struct
 from array import array
 from collections.abc import Sequence
+from functools import lru_cache
 from itertools import accumulate
 from types import TracebackType
 from typing import Any
@@ -22,6 +25,15 @@ KEY_SIZES = (16, 24, 32)
 IV_MIN, IV_MAX = 1, 128
 TAG_MIN, TAG_MAX = 4, 16
 _TAG_LENS = frozenset(range(TAG_MIN, TAG_MAX + 1))
+# Batches are split over worker threads in C once they hold this much work (bytes, with a
+# message counting _MSG_COST bytes); the default number of threads follows the CPU count.
+_MSG_COST = 512
+_WORK_PER_THREAD = 256 * 1024
+MAX_BATCH_THREADS = 8
+DEFAULT_BATCH_THREADS = max(1, min(2, os.cpu_count() or 1))
+
+_encrypt = lib.hsmsim_gcm_encrypt
+_decrypt = lib.hsmsim_gcm_decrypt
 
 
 def _check_iv(iv: object) -> bytes:
@@ -51,13 +63,21 @@ class AesGcmKey:
     encrypt returns ciphertext || tag; decrypt takes the same layout. Any authentication
     failure raises InvalidTag and nothing else about it."""
 
-    __slots__ = ("_ctx", "_key_size")
+    __slots__ = ("_ctx", "_key_size", "_threads", "_pool")
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, *, batch_threads: int | None = None) -> None:
+        """batch_threads: how many threads a large batch may use inside C (default: up to
+        2, following the CPU count; 1 keeps every batch on the calling thread)."""
         self._ctx: Any = None
         key = as_bytes(key, "key")
         if len(key) not in KEY_SIZES:
             raise ValueError("key must be 16, 24 or 32 bytes")
+        if batch_threads is None:
+            batch_threads = DEFAULT_BATCH_THREADS
+        elif not 1 <= as_int(batch_threads, "batch_threads") <= MAX_BATCH_THREADS:
+            raise ValueError(f"batch_threads must be 1 to {MAX_BATCH_THREADS}, got {batch_threads}")
+        self._threads = batch_threads
+        self._pool: list[Any] = []
         pp = ffi.new("hsmsim_gcm **")
         status = lib.hsmsim_gcm_new(key, len(key), pp)
         if status:
@@ -119,20 +139,20 @@ class AesGcmKey:
         tag_len: int = 16,
     ) -> int:
         """Writes ciphertext || tag at the start of `out`; returns the bytes written."""
+        # Hot path: one combined test for the common argument types, the full checks only
+        # when it fails (they raise, or normalise bytearray/memoryview inputs to bytes).
         ctx = self._ctx
-        if ctx is None:
-            raise ValueError("key is closed")
-        # Fast path for the common types; the general checks otherwise.
-        if type(iv) is not bytes or not IV_MIN <= len(iv) <= IV_MAX:
-            iv = _check_iv(iv)
-        if type(data) is not bytes or len(data) > MAX_INPUT:
-            data = _check_data(data)
-        if type(aad) is not bytes or len(aad) > MAX_INPUT:
-            aad = _check_data(aad, "aad")
-        if type(tag_len) is not int or tag_len not in _TAG_LENS:
-            tag_len = _check_tag_len(tag_len)
+        if not (
+            ctx is not None
+            and type(iv) is bytes and 0 < len(iv) <= IV_MAX
+            and type(data) is bytes and len(data) <= MAX_INPUT
+            and type(aad) is bytes and len(aad) <= MAX_INPUT
+            and type(tag_len) is int and tag_len in _TAG_LENS
+            and type(out) is bytearray and len(out) >= len(data) + tag_len
+        ):
+            ctx, iv, data, aad, tag_len = self._slow_args(iv, data, aad, tag_len)
         size = len(data) + tag_len
-        status = lib.hsmsim_gcm_encrypt(
+        status = _encrypt(
             ctx, iv, len(iv), aad, len(aad), data, len(data), out_buffer(out, size), size,
             tag_len,
         )
@@ -151,26 +171,32 @@ class AesGcmKey:
         """Writes the plaintext at the start of `out`; returns its length. On InvalidTag the
         bytes of `out` that would have held plaintext are zeroed."""
         ctx = self._ctx
-        if ctx is None:
-            raise ValueError("key is closed")
-        if type(iv) is not bytes or not IV_MIN <= len(iv) <= IV_MAX:
-            iv = _check_iv(iv)
-        if type(data) is not bytes or len(data) > MAX_INPUT:
-            data = _check_data(data)
-        if type(aad) is not bytes or len(aad) > MAX_INPUT:
-            aad = _check_data(aad, "aad")
-        if type(tag_len) is not int or tag_len not in _TAG_LENS:
-            tag_len = _check_tag_len(tag_len)
+        if not (
+            ctx is not None
+            and type(iv) is bytes and 0 < len(iv) <= IV_MAX
+            and type(data) is bytes and len(data) <= MAX_INPUT
+            and type(aad) is bytes and len(aad) <= MAX_INPUT
+            and type(tag_len) is int and tag_len in _TAG_LENS
+        ):
+            ctx, iv, data, aad, tag_len = self._slow_args(iv, data, aad, tag_len)
         size = len(data) - tag_len
         if size < 0:
             raise ValueError(f"data must be at least tag_len ({tag_len}) bytes, got {len(data)}")
-        status = lib.hsmsim_gcm_decrypt(
+        status = _decrypt(
             ctx, iv, len(iv), aad, len(aad), data, len(data), out_buffer(out, size), size,
             tag_len,
         )
         if status:
             raise_for(status)
         return size
+
+    def _slow_args(
+        self, iv: object, data: object, aad: object, tag_len: object
+    ) -> tuple[Any, bytes, bytes, bytes, int]:
+        return (
+            self._live(), _check_iv(iv), _check_data(data), _check_data(aad, "aad"),
+            _check_tag_len(tag_len),
+        )
 
     # ---- batches ---------------------------------------------------------------------------
 
@@ -204,33 +230,53 @@ class AesGcmKey:
 
     def _batch(
         self, fn: Any, ivs: object, datas: object, aads: object, tag_len: object, enc: bool
-    ) -> tuple[bytes, list[int], array[int]]:
+    ) -> tuple[list[bytes], list[int]]:
         ctx = self._live()
         n, iv_list, iv_lens, data_list, in_lens, aad_list, aad_lens, tag = self._batch_args(
             ivs, datas, aads, tag_len
         )
+        if not n:
+            return [], []
         if enc:
             out_lens = [v + tag for v in in_lens]
         else:
             out_lens = [v - tag for v in in_lens]
-            if n and min(out_lens) < 0:
+            if min(out_lens) < 0:
                 i = next(i for i, v in enumerate(out_lens) if v < 0)
                 raise ValueError(f"datas[{i}] must be at least tag_len ({tag}) bytes")
         total = sum(out_lens)
-        out = ffi.new("uint8_t[]", max(total, 1))
+        work = total + n * _MSG_COST
+        threads = min(self._threads, max(1, work // _WORK_PER_THREAD))
         status = array(INT32_CODE, bytes(4 * n))
-        if n:
+        out = self._scratch(total)
+        try:
             rc = fn(
                 ctx, n,
                 b"".join(iv_list), ffi.from_buffer("size_t[]", iv_lens),
                 ffi.NULL if aad_list is None else b"".join(aad_list),
                 ffi.NULL if aad_lens is None else ffi.from_buffer("size_t[]", aad_lens),
                 b"".join(data_list), ffi.from_buffer("size_t[]", in_lens),
-                out, total, tag, ffi.from_buffer("int32_t[]", status),
+                out, total, tag, ffi.from_buffer("int32_t[]", status), threads,
             )
             if rc:
                 raise_for(rc)
-        return bytes(ffi.buffer(out, total)), out_lens, status
+            parts = _split(ffi.buffer(out, total), out_lens)
+        finally:
+            if not enc:
+                lib.hsmsim_wipe(out, total)  # no plaintext left in the scratch buffer
+            self._pool.append(out)
+        return parts, list(status)
+
+    def _scratch(self, size: int) -> Any:
+        """An output buffer of at least `size` bytes from this key's pool (reused, so that a
+        batch does not fault in fresh pages; each concurrent batch gets its own)."""
+        try:
+            buf = self._pool.pop()
+        except IndexError:
+            buf = None
+        if buf is None or len(buf) < size:
+            buf = ffi.new("uint8_t[]", max(size, 4096, 0 if buf is None else 2 * len(buf)))
+        return buf
 
     def encrypt_batch(
         self,
@@ -240,12 +286,10 @@ class AesGcmKey:
         tag_len: int = 16,
     ) -> list[bytes]:
         """Encrypts message i under ivs[i] with aads[i]; one C call for the whole batch."""
-        blob, out_lens, status = self._batch(
-            lib.hsmsim_gcm_encrypt_batch, ivs, datas, aads, tag_len, True
-        )
+        parts, status = self._batch(lib.hsmsim_gcm_encrypt_batch, ivs, datas, aads, tag_len, True)
         if any(status):
             raise_for(next(s for s in status if s))
-        return _split(blob, out_lens)
+        return parts
 
     def decrypt_batch(
         self,
@@ -255,10 +299,8 @@ class AesGcmKey:
         tag_len: int = 16,
     ) -> list[bytes | None]:
         """Decrypts message i; None in place of each message whose tag failed."""
-        blob, out_lens, status = self._batch(
-            lib.hsmsim_gcm_decrypt_batch, ivs, datas, aads, tag_len, False
-        )
-        parts: list[bytes | None] = list(_split(blob, out_lens))
+        plain, status = self._batch(lib.hsmsim_gcm_decrypt_batch, ivs, datas, aads, tag_len, False)
+        parts: list[bytes | None] = list(plain)
         if any(status):
             for i, s in enumerate(status):
                 if s == ERR_TAG:
@@ -289,15 +331,16 @@ class AesGcmKey:
         return f"<AesGcmKey AES-{getattr(self, '_key_size', 0) * 8}-GCM {state}>"
 
 
-def _split(blob: bytes, lens: list[int]) -> list[bytes]:
-    """Cuts blob into consecutive pieces of the given lengths."""
-    if not lens:
-        return []
+@lru_cache(maxsize=32)
+def _unpacker(count: int, size: int) -> struct.Struct:
+    return struct.Struct(f"{size}s" * count)
+
+
+def _split(blob: Any, lens: list[int]) -> list[bytes]:
+    """Cuts a buffer into consecutive bytes objects of the given lengths."""
     first = lens[0]
-    if lens.count(first) == len(lens):
-        return [blob[i : i + first] for i in range(0, first * len(lens), first)] if first else [
-            b"" for _ in lens
-        ]
+    if lens.count(first) == len(lens) and first:
+        return list(_unpacker(len(lens), first).unpack_from(blob))
     ends = list(accumulate(lens))
     return [blob[e - n : e] for e, n in zip(ends, lens)]
 

@@ -408,7 +408,7 @@ class RsaPrivateKey(_RsaKey):
         if status:
             raise_for(status)
         result = bytes(ffi.buffer(out, ln[0]))
-        ffi.memmove(out, bytes(self._size), self._size)
+        lib.hsmsim_wipe(out, self._size)
         return result
 
     def decrypt_oaep(self, data: bytes, hash: str, mgf1_hash: str, label: bytes = b"") -> bytes:

@@ -65,6 +65,10 @@ typedef enum {
 /* Version string compiled into the library; must equal hsmsim.__version__. */
 const char *hsmsim_version(void);
 
+/* Zeroises n bytes at p in a way the compiler keeps (OPENSSL_cleanse); for scratch buffers
+ * that held plaintext. */
+void hsmsim_wipe(void *p, size_t n);
+
 /* ---- AES-GCM ---------------------------------------------------------------------------- */
 
 typedef struct hsmsim_gcm hsmsim_gcm;
@@ -90,17 +94,22 @@ int hsmsim_gcm_decrypt(hsmsim_gcm *ctx, const uint8_t *iv, size_t iv_len,
  * in_lens[i] bytes. Encrypt writes in_lens[i] + tag_len bytes per message into out, back to
  * back; decrypt writes in_lens[i] - tag_len bytes per message. status[i] receives each
  * message's status; the call returns HSMSIM_OK when the batch was processed (even if some
- * tags failed), or the first error that stopped it. out_cap is checked against the total. */
+ * tags failed), or the first error that stopped it. out_cap is checked against the total.
+ * threads (1..8; 0 counts as 1) splits the batch into that many runs of about equal work,
+ * each on its own working context, all but one on threads that end before the call
+ * returns. Results do not depend on it. */
 int hsmsim_gcm_encrypt_batch(hsmsim_gcm *ctx, size_t n,
                              const uint8_t *ivs, const size_t *iv_lens,
                              const uint8_t *aads, const size_t *aad_lens,
                              const uint8_t *ins, const size_t *in_lens,
-                             uint8_t *out, size_t out_cap, size_t tag_len, int32_t *status);
+                             uint8_t *out, size_t out_cap, size_t tag_len, int32_t *status,
+                             unsigned threads);
 int hsmsim_gcm_decrypt_batch(hsmsim_gcm *ctx, size_t n,
                              const uint8_t *ivs, const size_t *iv_lens,
                              const uint8_t *aads, const size_t *aad_lens,
                              const uint8_t *ins, const size_t *in_lens,
-                             uint8_t *out, size_t out_cap, size_t tag_len, int32_t *status);
+                             uint8_t *out, size_t out_cap, size_t tag_len, int32_t *status,
+                             unsigned threads);
 
 /* ---- RSA -------------------------------------------------------------------------------- */
 

@@ -1,4 +1,7 @@
-/* hsmsim_version.c - the version string compiled into the core (set by native/build_native.py). */
+/* hsmsim_version.c - the version string compiled into the core (set by native/build_native.py),
+ * and small utilities. */
+#include <openssl/crypto.h>
+
 #include "hsmsim_core.h"
 
 #ifndef HSMSIM_VERSION
@@ -8,4 +11,10 @@
 const char *hsmsim_version(void)
 {
     return HSMSIM_VERSION;
+}
+
+void hsmsim_wipe(void *p, size_t n)
+{
+    if (p != NULL && n > 0)
+        OPENSSL_cleanse(p, n);
 }

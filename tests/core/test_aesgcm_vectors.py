@@ -1,0 +1,68 @@
+"""AES-GCM known answers: every NIST CAVP GCM vector (encrypt and decrypt, AES-128/192/256,
+IVs of 1 to 128 bytes, tags of 4 to 16 bytes), through single calls and through batches."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import pytest
+
+from hsmsim.core import AesGcmKey, InvalidTag
+
+from .vectors import load_rsp
+
+FILES = [f"ciphers/AES/GCM/gcm{kind}{bits}.rsp" for kind in ("EncryptExtIV", "Decrypt")
+         for bits in (128, 192, 256)]
+
+
+def _fields(v: dict[str, Any]) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes | None]:
+    pt = None if v["fail"] else bytes.fromhex(v.get("pt", ""))
+    return (bytes.fromhex(v["key"]), bytes.fromhex(v["iv"]), bytes.fromhex(v["aad"]),
+            bytes.fromhex(v["ct"]), bytes.fromhex(v["tag"]), pt)
+
+
+@pytest.mark.parametrize("rel", FILES, ids=lambda r: r.rsplit("/", 1)[1])
+def test_gcm_vectors_single(rel: str) -> None:
+    vectors = load_rsp(rel, "Count")
+    assert len(vectors) > 1000
+    checked = 0
+    for v in vectors:
+        key, iv, aad, ct, tag, pt = _fields(v)
+        k = AesGcmKey(key)
+        if pt is None:
+            with pytest.raises(InvalidTag):
+                k.decrypt(iv, ct + tag, aad, tag_len=len(tag))
+            out = bytearray(b"\xaa" * len(ct))
+            with pytest.raises(InvalidTag):
+                k.decrypt_into(iv, ct + tag, out, aad, tag_len=len(tag))
+            assert out == bytes(len(ct)), "plaintext of a failed decrypt must be wiped"
+        else:
+            assert k.encrypt(iv, pt, aad, tag_len=len(tag)) == ct + tag
+            assert k.decrypt(iv, ct + tag, aad, tag_len=len(tag)) == pt
+        checked += 1
+    assert checked == len(vectors)
+
+
+@pytest.mark.parametrize("rel", FILES, ids=lambda r: r.rsplit("/", 1)[1])
+def test_gcm_vectors_batched(rel: str) -> None:
+    """The same vectors grouped by key, each group in one batch call (1 and 2 threads)."""
+    groups: dict[bytes, list[tuple[bytes, bytes, bytes, bytes, bytes, bytes | None]]] = (
+        defaultdict(list)
+    )
+    for v in load_rsp(rel, "Count"):
+        f = _fields(v)
+        groups[f[0] + bytes([len(f[4])])].append(f)
+    for (gk, items) in groups.items():
+        tag_len = gk[-1]
+        for threads in (1, 2):
+            k = AesGcmKey(gk[:-1], batch_threads=threads)
+            ivs = [f[1] for f in items]
+            aads = [f[2] for f in items]
+            got = k.decrypt_batch(ivs, [f[3] + f[4] for f in items], aads, tag_len=tag_len)
+            assert got == [f[5] for f in items]
+            good = [f for f in items if f[5] is not None]
+            if good:
+                enc = k.encrypt_batch([f[1] for f in good], [f[5] or b"" for f in good],
+                                      [f[2] for f in good], tag_len=tag_len)
+                assert enc == [f[3] + f[4] for f in good]
