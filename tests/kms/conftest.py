@@ -120,14 +120,13 @@ def start_real(state_dir: Path, extra_env: dict[str, str] | None = None) -> KmsE
     except FileNotFoundError as exc:
         pytest.skip(f"hsmsim cluster unavailable: {exc}")
     from hsmsim.testing.cluster import ClusterStartError, start_cluster
-    port = free_port()
-    env = {**os.environ, "HSMSIM_KMS_PORT": str(port), **(extra_env or {})}
+    env = {**os.environ, **(extra_env or {})}
     try:
         cluster = start_cluster(state_dir, env=env)
     except ClusterStartError as exc:
         pytest.fail(f"the hsmsim cluster did not start:\n{exc}", pytrace=False)
     ca = (state_dir / "ca" / "ca.crt").read_text()
-    return KmsEndpoint(f"http://127.0.0.1:{port}", state_dir, "real", cluster.cluster_id, ca, extra=cluster)
+    return KmsEndpoint(cluster.kms_endpoint, state_dir, "real", cluster.cluster_id, ca, extra=cluster)
 
 
 @pytest.fixture(scope="session")
