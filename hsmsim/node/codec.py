@@ -155,3 +155,86 @@ def mech_from_wire(raw: Any) -> MechanismSpec:
             and not isinstance(raw[0], bool) and 0 <= raw[0] <= MAX_ULONG):
         raise _bad("mechanism must be [mechanism, param]")
     return MechanismSpec(raw[0], _param_from_wire(raw[1]))
+
+
+# -- request fields ----------------------------------------------------------------------------
+
+class Fields:
+    """Typed access to a request's fields; a missing or ill-typed field is CKR_ARGUMENTS_BAD
+    naming the field."""
+
+    def __init__(self, raw: Mapping[str, Any]) -> None:
+        self._raw = raw
+
+    def _get(self, name: str, optional: bool) -> Any:
+        if name not in self._raw or self._raw[name] is None:
+            if optional:
+                return None
+            raise _bad(f"field {name!r} is required")
+        return self._raw[name]
+
+    def int(self, name: str, default: int | None = None, *, lo: int = 0,
+            hi: int = MAX_ULONG) -> int:
+        v = self._get(name, default is not None)
+        if v is None:
+            return default  # type: ignore[return-value]
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            raise _bad(f"field {name!r} must be an integer in {lo}..{hi}")
+        return v
+
+    def opt_int(self, name: str) -> int | None:
+        v = self._get(name, True)
+        if v is None:
+            return None
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_ULONG:
+            raise _bad(f"field {name!r} must be a non-negative integer")
+        return v
+
+    def handle(self, name: str = "handle") -> int:
+        return self.int(name, lo=1, hi=(1 << 63) - 1)
+
+    def num(self, name: str) -> float | None:
+        v = self._get(name, True)
+        if v is None:
+            return None
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or v != v:
+            raise _bad(f"field {name!r} must be a non-negative number")
+        return float(v)
+
+    def bool(self, name: str, default: bool | None = None) -> bool:
+        v = self._get(name, default is not None)
+        if v is None:
+            return bool(default)
+        if not isinstance(v, bool):
+            raise _bad(f"field {name!r} must be a boolean")
+        return v
+
+    def opt_bool(self, name: str) -> bool | None:
+        v = self._get(name, True)
+        if v is not None and not isinstance(v, bool):
+            raise _bad(f"field {name!r} must be a boolean")
+        return v
+
+    def bytes(self, name: str) -> bytes:
+        v = self._get(name, False)
+        if not isinstance(v, bytes):
+            raise _bad(f"field {name!r} must be binary")
+        return v
+
+    def str(self, name: str) -> str:
+        v = self._get(name, False)
+        if not isinstance(v, str):
+            raise _bad(f"field {name!r} must be a string")
+        return v
+
+    def template(self, name: str = "template") -> Template:
+        return template_from_wire(self._get(name, False))
+
+    def mech(self, name: str = "mech") -> MechanismSpec:
+        return mech_from_wire(self._get(name, False))
+
+    def attrs(self, name: str = "attrs") -> list[int]:
+        return attrs_from_wire(self._get(name, False))
+
+    def raw(self, name: str) -> Any:
+        return self._raw.get(name)

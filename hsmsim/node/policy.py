@@ -46,7 +46,10 @@ PUBLIC_MATERIAL = {
     (ObjectClass.PRIVATE_KEY, KeyType.RSA): (A.MODULUS, A.PUBLIC_EXPONENT),
     (ObjectClass.PUBLIC_KEY, KeyType.EC): (A.EC_PARAMS, A.EC_POINT),
     (ObjectClass.PRIVATE_KEY, KeyType.EC): (A.EC_PARAMS,),
+    (ObjectClass.SECRET_KEY, KeyType.AES): (A.VALUE_LEN,),
+    (ObjectClass.SECRET_KEY, KeyType.GENERIC_SECRET): (A.VALUE_LEN,),
 }
+ULONG_MATERIAL = frozenset({A.VALUE_LEN})
 
 AES_SIZES = (16, 24, 32)
 GENERIC_SECRET_RANGE = (1, 800)
@@ -142,8 +145,12 @@ def softhsm_template(cls: int, key_type: int | None, handle: int, token: bool,
     every usage the key type allows (the node enforces the user's flags), always sensitive
     and extractable (so the node can mask it), private."""
     tag = f"hsmsim:{handle}"
-    t: Template = {A.CLASS: cls, A.TOKEN: token, A.PRIVATE: True, A.ID: tag.encode(),
-                   A.LABEL: tag}
+    if cls not in KEY_CLASSES:
+        # Certificates and data objects are backed by a private CKO_DATA object holding
+        # CKA_VALUE; every other attribute lives in the index.
+        return {A.CLASS: ObjectClass.DATA, A.TOKEN: token, A.PRIVATE: True, A.LABEL: tag,
+                **(extra or {})}
+    t: Template = {A.CLASS: cls, A.TOKEN: token, A.PRIVATE: True, A.LABEL: tag}
     if key_type is not None:
         t[A.KEY_TYPE] = key_type
     if cls == ObjectClass.SECRET_KEY:

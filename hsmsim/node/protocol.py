@@ -103,8 +103,7 @@ def pack(message: dict[str, Any]) -> bytes:
 
 def unpack(payload: bytes) -> Any:
     """Decode one payload (never executes anything: msgpack with no ext hooks)."""
-    return msgpack.unpackb(payload, raw=False, strict_map_key=False, use_list=True,
-                           max_buffer_size=MAX_FRAME)
+    return msgpack.unpackb(payload, raw=False, strict_map_key=False, use_list=True)
 
 
 async def read_frame(reader: asyncio.StreamReader) -> bytes:

@@ -1,0 +1,16 @@
+"""The node's configuration section `[node]` (hsm2m.medium defaults from CloudHSM's quotas),
+resolved once by the CLI entry point and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    max_keys: int = 16666  # CloudHSM hsm2m.medium: 16,666 keys
+    max_asymmetric_keys: int = 3333  # of which at most 3,333 asymmetric
+    max_users: int = 1024
+    max_connections: int = 2048  # HsmSessionCount: "Up to 2,048 are allowed"
+    softhsm_threads: int = 2  # SoftHSM2 worker threads (initialised with OS locking)
+    softhsm_log_level: str = "ERROR"

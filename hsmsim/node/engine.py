@@ -1,0 +1,226 @@
+"""The node's fast path: AES-GCM and RSA on key contexts cached in the C core (hsmsim.core),
+one context per handle, loaded by unmasking and dropped when the object changes or dies.
+
+Mechanism semantics (which hash, which padding, IV generation) live here; key material
+arrives only through the `loader` callbacks the keystore gives (masked blob -> bytes)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, Union
+
+from hsmsim.core import (AesGcmKey, DecryptionFailed, InvalidSignature, InvalidTag,
+                         RsaPrivateKey, RsaPublicKey)
+from hsmsim.pkcs11.constants import MGF, RV, Mechanism as M
+from hsmsim.pkcs11.errors import Pkcs11Error
+from hsmsim.pkcs11.params import GcmParams, OaepParams, PssParams
+
+HASH_NAMES = {M.SHA_1: "sha1", M.SHA224: "sha224", M.SHA256: "sha256", M.SHA384: "sha384",
+              M.SHA512: "sha512"}
+MGF_NAMES = {MGF.MGF1_SHA1: "sha1", MGF.MGF1_SHA224: "sha224", MGF.MGF1_SHA256: "sha256",
+             MGF.MGF1_SHA384: "sha384", MGF.MGF1_SHA512: "sha512"}
+RSA_PKCS_HASH = {M.SHA1_RSA_PKCS: "sha1", M.SHA224_RSA_PKCS: "sha224",
+                 M.SHA256_RSA_PKCS: "sha256", M.SHA384_RSA_PKCS: "sha384",
+                 M.SHA512_RSA_PKCS: "sha512"}
+RSA_PSS_HASH = {M.SHA1_RSA_PKCS_PSS: "sha1", M.SHA224_RSA_PKCS_PSS: "sha224",
+                M.SHA256_RSA_PKCS_PSS: "sha256", M.SHA384_RSA_PKCS_PSS: "sha384",
+                M.SHA512_RSA_PKCS_PSS: "sha512"}
+GCM_MECHS = frozenset({M.AES_GCM, M.CLOUDHSM_AES_GCM})
+RSA_SIGN_MECHS = frozenset({M.RSA_PKCS, M.RSA_X_509, M.RSA_PKCS_PSS, *RSA_PKCS_HASH,
+                            *RSA_PSS_HASH})
+RSA_CRYPT_MECHS = frozenset({M.RSA_PKCS, M.RSA_PKCS_OAEP, M.RSA_X_509})
+GCM_IV_LEN = 12
+INLINE_LIMIT = 64 * 1024  # AES-GCM below this runs on the event loop (faster than a thread hop)
+
+Ctx = Union[AesGcmKey, RsaPrivateKey, RsaPublicKey]
+Loader = Callable[[], Awaitable[Ctx]]
+
+
+def hash_name(mech: int) -> str:
+    name = HASH_NAMES.get(mech)  # type: ignore[call-overload]
+    if name is None:
+        raise Pkcs11Error(RV.MECHANISM_PARAM_INVALID, "unsupported hash in mechanism parameter")
+    return name
+
+
+def mgf_name(mgf: int) -> str:
+    name = MGF_NAMES.get(mgf)  # type: ignore[call-overload]
+    if name is None:
+        raise Pkcs11Error(RV.MECHANISM_PARAM_INVALID, "unsupported MGF in mechanism parameter")
+    return name
+
+
+def _gcm_param(param: object, encrypting: bool) -> tuple[bytes, bytes, int]:
+    if not isinstance(param, GcmParams):
+        raise Pkcs11Error(RV.MECHANISM_PARAM_INVALID, "AES-GCM needs GCM parameters")
+    if param.tag_bits % 8 or not 32 <= param.tag_bits <= 128:
+        raise Pkcs11Error(RV.MECHANISM_PARAM_INVALID, "GCM tag must be 32..128 bits, whole bytes")
+    if encrypting:
+        # FIDELITY: as CloudHSM, the HSM generates the 12-byte IV for encryption and returns
+        # it; a caller-supplied IV is ignored.
+        iv = os.urandom(GCM_IV_LEN)
+    else:
+        iv = param.iv
+        if not 1 <= len(iv) <= 128:
+            raise Pkcs11Error(RV.MECHANISM_PARAM_INVALID, "GCM IV must be 1..128 bytes")
+    return iv, param.aad, param.tag_bits // 8
+
+
+def gcm_encrypt(key: AesGcmKey, param: object, data: bytes) -> tuple[bytes, bytes]:
+    iv, aad, tag_len = _gcm_param(param, True)
+    return key.encrypt(iv, data, aad, tag_len), iv
+
+
+def gcm_decrypt(key: AesGcmKey, param: object, data: bytes) -> bytes:
+    iv, aad, tag_len = _gcm_param(param, False)
+    if len(data) < tag_len:
+        raise Pkcs11Error(RV.ENCRYPTED_DATA_LEN_RANGE, "ciphertext shorter than the GCM tag")
+    try:
+        return key.decrypt(iv, data, aad, tag_len)
+    except InvalidTag:
+        raise Pkcs11Error(RV.ENCRYPTED_DATA_INVALID, "AES-GCM authentication failed") from None
+
+
+def _pss(param: object, expected_hash: str | None) -> tuple[str, str, int]:
+    if not isinstance(param, PssParams):
+        raise Pkcs11Error(RV.MECHANISM_PARAM_INVALID, "PSS needs CK_RSA_PKCS_PSS_PARAMS")
+    h = hash_name(param.hash_alg)
+    if expected_hash is not None and h != expected_hash:
+        raise Pkcs11Error(RV.MECHANISM_PARAM_INVALID, "PSS hash does not match the mechanism")
+    return h, mgf_name(param.mgf), param.salt_len
+
+
+def _pad_raw(key: RsaPrivateKey | RsaPublicKey, data: bytes) -> bytes:
+    size = key.key_size // 8
+    if len(data) > size:
+        raise Pkcs11Error(RV.DATA_LEN_RANGE, "input longer than the modulus")
+    return data.rjust(size, b"\x00")
+
+
+def rsa_sign(key: RsaPrivateKey, mech: int, param: object, data: bytes) -> bytes:
+    try:
+        if mech == M.RSA_PKCS:
+            return key.sign_pkcs1v15(data, None)
+        if mech in RSA_PKCS_HASH:
+            h = RSA_PKCS_HASH[mech]  # type: ignore[index]
+            return key.sign_pkcs1v15(hashlib.new(h, data).digest(), h)
+        if mech == M.RSA_PKCS_PSS:
+            h, mgf, salt = _pss(param, None)
+            return key.sign_pss(data, h, mgf, salt)
+        if mech in RSA_PSS_HASH:
+            h, mgf, salt = _pss(param, RSA_PSS_HASH[mech])  # type: ignore[index]
+            return key.sign_pss(hashlib.new(h, data).digest(), h, mgf, salt)
+        if mech == M.RSA_X_509:
+            return key.sign_raw(_pad_raw(key, data))
+    except ValueError:
+        raise Pkcs11Error(RV.DATA_LEN_RANGE, "input length is wrong for this mechanism") from None
+    raise Pkcs11Error(RV.MECHANISM_INVALID, f"mechanism 0x{mech:x} cannot sign with RSA")
+
+
+def rsa_verify(key: RsaPublicKey, mech: int, param: object, data: bytes, sig: bytes) -> None:
+    if len(sig) != key.key_size // 8:
+        raise Pkcs11Error(RV.SIGNATURE_LEN_RANGE, "signature length differs from the modulus")
+    try:
+        if mech == M.RSA_PKCS:
+            key.verify_pkcs1v15(sig, data, None)
+        elif mech in RSA_PKCS_HASH:
+            h = RSA_PKCS_HASH[mech]  # type: ignore[index]
+            key.verify_pkcs1v15(sig, hashlib.new(h, data).digest(), h)
+        elif mech == M.RSA_PKCS_PSS:
+            h, mgf, salt = _pss(param, None)
+            key.verify_pss(sig, data, h, mgf, salt)
+        elif mech in RSA_PSS_HASH:
+            h, mgf, salt = _pss(param, RSA_PSS_HASH[mech])  # type: ignore[index]
+            key.verify_pss(sig, hashlib.new(h, data).digest(), h, mgf, salt)
+        elif mech == M.RSA_X_509:
+            if key.encrypt_raw(sig) != _pad_raw(key, data):
+                raise InvalidSignature()
+        else:
+            raise Pkcs11Error(RV.MECHANISM_INVALID, f"mechanism 0x{mech:x} cannot verify with RSA")
+    except InvalidSignature:
+        raise Pkcs11Error(RV.SIGNATURE_INVALID, "signature is invalid") from None
+    except ValueError:
+        raise Pkcs11Error(RV.SIGNATURE_INVALID, "signature is invalid") from None
+
+
+def _oaep(param: object) -> tuple[str, str, bytes]:
+    if not isinstance(param, OaepParams):
+        raise Pkcs11Error(RV.MECHANISM_PARAM_INVALID, "OAEP needs CK_RSA_PKCS_OAEP_PARAMS")
+    return hash_name(param.hash_alg), mgf_name(param.mgf), param.label
+
+
+def rsa_encrypt(key: RsaPublicKey, mech: int, param: object, data: bytes) -> bytes:
+    try:
+        if mech == M.RSA_PKCS_OAEP:
+            h, mgf, label = _oaep(param)
+            return key.encrypt_oaep(data, h, mgf, label)
+        if mech == M.RSA_PKCS:
+            return key.encrypt_pkcs1v15(data)
+        if mech == M.RSA_X_509:
+            return key.encrypt_raw(_pad_raw(key, data))
+    except ValueError:
+        raise Pkcs11Error(RV.DATA_LEN_RANGE, "input too long for this key and padding") from None
+    raise Pkcs11Error(RV.MECHANISM_INVALID, f"mechanism 0x{mech:x} cannot encrypt with RSA")
+
+
+def rsa_decrypt(key: RsaPrivateKey, mech: int, param: object, data: bytes) -> bytes:
+    if len(data) != key.key_size // 8:
+        raise Pkcs11Error(RV.ENCRYPTED_DATA_LEN_RANGE, "ciphertext length differs from the modulus")
+    try:
+        if mech == M.RSA_PKCS_OAEP:
+            h, mgf, label = _oaep(param)
+            return key.decrypt_oaep(data, h, mgf, label)
+        if mech == M.RSA_PKCS:
+            return key.decrypt_pkcs1v15(data)
+        if mech == M.RSA_X_509:
+            return key.decrypt_raw(data)
+    except (DecryptionFailed, ValueError):
+        raise Pkcs11Error(RV.ENCRYPTED_DATA_INVALID, "decryption failed") from None
+    raise Pkcs11Error(RV.MECHANISM_INVALID, f"mechanism 0x{mech:x} cannot decrypt with RSA")
+
+
+class ContextCache:
+    """C-core contexts per handle. `get` loads once even under concurrent requests."""
+
+    def __init__(self) -> None:
+        self._ctx: dict[int, Ctx] = {}
+        self._loading: dict[int, Any] = {}
+        self._generation: dict[int, int] = {}
+
+    async def get(self, handle: int, loader: Loader) -> Ctx:
+        ctx = self._ctx.get(handle)
+        if ctx is not None:
+            return ctx
+        import asyncio
+        fut = self._loading.get(handle)
+        if fut is not None:
+            return await asyncio.shield(fut)  # type: ignore[no-any-return]
+        fut = asyncio.get_running_loop().create_future()
+        self._loading[handle] = fut
+        generation = self._generation.get(handle, 0)
+        try:
+            ctx = await loader()
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved
+            raise
+        finally:
+            self._loading.pop(handle, None)
+        if not fut.done():
+            fut.set_result(ctx)
+        if self._generation.get(handle, 0) == generation:  # not dropped while loading
+            self._ctx[handle] = ctx
+        return ctx
+
+    def drop(self, handle: int) -> None:
+        self._generation[handle] = self._generation.get(handle, 0) + 1
+        ctx = self._ctx.pop(handle, None)
+        if ctx is not None:
+            ctx.close()
+
+    def clear(self) -> None:
+        for h in list(self._ctx):
+            self.drop(h)
+        self._generation.clear()

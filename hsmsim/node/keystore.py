@@ -1,0 +1,293 @@
+"""The node's keystore: SoftHSM2 objects, the object index and the map between cluster
+handles and SoftHSM2 handles, kept consistent across crashes; plus the masking key.
+
+Threads: every index write and every SoftHSM2 create/destroy runs on one store thread, in
+the order pending -> SoftHSM2 -> committed; SoftHSM2 crypto runs on a small pool (SoftHSM2
+is initialised with OS locking). The in-memory catalog and handle map are changed only on the
+event loop thread, so lookups need no locks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from hsmsim.node import policy
+from hsmsim.node.index import COMMITTED, DELETING, PENDING, Catalog, IndexStore, ObjectRecord
+from hsmsim.node.masking import KEY_LEN, MaskingKey
+from hsmsim.node.softhsm import SoftHsm, raw_template
+from hsmsim.pkcs11.attributes import Template
+from hsmsim.pkcs11.constants import RV, Attribute as A, KeyType, Mechanism as M, ObjectClass
+from hsmsim.pkcs11.errors import Pkcs11Error
+from hsmsim.pkcs11.params import MechanismSpec
+
+log = logging.getLogger("hsmsim.node.keystore")
+T = TypeVar("T")
+MASKING_TAG = "hsmsim:masking-key"
+TAG_PREFIX = "hsmsim:"
+WRAP_PAD = MechanismSpec(M.AES_KEY_WRAP_PAD)
+
+
+@dataclass(frozen=True)
+class Quotas:
+    max_keys: int
+    max_asymmetric_keys: int
+
+
+def tag(handle: int) -> str:
+    return f"{TAG_PREFIX}{handle}"
+
+
+class Keystore:
+    def __init__(self, hsm: SoftHsm, index: IndexStore, crypto_threads: int, quotas: Quotas) -> None:
+        self.hsm = hsm
+        self.index = index
+        self.quotas = quotas
+        self.catalog = Catalog()
+        self.soft: dict[int, int] = {}  # cluster handle -> SoftHSM2 handle
+        self.reserved: set[int] = set()  # handles being created
+        self.masking: MaskingKey | None = None
+        self._masking_soft: int | None = None
+        self._store = ThreadPoolExecutor(1, thread_name_prefix="node-store")
+        self._crypto = ThreadPoolExecutor(max(1, crypto_threads), thread_name_prefix="node-hsm")
+
+    # -- threads -----------------------------------------------------------------------------------
+
+    async def in_store(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._store, fn, *args)
+
+    async def in_hsm(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._crypto, fn, *args)
+
+    def close(self) -> None:
+        self._store.shutdown(wait=True)
+        self._crypto.shutdown(wait=True)
+        if self.masking is not None:
+            self.masking.close()
+        self.index.close()
+
+    # -- start-up ----------------------------------------------------------------------------------
+
+    def recover(self) -> dict[str, int]:
+        """Reconcile the index with the token (called once, before serving, on the store thread
+        or the main thread). The only place SoftHSM2's C_FindObjects runs."""
+        found: dict[str, int] = {}
+        stray: list[int] = []
+        for soft in self.hsm.find_objects([]):
+            label = self.hsm.get_attribute(soft, A.LABEL)
+            text = label.decode(errors="replace") if label is not None else ""
+            if text.startswith(TAG_PREFIX) and text not in found:
+                found[text] = soft
+            else:
+                stray.append(soft)
+        self._masking_soft = found.pop(MASKING_TAG, None)
+        if self._masking_soft is not None:
+            raw = self.hsm.get_attribute(self._masking_soft, A.VALUE)
+            if raw is None or len(raw) != KEY_LEN:
+                raise Pkcs11Error(RV.DEVICE_ERROR, "masking key object is unreadable")
+            self.masking = MaskingKey(raw)
+        stats = {"committed": 0, "lost": 0, "pending_dropped": 0, "deleted": 0, "phantoms": 0}
+        drop_rows: list[int] = []
+        from hsmsim.node.index import decode_record
+        for handle, state, blob in list(self.index.rows()):
+            soft = found.pop(tag(handle), None)
+            if state == COMMITTED and soft is not None:
+                self.catalog.add(decode_record(handle, blob))
+                self.soft[handle] = soft
+                stats["committed"] += 1
+                continue
+            if state == COMMITTED:
+                log.error("index entry %d has no token object; dropping it", handle)
+                stats["lost"] += 1
+            elif state == PENDING:
+                stats["pending_dropped"] += 1
+            else:
+                stats["deleted"] += 1
+            if soft is not None:
+                self.hsm.destroy_object(soft)
+            drop_rows.append(handle)
+        if drop_rows:
+            self.index.delete(drop_rows)
+        for soft in list(found.values()) + stray:
+            self.hsm.destroy_object(soft)
+            stats["phantoms"] += 1
+        return stats
+
+    def generate_masking_key(self) -> None:
+        """First node of a new cluster: a new AES-256 masking key in the token."""
+        assert self._masking_soft is None
+        t = {A.CLASS: ObjectClass.SECRET_KEY, A.KEY_TYPE: KeyType.AES, A.TOKEN: True,
+             A.PRIVATE: True, A.LABEL: MASKING_TAG, A.VALUE_LEN: KEY_LEN,
+             # Readable by the node itself (read once at start), never by anyone else.
+             A.SENSITIVE: False, A.EXTRACTABLE: True, A.WRAP: True, A.UNWRAP: True,
+             A.ENCRYPT: True, A.DECRYPT: True}
+        soft = self.hsm.generate_key(MechanismSpec(M.AES_KEY_GEN), raw_template(t.items()))
+        raw = self.hsm.get_attribute(soft, A.VALUE)
+        assert raw is not None
+        self._masking_soft = soft
+        self.masking = MaskingKey(raw)
+
+    def install_masking_key(self, key: bytes) -> None:
+        """A cloned node: store the masking key received from another node."""
+        if self._masking_soft is not None:
+            raise Pkcs11Error(RV.ACTION_PROHIBITED, "this node already has a masking key")
+        t = {A.CLASS: ObjectClass.SECRET_KEY, A.KEY_TYPE: KeyType.AES, A.TOKEN: True,
+             A.PRIVATE: True, A.LABEL: MASKING_TAG, A.VALUE: key, A.SENSITIVE: False,
+             A.EXTRACTABLE: True, A.WRAP: True, A.UNWRAP: True, A.ENCRYPT: True,
+             A.DECRYPT: True}
+        self._masking_soft = self.hsm.create_object(raw_template(t.items()))
+        self.masking = MaskingKey(key)
+
+    def require_masking(self) -> tuple[MaskingKey, int]:
+        if self.masking is None or self._masking_soft is None:
+            raise Pkcs11Error(RV.DEVICE_ERROR, "this HSM has no masking key yet (clone pending)")
+        return self.masking, self._masking_soft
+
+    # -- lookups (event loop) ----------------------------------------------------------------------
+
+    def get(self, handle: int) -> ObjectRecord | None:
+        return self.catalog.get(handle)
+
+    def soft_handle(self, handle: int) -> int:
+        soft = self.soft.get(handle)
+        if soft is None:
+            raise Pkcs11Error(RV.OBJECT_HANDLE_INVALID, "object does not exist")
+        return soft
+
+    # -- creation ----------------------------------------------------------------------------------
+
+    def reserve(self, records: Sequence[ObjectRecord], replacing: bool = False) -> None:
+        """Check handles and quotas for new records and reserve their handles (event loop)."""
+        handles = [r.handle for r in records]
+        for h in handles:
+            if not isinstance(h, int) or isinstance(h, bool) or not 0 < h < (1 << 63):
+                raise Pkcs11Error(RV.ARGUMENTS_BAD, "handles are integers 1..2^63-1")
+        if len(set(handles)) != len(handles):
+            raise Pkcs11Error(RV.ARGUMENTS_BAD, "the new objects need distinct handles")
+        for h in handles:
+            if h in self.reserved or (h in self.catalog and not replacing):
+                raise Pkcs11Error(RV.TEMPLATE_INCONSISTENT, f"handle {h} is already in use")
+        keys = sum(1 for r in records if r.is_key)
+        asym = sum(1 for r in records if r.asymmetric)
+        if self.catalog.keys + keys > self.quotas.max_keys:
+            raise Pkcs11Error(RV.DEVICE_MEMORY,
+                              f"key quota reached ({self.quotas.max_keys} keys per HSM)")
+        if self.catalog.asymmetric + asym > self.quotas.max_asymmetric_keys:
+            raise Pkcs11Error(RV.DEVICE_MEMORY, "asymmetric key quota reached "
+                              f"({self.quotas.max_asymmetric_keys} per HSM)")
+        self.reserved.update(handles)
+
+    async def create(self, records: Sequence[ObjectRecord],
+                     make: Callable[[], Sequence[int]],
+                     public_of: Callable[[int, ObjectRecord], Template] | None = None,
+                     replacing: bool = False) -> list[ObjectRecord]:
+        """Create objects: reserve, then on the store thread write pending index rows (token
+        objects), let `make` create the SoftHSM2 objects, read their public material, commit.
+        Returns the final records (with material-derived public attributes)."""
+        self.reserve(records, replacing)
+        try:
+            finals, softs = await self.in_store(self._create_sync, list(records), make)
+        finally:
+            self.reserved.difference_update(r.handle for r in records)
+        for r, s in zip(finals, softs):
+            old = self.soft.get(r.handle)
+            self.catalog.add(r)
+            self.soft[r.handle] = s
+            if old is not None and old != s:
+                await self.in_store(self._destroy_soft_quiet, old)
+        return finals
+
+    def _create_sync(self, records: list[ObjectRecord],
+                     make: Callable[[], Sequence[int]]) -> tuple[list[ObjectRecord], list[int]]:
+        token = [r for r in records if r.token]
+        if token:
+            self.index.put_many(token, PENDING)
+        softs: list[int] = []
+        try:
+            softs = list(make())
+            finals = [self._with_public(r, s) for r, s in zip(records, softs)]
+            if token:
+                self.index.put_many([f for f in finals if f.token], COMMITTED)
+        except BaseException:
+            for s in softs:
+                self._destroy_soft_quiet(s)
+            if token:
+                self.index.delete([r.handle for r in token])
+            raise
+        return finals, softs
+
+    def _with_public(self, r: ObjectRecord, soft: int) -> ObjectRecord:
+        """Copy public material (modulus, EC point...) from SoftHSM2 into the record."""
+        names = policy.PUBLIC_MATERIAL.get((r.cls, r.key_type), ())  # type: ignore[call-overload]
+        extra: Template = {}
+        for a in names:
+            raw = self.hsm.get_attribute(soft, a)
+            if raw is not None:
+                extra[a] = int.from_bytes(raw, "little") if a in policy.ULONG_MATERIAL else raw
+        if A.MODULUS in extra and r.key_type == KeyType.RSA:
+            extra[A.MODULUS_BITS] = int.from_bytes(extra[A.MODULUS], "big").bit_length()  # type: ignore[arg-type]
+        if not extra:
+            return r
+        attrs = dict(r.attrs)
+        attrs.update(extra)
+        return ObjectRecord(r.handle, attrs, r.owner, r.shared, r.session, r.login_id, r.version)
+
+    def _destroy_soft_quiet(self, soft: int) -> None:
+        try:
+            self.hsm.destroy_object(soft)
+        except Pkcs11Error:
+            log.warning("could not destroy SoftHSM2 object %d", soft)
+
+    # -- changes -----------------------------------------------------------------------------------
+
+    async def update(self, record: ObjectRecord) -> None:
+        """Persist changed attributes/owner/sharing (no change to the SoftHSM2 object)."""
+        if record.token:
+            await self.in_store(self.index.put, record, COMMITTED)
+        self.catalog.add(record)
+
+    async def destroy(self, handles: Sequence[int]) -> list[ObjectRecord]:
+        records = [r for r in (self.catalog.get(h) for h in handles) if r is not None]
+        softs = [self.soft.get(r.handle) for r in records]
+        for r in records:
+            self.catalog.remove(r.handle)
+            self.soft.pop(r.handle, None)
+        await self.in_store(self._destroy_sync, records, softs)
+        return records
+
+    def _destroy_sync(self, records: list[ObjectRecord], softs: list[int | None]) -> None:
+        token = [r.handle for r in records if r.token]
+        if token:
+            self.index.set_state(token, DELETING)
+        for s in softs:
+            if s is not None:
+                self._destroy_soft_quiet(s)
+        if token:
+            self.index.delete(token)
+
+    # -- material ----------------------------------------------------------------------------------
+
+    def wrap_masked_sync(self, soft: int) -> bytes:
+        """The object's key material wrapped under the masking key, by SoftHSM2."""
+        _, masking_soft = self.require_masking()
+        return self.hsm.wrap_key(WRAP_PAD, masking_soft, soft)
+
+    async def material(self, handle: int) -> bytes:
+        """Plain key material, for the C core or a non-sensitive read: wrapped in SoftHSM2 under
+        the masking key and unwrapped in this process (never read as an attribute)."""
+        masking, _ = self.require_masking()
+        wrapped = await self.in_hsm(self.wrap_masked_sync, self.soft_handle(handle))
+        return masking.unwrap(wrapped)
+
+    def unwrap_masked_sync(self, wrapped: bytes, template: Template) -> int:
+        _, masking_soft = self.require_masking()
+        return self.hsm.unwrap_key(WRAP_PAD, masking_soft, wrapped, raw_template(template.items()))
+
+
+def ensure_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path

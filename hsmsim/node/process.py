@@ -1,0 +1,168 @@
+"""One HSM node process: lays out its state directory, renders softhsm2.conf, points
+SOFTHSM2_CONF at it (this process only), opens or initialises the token, recovers the
+index, and serves the node protocol until SIGTERM/SIGINT.
+
+Prints `READY <address>` on stdout once it accepts connections."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import hashlib
+import hmac
+import logging
+import os
+import re
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from hsmsim.errors import ConfigError, HsmsimError
+from hsmsim.node.audit import AuditLog
+from hsmsim.node.config import NodeConfig
+from hsmsim.node.index import IndexStore
+from hsmsim.node.keystore import Keystore, Quotas
+from hsmsim.node.server import NodeServer
+from hsmsim.node.service import NodeService
+from hsmsim.node.softhsm import SoftHsm
+from hsmsim.node.users import UserStore
+from hsmsim.pkcs11.errors import Pkcs11Error
+from hsmsim.resources import softhsm_library, softhsm_template
+
+log = logging.getLogger("hsmsim.node")
+HSM_ID = re.compile(r"^hsm-[a-z0-9]{11}$")
+INIT_MODES = ("new", "clone")
+
+
+@dataclass(frozen=True)
+class NodeOptions:
+    state: Path  # the cluster's state directory ($HSMSIM_HOME)
+    hsm_id: str
+    az: str
+    listen: str
+    cluster_secret_file: Path
+    init: str | None = None  # "new" | "clone" on first start; ignored afterwards
+
+
+def node_dir(state: Path, hsm_id: str) -> Path:
+    return state / "nodes" / hsm_id
+
+
+def token_pins(secret: bytes, hsm_id: str) -> tuple[bytes, bytes]:
+    """SO and user PINs of this node's SoftHSM2 token, derived from the cluster secret.
+    FIDELITY: a real HSM's partition credentials are its own; here they follow from the
+    cluster secret so that no extra secret file is needed."""
+    def pin(kind: str) -> bytes:
+        return hmac.new(secret, f"hsmsim-token-{kind}:{hsm_id}".encode(),
+                        hashlib.sha256).hexdigest()[:32].encode()
+    return pin("so"), pin("user")
+
+
+def render_softhsm_conf(ndir: Path, level: str) -> Path:
+    tokens = ndir / "tokens"
+    tokens.mkdir(mode=0o700, exist_ok=True)
+    text = softhsm_template().read_text()
+    text = text.replace("@TOKENDIR@", str(tokens)).replace("@LOGLEVEL@", level)
+    conf = ndir / "softhsm2.conf"
+    tmp = conf.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, conf)
+    return conf
+
+
+def read_secret(path: Path) -> bytes:
+    try:
+        data = path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the cluster secret file {path}: {exc.strerror}") from None
+    if len(data) < 16:
+        raise ConfigError(f"cluster secret file {path} holds fewer than 16 bytes")
+    return data
+
+
+def validate(opts: NodeOptions) -> None:
+    if not HSM_ID.match(opts.hsm_id):
+        raise ConfigError(f"--hsm-id must look like hsm-xxxxxxxxxxx (11 of [a-z0-9]), "
+                          f"not {opts.hsm_id!r}")
+    if opts.init is not None and opts.init not in INIT_MODES:
+        raise ConfigError("--init must be new or clone")
+    if not re.match(r"^[a-z]{2}-[a-z]+-\d[a-z]$", opts.az):
+        raise ConfigError(f"--az must look like us-east-1a, not {opts.az!r}")
+
+
+class Node:
+    """The assembled node: keystore, users, audit, service and server."""
+
+    def __init__(self, opts: NodeOptions, config: NodeConfig) -> None:
+        validate(opts)
+        self.opts = opts
+        self.config = config
+        self.dir = node_dir(opts.state, opts.hsm_id)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.dir, 0o700)
+        self._lock_fd = os.open(self.dir / "node.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise HsmsimError(f"node {opts.hsm_id} is already running on {self.dir}") from None
+        secret = read_secret(opts.cluster_secret_file)
+        conf = render_softhsm_conf(self.dir, config.softhsm_log_level)
+        # SoftHSM2 reads SOFTHSM2_CONF once, at C_Initialize, in this process only.
+        os.environ["SOFTHSM2_CONF"] = str(conf)
+        so_pin, user_pin = token_pins(secret, opts.hsm_id)
+        index = IndexStore(self.dir / "index.sqlite")
+        first_start = index.get_meta("init") is None
+        if first_start and opts.init is None:
+            raise ConfigError(f"node {opts.hsm_id} has no state yet: pass --init new or --init clone")
+        try:
+            hsm = SoftHsm.load(softhsm_library(), opts.hsm_id, so_pin, user_pin)
+        except Pkcs11Error as exc:
+            raise HsmsimError(f"cannot open the token of {opts.hsm_id}: {exc} "
+                              "(wrong cluster secret?)") from None
+        self.audit = AuditLog(self.dir / "audit.jsonl", opts.hsm_id)
+        self.keystore = Keystore(hsm, index, config.softhsm_threads,
+                                 Quotas(config.max_keys, config.max_asymmetric_keys))
+        stats = self.keystore.recover()
+        if first_start:
+            self.audit.record("init_token", mode=opts.init)
+            if opts.init == "new" and self.keystore.masking is None:
+                self.keystore.generate_masking_key()
+                self.audit.record("masking_key_generate")
+            index.set_meta("init", str(opts.init).encode())
+        log.info("node %s recovered: %s", opts.hsm_id, stats)
+        self.recovery = stats
+        self.users = UserStore(self.dir / "index.sqlite")
+        self.service = NodeService(opts.hsm_id, opts.az, self.keystore, self.users, self.audit,
+                                   max_users=config.max_users, secret=secret)
+        self.server = NodeServer(self.service, max_connections=config.max_connections)
+
+    async def serve(self, ready: asyncio.Event | None = None) -> None:
+        bound = await self.server.listen(self.opts.listen)
+        print(f"READY {bound}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        await self.server.close()
+
+    def close(self) -> None:
+        self.keystore.close()
+        self.users.close()
+        self.audit.close()
+        os.close(self._lock_fd)
+
+
+def run(opts: NodeOptions, config: NodeConfig) -> int:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    node = Node(opts, config)
+    try:
+        asyncio.run(node.serve())
+    finally:
+        node.close()
+    return 0

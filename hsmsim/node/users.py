@@ -1,0 +1,134 @@
+"""HSM users of one node: CO and CU records with scrypt-hashed passwords (per-user salt),
+consecutive-failure counting and lockout, persisted in the node's SQLite file.
+
+Passwords are never stored, logged or returned; only (salt, scrypt hash) are kept. Hashing
+is slow on purpose, so callers run `hash_password`/`verify` in a worker thread."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import sqlite3
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import msgpack
+
+from hsmsim.node.values import ROLE_CO, ROLE_CU, ROLES
+from hsmsim.pkcs11.constants import RV, UserType
+from hsmsim.pkcs11.errors import Pkcs11Error
+
+USERNAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,30}$")
+PASSWORD_LEN = (8, 32)  # CloudHSM hsm2m.medium (reference §2.6)
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1
+SALT_LEN = 16
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    username: str
+    role: str
+    salt: bytes
+    pw_hash: bytes
+    failed: int = 0
+    locked: bool = False
+    version: int = 1  # bumped on every change; newer wins on import
+
+    @property
+    def user_type(self) -> int:
+        return int(UserType.SO) if self.role == ROLE_CO else int(UserType.USER)
+
+
+def role_of(user_type: int) -> str:
+    if user_type == UserType.SO:
+        return ROLE_CO
+    if user_type == UserType.USER:
+        return ROLE_CU
+    raise Pkcs11Error(RV.USER_TYPE_INVALID, "user_type must be 0 (CO) or 1 (CU)")
+
+
+def check_username(username: object) -> str:
+    """CloudHSM usernames: up to 31 characters, stored lowercase."""
+    if not isinstance(username, str):
+        raise Pkcs11Error(RV.ARGUMENTS_BAD, "username must be a string")
+    name = username.lower()
+    if not USERNAME.match(name):
+        raise Pkcs11Error(RV.ARGUMENTS_BAD, "username must be 1-31 of [a-z0-9_-], starting "
+                          "with a letter or digit")
+    return name
+
+
+def check_role(role: object) -> str:
+    if role not in ROLES:
+        raise Pkcs11Error(RV.ARGUMENTS_BAD, f"role must be one of {', '.join(ROLES)}")
+    return str(role)
+
+
+def check_password(password: object) -> str:
+    if not isinstance(password, str):
+        raise Pkcs11Error(RV.ARGUMENTS_BAD, "password must be a string")
+    if not PASSWORD_LEN[0] <= len(password) <= PASSWORD_LEN[1]:
+        raise Pkcs11Error(RV.PIN_LEN_RANGE,
+                          f"passwords are {PASSWORD_LEN[0]} to {PASSWORD_LEN[1]} characters")
+    return password
+
+
+def hash_password(password: str, salt: bytes | None = None) -> tuple[bytes, bytes]:
+    salt = salt if salt is not None else os.urandom(SALT_LEN)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P,
+                            dklen=32)
+    return salt, digest
+
+
+def verify_password(record: UserRecord, password: str) -> bool:
+    _, digest = hash_password(password, record.salt)
+    return hmac.compare_digest(digest, record.pw_hash)
+
+
+def encode_user(u: UserRecord) -> dict[str, object]:
+    return {"username": u.username, "role": u.role, "salt": u.salt, "hash": u.pw_hash,
+            "failed": u.failed, "locked": u.locked, "version": u.version}
+
+
+def decode_user(d: dict[str, object]) -> UserRecord:
+    try:
+        u = UserRecord(check_username(d["username"]), check_role(d["role"]),
+                       bytes(d["salt"]), bytes(d["hash"]),  # type: ignore[arg-type]
+                       int(d["failed"]), bool(d["locked"]), int(d["version"]))  # type: ignore[call-overload]
+    except (KeyError, TypeError, ValueError):
+        raise Pkcs11Error(RV.WRAPPED_KEY_INVALID, "malformed user record") from None
+    return u
+
+
+class UserStore:
+    """Users in memory, persisted to the `users` table of the node's SQLite file. Mutations are
+    made from the node's store thread."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS users (username TEXT PRIMARY KEY, "
+                         "record BLOB NOT NULL)")
+        self.users: dict[str, UserRecord] = {}
+        for name, raw in self._db.execute("SELECT username, record FROM users"):
+            self.users[name] = decode_user(msgpack.unpackb(raw, raw=False))
+
+    def get(self, username: str) -> UserRecord | None:
+        return self.users.get(username)
+
+    def put(self, u: UserRecord) -> None:
+        self._db.execute("INSERT OR REPLACE INTO users VALUES (?, ?)",
+                         (u.username, msgpack.packb(encode_user(u), use_bin_type=True)))
+        self.users[u.username] = u
+
+    def delete(self, username: str) -> None:
+        self._db.execute("DELETE FROM users WHERE username = ?", (username,))
+        self.users.pop(username, None)
+
+    def bump(self, u: UserRecord, **changes: object) -> UserRecord:
+        return replace(u, version=u.version + 1, **changes)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self._db.close()
