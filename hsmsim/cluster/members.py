@@ -135,7 +135,7 @@ class Member:
 
     # -- process ---------------------------------------------------------------------------------
     def _command(self, init: str | None) -> list[str]:
-        cmd = [self.python, "-m", "hsmsim", "node", "serve", "--state", str(self.dir),
+        cmd = [self.python, "-m", "hsmsim", "node", "serve", "--state", str(self.state.root),
                "--hsm-id", self.hsm_id, "--az", self.az, "--listen", self.address,
                "--cluster-secret-file", str(self.state.cluster_secret)]
         if init is not None:

@@ -38,6 +38,7 @@ class DaemonOptions:
     state_dir: Path
     config_file: Path | None = None
     cluster_overrides: tuple[tuple[str, Any], ...] = ()
+    services: bool = True  # start the gateway and the KMS (tests of the cluster alone: False)
 
 
 def read_pid(state: StateDir) -> int | None:
@@ -105,7 +106,8 @@ class Daemon:
             await self.supervisor.start_existing()
         self.control = ControlServer(self._handlers())
         await self.control.start(state.control_sock)
-        await self._start_services()
+        if self.opts.services:
+            await self._start_services()
         self.supervisor.start()
         return {"cluster_id": spec.cluster_id, "new": new, **self.endpoints}
 

@@ -1,0 +1,170 @@
+"""The `hsmsim` cluster commands as a user runs them: real `hsmsim up --detach`, status,
+env, users, keys, HSM faults, backups, audit, down; and bad flags, a corrupt state directory
+and a missing SoftHSM2, each with a clear message, an exit code and no half-made cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hsmsim.testing.cluster import HsmsimCluster, run_cli, start_cluster
+
+
+@pytest.fixture(scope="module")
+def cli_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HsmsimCluster]:
+    c = start_cluster(tmp_path_factory.mktemp("cli") / "state")
+    try:
+        yield c
+    finally:
+        c.down()
+
+
+def _json(r: object) -> object:
+    assert r.returncode == 0, r.stderr  # type: ignore[attr-defined]
+    return json.loads(r.stdout)  # type: ignore[attr-defined]
+
+
+def test_up_creates_a_cluster_with_private_secrets(cli_cluster: HsmsimCluster) -> None:
+    c = cli_cluster
+    assert c.cluster_id.startswith("cluster-") and len(c.hsm_ids) == 3
+    st = c.status()
+    assert st["state"] == "ACTIVE" and [h["az"] for h in st["hsms"]] == [
+        "us-east-1a", "us-east-1b", "us-east-1c"]
+    for p in ("secrets/cluster.secret", "secrets/admin.password",
+              "secrets/crypto_user.password", "ca/ca.key"):
+        assert stat.S_IMODE((c.state_dir / p).stat().st_mode) == 0o600, p
+    assert stat.S_IMODE((c.state_dir / "secrets").stat().st_mode) == 0o700
+    assert stat.S_IMODE((c.state_dir / "control.sock").stat().st_mode) == 0o600
+    assert (c.state_dir / "ca" / "ca.crt").read_bytes().startswith(b"-----BEGIN CERTIFICATE")
+    assert c.pin == "crypto_user:" + (c.state_dir / "secrets/crypto_user.password").read_text()
+    assert c.admin_password not in (c.state_dir / "daemon.log").read_text()
+
+
+def test_status_and_env(cli_cluster: HsmsimCluster) -> None:
+    st = _json(cli_cluster.cli("status", "--json"))
+    assert st["cluster_id"] == cli_cluster.cluster_id  # type: ignore[index]
+    r = cli_cluster.cli("status")
+    assert r.returncode == 0 and "HSM" in r.stdout and cli_cluster.hsm_ids[0] in r.stdout
+    r = cli_cluster.cli("env")
+    assert r.returncode == 0
+    for var in ("HSMSIM_HOME", "HSMSIM_SOCKET", "HSMSIM_PKCS11_MODULE", "HSMSIM_PIN",
+                "AWS_ENDPOINT_URL_KMS"):
+        assert f"export {var}=" in r.stdout
+
+
+def test_user_commands(cli_cluster: HsmsimCluster) -> None:
+    c = cli_cluster
+    r = c.cli("user", "create", "--username", "bob", "--role", "crypto-user",
+              "--password", "bob-password")
+    assert r.returncode == 0, r.stderr
+    users = _json(c.cli("user", "list", "--json"))
+    bob = [u for u in users if u["username"] == "bob"]  # type: ignore[union-attr, index]
+    assert bob and bob[0]["role"] == "crypto-user" and bob[0]["cluster-coverage"] == "full"
+    r = c.cli("user", "change-password", "--username", "bob", "--password", "short")
+    assert r.returncode == 1 and "8 to 32" in r.stderr
+    r = c.cli("user", "create", "--username", "bob", "--role", "crypto-user",
+              "--password", "bob-password")
+    assert r.returncode == 1 and "error" in r.stderr
+    assert c.cli("user", "delete", "--username", "bob").returncode == 0
+    users = _json(c.cli("user", "list", "--json"))
+    assert not [u for u in users if u["username"] == "bob"]  # type: ignore[union-attr, index]
+
+
+def test_key_list_shows_pkcs11_uris_and_delete(cli_cluster: HsmsimCluster) -> None:
+    c = cli_cluster
+    keys = _json(c.cli("key", "list", "--json"))
+    assert isinstance(keys, list)
+    r = c.cli("key", "delete", "0x7fffffffffff")
+    assert r.returncode == 1 and "CKR_OBJECT_HANDLE_INVALID" in r.stderr
+    r = c.cli("key", "delete", "not-a-handle")
+    assert r.returncode == 1 and "not a number" in r.stderr
+
+
+def test_hsm_faults_from_the_cli(cli_cluster: HsmsimCluster) -> None:
+    c = cli_cluster
+    victim = c.hsm_ids[2]
+    assert c.cli("hsm", "kill", victim).returncode == 0
+    assert c.hsm(victim)["condition"] == "killed"
+    assert c.cli("hsm", "start", victim).returncode == 0
+    assert c.cli("hsm", "partition", victim).returncode == 0
+    assert c.hsm(victim)["condition"] == "partitioned"
+    assert c.cli("hsm", "heal", victim).returncode == 0
+    assert c.cli("hsm", "latency", victim, "--ms", "5").returncode == 0
+    assert c.cli("hsm", "latency", victim, "--ms", "0").returncode == 0
+    assert c.cli("hsm", "throttle", victim, "--rps", "0").returncode == 0
+    c.wait_converged(30)
+    r = c.cli("hsm", "kill", "hsm-doesnotexist")
+    assert r.returncode == 1 and "no HSM" in r.stderr
+    r = c.cli("hsm", "latency", victim, "--ms", "-3")
+    assert r.returncode == 1
+
+
+def test_backup_list_and_audit(cli_cluster: HsmsimCluster) -> None:
+    c = cli_cluster
+    r = c.cli("backup", "create", "--json")
+    assert r.returncode == 0, r.stderr
+    bid = json.loads(r.stdout)["backup_id"]
+    assert bid in c.cli("backup", "list").stdout
+    recs = [json.loads(line) for line in c.cli("audit", "--json").stdout.splitlines()]
+    assert recs and {r["hsm_id"] for r in recs} <= set(c.hsm_ids)
+    assert any(r["event"] == "login" for r in recs)
+    text = json.dumps(recs)
+    assert c.admin_password not in text and c.cu_password not in text
+
+
+def test_second_up_reports_the_running_daemon(cli_cluster: HsmsimCluster) -> None:
+    r = run_cli(["up", "--detach", "--state", str(cli_cluster.state_dir)])
+    assert r.returncode == 0
+    assert "already running" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--azs", "0"], "--azs must be between 1 and 6"),
+    (["--azs", "2", "--az", "us-east-1a"], "either --azs"),
+    (["--az", "mars-1"], "not an availability zone"),
+    (["--hsms-per-az", "29"], "--hsms-per-az"),
+    (["--admin-password", "short"], "8 to 32"),
+])
+def test_bad_up_flags(tmp_path: Path, args: list[str], message: str) -> None:
+    state = tmp_path / "s"
+    r = run_cli(["up", "--detach", "--state", str(state), *args])
+    assert r.returncode == 1 and message in r.stderr
+    assert not state.exists()
+
+
+def test_unknown_flag_exits_2(tmp_path: Path) -> None:
+    r = run_cli(["up", "--bogus", "--state", str(tmp_path / "s")])
+    assert r.returncode == 2 and "unrecognized arguments" in r.stderr
+
+
+def test_missing_softhsm(tmp_path: Path) -> None:
+    env = dict(os.environ, HSMSIM_SOFTHSM2_LIBRARY="/nonexistent/libsofthsm2.so")
+    r = run_cli(["up", "--detach", "--state", str(tmp_path / "s")], env=env)
+    assert r.returncode == 1 and "SoftHSM2" in r.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_corrupt_state_directory(tmp_path: Path) -> None:
+    state = tmp_path / "s"
+    state.mkdir()
+    (state / "cluster.json").write_text("{not json")
+    r = run_cli(["up", "--detach", "--state", str(state)])
+    assert r.returncode == 1 and "cluster.json is corrupt" in r.stderr
+    r = run_cli(["status", "--state", str(state)])
+    assert r.returncode == 1
+    (state / "cluster.json").unlink()
+    (state / "stray").write_text("x")
+    r = run_cli(["up", "--detach", "--state", str(state)])
+    assert r.returncode == 1 and "not empty" in r.stderr
+
+
+def test_commands_without_a_daemon(tmp_path: Path) -> None:
+    r = run_cli(["status", "--state", str(tmp_path / "none")])
+    assert r.returncode == 1 and "hsmsim up" in r.stderr
+    r = run_cli(["down", "--state", str(tmp_path / "none")])
+    assert r.returncode == 0
