@@ -156,6 +156,14 @@ class Kms:
         self._deny(caller, key, action, "because no resource-based policy allows the "
                    f"kms:{action} action")
 
+    def check_grant_tokens(self, tokens: list[str]) -> None:
+        """InvalidGrantToken unless every token names a grant of this KMS."""
+        for token in tokens:
+            parts = token.split(":")
+            grant = self.store.grant(parts[1]) if len(parts) == 3 and parts[0] == "hsmsim-grant" else None
+            if grant is None or grant.token != token:
+                raise e.InvalidGrantToken("The grant token is not valid.")
+
     @staticmethod
     def _deny(caller: Caller, key: KeyRecord, action: str, why: str) -> None:
         raise e.AccessDenied(f"User: {caller.arn} is not authorized to perform: kms:{action} "

@@ -66,6 +66,8 @@ class KmsService:
             params = wire.decode_request(op, req.body)
             if op in NOT_IMPLEMENTED:
                 raise e.Unsupported(f"{op} is not supported by hsmsim.")
+            if params.get("GrantTokens"):
+                self.kms.check_grant_tokens(params["GrantTokens"])
             if self.quotas is not None:
                 self.quotas.check(op)
                 if op in CRYPTO_OPS:

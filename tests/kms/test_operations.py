@@ -450,6 +450,9 @@ def test_tags(client, key) -> None:  # type: ignore[no-untyped-def]
 
 def test_dry_run(client, key) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ClientError) as exc:
+        client.encrypt(KeyId=key["KeyId"], Plaintext=b"x", GrantTokens=["not-a-token"])
+    assert code(exc) == "InvalidGrantTokenException"
+    with pytest.raises(ClientError) as exc:
         client.encrypt(KeyId=key["KeyId"], Plaintext=b"x", DryRun=True)
     assert code(exc) == "DryRunOperationException"
     assert message(exc) == "The request would have succeeded, but the DryRun option is set."

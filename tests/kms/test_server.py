@@ -1,0 +1,156 @@
+"""Server features on the real HTTP server with the cluster double (ring 1): strict SigV4,
+access-key principals with key-policy and grant enforcement, token-bucket quotas, the audit
+trail (no secrets), and state surviving a server restart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from hsmsim.kms import audit
+from hsmsim.kms.config import KmsConfig
+
+from .cluster_double import InMemoryClusterDouble
+from .conftest import KmsEndpoint, make_ca_pem, start_double, stop_double
+
+NO_RETRY = Config(retries={"max_attempts": 1})
+ALICE = "arn:aws:iam::111122223333:user/alice"
+BOB = "arn:aws:iam::111122223333:user/bob"
+
+
+def code(exc: pytest.ExceptionInfo[ClientError]) -> str:
+    return str(exc.value.response["Error"]["Code"])
+
+
+@pytest.fixture
+def strict(tmp_path: Path) -> Any:
+    ep = start_double(tmp_path, KmsConfig(port=0, strict_sigv4=True, enforce_policies=True,
+                                          principals=(f"AKIDALICE={ALICE}=alicesecret", f"AKIDBOB={BOB}=bobsecret")))
+    yield ep
+    stop_double(ep)
+
+
+def test_strict_sigv4(strict: KmsEndpoint) -> None:
+    alice = strict.client(akid="AKIDALICE", secret="alicesecret", config=NO_RETRY)
+    assert alice.list_keys()["Keys"] == []
+    with pytest.raises(ClientError) as exc:
+        strict.client(akid="AKIDALICE", secret="wrong", config=NO_RETRY).list_keys()
+    assert code(exc) == "InvalidSignatureException"
+    with pytest.raises(ClientError) as exc:
+        strict.client(akid="AKIDNOBODY", secret="x", config=NO_RETRY).list_keys()
+    assert code(exc) == "UnrecognizedClientException"
+    assert exc.value.response["Error"]["Message"] == "The security token included in the request is invalid."
+
+
+def test_policy_and_grant_enforcement(strict: KmsEndpoint) -> None:
+    alice = strict.client(akid="AKIDALICE", secret="alicesecret", config=NO_RETRY)
+    bob = strict.client(akid="AKIDBOB", secret="bobsecret", config=NO_RETRY)
+    policy = json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Principal": {"AWS": ALICE}, "Action": "kms:*", "Resource": "*"}]})
+    key = alice.create_key(Policy=policy)["KeyMetadata"]
+    blob = alice.encrypt(KeyId=key["KeyId"], Plaintext=b"p", EncryptionContext={"t": "1"})["CiphertextBlob"]
+    with pytest.raises(ClientError) as exc:
+        bob.decrypt(CiphertextBlob=blob, EncryptionContext={"t": "1"})
+    assert code(exc) == "AccessDeniedException"
+    assert exc.value.response["Error"]["Message"] == (
+        f"User: {BOB} is not authorized to perform: kms:Decrypt on resource: {key['Arn']} because no "
+        "resource-based policy allows the kms:Decrypt action")
+    grant = alice.create_grant(KeyId=key["KeyId"], GranteePrincipal=BOB, Operations=["Decrypt"],
+                               Constraints={"EncryptionContextEquals": {"t": "1"}})
+    assert bob.decrypt(CiphertextBlob=blob, EncryptionContext={"t": "1"},
+                       GrantTokens=[grant["GrantToken"]])["Plaintext"] == b"p"
+    blob2 = alice.encrypt(KeyId=key["KeyId"], Plaintext=b"p", EncryptionContext={"t": "2"})["CiphertextBlob"]
+    with pytest.raises(ClientError) as exc:
+        bob.decrypt(CiphertextBlob=blob2, EncryptionContext={"t": "2"})
+    assert code(exc) == "AccessDeniedException"
+    with pytest.raises(ClientError) as exc:
+        bob.encrypt(KeyId=key["KeyId"], Plaintext=b"p", EncryptionContext={"t": "1"})
+    assert code(exc) == "AccessDeniedException"
+    deny = json.dumps({"Statement": [
+        {"Effect": "Allow", "Principal": {"AWS": ALICE}, "Action": "kms:*", "Resource": "*"},
+        {"Effect": "Deny", "Principal": {"AWS": ALICE}, "Action": "kms:Encrypt", "Resource": "*"}]})
+    alice.put_key_policy(KeyId=key["KeyId"], Policy=deny)
+    with pytest.raises(ClientError) as exc:
+        alice.encrypt(KeyId=key["KeyId"], Plaintext=b"p")
+    assert code(exc) == "AccessDeniedException"
+    alice.revoke_grant(KeyId=key["KeyId"], GrantId=grant["GrantId"])
+    with pytest.raises(ClientError) as exc:
+        bob.decrypt(CiphertextBlob=blob, EncryptionContext={"t": "1"})
+    assert code(exc) == "AccessDeniedException"
+
+
+def test_quotas_throttle(tmp_path: Path) -> None:
+    ep = start_double(tmp_path, KmsConfig(port=0, quotas=True))
+    try:
+        c = ep.client(config=NO_RETRY)
+        outcomes = []
+        for _ in range(8):
+            try:
+                c.create_key()
+                outcomes.append("ok")
+            except ClientError as exc:
+                outcomes.append(exc.response["Error"]["Code"])
+                assert exc.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+                assert exc.response["Error"]["Message"] == ("You have exceeded the rate at which you may "
+                                                            "call KMS. Reduce the frequency of your calls.")
+        assert outcomes[:5] == ["ok"] * 5 and "ThrottlingException" in outcomes[5:]
+    finally:
+        stop_double(ep)
+
+
+def test_audit_trail_has_no_secrets(tmp_path: Path) -> None:
+    ep = start_double(tmp_path)
+    try:
+        c = ep.client(config=NO_RETRY)
+        key = c.create_key()["KeyMetadata"]
+        secret = b"TOP-SECRET-PLAINTEXT"
+        blob = c.encrypt(KeyId=key["KeyId"], Plaintext=secret, EncryptionContext={"purpose": "audit"})["CiphertextBlob"]
+        c.decrypt(CiphertextBlob=blob, EncryptionContext={"purpose": "audit"})
+        with pytest.raises(ClientError):
+            c.decrypt(CiphertextBlob=blob)
+        with pytest.raises(ClientError):
+            c.create_custom_key_store(CustomKeyStoreName="s", CloudHsmClusterId=ep.cluster_id,
+                                      TrustAnchorCertificate=make_ca_pem().decode(), KeyStorePassword="Sup3rSecretPw")
+        records = list(audit.read(tmp_path))
+        names = [r["eventName"] for r in records]
+        assert names == ["CreateKey", "Encrypt", "Decrypt", "Decrypt", "CreateCustomKeyStore"]
+        enc = records[1]
+        assert enc["requestParameters"] == {"keyId": key["KeyId"], "encryptionContext": {"purpose": "audit"}}
+        assert enc["resources"] == [{"accountId": "111122223333", "type": "AWS::KMS::Key", "ARN": key["Arn"]}]
+        assert enc["eventSource"] == "kms.amazonaws.com" and enc["readOnly"] is False
+        assert records[2]["requestParameters"]["encryptionAlgorithm"] == "SYMMETRIC_DEFAULT"
+        assert records[3]["errorCode"] == "InvalidCiphertextException"
+        assert records[4]["errorCode"] == "IncorrectTrustAnchorException"
+        raw = (tmp_path / "kms" / "audit.jsonl").read_text()
+        for needle in ("TOP-SECRET", "VE9QLVNFQ1JFVC", "Sup3rSecretPw", "BEGIN CERTIFICATE"):
+            assert needle not in raw
+        assert (tmp_path / "kms" / "audit.jsonl").stat().st_mode & 0o777 == 0o600
+        assert (tmp_path / "kms" / "kms.sqlite3").stat().st_mode & 0o777 == 0o600
+    finally:
+        stop_double(ep)
+
+
+def test_state_survives_restart(tmp_path: Path) -> None:
+    double = InMemoryClusterDouble(ca_cert_pem=make_ca_pem())
+    ep = start_double(tmp_path, double=double)
+    c = ep.client(config=NO_RETRY)
+    key = c.create_key(Description="persisted")["KeyMetadata"]
+    c.create_alias(AliasName="alias/persisted", TargetKeyId=key["KeyId"])
+    grant = c.create_grant(KeyId=key["KeyId"], GranteePrincipal=ALICE, Operations=["Decrypt"])
+    blob = c.encrypt(KeyId="alias/persisted", Plaintext=b"survive")["CiphertextBlob"]
+    c.rotate_key_on_demand(KeyId=key["KeyId"])
+    stop_double(ep)
+    ep2 = start_double(tmp_path, double=double)
+    try:
+        c2 = ep2.client(config=NO_RETRY)
+        assert c2.describe_key(KeyId="alias/persisted")["KeyMetadata"]["Description"] == "persisted"
+        assert c2.decrypt(CiphertextBlob=blob)["Plaintext"] == b"survive"
+        assert [g["GrantId"] for g in c2.list_grants(KeyId=key["KeyId"])["Grants"]] == [grant["GrantId"]]
+        assert len(c2.list_key_rotations(KeyId=key["KeyId"])["Rotations"]) == 1
+    finally:
+        stop_double(ep2)
