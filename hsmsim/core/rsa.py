@@ -213,7 +213,8 @@ class RsaPublicKey(_RsaKey):
         data = as_bytes(data, "data")
         if hlen and len(data) != hlen:
             raise ValueError(f"data must be the {hlen}-byte {hash} digest, got {len(data)} bytes")
-        check_len(data, "data")
+        if not hlen and not 1 <= len(data) <= self._size - 11:
+            raise ValueError(f"data must be 1 to {self._size - 11} bytes, got {len(data)}")
         self._verify(_PKCS1V15, code, 0, 0, signature, data)
 
     def verify_pss(
@@ -321,8 +322,9 @@ class RsaPrivateKey(_RsaKey):
         if hlen:
             if n != hlen:
                 raise ValueError(f"{name} must be the {hlen}-byte {hash} digest, got {n} bytes")
-        elif n > self._size - 11:
-            raise ValueError(f"{name} must be at most {self._size - 11} bytes, got {n}")
+        elif not 1 <= n <= self._size - 11:
+            # Empty data is refused: OpenSSL 3.0 cannot verify a signature over nothing.
+            raise ValueError(f"{name} must be 1 to {self._size - 11} bytes, got {n}")
 
     def _sign(self, padding: int, code: int, mgf1: int, salt: int, data: bytes) -> bytes:
         ctx = self._live()
