@@ -2,7 +2,7 @@
 the C module without node processes (the module and gateway are the things under test here; the
 real cluster is exercised by test_cluster_*.py). Run as a script it serves one gateway:
 
-    python -m tests.pkcs11.refcluster SOCKET_PATH [key=value gateway settings...]
+    python -m tests.pkcs11.p11ref SOCKET_PATH [key=value gateway settings...]
 """
 
 from __future__ import annotations

@@ -1,0 +1,50 @@
+"""Fixtures for the PKCS#11 module and gateway tests: a gateway over the in-process reference
+cluster (a separate process), and python-pkcs11 pointed at it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from p11helpers import REF_PIN, RefGateway, require_module, use_gateway
+
+
+@pytest.fixture(scope="session")
+def ref_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RefGateway]:
+    require_module()
+    gw = RefGateway(tmp_path_factory.mktemp("refgw") / "gateway.sock", {})
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="session")
+def strict_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RefGateway]:
+    """A gateway with every CloudHSM quirk switched off (PKCS#11-standard behaviour)."""
+    require_module()
+    off = {k: "false" for k in ("quirk_ro_session_fails", "quirk_wrong_sequence_ok",
+                                "quirk_private_template_usage_false", "quirk_unsupported_api",
+                                "quirk_data_limits")}
+    gw = RefGateway(tmp_path_factory.mktemp("strictgw") / "gateway.sock", off)
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def ref_lib(ref_gateway: RefGateway):  # type: ignore[no-untyped-def]
+    return use_gateway(ref_gateway.sock)
+
+
+@pytest.fixture
+def ref_token(ref_lib):  # type: ignore[no-untyped-def]
+    return ref_lib.get_token(token_label="hsm1")
+
+
+@pytest.fixture
+def ref_session(ref_token) -> Iterator[object]:  # type: ignore[no-untyped-def]
+    s = ref_token.open(rw=True, user_pin=REF_PIN)
+    try:
+        yield s
+    finally:
+        s.close()
+
