@@ -124,6 +124,14 @@ class Gateway:
             await self.cluster.close_session(app.login, handle)
         except Exception as exc:  # noqa: BLE001 - the session is gone either way
             log.info("close_session failed: %s", type(exc).__name__)
+        if not app.sessions and app.login is not None:
+            # PKCS#11: closing the application's last session ends its login. (CloudHSM keeps
+            # the others logged in when one closes, which per-application login gives.)
+            login, app.login = app.login, None
+            try:
+                await self.cluster.logout(login)
+            except Exception as exc:  # noqa: BLE001
+                log.info("logout failed: %s", type(exc).__name__)
 
     # ---- slot, token, mechanisms (synchronous) ----------------------------------------------------
     def _slot(self, slot: int) -> None:

@@ -48,3 +48,33 @@ def ref_session(ref_token) -> Iterator[object]:  # type: ignore[no-untyped-def]
     finally:
         s.close()
 
+
+@pytest.fixture
+def raw(tmp_path):  # type: ignore[no-untyped-def]
+    """A private copy of the module, not initialised."""
+    from p11helpers import copy_module
+    from p11raw import Raw
+    return Raw(copy_module(tmp_path))
+
+
+@pytest.fixture
+def live(raw, ref_gateway: RefGateway, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """`raw`, initialised against the reference gateway."""
+    monkeypatch.setenv("HSMSIM_SOCKET", str(ref_gateway.sock))
+    assert raw.C_Initialize(None) == 0
+    yield raw
+    raw.C_Finalize(None)
+
+
+@pytest.fixture
+def strict(tmp_path, strict_gateway: RefGateway, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """A private module copy initialised against the quirk-free gateway."""
+    from p11helpers import copy_module
+    from p11raw import Raw
+    d = tmp_path / "strict"
+    d.mkdir()
+    r = Raw(copy_module(d))
+    monkeypatch.setenv("HSMSIM_SOCKET", str(strict_gateway.sock))
+    assert r.C_Initialize(None) == 0
+    yield r
+    r.C_Finalize(None)

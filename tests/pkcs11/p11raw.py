@@ -71,3 +71,54 @@ def ulong(v: int = 0) -> c_ulong:
 
 __all__ = ["Raw", "CK_MECHANISM", "CK_ATTRIBUTE", "CK_GCM_PARAMS", "CK_C_INITIALIZE_ARGS",
            "CK_SESSION_INFO", "FunctionList", "FUNCTION_NAMES", "ulong", "byref", "POINTER", "c_void_p"]
+
+
+def open_session(raw: Raw, pin: str | None = None, flags: int = 0x6) -> int:
+    """C_OpenSession (+ C_Login as CU when `pin`), asserting success."""
+    h = c_ulong()
+    assert raw.C_OpenSession(c_ulong(1), c_ulong(flags), None, None, byref(h)) == 0
+    if pin is not None:
+        p = pin.encode()
+        assert raw.C_Login(h, c_ulong(1), p, c_ulong(len(p))) == 0
+    return h.value
+
+
+def login(raw: Raw, h: int, pin: str, user_type: int = 1) -> int:
+    p = pin.encode()
+    return int(raw.C_Login(c_ulong(h), c_ulong(user_type), p, c_ulong(len(p))))
+
+
+def state(raw: Raw, h: int) -> int:
+    info = CK_SESSION_INFO()
+    rv = raw.C_GetSessionInfo(c_ulong(h), byref(info))
+    return int(info.state) if rv == 0 else -int(rv)
+
+
+def template(*items: tuple[int, object]) -> tuple[ctypes.Array[CK_ATTRIBUTE], list[object]]:
+    """A CK_ATTRIBUTE array from (type, value) with bool -> CK_BBOOL, int -> CK_ULONG, bytes."""
+    keep: list[object] = []
+    arr = (CK_ATTRIBUTE * len(items))()
+    for i, (t, v) in enumerate(items):
+        if isinstance(v, bool):
+            buf: object = ctypes.c_ubyte(1 if v else 0)
+            size = 1
+        elif isinstance(v, int):
+            buf = c_ulong(v)
+            size = 8
+        else:
+            assert isinstance(v, (bytes, str))
+            raw_bytes = v.encode() if isinstance(v, str) else v
+            buf = ctypes.create_string_buffer(raw_bytes, len(raw_bytes))
+            size = len(raw_bytes)
+        keep.append(buf)
+        arr[i] = CK_ATTRIBUTE(t, ctypes.cast(ctypes.byref(buf), c_void_p), size)  # type: ignore[arg-type]
+    return arr, keep
+
+
+def mechanism(mech: int, param: object = None) -> tuple[CK_MECHANISM, object]:
+    if param is None:
+        return CK_MECHANISM(mech, None, 0), None
+    if isinstance(param, bytes):
+        buf = ctypes.create_string_buffer(param, len(param))
+        return CK_MECHANISM(mech, ctypes.cast(buf, c_void_p), len(param)), buf
+    return CK_MECHANISM(mech, ctypes.cast(ctypes.byref(param), c_void_p), ctypes.sizeof(param)), param  # type: ignore[arg-type]

@@ -20,19 +20,6 @@ U = c_ulong
 CKF_RW_SERIAL = 0x6
 
 
-@pytest.fixture
-def raw(tmp_path: Path) -> Raw:
-    return Raw(copy_module(tmp_path))
-
-
-@pytest.fixture
-def live(raw: Raw, ref_gateway: RefGateway, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    monkeypatch.setenv("HSMSIM_SOCKET", str(ref_gateway.sock))
-    assert raw.C_Initialize(None) == RV.OK
-    yield raw
-    raw.C_Finalize(None)
-
-
 def open_login(raw: Raw) -> int:
     h = U()
     assert raw.C_OpenSession(U(1), U(CKF_RW_SERIAL), None, None, byref(h)) == RV.OK
