@@ -99,3 +99,18 @@ def wait_for(pred, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-de
             return True
         time.sleep(0.05)
     return False
+
+
+def crypto_public(pub):  # type: ignore[no-untyped-def]
+    """A python-pkcs11 public key as a pyca/cryptography public key (RSA or EC)."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from pkcs11 import Attribute, KeyType
+    if pub.key_type == KeyType.RSA:
+        n = int.from_bytes(pub[Attribute.MODULUS], "big")
+        e = int.from_bytes(pub[Attribute.PUBLIC_EXPONENT], "big")
+        return rsa.RSAPublicNumbers(e, n).public_key()
+    from pkcs11.util.ec import decode_ec_public_key, encode_ec_public_key
+    from cryptography.hazmat.primitives.serialization import load_der_public_key
+    del decode_ec_public_key
+    assert isinstance(ec.SECP256R1(), ec.EllipticCurve)
+    return load_der_public_key(encode_ec_public_key(pub))
