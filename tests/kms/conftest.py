@@ -160,4 +160,49 @@ def add_cu(ep: KmsEndpoint, username: str, password: str) -> None:
         return
     r = ep.extra.cli("user", "create", "--username", username, "--role", "crypto-user",
                      "--password", password)
+    if r.returncode != 0 and "already exists" in r.stderr:
+        set_cu_password(ep, username, password)
+        return
     assert r.returncode == 0, r.stderr
+
+
+def set_cu_password(ep: KmsEndpoint, username: str, password: str) -> None:
+    """Sets a crypto user's password in the endpoint's cluster (as the admin) and unlocks it."""
+    if ep.kind == "double":
+        assert ep.double is not None
+        ep.double.users[username].password = password
+        ep.double.users[username].failed = 0
+        return
+    r = ep.extra.cli("user", "change-password", "--username", username, "--password", password)
+    assert r.returncode == 0, r.stderr
+
+
+KMSUSER_PASSWORD = "kmsPassw0rd1"
+
+
+def connected_store(ep: KmsEndpoint, client: Any) -> str:
+    """The endpoint's custom key store for its cluster, created (with kmsuser) if needed and
+    connected."""
+    import time
+    stores = [s for s in client.describe_custom_key_stores()["CustomKeyStores"]
+              if s["CloudHsmClusterId"] == ep.cluster_id]
+    if not stores:
+        add_cu(ep, "kmsuser", KMSUSER_PASSWORD)
+        sid = client.create_custom_key_store(
+            CustomKeyStoreName="shared-store", CloudHsmClusterId=ep.cluster_id,
+            TrustAnchorCertificate=ep.ca_pem, KeyStorePassword=KMSUSER_PASSWORD)["CustomKeyStoreId"]
+    else:
+        sid = stores[0]["CustomKeyStoreId"]
+        if stores[0]["ConnectionState"] == "CONNECTED":
+            return str(sid)
+        if stores[0]["ConnectionState"] != "DISCONNECTED":
+            client.disconnect_custom_key_store(CustomKeyStoreId=sid)
+    client.connect_custom_key_store(CustomKeyStoreId=sid)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        s = client.describe_custom_key_stores(CustomKeyStoreId=sid)["CustomKeyStores"][0]
+        if s["ConnectionState"] in ("CONNECTED", "FAILED"):
+            assert s["ConnectionState"] == "CONNECTED", s
+            return str(sid)
+        time.sleep(0.05)
+    raise AssertionError("custom key store did not connect")

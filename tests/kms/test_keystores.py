@@ -12,9 +12,8 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from .conftest import KmsEndpoint, add_cu, make_ca_pem
-
-KMSUSER_PW = "kmsPassw0rd1"
+from .conftest import KMSUSER_PASSWORD as KMSUSER_PW
+from .conftest import KmsEndpoint, add_cu, make_ca_pem, set_cu_password
 
 
 def code(exc: pytest.ExceptionInfo[ClientError]) -> str:
@@ -38,6 +37,16 @@ def client(kms: KmsEndpoint) -> Any:
 @pytest.fixture(scope="module")
 def store(client: Any, kms: KmsEndpoint) -> str:
     add_cu(kms, "kmsuser", KMSUSER_PW)
+    existing = [s for s in client.describe_custom_key_stores()["CustomKeyStores"]
+                if s["CloudHsmClusterId"] == kms.cluster_id]
+    if existing:  # made by another test module on the shared cluster: reuse it, disconnected
+        sid = existing[0]["CustomKeyStoreId"]
+        if existing[0]["ConnectionState"] != "DISCONNECTED":
+            client.disconnect_custom_key_store(CustomKeyStoreId=sid)
+        wait_state(client, sid, {"DISCONNECTED"})
+        client.update_custom_key_store(CustomKeyStoreId=sid, NewCustomKeyStoreName="store-1",
+                                       KeyStorePassword=KMSUSER_PW)
+        return str(sid)
     sid = client.create_custom_key_store(CustomKeyStoreName="store-1", CloudHsmClusterId=kms.cluster_id,
                                          TrustAnchorCertificate=kms.ca_pem,
                                          KeyStorePassword=KMSUSER_PW)["CustomKeyStoreId"]
@@ -162,6 +171,13 @@ def test_connect_failures(client: Any, kms: KmsEndpoint, store: str) -> None:
     with pytest.raises(ClientError) as exc:
         client.connect_custom_key_store(CustomKeyStoreId=store)
     assert code(exc) == "CustomKeyStoreInvalidStateException"
+    client.disconnect_custom_key_store(CustomKeyStoreId=store)
+    wait_state(client, store, {"DISCONNECTED"})
+    # Reset kmsuser in the cluster (as its admin would) and tell the store; connect works again.
+    set_cu_password(kms, "kmsuser", KMSUSER_PW)
+    client.update_custom_key_store(CustomKeyStoreId=store, KeyStorePassword=KMSUSER_PW)
+    client.connect_custom_key_store(CustomKeyStoreId=store)
+    assert wait_state(client, store, {"FAILED", "CONNECTED"})["ConnectionState"] == "CONNECTED"
     client.disconnect_custom_key_store(CustomKeyStoreId=store)
     wait_state(client, store, {"DISCONNECTED"})
     if kms.kind == "double":
