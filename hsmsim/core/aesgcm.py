@@ -86,6 +86,11 @@ class AesGcmKey:
         self._ctx = ffi.gc(pp[0], lib.hsmsim_gcm_free)
 
     @property
+    def batch_threads(self) -> int:
+        """How many threads a large batch may use inside C."""
+        return self._threads
+
+    @property
     def key_size(self) -> int:
         """Key length in bytes (16, 24 or 32)."""
         return self._key_size
