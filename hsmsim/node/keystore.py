@@ -271,21 +271,37 @@ class Keystore:
 
     # -- material ----------------------------------------------------------------------------------
 
-    def wrap_masked_sync(self, soft: int) -> bytes:
-        """The object's key material wrapped under the masking key, by SoftHSM2."""
-        _, masking_soft = self.require_masking()
-        return self.hsm.wrap_key(WRAP_PAD, masking_soft, soft)
+    def material_sync(self, soft: int, value_len: int | None) -> bytes:
+        """Plain key material: wrapped in SoftHSM2 under the masking key, unwrapped in this
+        process (never read as an attribute). value_len: a secret key's length; None for a
+        private key (PKCS#8 DER)."""
+        masking, masking_soft = self.require_masking()
+        return masking.unwrap(self.hsm.wrap_key(WRAP_PAD, masking_soft, soft), value_len)
 
-    async def material(self, handle: int) -> bytes:
-        """Plain key material, for the C core or a non-sensitive read: wrapped in SoftHSM2 under
-        the masking key and unwrapped in this process (never read as an attribute)."""
+    def wrap_masked_sync(self, soft: int, value_len: int | None) -> bytes:
+        """The object's material as an RFC 5649 blob under the masking key.
+        FIDELITY-internal: SoftHSM 2.6.1's CKM_AES_KEY_WRAP_PAD zero-pads before wrapping, so
+        the node re-wraps the (correctly trimmed) material itself."""
         masking, _ = self.require_masking()
-        wrapped = await self.in_hsm(self.wrap_masked_sync, self.soft_handle(handle))
-        return masking.unwrap(wrapped)
+        return masking.wrap(self.material_sync(soft, value_len))
+
+    async def material(self, record: ObjectRecord) -> bytes:
+        return await self.in_hsm(self.material_sync, self.soft_handle(record.handle),
+                                 value_len(record))
 
     def unwrap_masked_sync(self, wrapped: bytes, template: Template) -> int:
         _, masking_soft = self.require_masking()
         return self.hsm.unwrap_key(WRAP_PAD, masking_soft, wrapped, raw_template(template.items()))
+
+
+def value_len(record: ObjectRecord) -> int | None:
+    """The material length of a secret key (None: DER-encoded private key)."""
+    if record.cls == ObjectClass.SECRET_KEY:
+        n = record.attrs.get(A.VALUE_LEN)
+        if not isinstance(n, int):
+            raise Pkcs11Error(RV.GENERAL_ERROR, "secret key without CKA_VALUE_LEN in the index")
+        return n
+    return None
 
 
 def ensure_dir(path: Path) -> Path:

@@ -13,7 +13,8 @@ from typing import Any
 import msgpack
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap_with_padding
+from cryptography.hazmat.primitives.keywrap import (InvalidUnwrap, aes_key_unwrap_with_padding,
+                                                    aes_key_wrap_with_padding)
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
@@ -68,12 +69,23 @@ class MaskingKey:
             raise bad
         return record
 
-    def unwrap(self, wrapped: bytes) -> bytes:
-        """Key material that SoftHSM2 wrapped under the masking key (CKM_AES_KEY_WRAP_PAD)."""
+    def unwrap(self, wrapped: bytes, length: int | None = None) -> bytes:
+        """Key material that SoftHSM2 wrapped under the masking key (CKM_AES_KEY_WRAP_PAD).
+        SoftHSM 2.6.1 zero-pads the key to a multiple of 8 before RFC 5649 wrapping, so the
+        caller gives the true length (secret keys: CKA_VALUE_LEN); None means the material is
+        one DER element (PKCS#8), whose own length is used."""
         try:
-            return aes_key_unwrap_with_padding(bytes(self._key), wrapped)
+            plain = aes_key_unwrap_with_padding(bytes(self._key), wrapped)
         except (InvalidUnwrap, ValueError):
             raise Pkcs11Error(RV.WRAPPED_KEY_INVALID, "masked key material does not unwrap") from None
+        size = der_length(plain) if length is None else length
+        if size > len(plain):
+            raise Pkcs11Error(RV.WRAPPED_KEY_INVALID, "masked key material is truncated")
+        return plain[:size]
+
+    def wrap(self, material: bytes) -> bytes:
+        """RFC 5649 wrap under the masking key (what SoftHSM2's C_UnwrapKey expects)."""
+        return aes_key_wrap_with_padding(bytes(self._key), material)
 
     def export_to(self, public_der: bytes) -> bytes:
         """The masking key encrypted to a cloning node's ephemeral RSA public key."""
@@ -93,6 +105,19 @@ class MaskingKey:
             self._key[i] = 0
         for aead in self._aeads.values():
             aead.close()
+
+
+def der_length(data: bytes) -> int:
+    """Length of the DER element at the start of data (definite lengths only)."""
+    if len(data) < 2:
+        raise Pkcs11Error(RV.WRAPPED_KEY_INVALID, "masked key material is not DER")
+    first = data[1]
+    if first < 0x80:
+        return 2 + first
+    n = first & 0x7F
+    if n == 0 or n > 4 or len(data) < 2 + n:
+        raise Pkcs11Error(RV.WRAPPED_KEY_INVALID, "masked key material is not DER")
+    return 2 + n + int.from_bytes(data[2:2 + n], "big")
 
 
 def clone_padding() -> padding.OAEP:

@@ -46,10 +46,10 @@ PUBLIC_MATERIAL = {
     (ObjectClass.PRIVATE_KEY, KeyType.RSA): (A.MODULUS, A.PUBLIC_EXPONENT),
     (ObjectClass.PUBLIC_KEY, KeyType.EC): (A.EC_PARAMS, A.EC_POINT),
     (ObjectClass.PRIVATE_KEY, KeyType.EC): (A.EC_PARAMS,),
-    (ObjectClass.SECRET_KEY, KeyType.AES): (A.VALUE_LEN,),
-    (ObjectClass.SECRET_KEY, KeyType.GENERIC_SECRET): (A.VALUE_LEN,),
 }
-ULONG_MATERIAL = frozenset({A.VALUE_LEN})
+# CKA_VALUE_LEN is never read back from SoftHSM2: 2.6.1 leaves it 0 on unwrapped keys. The
+# node sets it from the material length it knows at every creation path.
+ULONG_MATERIAL: frozenset[int] = frozenset()
 
 AES_SIZES = (16, 24, 32)
 GENERIC_SECRET_RANGE = (1, 800)
@@ -63,6 +63,32 @@ CURVES: dict[bytes, str] = {
     bytes.fromhex("06052b81040023"): "secp521r1",
     bytes.fromhex("06052b8104000a"): "secp256k1",
 }
+
+
+def private_key_material(der: bytes) -> tuple[int, Template]:
+    """Key type and SoftHSM2 material attributes of a PKCS#8 (or PKCS#1) private key."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_der_private_key
+
+    def b(i: int, size: int = 0) -> bytes:
+        return i.to_bytes(max(size, (i.bit_length() + 7) // 8, 1), "big")
+    try:
+        key = load_der_private_key(der, password=None)
+    except (ValueError, TypeError):
+        raise Pkcs11Error(RV.WRAPPED_KEY_INVALID, "unwrapped data is not a private key") from None
+    if isinstance(key, rsa.RSAPrivateKey):
+        n = key.private_numbers()
+        return KeyType.RSA, {A.MODULUS: b(n.public_numbers.n), A.PUBLIC_EXPONENT: b(n.public_numbers.e),
+                             A.PRIVATE_EXPONENT: b(n.d), A.PRIME_1: b(n.p), A.PRIME_2: b(n.q),
+                             A.EXPONENT_1: b(n.dmp1), A.EXPONENT_2: b(n.dmq1),
+                             A.COEFFICIENT: b(n.iqmp)}
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        oid = {name: o for o, name in CURVES.items()}.get(key.curve.name)
+        if oid is None:
+            raise Pkcs11Error(RV.CURVE_NOT_SUPPORTED, "unsupported curve in the wrapped key")
+        size = (key.curve.key_size + 7) // 8
+        return KeyType.EC, {A.EC_PARAMS: oid, A.VALUE: b(key.private_numbers().private_value, size)}
+    raise Pkcs11Error(RV.WRAPPED_KEY_INVALID, "unwrapped key type is not supported")
 
 
 def _bool(t: Template, a: int, default: bool) -> bool:

@@ -136,6 +136,7 @@ class Node:
         self.users = UserStore(self.dir / "index.sqlite")
         self.service = NodeService(opts.hsm_id, opts.az, self.keystore, self.users, self.audit,
                                    max_users=config.max_users, secret=secret)
+        self.service.recovery = stats
         self.server = NodeServer(self.service, max_connections=config.max_connections)
 
     async def serve(self, ready: asyncio.Event | None = None) -> None:

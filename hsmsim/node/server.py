@@ -168,6 +168,8 @@ class NodeServer:
             self._tasks.discard(task)
             try:
                 await self.service.disconnect(conn)
+            except asyncio.CancelledError:
+                pass  # shutting down: session objects die with the process anyway
             except Exception:  # pragma: no cover - logged, never fatal
                 log.exception("cleaning up connection %d", conn.conn_id)
             writer.close()

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa as pyca_rsa
+from cryptography.hazmat.primitives.keywrap import (InvalidUnwrap, aes_key_unwrap,
+                                                    aes_key_unwrap_with_padding, aes_key_wrap,
+                                                    aes_key_wrap_with_padding)
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from hsmsim.core import AesGcmKey, RsaPrivateKey, RsaPublicKey
@@ -22,7 +25,7 @@ from hsmsim.node import engine, policy
 from hsmsim.node.audit import AuditLog
 from hsmsim.node.codec import Fields, results_to_wire, template_to_wire
 from hsmsim.node.index import ObjectRecord, encode_record
-from hsmsim.node.keystore import Keystore
+from hsmsim.node.keystore import Keystore, value_len
 from hsmsim.node.masking import OBJECT_KIND, USERS_KIND, clone_padding
 from hsmsim.node.softhsm import raw_template
 from hsmsim.node.users import (UserRecord, UserStore, check_password, check_role, check_username,
@@ -84,6 +87,7 @@ class NodeService:
         self._clone_key: pyca_rsa.RSAPrivateKey | None = None
         self.engine = engine.ContextCache()
         self.connections = 0
+        self.recovery: dict[str, int] = {}
 
     # -- principals --------------------------------------------------------------------------------
 
@@ -168,7 +172,7 @@ class NodeService:
                 "users": len(self.users.users), "token_objects": len(c.records) - session,
                 "session_objects": session, "asymmetric_objects": c.asymmetric,
                 "connections": self.connections, "audit_seq": self.audit.next_seq,
-                "faults": faults}
+                "faults": faults, "recovery": self.recovery}
 
     # -- users -------------------------------------------------------------------------------------
 
@@ -438,6 +442,8 @@ class NodeService:
             if kt == KeyType.EC and template.get(A.EC_PARAMS) not in policy.CURVES:
                 raise Pkcs11Error(RV.ATTRIBUTE_VALUE_INVALID, "unsupported or missing CKA_EC_PARAMS")
         attrs = policy.build_attrs(int(cls), kt, template, local=False, gen_mech=None)  # type: ignore[arg-type]
+        if cls == ObjectClass.SECRET_KEY:
+            attrs[A.VALUE_LEN] = len(template[A.VALUE])  # type: ignore[arg-type]
         rec = self._new_record(login, handle, attrs, session)
         soft_t = policy.softhsm_template(int(cls), kt, handle, rec.token,  # type: ignore[arg-type]
                                          self._material_template(int(cls), kt, template))  # type: ignore[arg-type]
@@ -458,10 +464,10 @@ class NodeService:
         ks = self.ks
         if r.cls in (ObjectClass.SECRET_KEY, ObjectClass.PRIVATE_KEY):
             soft_t = policy.softhsm_template(r.cls, r.key_type, new.handle, new.token)
+            vlen = value_len(r)
 
             def make() -> list[int]:
-                wrapped = ks.wrap_masked_sync(soft)
-                return [ks.unwrap_masked_sync(wrapped, soft_t)]
+                return [ks.unwrap_masked_sync(ks.wrap_masked_sync(soft, vlen), soft_t)]
         else:
             extra = await self._public_material(r)
             soft_t = policy.softhsm_template(r.cls, r.key_type, new.handle, new.token, extra)
@@ -544,7 +550,7 @@ class NodeService:
 
     async def _secret_attribute(self, r: ObjectRecord, a: int) -> bytes | None:
         """Secret material of a non-sensitive, extractable key: by unmasking."""
-        material = await self.ks.material(r.handle)
+        material = await self.ks.material(r)
         if r.cls == ObjectClass.SECRET_KEY:
             return material
         from cryptography.hazmat.primitives.serialization import load_der_private_key
@@ -603,9 +609,10 @@ class NodeService:
         hsm = self.ks.hsm
         if r.cls in (ObjectClass.SECRET_KEY, ObjectClass.PRIVATE_KEY):
             soft_t = policy.softhsm_template(r.cls, r.key_type, new.handle, True)
+            vlen = value_len(r)
 
             def make() -> list[int]:
-                return [ks.unwrap_masked_sync(ks.wrap_masked_sync(soft), soft_t)]
+                return [ks.unwrap_masked_sync(ks.wrap_masked_sync(soft, vlen), soft_t)]
         else:
             extra = await self._public_material(r)
             soft_t = policy.softhsm_template(r.cls, r.key_type, new.handle, True, extra)
@@ -664,7 +671,7 @@ class NodeService:
 
     async def _aes_ctx(self, r: ObjectRecord) -> AesGcmKey:
         async def load() -> AesGcmKey:
-            material = await self.ks.material(r.handle)
+            material = await self.ks.material(r)
             return AesGcmKey(material)
         ctx = await self.engine.get(r.handle, load)
         assert isinstance(ctx, AesGcmKey)
@@ -677,7 +684,7 @@ class NodeService:
             return None
 
         async def load() -> RsaPrivateKey:
-            der = await self.ks.material(r.handle)
+            der = await self.ks.material(r)
             return await self.ks.in_hsm(RsaPrivateKey.from_der, der)
         ctx = await self.engine.get(r.handle, load)
         assert isinstance(ctx, RsaPrivateKey)
@@ -833,10 +840,17 @@ class NodeService:
         m = mech.mechanism
         if m in AES_WRAPS:
             self._check_key_type(wrapping, ObjectClass.SECRET_KEY, KeyType.AES)
-            spec = MechanismSpec(AES_WRAPS[m], mech.param)  # type: ignore[index]
-            return await self.ks.in_hsm(self.ks.hsm.wrap_key, spec,
-                                        self.ks.soft_handle(wrapping.handle),
-                                        self.ks.soft_handle(key.handle))
+            # SoftHSM 2.6.1 zero-pads keys to a multiple of 8 before RFC 5649 wrapping (output
+            # no other implementation unwraps), so the node wraps: both keys are unmasked
+            # inside this process and the result is RFC 3394/5649 exact.
+            kek = await self.ks.material(wrapping)
+            material = await self.ks.material(key)
+            if AES_WRAPS[m] == M.AES_KEY_WRAP_PAD:  # type: ignore[index]
+                return aes_key_wrap_with_padding(kek, material)
+            if len(material) % 8 or len(material) < 16:
+                raise Pkcs11Error(RV.KEY_SIZE_RANGE, "AES key wrap without padding needs a "
+                                  "multiple of 8 bytes (use CKM_AES_KEY_WRAP_PAD)")
+            return aes_key_wrap(kek, material)
         if m == M.RSA_PKCS_OAEP:
             self._check_key_type(wrapping, ObjectClass.PUBLIC_KEY, KeyType.RSA)
             if key.cls != ObjectClass.SECRET_KEY:
@@ -844,7 +858,7 @@ class NodeService:
             pub = await self._rsa_public(wrapping)
             if pub is None:
                 raise Pkcs11Error(RV.WRAPPING_KEY_SIZE_RANGE, "wrapping key must be RSA 2048..4096")
-            material = await self.ks.material(key.handle)
+            material = await self.ks.material(key)
             return await self.ks.in_hsm(engine.rsa_encrypt, pub, m, mech.param, material)
         raise Pkcs11Error(RV.MECHANISM_INVALID, f"mechanism 0x{m:x} cannot wrap")
 
@@ -866,11 +880,16 @@ class NodeService:
         hsm = self.ks.hsm
         if m in AES_WRAPS:
             self._check_key_type(unwrapping, ObjectClass.SECRET_KEY, KeyType.AES)
-            spec = MechanismSpec(AES_WRAPS[m], mech.param)  # type: ignore[index]
-            soft_u = self.ks.soft_handle(unwrapping.handle)
-
-            def make() -> list[int]:
-                return [hsm.unwrap_key(spec, soft_u, data, raw_template(soft_t.items()))]
+            # Unwrapped in the node (SoftHSM 2.6.1 loses CKA_VALUE_LEN on unwrap); the KEK is
+            # unmasked inside this process only.
+            kek = await self.ks.material(unwrapping)
+            try:
+                if AES_WRAPS[m] == M.AES_KEY_WRAP_PAD:  # type: ignore[index]
+                    material = aes_key_unwrap_with_padding(kek, data)
+                else:
+                    material = aes_key_unwrap(kek, data)
+            except (InvalidUnwrap, ValueError):
+                raise Pkcs11Error(RV.WRAPPED_KEY_INVALID, "wrapped key does not unwrap") from None
         elif m == M.RSA_PKCS_OAEP:
             self._check_key_type(unwrapping, ObjectClass.PRIVATE_KEY, KeyType.RSA)
             if cls != ObjectClass.SECRET_KEY:
@@ -882,13 +901,22 @@ class NodeService:
                 material = await self.ks.in_hsm(engine.rsa_decrypt, priv, m, mech.param, data)
             except Pkcs11Error:
                 raise Pkcs11Error(RV.WRAPPED_KEY_INVALID, "wrapped key does not decrypt") from None
-            policy.check_secret_len(int(kt), len(material))  # type: ignore[arg-type]
-            soft_t[A.VALUE] = material
-
-            def make() -> list[int]:
-                return [hsm.create_object(raw_template(soft_t.items()))]
         else:
             raise Pkcs11Error(RV.MECHANISM_INVALID, f"mechanism 0x{m:x} cannot unwrap")
+        if cls == ObjectClass.SECRET_KEY:
+            policy.check_secret_len(int(kt), len(material))  # type: ignore[arg-type]
+            if A.VALUE_LEN in template and template[A.VALUE_LEN] != len(material):
+                raise Pkcs11Error(RV.TEMPLATE_INCONSISTENT, "CKA_VALUE_LEN differs from the key")
+            rec = replace(rec, attrs={**rec.attrs, A.VALUE_LEN: len(material)})
+            soft_t[A.VALUE] = material
+        else:
+            real_kt, parts = policy.private_key_material(material)
+            if real_kt != kt:
+                raise Pkcs11Error(RV.TEMPLATE_INCONSISTENT, "CKA_KEY_TYPE differs from the key")
+            soft_t.update(parts)
+
+        def make() -> list[int]:
+            return [hsm.create_object(raw_template(soft_t.items()))]
         try:
             await self.ks.create([rec], make)
         finally:
@@ -939,7 +967,7 @@ class NodeService:
         material: bytes | None = None
         extra: Template = {}
         if r.cls in (ObjectClass.SECRET_KEY, ObjectClass.PRIVATE_KEY):
-            material = await self.ks.in_hsm(self.ks.wrap_masked_sync, soft)
+            material = await self.ks.in_hsm(self.ks.wrap_masked_sync, soft, value_len(r))
         else:
             extra = await self._public_material(r)
         blob = masking.seal(OBJECT_KIND, {

@@ -68,6 +68,7 @@ class NodeStatus:
     connections: int
     audit_seq: int  # sequence number the next audit record will get
     faults: dict[str, Any]
+    recovery: dict[str, int]  # what start-up reconciliation found (committed, lost, ...)
 
 
 @dataclass(frozen=True)
