@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 from collections.abc import Mapping
@@ -33,6 +34,8 @@ from hsmsim.kms import model
 from hsmsim.pkcs11.constants import RV, Attribute, KeyType, Mechanism, ObjectClass, UserType
 from hsmsim.pkcs11.errors import Pkcs11Error
 from hsmsim.pkcs11.params import GcmParams, MechanismSpec
+
+log = logging.getLogger("hsmsim.kms")
 
 FLEET_USER = "kmsfleet"
 DOMAIN_KEY_LABEL = "hsmsim-kms-domain-key"
@@ -56,9 +59,16 @@ class MaterialError(Exception):
 
 
 class ClusterFailure(MaterialError):
+    """A cluster call failed with PKCS#11 return value `rv` (logged by name, never with data)."""
+
     def __init__(self, rv: int, what: str) -> None:
         super().__init__(what)
         self.rv = rv
+        try:
+            name = RV(rv).name
+        except ValueError:
+            name = hex(rv)
+        log.warning("KMS cluster call failed: %s (CKR_%s)", what, name)
 
 
 class BadCiphertext(MaterialError):
@@ -253,9 +263,9 @@ class Fleet:
                 handle = await self._cluster.generate_key(
                     login, MechanismSpec(int(Mechanism.AES_KEY_GEN)), secret_key_template(DOMAIN_KEY_LABEL), 0)
         except Pkcs11Error as exc:
-            raise ClusterFailure(int(exc.rv), "KMS fleet could not reach its domain key") from None
-        except OSError:
-            raise ClusterFailure(0x5, "KMS fleet credentials unreadable") from None
+            raise ClusterFailure(int(exc.rv), "KMS fleet login / domain key") from None
+        except OSError as exc:
+            raise ClusterFailure(int(RV.GENERAL_ERROR), f"KMS fleet credentials unreadable ({exc.strerror})") from None
         self._login, self._domain_key = login, handle
         return login, handle
 
@@ -288,6 +298,7 @@ class Fleet:
         try:
             secret = await self._cluster.decrypt(login, dk, _gcm(_seal_aad(m.key_id, m.material_id), iv), body)
         except Pkcs11Error as exc:
+            self._login = None  # log in again next time (the cluster may have restarted)
             raise ClusterFailure(int(exc.rv), "unseal") from None
         key = LiveKey(key_spec, secret)
         self._live[m.material_id] = key

@@ -31,7 +31,7 @@ def wait_state(client: Any, store_id: str, want: set[str], timeout: float = 30) 
 
 @pytest.fixture(scope="module")
 def client(kms: KmsEndpoint) -> Any:
-    return kms.client(config=Config(parameter_validation=False, retries={"max_attempts": 1}))
+    return kms.client(config=Config(parameter_validation=False, retries={"total_max_attempts": 1}))
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ def message(exc: pytest.ExceptionInfo[ClientError]) -> str:
 @pytest.fixture(scope="module")
 def client(kms: KmsEndpoint):  # type: ignore[no-untyped-def]
     # Client-side validation off: the server's own validation is under test.
-    return kms.client(config=Config(parameter_validation=False, retries={"max_attempts": 1}))
+    return kms.client(config=Config(parameter_validation=False, retries={"total_max_attempts": 1}))
 
 
 @pytest.fixture(scope="module")

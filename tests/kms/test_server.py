@@ -18,7 +18,7 @@ from hsmsim.kms.config import KmsConfig
 from .cluster_double import InMemoryClusterDouble
 from .conftest import KmsEndpoint, make_ca_pem, start_double, stop_double
 
-NO_RETRY = Config(retries={"max_attempts": 1})
+NO_RETRY = Config(retries={"total_max_attempts": 1})
 ALICE = "arn:aws:iam::111122223333:user/alice"
 BOB = "arn:aws:iam::111122223333:user/bob"
 
@@ -88,10 +88,11 @@ def test_quotas_throttle(tmp_path: Path) -> None:
     ep = start_double(tmp_path, KmsConfig(port=0, quotas=True))
     try:
         c = ep.client(config=NO_RETRY)
+        key = c.create_key()["KeyMetadata"]["KeyId"]
         outcomes = []
-        for _ in range(8):
+        for _ in range(12):  # UpdateKeyDescription: 5 requests/s
             try:
-                c.create_key()
+                c.update_key_description(KeyId=key, Description="q")
                 outcomes.append("ok")
             except ClientError as exc:
                 outcomes.append(exc.response["Error"]["Code"])
