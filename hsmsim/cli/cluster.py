@@ -250,9 +250,12 @@ def _print_ready(state: StateDir, cluster_id: str, endpoints: dict[str, Any], ne
                "kms_endpoint": env["AWS_ENDPOINT_URL_KMS"]}
         if new is not None:
             out["admin_password"] = new.admin_password
+        out["warnings"] = list(endpoints.get("warnings") or ())
         print(json.dumps(out, indent=2), flush=True)
         return
     spec = state.load_spec()
+    for w in endpoints.get("warnings") or ():
+        print(f"hsmsim: warning: {w}", file=sys.stderr)
     print(f"hsmsim: cluster {cluster_id} is ready with {len(spec.hsms)} HSM(s): "
           + ", ".join(f"{h.hsm_id} ({h.az})" for h in spec.hsms))
     module = env["HSMSIM_PKCS11_MODULE"]

@@ -394,10 +394,10 @@ class Cluster:
             m.mark_down(str(exc))
             raise
         except Pkcs11Error as exc:
-            # Already there (a retried copy) counts as held only if the fingerprints agree;
-            # reconciliation checks that, so leave it to the next pass.
-            m.converged = m.converged and False
-            raise exc
+            if exc.rv != RV.TEMPLATE_INCONSISTENT:
+                raise
+            # Already there: a key-sync copy and a reconciliation copy raced. The copies come
+            # from the same masked object; reconciliation compares fingerprints anyway.
         obj = self.objects.get(handle)
         if handle in self.journal.tombstones:
             self.spawn_bg(self._quiet(m.client.destroy_object(None, handle)))

@@ -62,6 +62,8 @@ class Member:
         self.converged = False  # reconciled since the last (re)connection
         self.last_error: str | None = None
         self.restarts = 0
+        self.start_failures = 0
+        self.replacements = 0
         self.latency_ms = 0
         self.throttle_rps = 0
         self.logins: dict[int, int] = {}  # cluster login id -> node login id (this generation)

@@ -24,6 +24,7 @@ from hsmsim.pkcs11.errors import Pkcs11Error
 log = logging.getLogger("hsmsim.cluster")
 
 ProgressFn = Callable[[int, int, str], Awaitable[None]]
+REPLACE_AFTER = 3  # consecutive failed starts before an HSM is replaced
 
 
 class ClusterOpError(HsmsimError):
@@ -252,11 +253,16 @@ class Supervisor:
                     c._drop_session_objects(m)
                     m.restarts += 1
                     log.warning("%s: %s; restarting", m.hsm_id, why)
+                if m.start_failures >= REPLACE_AFTER:
+                    await self._replace(m)
+                    return
                 try:
                     await m.spawn(None, c.config.node_start_timeout_s)
                     c._drop_session_objects(m)
+                    m.start_failures = 0
                 except (HsmsimError, OSError) as exc:
                     m.last_error = str(exc)
+                    m.start_failures += 1
                     return
             elif not m.connected:
                 try:
@@ -274,6 +280,39 @@ class Supervisor:
                     return
         if m.usable and not m.converged:
             await self.reconcile(m)
+
+    async def _replace(self, m: Member) -> None:
+        """An HSM whose node cannot start any more (e.g. its token was damaged by a kill -9
+        mid-write) is replaced: its directory is set aside and a fresh node is cloned from a
+        healthy HSM, then reconciled. FIDELITY: CloudHSM replaces an unhealthy HSM with a new
+        one with a new HSM id; here the replacement keeps the id so that scripts and tests can
+        keep addressing it (the old state is kept in nodes/.replaced-<id>-<time>)."""
+        c = self.c
+        sources = [x for x in c.routable() if x is not m] or [x for x in c.usable() if x is not m]
+        if not sources:
+            m.last_error = "cannot start and no healthy HSM to replace it from"
+            return
+        log.warning("%s: node failed to start %d times; replacing it from %s", m.hsm_id,
+                    m.start_failures, sources[0].hsm_id)
+        await m.terminate()
+        aside = c.state.nodes / f".replaced-{m.hsm_id}-{int(time.time())}"
+        try:
+            m.dir.rename(aside)
+        except OSError as exc:
+            m.last_error = f"cannot set the damaged node aside: {exc}"
+            return
+        for o in c.objects.values():
+            o.holders.discard(m.hsm_id)
+        try:
+            await m.spawn("clone", c.config.node_start_timeout_s)
+            await self.clone_into(sources[0], m)
+        except (HsmsimError, OSError) as exc:
+            m.last_error = f"replacement failed: {exc}"
+            await m.terminate()
+            return
+        m.start_failures = 0
+        m.replacements += 1
+        m.last_error = "replaced after repeated start failures"
 
     # -- lifecycle -------------------------------------------------------------------------------
     def member(self, hsm_id: str) -> Member:

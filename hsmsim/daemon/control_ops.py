@@ -85,6 +85,7 @@ def handlers(d: "Daemon") -> dict[str, Handler]:
         return {"cluster_id": info.cluster_id, "state": info.state,
                 "converging": sup.converging(), "objects": len(c.live_token_handles()),
                 "hsms": hsms, "daemon_pid": os.getpid(), "endpoints": d.endpoints,
+                "warnings": d.warnings,
                 "key_availability_check": c.check_availability,
                 "retry_mode": c.config.default_retry_mode}
 

@@ -78,6 +78,7 @@ class Daemon:
         self.control: ControlServer | None = None
         self.services: dict[str, Service] = {}
         self.endpoints: dict[str, str] = {}
+        self.warnings: list[str] = []
         self.stopping = asyncio.Event()
 
     async def start(self) -> dict[str, Any]:
@@ -109,7 +110,8 @@ class Daemon:
         if self.opts.services:
             await self._start_services()
         self.supervisor.start()
-        return {"cluster_id": spec.cluster_id, "new": new, **self.endpoints}
+        return {"cluster_id": spec.cluster_id, "new": new, "warnings": self.warnings,
+                **self.endpoints}
 
     def _handlers(self) -> dict[str, Any]:
         from hsmsim.daemon.control_ops import handlers
@@ -130,7 +132,7 @@ class Daemon:
                 self.endpoints["gateway"] = str(self.state.gateway_sock)
             except Exception as exc:
                 log.exception("the PKCS#11 gateway failed to start")
-                raise DaemonError(f"the PKCS#11 gateway failed to start: {exc}") from exc
+                self.warnings.append(f"the PKCS#11 gateway did not start: {exc}")
         kms = _optional("hsmsim.kms.server")
         if kms is not None:
             kcfg_mod = _optional("hsmsim.kms.config")
@@ -144,7 +146,8 @@ class Daemon:
                 self.endpoints["kms"] = f"http://{host}:{port}"
             except Exception as exc:
                 log.exception("the KMS endpoint failed to start")
-                raise DaemonError(f"the KMS endpoint failed to start: {exc}") from exc
+                self.warnings.append(f"the KMS endpoint did not start: {exc} (choose another "
+                                     "port with [kms] port in hsmsim.toml or HSMSIM_KMS_PORT)")
 
     async def close(self) -> None:
         for name, svc in list(self.services.items()):

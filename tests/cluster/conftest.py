@@ -5,6 +5,7 @@ ClusterClient directly and inspect every node."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import threading
@@ -46,6 +47,10 @@ class Harness:
         if new:
             prepare_new_cluster(self.state, [f"us-east-1{chr(97 + i)}" for i in range(azs)], 1,
                                 "admin-password-1", "cu-password-1")
+        self._log = logging.FileHandler(root / "daemon.log")
+        self._log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("hsmsim").addHandler(self._log)
+        logging.getLogger("hsmsim").setLevel(logging.INFO)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -105,6 +110,8 @@ class Harness:
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
+            logging.getLogger("hsmsim").removeHandler(self._log)
+            self._log.close()
 
 
 @pytest.fixture(scope="session")
