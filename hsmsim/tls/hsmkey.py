@@ -176,6 +176,23 @@ def _public_key(pub: Any, spec: KeySpec) -> PublicKey:
     return ec.EllipticCurvePublicKey.from_encoded_point(_CURVES[spec.curve], point)
 
 
+def read_only_sessions_refused(ref: TokenRef) -> bool:
+    """True when the token refuses a read-only session with CKR_FUNCTION_FAILED, as CloudHSM's
+    library does. libp11 (the OpenSSL pkcs11 engine) opens read-only sessions and then waits
+    forever, so servers using the engine hang at start against such a token."""
+    import pkcs11
+
+    lib = pkcs11.lib(str(ref.module))
+    try:
+        session = lib.get_token(token_label=ref.token).open(rw=False)
+    except pkcs11.FunctionFailed:
+        return True
+    except pkcs11.PKCS11Error:
+        return False
+    session.close()
+    return False
+
+
 @contextmanager
 def open_session(ref: TokenRef) -> Iterator[TokenSession]:
     """Loads the module, finds the token by label and logs in as the user (PIN `ref.pin`)."""

@@ -21,13 +21,18 @@ from cryptography.x509.oid import NameOID
 
 from hsmsim.tls import certs
 from hsmsim.tls.errors import TlsError
-from hsmsim.tls.hsmkey import KeySpec, TokenRef, open_session
+from hsmsim.tls.hsmkey import KeySpec, TokenRef, open_session, read_only_sessions_refused
 from hsmsim.tls.uri import Pkcs11Uri
 
 TOKEN_LABEL = "hsm1"  # the one token the hsmsim module exposes, as CloudHSM's library does
 DEFAULT_USER = "crypto_user"
 ISSUERS = ("ca", "self")
 KIT_FILE = "kit.json"
+# The engine's PIN comes from this variable (openssl.cnf: PIN = $ENV::HSMSIM_PIN), as CloudHSM's
+# OpenSSL engine takes it from CLOUDHSM_PIN. Not from the URI: libp11 0.4.12 truncates a
+# pin-source file to 32 characters, shorter than many CloudHSM `user:password` PINs, and a
+# pin-value would put the password into nginx's configuration.
+PIN_ENV = "HSMSIM_PIN"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,14 +142,15 @@ class Kit:
     key: str
     label: str
     key_id: str  # hex
-    uri: str  # with pin-source: what servers are given
-    object_uri: str  # without query attributes: names the object only
+    uri: str  # names the private key object; no PIN in it
+    pin_file: str  # 0600, read into $HSMSIM_PIN by env.sh
     issuer: str
     module: str
     token: str
     out_dir: str
     files: dict[str, str]
     env: dict[str, str]
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -207,8 +213,7 @@ def init_kit(req: KitRequest) -> Kit:
     if cert.public_key() != public_key:
         raise TlsError("internal error: the certificate does not carry the token's public key")
 
-    object_uri = Pkcs11Uri(token=req.target.token, object=label, id=key_id, type="private")
-    uri = object_uri.replace(pin_source=f"file:{req.target.pin_file}")
+    uri = Pkcs11Uri(token=req.target.token, object=label, id=key_id, type="private")
     out.mkdir(parents=True, exist_ok=True)
     files = {
         "cert": out / "cert.pem", "chain": out / "chain.pem", "fullchain": out / "fullchain.pem",
@@ -217,22 +222,31 @@ def init_kit(req: KitRequest) -> Kit:
         "nginx_sh": out / "nginx.sh", "s_server": out / "s-server.sh", "kit": out / KIT_FILE,
     }
     env = {"OPENSSL_CONF": str(files["openssl_cnf"]), **dict(req.target.env)}
+    secret_env = {PIN_ENV: req.target.pin_file}
     files["cert"].write_bytes(certs.pem(cert))
     files["chain"].write_bytes(certs.pem(*chain))
     files["fullchain"].write_bytes(certs.pem(*full))
     files["csr"].write_bytes(csr.public_bytes(serialization.Encoding.PEM))
     files["openssl_cnf"].write_text(render_openssl_cnf(engine, req.target.module, req.cn))
-    files["env"].write_text(render_env_sh(env))
+    files["env"].write_text(render_env_sh(env, secret_env))
     files["nginx_server"].write_text(render_nginx_server(req.cn, str(uri), files, req.port))
     files["nginx_conf"].write_text(render_nginx_conf(req.cn, out, env, files))
     files["nginx_sh"].write_text(render_nginx_sh(out))
     files["s_server"].write_text(render_s_server(str(uri), files, req.port))
     for script in ("env", "nginx_sh", "s_server"):
         os.chmod(files[script], 0o755)
+    warnings = []
+    if read_only_sessions_refused(req.target.token_ref()):
+        fix = ("set `quirk_ro_session_fails = false` under [gateway] in "
+               f"{req.state_dir / 'hsmsim.toml'} and restart the cluster (hsmsim down; hsmsim up)"
+               if req.target.kind == "hsmsim" else "use a module that allows them")
+        warnings.append("the token refuses read-only sessions (CKR_FUNCTION_FAILED, as CloudHSM "
+                        "does) and the OpenSSL pkcs11 engine opens them, so servers would hang "
+                        f"at start: {fix}")
     kit = Kit(cn=req.cn, key=spec.name, label=label, key_id=key_id.hex(), uri=str(uri),
-              object_uri=str(object_uri), issuer=req.issuer, module=str(req.target.module),
+              pin_file=str(req.target.pin_file), issuer=req.issuer, module=str(req.target.module),
               token=req.target.token, out_dir=str(out),
-              files={k: str(v) for k, v in files.items()}, env=env)
+              files={k: str(v) for k, v in files.items()}, env=env, warnings=warnings)
     files["kit"].write_text(json.dumps(kit.to_json(), indent=2, sort_keys=True) + "\n")
     return kit
 
@@ -243,8 +257,9 @@ def render_openssl_cnf(engine: Path, module: Path, cn: str) -> str:
     return f"""\
 # OpenSSL configuration written by `hsmsim tls init` for {cn}.
 # Use it with OPENSSL_CONF=<this file> (env.sh sets it). It loads libp11's pkcs11 engine and
-# points it at the PKCS#11 module. No PIN is written here: the key's URI names a 0600 PIN file
-# (pin-source), so only processes that may read that file can log in.
+# points it at the PKCS#11 module. No PIN is written here: the engine takes it from ${PIN_ENV}
+# (`user:password`), which env.sh reads from a 0600 file; OpenSSL refuses this file while that
+# variable is unset.
 openssl_conf = openssl_init
 
 [openssl_init]
@@ -257,12 +272,15 @@ pkcs11 = pkcs11_section
 engine_id = pkcs11
 dynamic_path = {engine}
 MODULE_PATH = {module}
+PIN = $ENV::{PIN_ENV}
 """
 
 
-def render_env_sh(env: Mapping[str, str]) -> str:
+def render_env_sh(env: Mapping[str, str], secret_env: Mapping[str, Path]) -> str:
     lines = ["# Environment for OpenSSL and nginx using this kit: `. ./env.sh`"]
     lines += [f"export {name}={shlex.quote(value)}" for name, value in env.items()]
+    lines += [f"{name}=\"$(cat {shlex.quote(str(path))})\" && export {name}  # PIN stays in the file"
+              for name, path in secret_env.items()]
     return "\n".join(lines) + "\n"
 
 
