@@ -29,10 +29,13 @@ _TAG_LENS = frozenset(range(TAG_MIN, TAG_MAX + 1))
 # message counting _MSG_COST bytes); the default number of threads follows the CPU count.
 _MSG_COST = 512
 _WORK_PER_THREAD = 256 * 1024
+# From this average message size on, batch inputs go to C as pointers, not one packed copy.
+_POINTERS_FROM = 4096
 MAX_BATCH_THREADS = 8
 DEFAULT_BATCH_THREADS = max(1, min(2, os.cpu_count() or 1))
 
 _encrypt = lib.hsmsim_gcm_encrypt
+_from_buffer = ffi.from_buffer
 _decrypt = lib.hsmsim_gcm_decrypt
 
 
@@ -144,23 +147,28 @@ class AesGcmKey:
         tag_len: int = 16,
     ) -> int:
         """Writes ciphertext || tag at the start of `out`; returns the bytes written."""
-        # Hot path: one combined test for the common argument types, the full checks only
-        # when it fails (they raise, or normalise bytearray/memoryview inputs to bytes).
+        # Hot path: the common argument types checked inline; anything else takes the
+        # general path, which normalises bytes-like inputs or raises the precise error.
         ctx = self._ctx
-        if not (
-            ctx is not None
-            and type(iv) is bytes and 0 < len(iv) <= IV_MAX
-            and type(data) is bytes and len(data) <= MAX_INPUT
-            and type(aad) is bytes and len(aad) <= MAX_INPUT
-            and type(tag_len) is int and tag_len in _TAG_LENS
-            and type(out) is bytearray and len(out) >= len(data) + tag_len
+        if (
+            type(iv) is bytes and type(data) is bytes and type(aad) is bytes
+            and type(out) is bytearray and type(tag_len) is int and ctx is not None
         ):
-            ctx, iv, data, aad, tag_len = self._slow_args(iv, data, aad, tag_len)
+            n = len(data)
+            size = n + tag_len
+            if (
+                0 < len(iv) <= IV_MAX and n <= MAX_INPUT and len(aad) <= MAX_INPUT
+                and tag_len in _TAG_LENS and len(out) >= size
+            ):
+                status = _encrypt(ctx, iv, len(iv), aad, len(aad), data, n, _from_buffer(out),
+                                  size, tag_len)
+                if status:
+                    raise_for(status)
+                return size
+        ctx, iv, data, aad, tag_len = self._slow_args(iv, data, aad, tag_len)
         size = len(data) + tag_len
-        status = _encrypt(
-            ctx, iv, len(iv), aad, len(aad), data, len(data), out_buffer(out, size), size,
-            tag_len,
-        )
+        status = _encrypt(ctx, iv, len(iv), aad, len(aad), data, len(data),
+                          out_buffer(out, size), size, tag_len)
         if status:
             raise_for(status)
         return size
@@ -176,21 +184,27 @@ class AesGcmKey:
         """Writes the plaintext at the start of `out`; returns its length. On InvalidTag the
         bytes of `out` that would have held plaintext are zeroed."""
         ctx = self._ctx
-        if not (
-            ctx is not None
-            and type(iv) is bytes and 0 < len(iv) <= IV_MAX
-            and type(data) is bytes and len(data) <= MAX_INPUT
-            and type(aad) is bytes and len(aad) <= MAX_INPUT
-            and type(tag_len) is int and tag_len in _TAG_LENS
+        if (
+            type(iv) is bytes and type(data) is bytes and type(aad) is bytes
+            and type(out) is bytearray and type(tag_len) is int and ctx is not None
         ):
-            ctx, iv, data, aad, tag_len = self._slow_args(iv, data, aad, tag_len)
+            n = len(data)
+            size = n - tag_len
+            if (
+                0 < len(iv) <= IV_MAX and n <= MAX_INPUT and len(aad) <= MAX_INPUT
+                and tag_len in _TAG_LENS and 0 <= size <= len(out)
+            ):
+                status = _decrypt(ctx, iv, len(iv), aad, len(aad), data, n, _from_buffer(out),
+                                  size, tag_len)
+                if status:
+                    raise_for(status)
+                return size
+        ctx, iv, data, aad, tag_len = self._slow_args(iv, data, aad, tag_len)
         size = len(data) - tag_len
         if size < 0:
             raise ValueError(f"data must be at least tag_len ({tag_len}) bytes, got {len(data)}")
-        status = _decrypt(
-            ctx, iv, len(iv), aad, len(aad), data, len(data), out_buffer(out, size), size,
-            tag_len,
-        )
+        status = _decrypt(ctx, iv, len(iv), aad, len(aad), data, len(data),
+                          out_buffer(out, size), size, tag_len)
         if status:
             raise_for(status)
         return size
@@ -253,15 +267,21 @@ class AesGcmKey:
         work = total + n * _MSG_COST
         threads = min(self._threads, max(1, work // _WORK_PER_THREAD))
         status = array(INT32_CODE, bytes(4 * n))
+        if total >= _POINTERS_FROM * n:
+            # Large messages: pass one pointer per message rather than copying them together.
+            views = [_from_buffer("uint8_t[]", d) for d in data_list]
+            packed, pointers = ffi.NULL, ffi.new("uint8_t *[]", views)
+        else:
+            packed, pointers = b"".join(data_list), ffi.NULL
         out = self._scratch(total)
         try:
             rc = fn(
                 ctx, n,
-                b"".join(iv_list), ffi.from_buffer("size_t[]", iv_lens),
+                b"".join(iv_list), _from_buffer("size_t[]", iv_lens),
                 ffi.NULL if aad_list is None else b"".join(aad_list),
-                ffi.NULL if aad_lens is None else ffi.from_buffer("size_t[]", aad_lens),
-                b"".join(data_list), ffi.from_buffer("size_t[]", in_lens),
-                out, total, tag, ffi.from_buffer("int32_t[]", status), threads,
+                ffi.NULL if aad_lens is None else _from_buffer("size_t[]", aad_lens),
+                packed, pointers, _from_buffer("size_t[]", in_lens),
+                out, total, tag, _from_buffer("int32_t[]", status), threads,
             )
             if rc:
                 raise_for(rc)

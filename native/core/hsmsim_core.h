@@ -92,7 +92,9 @@ int hsmsim_gcm_decrypt(hsmsim_gcm *ctx, const uint8_t *iv, size_t iv_len,
 /* Batches of n messages, packed back to back: ivs holds iv_lens[i] bytes for message i,
  * aads holds aad_lens[i] bytes (aads and aad_lens may both be NULL: no AAD), ins holds
  * in_lens[i] bytes. Encrypt writes in_lens[i] + tag_len bytes per message into out, back to
- * back; decrypt writes in_lens[i] - tag_len bytes per message. status[i] receives each
+ * back; decrypt writes in_lens[i] - tag_len bytes per message. Inputs are either packed
+ * (ins, in_ptrs NULL) or one pointer per message (in_ptrs, ins NULL), which saves copying
+ * large messages together. status[i] receives each
  * message's status; the call returns HSMSIM_OK when the batch was processed (even if some
  * tags failed), or the first error that stopped it. out_cap is checked against the total.
  * threads (1..8; 0 counts as 1) splits the batch into that many runs of about equal work,
@@ -101,13 +103,15 @@ int hsmsim_gcm_decrypt(hsmsim_gcm *ctx, const uint8_t *iv, size_t iv_len,
 int hsmsim_gcm_encrypt_batch(hsmsim_gcm *ctx, size_t n,
                              const uint8_t *ivs, const size_t *iv_lens,
                              const uint8_t *aads, const size_t *aad_lens,
-                             const uint8_t *ins, const size_t *in_lens,
+                             const uint8_t *ins, const uint8_t *const *in_ptrs,
+                             const size_t *in_lens,
                              uint8_t *out, size_t out_cap, size_t tag_len, int32_t *status,
                              unsigned threads);
 int hsmsim_gcm_decrypt_batch(hsmsim_gcm *ctx, size_t n,
                              const uint8_t *ivs, const size_t *iv_lens,
                              const uint8_t *aads, const size_t *aad_lens,
-                             const uint8_t *ins, const size_t *in_lens,
+                             const uint8_t *ins, const uint8_t *const *in_ptrs,
+                             const size_t *in_lens,
                              uint8_t *out, size_t out_cap, size_t tag_len, int32_t *status,
                              unsigned threads);
 

@@ -261,20 +261,22 @@ int hsmsim_gcm_decrypt(hsmsim_gcm *g, const uint8_t *iv, size_t iv_len, const ui
 /* Checks a whole batch's lengths and the output size before any work is done. */
 static int gcm_batch_check(size_t n, const uint8_t *ivs, const size_t *iv_lens,
                            const uint8_t *aads, const size_t *aad_lens, const uint8_t *ins,
-                           const size_t *in_lens, const uint8_t *out, size_t out_cap,
-                           size_t tag_len, const int32_t *status, int enc)
+                           const uint8_t *const *in_ptrs, const size_t *in_lens,
+                           const uint8_t *out, size_t out_cap, size_t tag_len,
+                           const int32_t *status, int enc)
 {
     size_t total = 0;
 
     if (n == 0)
         return HSMSIM_OK;
-    if (ivs == NULL || iv_lens == NULL || ins == NULL || in_lens == NULL || status == NULL ||
-        out == NULL || ((aads == NULL) != (aad_lens == NULL)))
+    if (ivs == NULL || iv_lens == NULL || ((ins == NULL) == (in_ptrs == NULL)) ||
+        in_lens == NULL || status == NULL || out == NULL || ((aads == NULL) != (aad_lens == NULL)))
         return HSMSIM_ERR_ARG;
     for (size_t i = 0; i < n; i++) {
         size_t aad_len = aad_lens != NULL ? aad_lens[i] : 0;
         size_t produced;
-        if (!gcm_args_ok(iv_lens[i], aad_len, in_lens[i], tag_len))
+        if (!gcm_args_ok(iv_lens[i], aad_len, in_lens[i], tag_len) ||
+            (in_ptrs != NULL && in_ptrs[i] == NULL && in_lens[i] > 0))
             return HSMSIM_ERR_ARG;
         if (enc) {
             produced = in_lens[i] + tag_len;
@@ -298,7 +300,8 @@ typedef struct {
     const size_t *iv_lens;
     const uint8_t *aads;
     const size_t *aad_lens;
-    const uint8_t *ins;
+    const uint8_t *ins;           /* packed inputs, or NULL */
+    const uint8_t *const *in_ptrs; /* one pointer per message, or NULL */
     const size_t *in_lens;
     uint8_t *out;
     size_t tag_len;
@@ -318,6 +321,8 @@ static void gcm_run_chunk(gcm_run *r)
     for (size_t i = 0; i < r->n; i++) {
         size_t aad_len = r->aad_lens != NULL ? r->aad_lens[i] : 0;
         size_t in_len = r->in_lens[i];
+        if (r->in_ptrs != NULL)
+            ins = r->in_ptrs[i];
         if (r->enc) {
             r->status[i] = gcm_encrypt_one(&w, ivs, r->iv_lens[i], aads, aad_len, ins, in_len,
                                            out, r->tag_len);
@@ -330,7 +335,8 @@ static void gcm_run_chunk(gcm_run *r)
         if (r->status[i] != HSMSIM_OK)
             ERR_clear_error();
         ivs += r->iv_lens[i];
-        ins += in_len;
+        if (r->in_ptrs == NULL)
+            ins += in_len;
         if (aads != NULL)
             aads += aad_len;
     }
@@ -348,8 +354,8 @@ static void *gcm_run_thread(void *arg)
  * No thread outlives the call, so nothing needs care across fork(). */
 static int gcm_batch(hsmsim_gcm *g, size_t n, const uint8_t *ivs, const size_t *iv_lens,
                      const uint8_t *aads, const size_t *aad_lens, const uint8_t *ins,
-                     const size_t *in_lens, uint8_t *out, size_t out_cap, size_t tag_len,
-                     int32_t *status, int enc, unsigned threads)
+                     const uint8_t *const *in_ptrs, const size_t *in_lens, uint8_t *out,
+                     size_t out_cap, size_t tag_len, int32_t *status, int enc, unsigned threads)
 {
     gcm_run runs[HSMSIM_GCM_MAX_THREADS];
     pthread_t tids[HSMSIM_GCM_MAX_THREADS];
@@ -360,8 +366,8 @@ static int gcm_batch(hsmsim_gcm *g, size_t n, const uint8_t *ivs, const size_t *
 
     if (g == NULL)
         return HSMSIM_ERR_ARG;
-    rc = gcm_batch_check(n, ivs, iv_lens, aads, aad_lens, ins, in_lens, out, out_cap, tag_len,
-                         status, enc);
+    rc = gcm_batch_check(n, ivs, iv_lens, aads, aad_lens, ins, in_ptrs, in_lens, out, out_cap,
+                         tag_len, status, enc);
     if (rc != HSMSIM_OK || n == 0)
         return rc;
     if (threads < 1)
@@ -384,6 +390,7 @@ static int gcm_batch(hsmsim_gcm *g, size_t n, const uint8_t *ivs, const size_t *
         r->aads = aads;
         r->aad_lens = aad_lens != NULL ? aad_lens + i : NULL;
         r->ins = ins;
+        r->in_ptrs = in_ptrs != NULL ? in_ptrs + i : NULL;
         r->in_lens = in_lens + i;
         r->out = out;
         r->tag_len = tag_len;
@@ -394,7 +401,8 @@ static int gcm_batch(hsmsim_gcm *g, size_t n, const uint8_t *ivs, const size_t *
             size_t aad_len = aad_lens != NULL ? aad_lens[i] : 0;
             done_work += in_lens[i] + HSMSIM_GCM_MSG_COST;
             ivs += iv_lens[i];
-            ins += in_lens[i];
+            if (ins != NULL)
+                ins += in_lens[i];
             if (aads != NULL)
                 aads += aad_len;
             out += enc ? in_lens[i] + tag_len : in_lens[i] - tag_len;
@@ -419,18 +427,18 @@ static int gcm_batch(hsmsim_gcm *g, size_t n, const uint8_t *ivs, const size_t *
 
 int hsmsim_gcm_encrypt_batch(hsmsim_gcm *g, size_t n, const uint8_t *ivs, const size_t *iv_lens,
                              const uint8_t *aads, const size_t *aad_lens, const uint8_t *ins,
-                             const size_t *in_lens, uint8_t *out, size_t out_cap,
-                             size_t tag_len, int32_t *status, unsigned threads)
+                             const uint8_t *const *in_ptrs, const size_t *in_lens, uint8_t *out,
+                             size_t out_cap, size_t tag_len, int32_t *status, unsigned threads)
 {
-    return gcm_batch(g, n, ivs, iv_lens, aads, aad_lens, ins, in_lens, out, out_cap, tag_len,
-                     status, 1, threads);
+    return gcm_batch(g, n, ivs, iv_lens, aads, aad_lens, ins, in_ptrs, in_lens, out, out_cap,
+                     tag_len, status, 1, threads);
 }
 
 int hsmsim_gcm_decrypt_batch(hsmsim_gcm *g, size_t n, const uint8_t *ivs, const size_t *iv_lens,
                              const uint8_t *aads, const size_t *aad_lens, const uint8_t *ins,
-                             const size_t *in_lens, uint8_t *out, size_t out_cap,
-                             size_t tag_len, int32_t *status, unsigned threads)
+                             const uint8_t *const *in_ptrs, const size_t *in_lens, uint8_t *out,
+                             size_t out_cap, size_t tag_len, int32_t *status, unsigned threads)
 {
-    return gcm_batch(g, n, ivs, iv_lens, aads, aad_lens, ins, in_lens, out, out_cap, tag_len,
-                     status, 0, threads);
+    return gcm_batch(g, n, ivs, iv_lens, aads, aad_lens, ins, in_ptrs, in_lens, out, out_cap,
+                     tag_len, status, 0, threads);
 }

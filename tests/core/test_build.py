@@ -59,3 +59,14 @@ def test_extension_lives_in_the_package() -> None:
         native.__file__)
     exported = {n for n in dir(native.lib) if not n.startswith("_")}
     assert exported and all(n.startswith(("hsmsim_", "HSMSIM_")) for n in exported)
+
+
+def test_version_mismatch_is_a_clear_import_error() -> None:
+    import subprocess
+    import sys
+
+    code = ("import hsmsim; hsmsim.__version__ = '0.0.0-other'\n"
+            "try:\n    import hsmsim.core\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert "compiled core is version" in out and "'0.0.0-other'" in out

@@ -206,3 +206,22 @@ def test_rsa_raw_and_batches(keypair: tuple[rsa.RSAPrivateKey, RsaPrivateKey]) -
     raw_items = [b"raw message", b"\x00", b"x" * (ref.key_size // 8 - 11)]
     for sig, item in zip(core.sign_batch_pkcs1v15(raw_items, None), raw_items):
         pub.verify_pkcs1v15(sig, item, None)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_gcm_batch_of_large_messages(threads: int) -> None:
+    """Large messages go to C one pointer each (no packed copy); results are the same."""
+    key = os.urandom(32)
+    core, ref = AesGcmKey(key, batch_threads=threads), AESGCM(key)
+    rng = random.Random(threads)
+    ivs = [rng.randbytes(rng.choice([12, 16])) for _ in range(40)]
+    datas = [rng.randbytes(rng.randrange(4096, 40000)) for _ in range(39)] + [b""]
+    aads = [rng.randbytes(rng.randrange(0, 40)) for _ in range(40)]
+    cts = core.encrypt_batch(ivs, datas, aads, tag_len=12)
+    for iv, d, a, ct in zip(ivs, datas, aads, cts):
+        assert core.decrypt(iv, ct, a, tag_len=12) == d
+        if len(iv) == 12:
+            assert ct == ref.encrypt(iv, d, a)[: len(d) + 12]
+    cts[3] = bytes(len(cts[3]))
+    got = core.decrypt_batch(ivs, cts, aads, tag_len=12)
+    assert got[3] is None and got[:3] == datas[:3] and got[4:] == datas[4:]
