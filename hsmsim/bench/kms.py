@@ -33,16 +33,16 @@ def _free_port() -> int:
 
 
 def _client(url: str) -> Any:
-    import boto3
+    import boto3  # type: ignore[import-untyped]
     return boto3.client("kms", endpoint_url=url, region_name=REGION, aws_access_key_id="AKIDBENCH",
                         aws_secret_access_key="bench-secret")
 
 
 def _signed(url: str, op: str, body: bytes) -> dict[str, str]:
     """Headers of one SigV4-signed request, reused for every request of the run."""
-    from botocore.auth import SigV4Auth
-    from botocore.awsrequest import AWSRequest
-    from botocore.credentials import Credentials
+    from botocore.auth import SigV4Auth  # type: ignore[import-untyped]
+    from botocore.awsrequest import AWSRequest  # type: ignore[import-untyped]
+    from botocore.credentials import Credentials  # type: ignore[import-untyped]
     req = AWSRequest(method="POST", url=url + "/", data=body, headers={
         "X-Amz-Target": f"TrentService.{op}", "Content-Type": "application/x-amz-json-1.1"})
     SigV4Auth(Credentials("AKIDBENCH", "bench-secret"), "kms", REGION).add_auth(req)

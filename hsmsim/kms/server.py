@@ -127,8 +127,9 @@ async def start_kms(cluster: ClusterClient, config: KmsConfig, state_dir: Path) 
         await runner.cleanup()
         store.close()
         raise
-    sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
-    port = sockets[0].getsockname()[1] if sockets else config.port
+    port = config.port
+    for sock in getattr(site._server, "sockets", None) or ():
+        port = int(sock.getsockname()[1])
     server = KmsServer(service, runner, f"http://{config.host}:{port}")
     await kms.keystores.resume()
     try:

@@ -92,7 +92,7 @@ def to_wire(exc: e.KmsError) -> WireError:
     """The AWS error for a domain error: the nearest class in the table wins."""
     for cls in type(exc).__mro__:
         if cls in ERROR_TABLE:
-            code, status = ERROR_TABLE[cls]  # type: ignore[index]
+            code, status = ERROR_TABLE[cls]
             return WireError(code, status, exc.message)
     return WireError("KMSInternalException", 500, "")
 

@@ -224,7 +224,7 @@ async def _generate_data_key(kms: Kms, call: Call, req: Request, op: str) -> tup
     spec, n = req.get("KeySpec"), req.get("NumberOfBytes")
     if (spec is None) == (n is None):
         raise e.Invalid("Please specify either number of bytes or key spec.")
-    length = n if n is not None else {"AES_128": 16, "AES_256": 32}[spec]
+    length = int(n) if n is not None else {"AES_128": 16, "AES_256": 32}[str(spec)]
     call.touch(key)
     kms.authorize(call.caller, key, op, _ctx(req), grant_op=op)
     kms.require_usable(key)

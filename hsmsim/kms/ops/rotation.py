@@ -109,7 +109,7 @@ async def list_key_rotations(kms: Kms, call: Call, req: Request) -> Response:
     page, extra = paginate(materials, req)
     rows = []
     for m in page:
-        row = {"KeyId": key.arn, "KeyMaterialId": m.material_id,
+        row: Response = {"KeyId": key.arn, "KeyMaterialId": m.material_id,
                "KeyMaterialState": "CURRENT" if m.material_id == key.current_material else "NON_CURRENT"}
         if m.rotation_type is not None:
             row["RotationDate"] = m.created
