@@ -9,6 +9,7 @@ released during every C call.
 
 from __future__ import annotations
 
+import os
 from array import array
 from collections.abc import Sequence
 from math import gcd
@@ -33,6 +34,8 @@ from hsmsim.core._errors import (
 from hsmsim.core._ffi import INT32_CODE, SIZE_T_CODE, ffi, lib
 
 MIN_BITS, MAX_BITS = 2048, 4096
+MAX_BATCH_THREADS = 8
+DEFAULT_BATCH_THREADS = max(1, min(2, os.cpu_count() or 1))
 MAX_DER = 64 * 1024
 
 # hsmsim_rsa_padding in hsmsim_core.h
@@ -60,13 +63,19 @@ def _hash_or_none(value: object, name: str) -> tuple[int, int]:
 class _RsaKey:
     """What both key kinds share: the C context, sizes, lifetime."""
 
-    __slots__ = ("_ctx", "_bits", "_size", "_n", "_e")
+    __slots__ = ("_ctx", "_bits", "_size", "_n", "_e", "_threads")
 
     _kind = "RSA"
 
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: Any, batch_threads: int | None = None) -> None:
         """Takes ownership of a C context (use from_der / from_components)."""
         self._ctx: Any = ffi.gc(ctx, lib.hsmsim_rsa_free)
+        if batch_threads is None:
+            batch_threads = DEFAULT_BATCH_THREADS
+        elif not 1 <= as_int(batch_threads, "batch_threads") <= MAX_BATCH_THREADS:
+            self._ctx = None
+            raise ValueError(f"batch_threads must be 1 to {MAX_BATCH_THREADS}, got {batch_threads}")
+        self._threads = batch_threads
         bits = int(lib.hsmsim_rsa_bits(ctx))
         if not MIN_BITS <= bits <= MAX_BITS:
             self._ctx = None
@@ -83,6 +92,11 @@ class _RsaKey:
             raise_for(status)
         self._n = int.from_bytes(ffi.buffer(n_buf, n_len[0]), "big")
         self._e = int.from_bytes(ffi.buffer(e_buf, e_len[0]), "big")
+
+    @property
+    def batch_threads(self) -> int:
+        """How many threads a sign batch may use inside C."""
+        return self._threads
 
     @property
     def key_size(self) -> int:
@@ -264,8 +278,10 @@ class RsaPrivateKey(_RsaKey):
     __slots__ = ()
 
     @classmethod
-    def from_der(cls, der: bytes) -> RsaPrivateKey:
-        """From PKCS#8 PrivateKeyInfo or PKCS#1 RSAPrivateKey DER (unencrypted)."""
+    def from_der(cls, der: bytes, *, batch_threads: int | None = None) -> RsaPrivateKey:
+        """From PKCS#8 PrivateKeyInfo or PKCS#1 RSAPrivateKey DER (unencrypted).
+        batch_threads: how many threads sign_batch_* may use inside C (default: up to 2,
+        following the CPU count)."""
         der = _der(der)
         pp = ffi.new("hsmsim_rsa **")
         status = lib.hsmsim_rsa_private_from_der(der, len(der), pp)
@@ -273,11 +289,12 @@ class RsaPrivateKey(_RsaKey):
             raise KeyFormatError("der is not an RSA private key (PKCS#8 or PKCS#1)")
         if status:
             raise_for(status)
-        return cls(pp[0])
+        return cls(pp[0], batch_threads)
 
     @classmethod
     def from_components(
-        cls, n: int, e: int, d: int, p: int, q: int, dp: int, dq: int, qinv: int
+        cls, n: int, e: int, d: int, p: int, q: int, dp: int, dq: int, qinv: int, *,
+        batch_threads: int | None = None,
     ) -> RsaPrivateKey:
         """From the CRT components; they must be consistent (checked here, cheaply)."""
         values = {"n": n, "e": e, "d": d, "p": p, "q": q, "dp": dp, "dq": dq, "qinv": qinv}
@@ -307,7 +324,7 @@ class RsaPrivateKey(_RsaKey):
             raise KeyFormatError("the components are not an RSA private key")
         if status:
             raise_for(status)
-        return cls(pp[0])
+        return cls(pp[0], batch_threads)
 
     def public_key(self) -> RsaPublicKey:
         pp = ffi.new("hsmsim_rsa **")
@@ -368,6 +385,7 @@ class RsaPrivateKey(_RsaKey):
         rc = lib.hsmsim_rsa_sign_batch(
             ctx, padding, code, mgf1, salt, n, b"".join(items),
             ffi.from_buffer("size_t[]", lens), sig, n * k, ffi.from_buffer("int32_t[]", status),
+            min(self._threads, n),
         )
         if rc:
             raise_for(rc)

@@ -153,10 +153,12 @@ int hsmsim_rsa_public_numbers(const hsmsim_rsa *ctx, uint8_t *n, size_t *n_len, 
 int hsmsim_rsa_sign(const hsmsim_rsa *ctx, int padding, int hash, int mgf1_hash, int salt_len,
                     const uint8_t *data, size_t data_len, uint8_t *sig, size_t *sig_len);
 /* n inputs of data_lens[i] bytes packed in data; n signatures of hsmsim_rsa_size() bytes
- * packed in sig (sig_cap >= n * size). status[i] per message. */
+ * packed in sig (sig_cap >= n * size). status[i] per message. threads (1..8; 0 counts as
+ * 1) splits the batch over that many threads, each with its own EVP_PKEY_CTX, all joined
+ * before the call returns. */
 int hsmsim_rsa_sign_batch(const hsmsim_rsa *ctx, int padding, int hash, int mgf1_hash, int salt_len,
                           size_t n, const uint8_t *data, const size_t *data_lens,
-                          uint8_t *sig, size_t sig_cap, int32_t *status);
+                          uint8_t *sig, size_t sig_cap, int32_t *status, unsigned threads);
 /* HSMSIM_OK or HSMSIM_ERR_SIGNATURE (whatever the reason). */
 int hsmsim_rsa_verify(const hsmsim_rsa *ctx, int padding, int hash, int mgf1_hash, int salt_len,
                       const uint8_t *sig, size_t sig_len, const uint8_t *data, size_t data_len);

@@ -10,6 +10,7 @@
  * failure.
  */
 #include <limits.h>
+#include <pthread.h>
 #include <string.h>
 
 #include <openssl/bn.h>
@@ -21,6 +22,8 @@
 #include <openssl/x509.h>
 
 #include "hsmsim_internal.h"
+
+#define HSMSIM_RSA_MAX_THREADS 8
 
 struct hsmsim_rsa {
     EVP_PKEY *pkey;
@@ -412,12 +415,46 @@ int hsmsim_rsa_sign(const hsmsim_rsa *r, int padding, int hash, int mgf1_hash, i
     return rc;
 }
 
+/* One contiguous run of a sign batch, on its own EVP_PKEY_CTX (a duplicate of the batch's). */
+typedef struct {
+    const hsmsim_rsa *r;
+    EVP_PKEY_CTX *pctx;
+    size_t n;
+    const uint8_t *data;
+    const size_t *data_lens;
+    uint8_t *sig;
+    int32_t *status;
+} rsa_run;
+
+static void *rsa_run_chunk(void *arg)
+{
+    rsa_run *run = arg;
+    const uint8_t *data = run->data;
+    uint8_t *sig = run->sig;
+    size_t size = (size_t)run->r->size;
+
+    for (size_t i = 0; i < run->n; i++) {
+        size_t len = size;
+        run->status[i] = rsa_sign_one(run->pctx, size, data, run->data_lens[i], sig, &len);
+        if (run->status[i] == HSMSIM_OK && len != size) /* EVP pads to the modulus size */
+            run->status[i] = HSMSIM_ERR_CRYPTO;
+        data += run->data_lens[i];
+        sig += size;
+    }
+    return NULL;
+}
+
 int hsmsim_rsa_sign_batch(const hsmsim_rsa *r, int padding, int hash, int mgf1_hash, int salt_len,
                           size_t n, const uint8_t *data, const size_t *data_lens, uint8_t *sig,
-                          size_t sig_cap, int32_t *status)
+                          size_t sig_cap, int32_t *status, unsigned threads)
 {
+    rsa_run runs[HSMSIM_RSA_MAX_THREADS];
+    pthread_t tids[HSMSIM_RSA_MAX_THREADS];
+    int started[HSMSIM_RSA_MAX_THREADS] = {0};
     EVP_PKEY_CTX *pctx;
-    int rc;
+    unsigned t, nruns;
+    size_t i = 0;
+    int rc = HSMSIM_OK;
 
     if (n == 0)
         return r != NULL ? HSMSIM_OK : HSMSIM_ERR_ARG;
@@ -428,16 +465,49 @@ int hsmsim_rsa_sign_batch(const hsmsim_rsa *r, int padding, int hash, int mgf1_h
     pctx = rsa_op_ctx(r, OP_SIGN, padding, hash, mgf1_hash, salt_len, NULL, 0, &rc);
     if (pctx == NULL)
         return rc;
-    for (size_t i = 0; i < n; i++) {
-        size_t len = (size_t)r->size;
-        status[i] = rsa_sign_one(pctx, (size_t)r->size, data, data_lens[i], sig, &len);
-        if (status[i] == HSMSIM_OK && len != (size_t)r->size) /* EVP pads to the modulus size */
-            status[i] = HSMSIM_ERR_CRYPTO;
-        data += data_lens[i];
-        sig += r->size;
+    if (threads < 1)
+        threads = 1;
+    if (threads > HSMSIM_RSA_MAX_THREADS)
+        threads = HSMSIM_RSA_MAX_THREADS;
+    if (threads > n)
+        threads = (unsigned)n;
+
+    /* Equal message counts per run: every signature costs the same. */
+    nruns = 0;
+    for (t = 0; t < threads; t++) {
+        size_t count = n / threads + (t < n % threads ? 1 : 0);
+        rsa_run *run = &runs[nruns];
+        run->r = r;
+        run->pctx = t == 0 ? pctx : EVP_PKEY_CTX_dup(pctx);
+        if (run->pctx == NULL) {
+            rc = hsmsim_fail(HSMSIM_ERR_NOMEM);
+            break;
+        }
+        run->n = count;
+        run->data = data;
+        run->data_lens = data_lens + i;
+        run->sig = sig + i * (size_t)r->size;
+        run->status = status + i;
+        for (size_t k = 0; k < count; k++)
+            data += data_lens[i + k];
+        i += count;
+        nruns++;
     }
+    if (rc == HSMSIM_OK) {
+        for (t = 1; t < nruns; t++)
+            started[t] = pthread_create(&tids[t], NULL, rsa_run_chunk, &runs[t]) == 0;
+        for (t = 1; t < nruns; t++)
+            if (!started[t])
+                rsa_run_chunk(&runs[t]);
+        rsa_run_chunk(&runs[0]);
+        for (t = 1; t < nruns; t++)
+            if (started[t])
+                pthread_join(tids[t], NULL);
+    }
+    for (t = 1; t < nruns; t++)
+        EVP_PKEY_CTX_free(runs[t].pctx);
     EVP_PKEY_CTX_free(pctx);
-    return HSMSIM_OK;
+    return rc;
 }
 
 int hsmsim_rsa_verify(const hsmsim_rsa *r, int padding, int hash, int mgf1_hash, int salt_len,

@@ -225,3 +225,20 @@ def test_gcm_batch_of_large_messages(threads: int) -> None:
     cts[3] = bytes(len(cts[3]))
     got = core.decrypt_batch(ivs, cts, aads, tag_len=12)
     assert got[3] is None and got[:3] == datas[:3] and got[4:] == datas[4:]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_rsa_sign_batch_threads(keypair: tuple[rsa.RSAPrivateKey, RsaPrivateKey],
+                                threads: int) -> None:
+    ref, core = keypair
+    der = ref.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    k = RsaPrivateKey.from_der(der, batch_threads=threads)
+    assert k.batch_threads == threads
+    digests = [hashlib.sha256(bytes([i])).digest() for i in range(7)]
+    assert k.sign_batch_pkcs1v15(digests, "sha256") == [
+        ref.sign(d, padding.PKCS1v15(), Prehashed(hashes.SHA256())) for d in digests
+    ]
+    pss = padding.PSS(padding.MGF1(hashes.SHA256()), 32)
+    for sig, d in zip(k.sign_batch_pss(digests, "sha256", "sha256", 32), digests):
+        ref.public_key().verify(sig, d, pss, Prehashed(hashes.SHA256()))

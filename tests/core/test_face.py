@@ -308,6 +308,15 @@ def test_rsa_failures_reveal_nothing(priv: RsaPrivateKey) -> None:
     assert outs == {"decryption failed"}
 
 
+def test_rsa_batch_threads_checked(rsa_ref: rsa.RSAPrivateKey) -> None:
+    der = rsa_ref.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    with pytest.raises(ValueError, match="batch_threads must be 1 to 8, got 9"):
+        RsaPrivateKey.from_der(der, batch_threads=9)
+    with pytest.raises(TypeError, match="batch_threads must be an int"):
+        RsaPrivateKey.from_der(der, batch_threads=1.5)  # type: ignore[arg-type]
+
+
 def test_rsa_close(priv: RsaPrivateKey) -> None:
     k = priv.public_key()
     with k:
