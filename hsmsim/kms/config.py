@@ -21,7 +21,12 @@ class KmsConfig:
     in the map acts as `arn:aws:iam::<account_id>:root` (or is rejected in strict mode).
     `enforce_policies` turns key-policy and grant evaluation on (off by default: most local
     users send dummy credentials). `clock_control` exposes `POST /_hsmsim/clock` so tests can
-    move the KMS clock forward (scheduled deletions, automatic rotation)."""
+    move the KMS clock forward (scheduled deletions, automatic rotation).
+
+    FIDELITY: with strict_sigv4 off (the default) any well-formed SigV4 Authorization header is
+    accepted without checking the signature; a request without one is still refused
+    (MissingAuthenticationTokenException). Key policies and grants are only enforced with
+    enforce_policies on."""
 
     enabled: bool = True
     host: str = "127.0.0.1"

@@ -221,9 +221,16 @@ def _seal_aad(key_id: str, material_id: str) -> bytes:
 
 
 class Fleet:
-    """The AWS_KMS-origin backend. `open()` logs in lazily on first use: at first start it
-    creates the fleet crypto user (through the CO `admin`, whose password the cluster keeps in
-    `secrets/admin.password`) and the domain key."""
+    """The AWS_KMS-origin backend. It logs in lazily on first use: at first start it creates the
+    fleet crypto user (through the CO `admin`, whose password the cluster keeps in
+    `secrets/admin.password`; its own password goes to `kms/fleet.secret`, 0600) and the domain
+    key.
+
+    FIDELITY: AWS KMS's own fleet is separate HSMs; here it is a crypto user `kmsfleet` in the
+    simulated cluster (not `kmsuser`, which belongs to the customer's custom key store and
+    whose deletion, lockout or password must not break AWS_KMS keys). Unsealed material is
+    cached in the daemon's memory, so AWS_KMS keys already used keep working while the cluster
+    is down."""
 
     def __init__(self, cluster: ClusterClient, state_dir: Path) -> None:
         self._cluster = cluster

@@ -34,7 +34,10 @@ async def new_material(kms: Kms, key: KeyRecord, seq: int, rotation_type: str | 
 
 
 def cluster_error(key: KeyRecord, exc: ClusterFailure) -> e.KmsError:
-    """The KMS error for a failed cluster call on a custom-key-store key."""
+    """The KMS error for a failed cluster call on a custom-key-store key.
+
+    FIDELITY: the key's state does not flip to Unavailable when its backing key is found
+    missing (AWS does so eventually); each call answers KMSInvalidStateException."""
     from hsmsim.pkcs11.constants import RV
     if exc.rv in (RV.KEY_HANDLE_INVALID, RV.OBJECT_HANDLE_INVALID):
         return e.InvalidState(f"{key.arn} is unavailable: its key material was not found in the "
@@ -187,7 +190,10 @@ async def cancel_key_deletion(kms: Kms, call: Call, req: Request) -> Response:
 
 
 async def sweep(kms: Kms) -> None:
-    """Deletes keys whose waiting period is over and rotates keys whose rotation is due."""
+    """Deletes keys whose waiting period is over and rotates keys whose rotation is due.
+
+    FIDELITY: runs every kms.rotation_check_seconds and after each clock move, so a key is
+    deleted (or rotated) up to that long after its date."""
     now = kms.clock.now()
     for key in list(kms.store.keys.values()):
         if key.state == model.PENDING_DELETION and key.deletion_date is not None and key.deletion_date <= now:
