@@ -78,6 +78,9 @@ class TokenSession:
 
     def __init__(self, session: Any) -> None:
         self._session = session
+        # Keys made in this session, by id: used by handle rather than found again, since a
+        # search right after creation may reach an HSM the key has not been copied to yet.
+        self._made: dict[bytes, Any] = {}
 
     def generate(self, spec: KeySpec, label: str, key_id: bytes) -> PublicKey:
         """Makes a token key pair: the private key sensitive, non-extractable, able to sign
@@ -107,12 +110,15 @@ class TokenSession:
                     public_template=public, private_template=private)
         except pkcs11.PKCS11Error as exc:
             raise _pkcs11_error(f"generating the {spec.name} key pair", exc) from None
+        self._made[key_id] = _priv
         return _public_key(pub, spec)
 
     def _private(self, key_id: bytes) -> Any:
         import pkcs11
         from pkcs11 import ObjectClass
 
+        if key_id in self._made:
+            return self._made[key_id]
         try:
             return self._session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=key_id)
         except pkcs11.NoSuchKey:

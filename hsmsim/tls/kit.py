@@ -258,8 +258,9 @@ def render_openssl_cnf(engine: Path, module: Path, cn: str) -> str:
 # OpenSSL configuration written by `hsmsim tls init` for {cn}.
 # Use it with OPENSSL_CONF=<this file> (env.sh sets it). It loads libp11's pkcs11 engine and
 # points it at the PKCS#11 module. No PIN is written here: the engine takes it from ${PIN_ENV}
-# (`user:password`), which env.sh reads from a 0600 file; OpenSSL refuses this file while that
-# variable is unset.
+# (`user:password`), which env.sh reads from a 0600 file. While that variable is unset OpenSSL
+# silently skips this whole file, and the engine then reports "No matching initialized token".
+config_diagnostics = 1
 openssl_conf = openssl_init
 
 [openssl_init]
@@ -279,8 +280,9 @@ PIN = $ENV::{PIN_ENV}
 def render_env_sh(env: Mapping[str, str], secret_env: Mapping[str, Path]) -> str:
     lines = ["# Environment for OpenSSL and nginx using this kit: `. ./env.sh`"]
     lines += [f"export {name}={shlex.quote(value)}" for name, value in env.items()]
-    lines += [f"{name}=\"$(cat {shlex.quote(str(path))})\" && export {name}  # PIN stays in the file"
-              for name, path in secret_env.items()]
+    for name, path in secret_env.items():
+        lines += [f"{name}=\"$(cat {shlex.quote(str(path))})\" && export {name}  # PIN stays in the file",
+                  f'[ -n "${name}" ] || echo "env.sh: no PIN in {path}" >&2']
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,139 @@
+"""`hsmsim tls init` against both backends: the key pair is a non-extractable token key, the
+certificate carries its public key and verifies, the written openssl.cnf loads the engine and
+reaches the key through the printed URI, and no PIN is written into the kit."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+from hsmsim.tls.kit import Kit
+from hsmsim.tls.servers import kit_environ
+from hsmsim.tls.uri import Pkcs11Uri
+
+from .conftest import Backend
+
+
+def _openssl(kit: Kit, *args: str, data: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["openssl", *args], input=data, capture_output=True,
+                          env=kit_environ(kit), timeout=60)
+
+
+def _engine_public_key(kit: Kit) -> bytes:
+    r = _openssl(kit, "pkey", "-engine", "pkcs11", "-inform", "engine", "-in", kit.uri,
+                 "-pubout", "-outform", "DER")
+    assert r.returncode == 0, r.stderr.decode()
+    return r.stdout
+
+
+def _spki(cert: x509.Certificate) -> bytes:
+    return cert.public_key().public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _load(path: str) -> list[x509.Certificate]:
+    return x509.load_pem_x509_certificates(Path(path).read_bytes())
+
+
+@pytest.mark.parametrize("key, issuer", [("rsa2048", "self"), ("ec-p256", "ca"),
+                                         ("ec-p384", "self")])
+def test_kit_files_are_valid(backend: Backend, tmp_path: Path, key: str, issuer: str) -> None:
+    kit = backend.init(tmp_path / "kit", "--cn", "web.example.test", "--key", key,
+                       "--issuer", issuer, "--san", "127.0.0.1")
+    cert, = _load(kit.files["cert"])
+    # The certificate carries the token's public key, as the engine reads it through the URI.
+    assert _engine_public_key(kit) == _spki(cert)
+    if issuer == "self":
+        cert.verify_directly_issued_by(cert)  # signed through PKCS#11 by the token key
+        assert _load(kit.files["chain"]) == [cert]
+        assert _load(kit.files["fullchain"]) == [cert]
+    else:
+        ca, = _load(kit.files["chain"])
+        cert.verify_directly_issued_by(ca)
+        assert ca.subject == x509.load_pem_x509_certificate(
+            (backend.state / "tls" / "ca" / "ca.crt").read_bytes()).subject
+        assert _load(kit.files["fullchain"]) == [cert, ca]
+        csr = x509.load_pem_x509_csr(Path(kit.files["csr"]).read_bytes())
+        assert csr.is_signature_valid and _spki(cert) == csr.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert cert.subject.rfc4514_string() == "CN=web.example.test"
+    # The URI round-trips and names exactly this key.
+    uri = Pkcs11Uri.parse(kit.uri)
+    assert str(uri) == kit.uri
+    assert (uri.token, uri.object, uri.id, uri.type) == (
+        backend.token, kit.label, bytes.fromhex(kit.key_id), "private")
+    assert uri.pin_value is None and uri.pin_source is None
+
+
+def test_engine_signs_with_the_token_key(backend: Backend, tmp_path: Path) -> None:
+    kit = backend.init(tmp_path / "kit", "--cn", "sign.test", "--key", "rsa2048")
+    public = x509.load_pem_x509_certificate(Path(kit.files["cert"]).read_bytes()).public_key()
+    assert isinstance(public, rsa.RSAPublicKey)
+    digest = hashlib.sha256(b"signed through the openssl.cnf of the kit").digest()
+    r = _openssl(kit, "pkeyutl", "-sign", "-engine", "pkcs11", "-keyform", "engine",
+                 "-inkey", kit.uri, "-pkeyopt", "digest:sha256", data=digest)
+    assert r.returncode == 0, r.stderr.decode()
+    public.verify(r.stdout, digest, padding.PKCS1v15(),
+                  __import__("cryptography.hazmat.primitives.asymmetric.utils",
+                             fromlist=["Prehashed"]).Prehashed(hashes.SHA256()))
+
+
+def test_openssl_cnf_loads_the_engine_with_the_module(backend: Backend, tmp_path: Path) -> None:
+    kit = backend.init(tmp_path / "kit", "--cn", "cnf.test", "--key", "ec-p256")
+    text = Path(kit.files["openssl_cnf"]).read_text()
+    assert f"MODULE_PATH = {backend.module}" in text
+    r = _openssl(kit, "engine", "-t", "-c", "pkcs11")
+    assert r.returncode == 0 and b"[ available ]" in r.stdout, r.stdout + r.stderr
+    # The PIN comes from the environment only: without it the key cannot be reached.
+    env = kit_environ(kit)
+    env.pop("HSMSIM_PIN")
+    r2 = subprocess.run(["openssl", "pkey", "-engine", "pkcs11", "-inform", "engine", "-in",
+                         kit.uri, "-pubout"], capture_output=True, env=env, timeout=60)
+    assert b"BEGIN PUBLIC KEY" not in r2.stdout and b"not found" in r2.stderr
+
+
+def test_private_key_is_a_non_extractable_token_key(backend: Backend, tmp_path: Path) -> None:
+    kit = backend.init(tmp_path / "kit", "--cn", "attrs.test", "--key", "ec-p256")
+    env = {**os.environ, **backend.module_env}
+    r = subprocess.run(["pkcs11-tool", "--module", str(backend.module), "--token-label",
+                        backend.token, "--login", "--pin", backend.pin, "--list-objects",
+                        "--type", "privkey", "--id", kit.key_id],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert f"label:      {kit.label}" in r.stdout
+    access = re.search(r"Access:\s*(.*)", r.stdout)
+    assert access is not None
+    flags = access.group(1)
+    assert "sensitive" in flags and "never extractable" in flags, r.stdout
+    usage = re.search(r"Usage:\s*(.*)", r.stdout)
+    assert usage is not None and "sign" in usage.group(1)
+
+
+def test_no_pin_in_the_kit_and_pin_file_private(backend: Backend, tmp_path: Path) -> None:
+    kit = backend.init(tmp_path / "kit", "--cn", "secret.test")
+    password = backend.pin.split(":", 1)[-1]
+    for path in Path(kit.out_dir).iterdir():
+        assert password.encode() not in path.read_bytes(), path.name
+    mode = stat.S_IMODE(Path(kit.pin_file).stat().st_mode)
+    assert mode == 0o600
+    assert Path(kit.pin_file).read_text().strip() == backend.pin
+    env_sh = Path(kit.files["env"]).read_text()
+    assert f"cat {kit.pin_file}" in env_sh
+
+
+def test_two_inits_make_distinct_keys(backend: Backend, tmp_path: Path) -> None:
+    a = backend.init(tmp_path / "a", "--cn", "same.test", "--key", "ec-p256")
+    b = backend.init(tmp_path / "b", "--cn", "same.test", "--key", "ec-p256")
+    assert a.uri != b.uri and a.label != b.label and a.key_id != b.key_id
+    assert _engine_public_key(a) != _engine_public_key(b)
+    cert_a, = _load(a.files["cert"])
+    assert isinstance(cert_a.public_key(), ec.EllipticCurvePublicKey)
