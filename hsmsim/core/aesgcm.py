@@ -36,6 +36,8 @@ DEFAULT_BATCH_THREADS = max(1, min(2, os.cpu_count() or 1))
 
 _encrypt = lib.hsmsim_gcm_encrypt
 _from_buffer = ffi.from_buffer
+_buffer = ffi.buffer
+_alloc = ffi.new_allocator(should_clear_after_alloc=False)  # C overwrites every byte it returns
 _decrypt = lib.hsmsim_gcm_decrypt
 
 
@@ -108,35 +110,37 @@ class AesGcmKey:
 
     def encrypt(self, iv: bytes, data: bytes, aad: bytes = b"", tag_len: int = 16) -> bytes:
         """ciphertext || tag (tag_len bytes)."""
-        ctx = self._live()
-        iv, data, aad, tag_len = (
-            _check_iv(iv), _check_data(data), _check_data(aad, "aad"), _check_tag_len(tag_len)
-        )
+        ctx = self._ctx
+        if not (
+            type(iv) is bytes and type(data) is bytes and type(aad) is bytes
+            and type(tag_len) is int and ctx is not None and 0 < len(iv) <= IV_MAX
+            and len(data) <= MAX_INPUT and len(aad) <= MAX_INPUT and tag_len in _TAG_LENS
+        ):
+            ctx, iv, data, aad, tag_len = self._slow_args(iv, data, aad, tag_len)
         size = len(data) + tag_len
-        out = ffi.new("uint8_t[]", size)
-        status = lib.hsmsim_gcm_encrypt(
-            ctx, iv, len(iv), aad, len(aad), data, len(data), out, size, tag_len
-        )
+        out = _alloc("uint8_t[]", size)
+        status = _encrypt(ctx, iv, len(iv), aad, len(aad), data, len(data), out, size, tag_len)
         if status:
             raise_for(status)
-        return bytes(ffi.buffer(out, size))
+        return _buffer(out, size)[:]  # type: ignore[no-any-return]
 
     def decrypt(self, iv: bytes, data: bytes, aad: bytes = b"", tag_len: int = 16) -> bytes:
         """The plaintext of ciphertext || tag; InvalidTag if it does not authenticate."""
-        ctx = self._live()
-        iv, data, aad, tag_len = (
-            _check_iv(iv), _check_data(data), _check_data(aad, "aad"), _check_tag_len(tag_len)
-        )
+        ctx = self._ctx
+        if not (
+            type(iv) is bytes and type(data) is bytes and type(aad) is bytes
+            and type(tag_len) is int and ctx is not None and 0 < len(iv) <= IV_MAX
+            and len(data) <= MAX_INPUT and len(aad) <= MAX_INPUT and tag_len in _TAG_LENS
+        ):
+            ctx, iv, data, aad, tag_len = self._slow_args(iv, data, aad, tag_len)
         size = len(data) - tag_len
         if size < 0:
             raise ValueError(f"data must be at least tag_len ({tag_len}) bytes, got {len(data)}")
-        out = ffi.new("uint8_t[]", max(size, 1))
-        status = lib.hsmsim_gcm_decrypt(
-            ctx, iv, len(iv), aad, len(aad), data, len(data), out, size, tag_len
-        )
+        out = _alloc("uint8_t[]", size or 1)
+        status = _decrypt(ctx, iv, len(iv), aad, len(aad), data, len(data), out, size, tag_len)
         if status:
             raise_for(status)
-        return bytes(ffi.buffer(out, size))
+        return _buffer(out, size)[:]  # type: ignore[no-any-return]
 
     def encrypt_into(
         self,
@@ -339,6 +343,7 @@ class AesGcmKey:
     def close(self) -> None:
         """Releases the C context (zeroised and freed once no call in flight holds it)."""
         self._ctx = None
+        self._pool.clear()
 
     def __enter__(self) -> AesGcmKey:
         return self
