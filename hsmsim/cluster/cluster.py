@@ -85,11 +85,14 @@ class Cluster:
 
     async def timed(self, member: Member, aw: Awaitable[T], timeout: float | None = None) -> T:
         """Await a node call; a member that does not answer in time is marked down."""
+        member.inflight += 1
         try:
             return await asyncio.wait_for(aw, timeout or self.config.request_timeout_s)
         except asyncio.TimeoutError:
             member.mark_down(f"no answer within {timeout or self.config.request_timeout_s:.1f}s")
             raise NodeUnavailable(f"{member.hsm_id} did not answer in time") from None
+        finally:
+            member.inflight -= 1
 
     def usable(self) -> list[Member]:
         return [m for m in self.members.values() if m.usable]
@@ -295,7 +298,9 @@ class Cluster:
                 if isinstance(last, NodeThrottled):
                     raise last
                 raise Pkcs11Error(RV.DEVICE_ERROR, "no HSM of the cluster is reachable")
-            m = cands[0]
+            # CloudHSM spreads work "based on each HSM's capacity": new objects go to the HSM
+            # with the fewest requests in flight (ties keep the round-robin order).
+            m = min(cands, key=lambda x: x.inflight)
             handles = self.handles.allocate(len(token_flags))
             try:
                 lid = await self.node_login(m, rec)
@@ -354,33 +359,41 @@ class Cluster:
             self._abandon(handles)
             raise Pkcs11Error(RV.FUNCTION_FAILED,
                               AVAILABILITY_MSG.format(handle=handles[0])) from None
-        targets = [m for m in self.usable() if m is not source]
-        if not targets:
-            if need:
-                self._abandon(handles)
-                raise Pkcs11Error(RV.FUNCTION_FAILED, AVAILABILITY_MSG.format(handle=handles[0]))
-            return
-        done = asyncio.Event()
-        state = {"ok": 0, "finished": 0}
+        targets = sorted((m for m in self.usable() if m is not source), key=lambda x: x.inflight)
+        if len(targets) < need:
+            self._abandon(handles)
+            raise Pkcs11Error(RV.FUNCTION_FAILED, AVAILABILITY_MSG.format(handle=handles[0]))
 
-        async def copy_to(m: Member) -> None:
+        async def copy_to(m: Member) -> bool:
             try:
                 for h, blob in zip(handles, blobs):
                     await self.import_blob(m, h, blob)
-                state["ok"] += 1
+                return True
             except Exception as exc:
                 log.info("sync of %s to %s failed: %s", handles, m.hsm_id, exc)
-            finally:
-                state["finished"] += 1
-                if state["ok"] >= need or state["finished"] == len(targets):
-                    done.set()
+                return False
 
-        for m in targets:
-            self.spawn_bg(copy_to(m), "key sync")
-        if need == 0:
-            return
-        await done.wait()
-        if state["ok"] < need:
+        async def background(m: Member) -> None:
+            # Copies beyond the availability check queue behind a small per-HSM window so
+            # that they do not crowd out the application's own requests.
+            m.pending_sync += 1
+            try:
+                async with m.sync_window:
+                    if m.usable:
+                        await copy_to(m)
+            finally:
+                m.pending_sync -= 1
+
+        # The copies the check waits for go to the least busy HSMs, one at a time until met.
+        ok = 0
+        rest = list(targets)
+        while ok < need and rest:
+            m = rest.pop(0)
+            if await copy_to(m):
+                ok += 1
+        for m in rest:
+            self.spawn_bg(background(m), "key sync")
+        if ok < need:
             self._abandon(handles)
             raise Pkcs11Error(RV.FUNCTION_FAILED, AVAILABILITY_MSG.format(handle=handles[0]))
 

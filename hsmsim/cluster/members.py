@@ -63,6 +63,9 @@ class Member:
         self.last_error: str | None = None
         self.restarts = 0
         self.start_failures = 0
+        self.inflight = 0  # node requests awaiting an answer (load-aware placement)
+        self.sync_window = asyncio.Semaphore(4)  # background key-sync copies in flight
+        self.pending_sync = 0  # background copies queued or running
         self.replacements = 0
         self.latency_ms = 0
         self.throttle_rps = 0

@@ -192,6 +192,7 @@ class Supervisor:
                          failed[0])
                 return
             if m.generation == gen and m.usable:
+                await self._prelogin(m)
                 if not m.converged:
                     log.info("%s converged (%d objects copied)", m.hsm_id, total)
                 m.converged = True
@@ -201,6 +202,17 @@ class Supervisor:
                     self.last_converged = time.monotonic()
         finally:
             c._reconciling.discard(m.hsm_id)
+
+    async def _prelogin(self, m: Member) -> None:
+        """Log every application in on a member before it takes traffic again, so that no
+        request pays for a login (a slow password hash) on the way."""
+        c = self.c
+        recs = [r for r in c._logins.values() if r.login.login_id not in m.logins]
+        results = await asyncio.gather(*(c.node_login(m, r) for r in recs),
+                                       return_exceptions=True)
+        for r, res in zip(recs, results):
+            if isinstance(res, BaseException):
+                log.info("login of %s on %s failed: %s", r.login.username, m.hsm_id, res)
 
     # -- supervision -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -239,7 +251,7 @@ class Supervisor:
             # Periodic anti-entropy (CloudHSM's server-side sync): catch anything a failed
             # background copy left behind.
             for m in c.usable():
-                if m.converged and c.sync_lag(m) > 0:
+                if m.converged and m.pending_sync == 0 and c.sync_lag(m) > 0:
                     m.converged = False
 
     async def _check_member(self, m: Member, lock: asyncio.Lock) -> None:
