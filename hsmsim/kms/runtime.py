@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Mapping
+from typing import Any
 from pathlib import Path
 
 from hsmsim.cluster.api import ClusterClient
@@ -36,6 +37,26 @@ class Kms:
         self.cluster_keys = ClusterKeys(cluster)
         self.keystores = KeyStores(cluster, store, self.fleet)
         self.principals = config.principal_table()
+        start = store.get_meta("tracking_start")
+        if start is None:
+            start = repr(self.clock.now())
+            store.set_meta("tracking_start", start)
+        self.tracking_start = float(start)
+        self.last_usage: dict[str, dict[str, Any]] = store.last_usage()
+        self._usage_dirty: dict[str, dict[str, Any]] = {}
+
+    def used(self, key_id: str, op: str, when: float, event_id: str, request_id: str) -> None:
+        """Remembers a key's last successful cryptographic operation (GetKeyLastUsage)."""
+        row = {"Operation": op, "Timestamp": when, "CloudTrailEventId": event_id, "KmsRequestId": request_id}
+        self.last_usage[key_id] = row
+        self._usage_dirty[key_id] = row
+
+    def flush_usage(self) -> None:
+        # FIDELITY: usage tracking is saved by the periodic sweep, so a kill -9 may lose the
+        # last few seconds of it (keys, aliases, grants and material are committed per call).
+        if self._usage_dirty:
+            rows, self._usage_dirty = self._usage_dirty, {}
+            self.store.put_last_usage(rows)
 
     # -- identifiers ------------------------------------------------------------------------
     @property

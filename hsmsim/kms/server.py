@@ -57,6 +57,7 @@ class KmsServer:
                 await self._sweeper
         await self._runner.cleanup()
         kms = self.service.kms
+        kms.flush_usage()
         await kms.keystores.close()
         await kms.fleet.close()
         self.service.audit.close()

@@ -22,7 +22,9 @@ log = logging.getLogger("hsmsim.kms")
 
 # FIDELITY: modelled operations hsmsim does not implement answer UnsupportedOperationException.
 NOT_IMPLEMENTED = ("GetParametersForImport", "ImportKeyMaterial", "DeleteImportedKeyMaterial",
-                   "ReplicateKey", "UpdatePrimaryRegion", "DeriveSharedSecret", "GetKeyLastUsage")
+                   "ReplicateKey", "UpdatePrimaryRegion", "DeriveSharedSecret")
+TRACKED = frozenset({"Decrypt", "Encrypt", "GenerateDataKey", "GenerateDataKeyPair", "GenerateDataKeyPairWithoutPlaintext",
+                     "GenerateDataKeyWithoutPlaintext", "GenerateMac", "ReEncrypt", "Sign", "Verify", "VerifyMac"})
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,11 @@ class KmsService:
             err = wire.WireError("KMSInternalException", 500, "")
             self._audit(req, op, params, call, access_key, (err.code, "internal error"))
             return HttpResponse(err.status, err.body())
-        self._audit(req, op, params, call, access_key, None)
+        event_id = self._audit(req, op, params, call, access_key, None)
+        if op in TRACKED and call is not None:
+            when = self.kms.clock.now()
+            for arn in call.resources:
+                self.kms.used(arn.rsplit("/", 1)[1], op, when, event_id or "", req.request_id)
         return HttpResponse(200, wire.encode_response(output))
 
     def _store_quota(self, params: Mapping[str, Any]) -> None:
@@ -112,10 +118,10 @@ class KmsService:
         return cred.access_key
 
     def _audit(self, req: HttpRequest, op: str, params: Mapping[str, Any], call: Call | None,
-               access_key: str, error: tuple[str, str] | None) -> None:
+               access_key: str, error: tuple[str, str] | None) -> str | None:
         caller = call.caller if call is not None else self.kms.caller_for(None)
         try:
-            self.audit.record(
+            return self.audit.record(
                 op=op, caller_arn=caller.arn, account=caller.account, access_key=access_key,
                 region=self.kms.region, source_ip=req.source_ip,
                 user_agent=req.headers.get("User-Agent", ""), request_id=req.request_id,
@@ -124,6 +130,7 @@ class KmsService:
                 additional=call.additional if call else None)
         except OSError:
             log.error("KMS audit record could not be written (request %s)", req.request_id)
+            return None
 
     async def sweep(self) -> None:
         await sweep(self.kms)

@@ -28,6 +28,7 @@ CREATE TABLE IF NOT EXISTS grants (grant_id TEXT PRIMARY KEY, key_id TEXT NOT NU
 CREATE INDEX IF NOT EXISTS grants_key ON grants(key_id);
 CREATE TABLE IF NOT EXISTS stores (store_id TEXT PRIMARY KEY, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS last_usage (key_id TEXT PRIMARY KEY, data TEXT NOT NULL);
 """
 
 
@@ -90,6 +91,7 @@ class Store:
             self._db.execute("DELETE FROM keys WHERE key_id = ?", (key_id,))
             self._db.execute("DELETE FROM materials WHERE key_id = ?", (key_id,))
             self._db.execute("DELETE FROM grants WHERE key_id = ?", (key_id,))
+            self._db.execute("DELETE FROM last_usage WHERE key_id = ?", (key_id,))
             for name in [n for n, a in self.aliases.items() if a.key_id == key_id]:
                 self._db.execute("DELETE FROM aliases WHERE name = ?", (name,))
         self.keys.pop(key_id, None)
@@ -152,6 +154,15 @@ class Store:
     def delete_store(self, store_id: str) -> None:
         self._db.execute("DELETE FROM stores WHERE store_id = ?", (store_id,))
         self.stores.pop(store_id, None)
+
+    # -- key usage tracking -------------------------------------------------------------------
+    def last_usage(self) -> dict[str, dict[str, Any]]:
+        return {k: json.loads(d) for k, d in self._db.execute("SELECT key_id, data FROM last_usage")}
+
+    def put_last_usage(self, rows: dict[str, dict[str, Any]]) -> None:
+        with self.transaction():
+            self._db.executemany("INSERT OR REPLACE INTO last_usage VALUES (?, ?)",
+                                 [(k, json.dumps(v)) for k, v in rows.items() if k in self.keys])
 
     # -- settings ---------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:

@@ -458,6 +458,17 @@ def test_dry_run(client, key) -> None:  # type: ignore[no-untyped-def]
     assert message(exc) == "The request would have succeeded, but the DryRun option is set."
 
 
+def test_key_last_usage(client, kms: KmsEndpoint) -> None:  # type: ignore[no-untyped-def]
+    k = client.create_key()["KeyMetadata"]
+    out = client.get_key_last_usage(KeyId=k["KeyId"])
+    assert out["KeyId"] == k["Arn"] and "KeyLastUsage" not in out and out["KeyCreationDate"] >= out["TrackingStartDate"]
+    blob = client.encrypt(KeyId=k["KeyId"], Plaintext=b"x")["CiphertextBlob"]
+    rid = client.decrypt(CiphertextBlob=blob)["ResponseMetadata"]["RequestId"]
+    client.describe_key(KeyId=k["KeyId"])  # not a cryptographic operation
+    usage = client.get_key_last_usage(KeyId=k["KeyId"])["KeyLastUsage"]
+    assert usage["Operation"] == "Decrypt" and usage["KmsRequestId"] == rid and len(usage["CloudTrailEventId"]) == 36
+
+
 def test_unimplemented_operation_is_explicit(client, key) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ClientError) as exc:
         client.get_parameters_for_import(KeyId=key["KeyId"], WrappingAlgorithm="RSAES_OAEP_SHA_256",

@@ -153,5 +153,6 @@ def test_state_survives_restart(tmp_path: Path) -> None:
         assert c2.decrypt(CiphertextBlob=blob)["Plaintext"] == b"survive"
         assert [g["GrantId"] for g in c2.list_grants(KeyId=key["KeyId"])["Grants"]] == [grant["GrantId"]]
         assert len(c2.list_key_rotations(KeyId=key["KeyId"])["Rotations"]) == 1
+        assert c2.get_key_last_usage(KeyId=key["KeyId"])["KeyLastUsage"]["Operation"] == "Encrypt"
     finally:
         stop_double(ep2)

@@ -189,11 +189,20 @@ async def cancel_key_deletion(kms: Kms, call: Call, req: Request) -> Response:
     return {"KeyId": key.arn}
 
 
+async def get_key_last_usage(kms: Kms, call: Call, req: Request) -> Response:
+    key = kms.resolve(req["KeyId"])
+    call.touch(key)
+    kms.authorize(call.caller, key, "GetKeyLastUsage")
+    return {"KeyId": key.arn, "KeyCreationDate": key.created, "TrackingStartDate": kms.tracking_start,
+            "KeyLastUsage": kms.last_usage.get(key.key_id)}
+
+
 async def sweep(kms: Kms) -> None:
     """Deletes keys whose waiting period is over and rotates keys whose rotation is due.
 
     FIDELITY: runs every kms.rotation_check_seconds and after each clock move, so a key is
     deleted (or rotated) up to that long after its date."""
+    kms.flush_usage()
     now = kms.clock.now()
     for key in list(kms.store.keys.values()):
         if key.state == model.PENDING_DELETION and key.deletion_date is not None and key.deletion_date <= now:
@@ -221,5 +230,5 @@ HANDLERS: dict[str, Handler] = {
     "CreateKey": create_key, "DescribeKey": describe_key, "ListKeys": list_keys,
     "UpdateKeyDescription": update_key_description, "EnableKey": enable_key,
     "DisableKey": disable_key, "ScheduleKeyDeletion": schedule_key_deletion,
-    "CancelKeyDeletion": cancel_key_deletion,
+    "CancelKeyDeletion": cancel_key_deletion, "GetKeyLastUsage": get_key_last_usage,
 }
