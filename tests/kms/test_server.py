@@ -150,9 +150,9 @@ def test_state_survives_restart(tmp_path: Path) -> None:
     try:
         c2 = ep2.client(config=NO_RETRY)
         assert c2.describe_key(KeyId="alias/persisted")["KeyMetadata"]["Description"] == "persisted"
+        assert c2.get_key_last_usage(KeyId=key["KeyId"])["KeyLastUsage"]["Operation"] == "Encrypt"
         assert c2.decrypt(CiphertextBlob=blob)["Plaintext"] == b"survive"
         assert [g["GrantId"] for g in c2.list_grants(KeyId=key["KeyId"])["Grants"]] == [grant["GrantId"]]
         assert len(c2.list_key_rotations(KeyId=key["KeyId"])["Rotations"]) == 1
-        assert c2.get_key_last_usage(KeyId=key["KeyId"])["KeyLastUsage"]["Operation"] == "Encrypt"
     finally:
         stop_double(ep2)
