@@ -26,6 +26,11 @@ def native_version() -> str:
     return str(ffi.string(lib.hsmsim_version()).decode("ascii"))
 
 
+def libcrypto_version() -> str:
+    """The OpenSSL libcrypto the core runs on."""
+    return str(ffi.string(lib.hsmsim_libcrypto_version()).decode("ascii", "replace"))
+
+
 if native_version() != hsmsim.__version__:
     raise ImportError(
         f"hsmsim.core: the compiled core is version {native_version()!r} but the hsmsim "

@@ -65,6 +65,9 @@ typedef enum {
 /* Version string compiled into the library; must equal hsmsim.__version__. */
 const char *hsmsim_version(void);
 
+/* The libcrypto the core runs on (OpenSSL_version(OPENSSL_VERSION)), for reports. */
+const char *hsmsim_libcrypto_version(void);
+
 /* Zeroises n bytes at p in a way the compiler keeps (OPENSSL_cleanse); for scratch buffers
  * that held plaintext. */
 void hsmsim_wipe(void *p, size_t n);

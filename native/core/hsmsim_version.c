@@ -18,3 +18,8 @@ void hsmsim_wipe(void *p, size_t n)
     if (p != NULL && n > 0)
         OPENSSL_cleanse(p, n);
 }
+
+const char *hsmsim_libcrypto_version(void)
+{
+    return OpenSSL_version(OPENSSL_VERSION);
+}
