@@ -62,6 +62,7 @@ async def _cluster_bench(root: Path) -> dict[str, Any]:
     from hsmsim.daemon.main import Daemon, DaemonOptions
     from hsmsim.pkcs11.constants import Attribute, Mechanism, UserType
     from hsmsim.pkcs11.errors import Pkcs11Error
+    from hsmsim.pkcs11.attributes import Template
     from hsmsim.pkcs11.params import MechanismSpec
 
     prepare_new_cluster(StateDir(root), ["us-east-1a", "us-east-1b", "us-east-1c"], 1,
@@ -73,7 +74,7 @@ async def _cluster_bench(root: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
         login = await c.login(UserType.USER, "crypto_user", "bench-cu-password")
-        tmpl = {int(Attribute.TOKEN): True, int(Attribute.VALUE_LEN): 32,
+        tmpl: Template = {int(Attribute.TOKEN): True, int(Attribute.VALUE_LEN): 32,
                 int(Attribute.ENCRYPT): True, int(Attribute.DECRYPT): True}
         gen = MechanismSpec(int(Mechanism.AES_KEY_GEN))
         count = 0
@@ -94,9 +95,9 @@ async def _cluster_bench(root: Path) -> dict[str, Any]:
         out["keygen_failures"] = failures
 
         # signing client; one HSM killed a third of the way through
-        pub = {int(Attribute.TOKEN): True, int(Attribute.VERIFY): True,
+        pub: Template = {int(Attribute.TOKEN): True, int(Attribute.VERIFY): True,
                int(Attribute.MODULUS_BITS): 2048, int(Attribute.PUBLIC_EXPONENT): b"\x01\x00\x01"}
-        priv = {int(Attribute.TOKEN): True, int(Attribute.SIGN): True,
+        priv: Template = {int(Attribute.TOKEN): True, int(Attribute.SIGN): True,
                 int(Attribute.SENSITIVE): True}
         _, key = await c.generate_key_pair(login, MechanismSpec(int(Mechanism.RSA_PKCS_KEY_PAIR_GEN)),
                                            pub, priv, 1)

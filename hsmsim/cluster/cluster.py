@@ -110,7 +110,7 @@ class Cluster:
         return {h for h, o in self.objects.items() if o.token}
 
     def _backoff(self, attempt: int) -> float:
-        return self.config.retry_base_ms / 1000.0 * (2 ** max(0, attempt - 1))
+        return float(self.config.retry_base_ms) / 1000.0 * float(2 ** max(0, attempt - 1))
 
     @property
     def check_availability(self) -> bool:

@@ -123,6 +123,23 @@ def test_second_up_reports_the_running_daemon(cli_cluster: HsmsimCluster) -> Non
     assert "already running" in r.stderr
 
 
+def test_down_then_up_reopens_the_same_cluster(cli_cluster: HsmsimCluster) -> None:
+    c = cli_cluster
+    r = c.cli("user", "create", "--username", "carol", "--role", "crypto-user",
+              "--password", "carol-password")
+    assert r.returncode == 0, r.stderr
+    r = c.cli("down")
+    assert r.returncode == 0 and "stopped" in r.stdout
+    assert not (c.state_dir / "control.sock").exists()
+    assert not (c.state_dir / "daemon.pid").exists()
+    c.up()
+    st = c.status()
+    assert st["cluster_id"] == c.cluster_id
+    assert [h["hsm_id"] for h in st["hsms"]] == c.hsm_ids
+    users = _json(c.cli("user", "list", "--json"))
+    assert "carol" in {u["username"] for u in users}  # type: ignore[union-attr, index]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--azs", "0"], "--azs must be between 1 and 6"),
     (["--azs", "2", "--az", "us-east-1a"], "either --azs"),
