@@ -260,14 +260,16 @@ class AesGcmKey:
         )
         if not n:
             return [], []
-        if enc:
-            out_lens = [v + tag for v in in_lens]
+        delta = tag if enc else -tag
+        if in_lens.count(in_lens[0]) == n:  # all messages the same size: the common case
+            out_lens: list[int] | int = in_lens[0] + delta
+            total = n * (in_lens[0] + delta)
         else:
-            out_lens = [v - tag for v in in_lens]
-            if min(out_lens) < 0:
-                i = next(i for i, v in enumerate(out_lens) if v < 0)
-                raise ValueError(f"datas[{i}] must be at least tag_len ({tag}) bytes")
-        total = sum(out_lens)
+            out_lens = [v + delta for v in in_lens]
+            total = sum(out_lens)
+        if not enc and min(in_lens) < tag:
+            i = next(i for i, v in enumerate(in_lens) if v < tag)
+            raise ValueError(f"datas[{i}] must be at least tag_len ({tag}) bytes")
         work = total + n * _MSG_COST
         threads = min(self._threads, max(1, work // _WORK_PER_THREAD))
         status = array(INT32_CODE, bytes(4 * n))
@@ -289,7 +291,7 @@ class AesGcmKey:
             )
             if rc:
                 raise_for(rc)
-            parts = _split(ffi.buffer(out, total), out_lens)
+            parts = _split(ffi.buffer(out, total), out_lens, n)
         finally:
             if not enc:
                 lib.hsmsim_wipe(out, total)  # no plaintext left in the scratch buffer
@@ -366,13 +368,17 @@ def _unpacker(count: int, size: int) -> struct.Struct:
     return struct.Struct(f"{size}s" * count)
 
 
-def _split(blob: Any, lens: list[int]) -> list[bytes]:
-    """Cuts a buffer into consecutive bytes objects of the given lengths."""
-    first = lens[0]
-    if lens.count(first) == len(lens) and first:
-        return list(_unpacker(len(lens), first).unpack_from(blob))
+def _split(blob: Any, lens: list[int] | int, n: int) -> list[bytes]:
+    """Cuts a buffer into n consecutive bytes objects: all `lens` long (an int), or of the
+    given lengths (a list)."""
+    if isinstance(lens, int):
+        if lens == 0:
+            return [b""] * n
+        if n <= 4096:  # one cached struct format cuts them all in C
+            return list(_unpacker(n, lens).unpack_from(blob))
+        return [blob[i : i + lens] for i in range(0, n * lens, lens)]
     ends = list(accumulate(lens))
-    return [blob[e - n : e] for e, n in zip(ends, lens)]
+    return [blob[e - k : e] for e, k in zip(ends, lens)]
 
 
 __all__ = ["AesGcmKey", "InvalidTag"]
