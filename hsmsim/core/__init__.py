@@ -7,6 +7,17 @@ Errors: CoreError is the root (an hsmsim.errors.HsmsimError); InvalidTag, Invali
 and DecryptionFailed say only that authentication failed. Bad arguments raise TypeError or
 ValueError naming the argument. Importing checks that the compiled core's version equals
 hsmsim.__version__ (ImportError otherwise).
+
+Threads: keys may be shared by threads; the GIL is released in every C call. Batches
+(AesGcmKey.encrypt_batch/decrypt_batch, RsaPrivateKey.sign_batch_*) make one C call and, when
+large enough, split the work over `batch_threads` threads inside C (default up to 2; pass
+batch_threads=1 where the process shares its CPUs, as node processes do).
+
+Departures worth knowing: RSA keys must be 2048 to 4096 bits (CloudHSM's range); raw
+PKCS#1 v1.5 signatures (hash=None) need 1 to k-11 bytes of data, since OpenSSL 3.0 cannot
+verify a signature over nothing; PKCS#1 v1.5 decryption reports padding failures as
+DecryptionFailed (OpenSSL 3.0 has no implicit rejection). Python bytes given as keys or
+key components cannot be wiped; the C copies are.
 """
 
 from hsmsim.core._errors import (
