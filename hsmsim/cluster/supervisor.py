@@ -18,7 +18,7 @@ from hsmsim.cluster.members import ACTIVE, CREATE_IN_PROGRESS, DELETE_IN_PROGRES
 from hsmsim.cluster.state import HsmSpec, new_id
 from hsmsim.errors import HsmsimError
 from hsmsim.node.client import NodeUnavailable
-from hsmsim.pkcs11.constants import RV
+from hsmsim.pkcs11.constants import RV, UserType
 from hsmsim.pkcs11.errors import Pkcs11Error
 
 log = logging.getLogger("hsmsim.cluster")
@@ -139,6 +139,7 @@ class Supervisor:
                 except (NodeUnavailable, Pkcs11Error) as exc:
                     log.info("user sync to %s failed: %s", m.hsm_id, exc)
                     return
+            await self._apply_user_tombstones(m)
             # objects the member holds that the cluster does not know (e.g. the daemon died
             # between creation and its record): adopt them, the others get copies.
             for h in mine:
@@ -202,6 +203,37 @@ class Supervisor:
                     self.last_converged = time.monotonic()
         finally:
             c._reconciling.discard(m.hsm_id)
+
+    async def _apply_user_tombstones(self, m: Member) -> None:
+        """Users deleted while this member was away: delete them here too, as the admin
+        (user records merge by version, so an import alone cannot remove a user)."""
+        c = self.c
+        if not c.journal.user_tombstones or m.client is None:
+            return
+        try:
+            present = {u.username for u in await c.timed(m, m.client.list_users(None))}
+        except (NodeUnavailable, Pkcs11Error):
+            return
+        doomed = sorted(present & c.journal.user_tombstones)
+        if not doomed:
+            return
+        try:
+            info = await c.timed(m, m.client.login(UserType.SO, "admin", c.state.read_secret(
+                c.state.admin_password)))
+        except (HsmsimError, NodeUnavailable) as exc:
+            log.info("cannot remove deleted users %s from %s: %s", doomed, m.hsm_id, exc)
+            return
+        try:
+            for name in doomed:
+                try:
+                    await c.timed(m, m.client.delete_user(info.login_id, name))
+                except Pkcs11Error as exc:
+                    log.info("deleting user %s on %s: %s", name, m.hsm_id, exc)
+        finally:
+            try:
+                await c.timed(m, m.client.logout(info.login_id))
+            except (NodeUnavailable, Pkcs11Error):
+                pass
 
     async def _prelogin(self, m: Member) -> None:
         """Log every application in on a member before it takes traffic again, so that no

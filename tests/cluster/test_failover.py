@@ -129,3 +129,27 @@ def test_throttled_node_is_retried_with_backoff(fresh3: Harness) -> None:
         for hid in h.hsm_ids:
             h.call(h.sup.set_fault(hid, throttle_rps=0))
     h.call(h.cluster.logout(login))
+
+
+def test_user_changes_reach_a_node_that_was_away(fresh3: Harness) -> None:
+    from hsmsim.pkcs11.constants import UserType
+    h = fresh3
+    co = h.login("admin", "admin-password-1", UserType.SO)
+    h.call(h.cluster.create_user(co, "dave", "crypto-user", "dave-password"))
+    h.call(h.cluster.create_user(co, "erin", "crypto-user", "erin-password"))
+    victim = h.hsm_ids[1]
+    h.call(h.sup.partition(victim))
+    h.call(h.cluster.delete_user(co, "dave"))
+    h.call(h.cluster.change_password(co, "erin", "erin-new-password"))
+    h.call(h.cluster.create_user(co, "frank", "crypto-user", "frank-password"))
+    users = {u["username"]: u for u in h.call(h.cluster.list_users_cluster())}
+    assert "dave" not in users and users["frank"]["cluster-coverage"] == "full"
+    h.call(h.sup.heal(victim))
+    h.wait_converged(30)
+    m = h.cluster.members[victim]
+    names = {u.username for u in h.call(m.client.list_users(None))}  # type: ignore[union-attr]
+    assert "frank" in names and "dave" not in names
+    # erin's new password works on the returning HSM
+    info = h.call(m.client.login(UserType.USER, "erin", "erin-new-password"))  # type: ignore[union-attr]
+    assert info.login_id
+    h.call(h.cluster.logout(co))
