@@ -63,6 +63,7 @@ class Member:
         self.last_error: str | None = None
         self.restarts = 0
         self.start_failures = 0
+        self.ping_failures = 0
         self.inflight = 0  # node requests awaiting an answer (load-aware placement)
         self.sync_window = asyncio.Semaphore(4)  # background key-sync copies in flight
         self.pending_sync = 0  # background copies queued or running
@@ -186,6 +187,7 @@ class Member:
         self.generation += 1
         self.logins.clear()
         self.converged = False
+        self.ping_failures = 0
         self.down_since = None
         if self.hsm_state in (CREATE_IN_PROGRESS, DEGRADED):
             self.hsm_state = ACTIVE

@@ -318,8 +318,16 @@ class Supervisor:
             else:
                 try:
                     await asyncio.wait_for(m.client.ping(), max(2.0, c.config.health_interval_s * 4))  # type: ignore[union-attr]
-                except (asyncio.TimeoutError, NodeUnavailable, Pkcs11Error) as exc:
-                    m.mark_down(f"health check failed: {exc or 'timeout'}")
+                    m.ping_failures = 0
+                except asyncio.TimeoutError:
+                    # A slow answer on a busy machine is not a failure yet: two in a row are.
+                    m.ping_failures += 1
+                    if m.ping_failures >= 2:
+                        m.mark_down("health check: no answer")
+                        c._drop_session_objects(m)
+                    return
+                except (NodeUnavailable, Pkcs11Error) as exc:
+                    m.mark_down(f"health check failed: {exc}")
                     c._drop_session_objects(m)
                     return
         if m.usable and not m.converged:
