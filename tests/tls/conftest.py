@@ -125,3 +125,25 @@ def strict_cluster(tmp_path: Path) -> Iterator[Backend]:
                       {"HSMSIM_SOCKET": env["HSMSIM_SOCKET"]}, cluster)
     finally:
         cluster.down()  # type: ignore[attr-defined]
+
+
+@dataclasses.dataclass
+class Kits:
+    """The kits most tests share, made once per backend: an RSA-2048 key certified by the
+    local CA for `localhost` (served by nginx), and a self-signed EC P-384 one."""
+
+    backend: Backend
+    rsa: Kit
+    ec: Kit
+    port: int
+
+
+@pytest.fixture(scope="session")
+def kits(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Kits:
+    root = tmp_path_factory.mktemp(f"kits-{backend.name}")
+    port = free_port()
+    rsa = backend.init(root / "rsa", "--cn", "localhost", "--key", "rsa2048", "--issuer", "ca",
+                       "--san", "127.0.0.1", "--port", str(port))
+    ec = backend.init(root / "ec", "--cn", "ec.example.test", "--key", "ec-p384",
+                      "--issuer", "self")
+    return Kits(backend, rsa, ec, port)

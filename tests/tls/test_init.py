@@ -13,14 +13,16 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from hsmsim.tls.kit import Kit
 from hsmsim.tls.servers import kit_environ
 from hsmsim.tls.uri import Pkcs11Uri
 
-from .conftest import Backend
+from .conftest import Backend, Kits
 
 
 def _openssl(kit: Kit, *args: str, data: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -44,11 +46,7 @@ def _load(path: str) -> list[x509.Certificate]:
     return x509.load_pem_x509_certificates(Path(path).read_bytes())
 
 
-@pytest.mark.parametrize("key, issuer", [("rsa2048", "self"), ("ec-p256", "ca"),
-                                         ("ec-p384", "self")])
-def test_kit_files_are_valid(backend: Backend, tmp_path: Path, key: str, issuer: str) -> None:
-    kit = backend.init(tmp_path / "kit", "--cn", "web.example.test", "--key", key,
-                       "--issuer", issuer, "--san", "127.0.0.1")
+def _check_kit(kit: Kit, backend: Backend, issuer: str, cn: str) -> None:
     cert, = _load(kit.files["cert"])
     # The certificate carries the token's public key, as the engine reads it through the URI.
     assert _engine_public_key(kit) == _spki(cert)
@@ -59,13 +57,14 @@ def test_kit_files_are_valid(backend: Backend, tmp_path: Path, key: str, issuer:
     else:
         ca, = _load(kit.files["chain"])
         cert.verify_directly_issued_by(ca)
-        assert ca.subject == x509.load_pem_x509_certificate(
-            (backend.state / "tls" / "ca" / "ca.crt").read_bytes()).subject
+        assert ca == x509.load_pem_x509_certificate(
+            (backend.state / "tls" / "ca" / "ca.crt").read_bytes())
         assert _load(kit.files["fullchain"]) == [cert, ca]
-        csr = x509.load_pem_x509_csr(Path(kit.files["csr"]).read_bytes())
-        assert csr.is_signature_valid and _spki(cert) == csr.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    assert cert.subject.rfc4514_string() == "CN=web.example.test"
+    # Either way the request was signed by the token key (proof of possession).
+    csr = x509.load_pem_x509_csr(Path(kit.files["csr"]).read_bytes())
+    assert csr.is_signature_valid and _spki(cert) == csr.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert cert.subject.rfc4514_string() == f"CN={cn}"
     # The URI round-trips and names exactly this key.
     uri = Pkcs11Uri.parse(kit.uri)
     assert str(uri) == kit.uri
@@ -74,23 +73,35 @@ def test_kit_files_are_valid(backend: Backend, tmp_path: Path, key: str, issuer:
     assert uri.pin_value is None and uri.pin_source is None
 
 
-def test_engine_signs_with_the_token_key(backend: Backend, tmp_path: Path) -> None:
-    kit = backend.init(tmp_path / "kit", "--cn", "sign.test", "--key", "rsa2048")
+def test_ca_signed_rsa_kit_is_valid(kits: Kits) -> None:
+    _check_kit(kits.rsa, kits.backend, "ca", "localhost")
+    assert isinstance(_load(kits.rsa.files["cert"])[0].public_key(), rsa.RSAPublicKey)
+
+
+def test_self_signed_ec_kit_is_valid(kits: Kits) -> None:
+    _check_kit(kits.ec, kits.backend, "self", "ec.example.test")
+    public = _load(kits.ec.files["cert"])[0].public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name == "secp384r1"
+
+
+def test_engine_signs_with_the_token_key(kits: Kits) -> None:
+    kit = kits.rsa
     public = x509.load_pem_x509_certificate(Path(kit.files["cert"]).read_bytes()).public_key()
     assert isinstance(public, rsa.RSAPublicKey)
     digest = hashlib.sha256(b"signed through the openssl.cnf of the kit").digest()
     r = _openssl(kit, "pkeyutl", "-sign", "-engine", "pkcs11", "-keyform", "engine",
                  "-inkey", kit.uri, "-pkeyopt", "digest:sha256", data=digest)
     assert r.returncode == 0, r.stderr.decode()
-    public.verify(r.stdout, digest, padding.PKCS1v15(),
-                  __import__("cryptography.hazmat.primitives.asymmetric.utils",
-                             fromlist=["Prehashed"]).Prehashed(hashes.SHA256()))
+    public.verify(r.stdout, digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+    with pytest.raises(InvalidSignature):
+        public.verify(r.stdout, hashlib.sha256(b"other").digest(), padding.PKCS1v15(),
+                      Prehashed(hashes.SHA256()))
 
 
-def test_openssl_cnf_loads_the_engine_with_the_module(backend: Backend, tmp_path: Path) -> None:
-    kit = backend.init(tmp_path / "kit", "--cn", "cnf.test", "--key", "ec-p256")
+def test_openssl_cnf_loads_the_engine_with_the_module(kits: Kits) -> None:
+    kit = kits.ec
     text = Path(kit.files["openssl_cnf"]).read_text()
-    assert f"MODULE_PATH = {backend.module}" in text
+    assert f"MODULE_PATH = {kits.backend.module}" in text
     r = _openssl(kit, "engine", "-t", "-c", "pkcs11")
     assert r.returncode == 0 and b"[ available ]" in r.stdout, r.stdout + r.stderr
     # The PIN comes from the environment only: without it the key cannot be reached.
@@ -101,8 +112,8 @@ def test_openssl_cnf_loads_the_engine_with_the_module(backend: Backend, tmp_path
     assert b"BEGIN PUBLIC KEY" not in r2.stdout and b"not found" in r2.stderr
 
 
-def test_private_key_is_a_non_extractable_token_key(backend: Backend, tmp_path: Path) -> None:
-    kit = backend.init(tmp_path / "kit", "--cn", "attrs.test", "--key", "ec-p256")
+def test_private_key_is_a_non_extractable_token_key(kits: Kits) -> None:
+    backend, kit = kits.backend, kits.rsa
     env = {**os.environ, **backend.module_env}
     r = subprocess.run(["pkcs11-tool", "--module", str(backend.module), "--token-label",
                         backend.token, "--login", "--pin", backend.pin, "--list-objects",
@@ -118,22 +129,18 @@ def test_private_key_is_a_non_extractable_token_key(backend: Backend, tmp_path: 
     assert usage is not None and "sign" in usage.group(1)
 
 
-def test_no_pin_in_the_kit_and_pin_file_private(backend: Backend, tmp_path: Path) -> None:
-    kit = backend.init(tmp_path / "kit", "--cn", "secret.test")
-    password = backend.pin.split(":", 1)[-1]
-    for path in Path(kit.out_dir).iterdir():
-        assert password.encode() not in path.read_bytes(), path.name
-    mode = stat.S_IMODE(Path(kit.pin_file).stat().st_mode)
-    assert mode == 0o600
-    assert Path(kit.pin_file).read_text().strip() == backend.pin
-    env_sh = Path(kit.files["env"]).read_text()
-    assert f"cat {kit.pin_file}" in env_sh
+def test_no_pin_in_the_kit_and_pin_file_private(kits: Kits) -> None:
+    password = kits.backend.pin.split(":", 1)[-1]
+    for kit in (kits.rsa, kits.ec):
+        for path in Path(kit.out_dir).iterdir():
+            if path.is_file():
+                assert password.encode() not in path.read_bytes(), path.name
+        assert stat.S_IMODE(Path(kit.pin_file).stat().st_mode) == 0o600
+        assert Path(kit.pin_file).read_text().strip() == kits.backend.pin
+        assert f"cat {kit.pin_file}" in Path(kit.files["env"]).read_text()
 
 
-def test_two_inits_make_distinct_keys(backend: Backend, tmp_path: Path) -> None:
-    a = backend.init(tmp_path / "a", "--cn", "same.test", "--key", "ec-p256")
-    b = backend.init(tmp_path / "b", "--cn", "same.test", "--key", "ec-p256")
+def test_each_init_makes_its_own_key(kits: Kits) -> None:
+    a, b = kits.rsa, kits.ec
     assert a.uri != b.uri and a.label != b.label and a.key_id != b.key_id
     assert _engine_public_key(a) != _engine_public_key(b)
-    cert_a, = _load(a.files["cert"])
-    assert isinstance(cert_a.public_key(), ec.EllipticCurvePublicKey)
