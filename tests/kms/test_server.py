@@ -156,3 +156,30 @@ def test_state_survives_restart(tmp_path: Path) -> None:
         assert len(c2.list_key_rotations(KeyId=key["KeyId"])["Rotations"]) == 1
     finally:
         stop_double(ep2)
+
+
+def test_concurrent_requests_are_safe(kms_double: KmsEndpoint) -> None:
+    """Many clients at once: aliases are unique, rotations are counted, nothing fails."""
+    from concurrent.futures import ThreadPoolExecutor
+    c = kms_double.client(config=NO_RETRY)
+    key = c.create_key()["KeyMetadata"]["KeyId"]
+
+    def worker(i: int) -> list[str]:
+        cl = kms_double.client(config=NO_RETRY)
+        outcomes = []
+        for j in range(10):
+            blob = cl.encrypt(KeyId=key, Plaintext=b"%d-%d" % (i, j), EncryptionContext={"i": str(i)})["CiphertextBlob"]
+            assert cl.decrypt(CiphertextBlob=blob, EncryptionContext={"i": str(i)})["Plaintext"] == b"%d-%d" % (i, j)
+            try:
+                cl.create_alias(AliasName=f"alias/race-{j}", TargetKeyId=key)
+                outcomes.append("created")
+            except ClientError as exc:
+                outcomes.append(exc.response["Error"]["Code"])
+        cl.rotate_key_on_demand(KeyId=key)
+        return outcomes
+
+    with ThreadPoolExecutor(8) as pool:
+        results = [o for r in pool.map(worker, range(8)) for o in r]
+    assert results.count("created") == 10 and results.count("AlreadyExistsException") == 70
+    assert len(c.list_key_rotations(KeyId=key)["Rotations"]) == 8
+    assert len([a for a in c.list_aliases(KeyId=key)["Aliases"]]) == 10
