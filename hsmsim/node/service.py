@@ -708,8 +708,8 @@ class NodeService:
 
     async def encrypt(self, conn: Conn, f: Fields) -> dict[str, Any]:
         login = self.cu_of(conn, f)
-        r = self.usable(login, f.handle(), A.ENCRYPT)
         mech, data = f.mech(), f.bytes("data")
+        r = self.usable(login, f.handle(), A.ENCRYPT)
         m = mech.mechanism
         if m in engine.GCM_MECHS:
             self._check_key_type(r, ObjectClass.SECRET_KEY, KeyType.AES)
@@ -734,8 +734,8 @@ class NodeService:
 
     async def decrypt(self, conn: Conn, f: Fields) -> bytes:
         login = self.cu_of(conn, f)
-        r = self.usable(login, f.handle(), A.DECRYPT)
         mech, data = f.mech(), f.bytes("data")
+        r = self.usable(login, f.handle(), A.DECRYPT)
         m = mech.mechanism
         if m in engine.GCM_MECHS:
             self._check_key_type(r, ObjectClass.SECRET_KEY, KeyType.AES)
@@ -783,8 +783,8 @@ class NodeService:
 
     async def sign(self, conn: Conn, f: Fields) -> bytes:
         login = self.cu_of(conn, f)
-        r = self.usable(login, f.handle(), A.SIGN)
         mech, data = f.mech(), f.bytes("data")
+        r = self.usable(login, f.handle(), A.SIGN)
         if mech.mechanism in engine.RSA_SIGN_MECHS:
             self._check_key_type(r, ObjectClass.PRIVATE_KEY, KeyType.RSA)
             priv = await self._rsa_private(r)
@@ -798,8 +798,8 @@ class NodeService:
 
     async def verify(self, conn: Conn, f: Fields) -> None:
         login = self.cu_of(conn, f)
-        r = self.usable(login, f.handle(), A.VERIFY)
         mech, data, sig = f.mech(), f.bytes("data"), f.bytes("signature")
+        r = self.usable(login, f.handle(), A.VERIFY)
         if mech.mechanism in engine.RSA_SIGN_MECHS:
             self._check_key_type(r, ObjectClass.PUBLIC_KEY, KeyType.RSA)
             pub = await self._rsa_public(r)
