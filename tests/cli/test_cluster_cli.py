@@ -185,3 +185,64 @@ def test_commands_without_a_daemon(tmp_path: Path) -> None:
     assert r.returncode == 1 and "hsmsim up" in r.stderr
     r = run_cli(["down", "--state", str(tmp_path / "none")])
     assert r.returncode == 0
+
+
+def test_foreground_up_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+    from hsmsim.testing.cluster import CLI, free_port
+    state = tmp_path / "fg"
+    state.mkdir()
+    (state / "hsmsim.toml").write_text(f"[kms]\nport = {free_port()}\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    p = subprocess.Popen([*CLI, "up", "--azs", "2", "--state", str(state)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = p.stdout.readline()  # type: ignore[union-attr]
+            if not line:
+                break
+            lines.append(line)
+            if "running" in line:
+                break
+        out = "".join(lines)
+        assert "export HSMSIM_PIN=" in out and "is ready" in out, out + p.stderr.read()  # type: ignore[union-attr]
+        pids = [int((state / "nodes" / d / "node.pid").read_text())
+                for d in os.listdir(state / "nodes")]
+        p.send_signal(signal.SIGINT)
+        assert p.wait(30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert not (state / "control.sock").exists() and not (state / "daemon.pid").exists()
+    for pid in pids:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"node {pid} still runs after Ctrl-C")
+    _ = sys
+
+
+def test_backup_restore_from_the_cli(cli_cluster: HsmsimCluster, tmp_path: Path) -> None:
+    c = cli_cluster
+    bid = json.loads(c.cli("backup", "create", "--json").stdout)["backup_id"]
+    target = tmp_path / "restored"
+    r = c.cli("backup", "restore", bid, "--target", str(target))
+    assert r.returncode == 0, r.stderr
+    assert f"hsmsim up --state {target}" in r.stdout
+    spec = json.loads((target / "cluster.json").read_text())
+    assert spec["cluster_id"] != c.cluster_id and spec["source_backup_id"] == bid
+    r = c.cli("backup", "restore", bid, "--target", str(target))
+    assert r.returncode == 1 and "not empty" in r.stderr
+    r = c.cli("backup", "restore", "backup-nosuchbackup", "--target", str(tmp_path / "x"))
+    assert r.returncode == 1 and "no backup" in r.stderr
+    assert not (tmp_path / "x").exists()
