@@ -91,8 +91,8 @@ class KeyStores:
 
     # -- connection state machine -------------------------------------------------------------
     # FIDELITY: connecting takes well under a second here (AWS: up to 20 minutes). USER_LOGGED_IN
-    # is reported only when the cluster refuses kmsuser's login or password change because it
-    # is logged in elsewhere (CKR_USER_ALREADY_LOGGED_IN / CKR_USER_ANOTHER_ALREADY_LOGGED_IN).
+    # needs the cluster to report kmsuser's other logins (`UserInfo.logged_in`), or to refuse
+    # its login / password change with CKR_USER_(ANOTHER_)ALREADY_LOGGED_IN.
     def start_connect(self, store_id: str) -> None:
         s = self._store.stores[store_id]
         self._store.put_store(replace(s, state=CONNECTING, error_code=None))
@@ -113,6 +113,8 @@ class KeyStores:
             return await self._fail(store_id, "CLUSTER_NOT_FOUND")
         if not active_hsms(info):
             return await self._fail(store_id, "INSUFFICIENT_CLOUDHSM_HSMS")
+        if await self._logged_in_elsewhere():
+            return await self._fail(store_id, "USER_LOGGED_IN")
         login: Login | None = None
         for password in (s.password, *( [s.pending_password] if s.pending_password else [])):
             try:
@@ -157,6 +159,16 @@ class KeyStores:
         if rv in (RV.DEVICE_ERROR, RV.DEVICE_REMOVED, RV.TOKEN_NOT_PRESENT):
             return "INSUFFICIENT_CLOUDHSM_HSMS"
         return "INTERNAL_ERROR"
+
+    async def _logged_in_elsewhere(self) -> bool:
+        """Whether kmsuser has a login in the cluster already. Uses `UserInfo.logged_in` (a count)
+        when the cluster reports it; a cluster that does not is taken to say no."""
+        try:
+            login = await self._fleet.any_login()
+            users = await self._cluster.list_users(login)
+        except Exception:
+            return False
+        return any(u.username == KMS_USER and int(getattr(u, "logged_in", 0) or 0) > 0 for u in users)
 
     async def _user_missing(self) -> bool:
         try:

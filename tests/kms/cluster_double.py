@@ -27,6 +27,12 @@ class _User:
     role: str
     password: str
     failed: int = 0
+    external_logins: int = 0  # logins by applications other than the KMS
+
+
+@dataclass(frozen=True)
+class _UserInfoWithLogins(UserInfo):
+    logged_in: int = 0
 
 
 @dataclass
@@ -131,7 +137,9 @@ class InMemoryClusterDouble:
 
     async def list_users(self, login: Login) -> list[UserInfo]:
         self._check(login)
-        return [UserInfo(n, u.role, u.failed >= 5, u.failed) for n, u in self.users.items()]
+        return [_UserInfoWithLogins(n, u.role, u.failed >= 5, u.failed,
+                                    sum(1 for g in self.logins.values() if g.username == n) + u.external_logins)
+                for n, u in self.users.items()]
 
     async def get_attributes(self, login: Login, handle: int, attrs: Sequence[int]) -> list[AttributeResult]:
         raise NotImplementedError

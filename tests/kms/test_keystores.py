@@ -203,6 +203,12 @@ def test_connect_failures(client: Any, kms: KmsEndpoint, store: str) -> None:
         assert s["ConnectionErrorCode"] == "USER_LOCKED_OUT"
         client.disconnect_custom_key_store(CustomKeyStoreId=store)
         saved.failed = 0
+        saved.external_logins = 1  # another application is logged in as kmsuser
+        client.connect_custom_key_store(CustomKeyStoreId=store)
+        s = wait_state(client, store, {"FAILED", "CONNECTED"})
+        assert s["ConnectionErrorCode"] == "USER_LOGGED_IN"
+        client.disconnect_custom_key_store(CustomKeyStoreId=store)
+        saved.external_logins = 0
         hsms = list(kms.double.hsms)
         kms.double.hsms = [h.__class__(h.hsm_id, h.az, "DELETED", 0, 0, None) for h in hsms]
         client.connect_custom_key_store(CustomKeyStoreId=store)
