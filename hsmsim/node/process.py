@@ -97,6 +97,7 @@ class Node:
 
     def __init__(self, opts: NodeOptions, config: NodeConfig) -> None:
         validate(opts)
+        os.umask(0o077)  # every file the node writes (index, audit, token) is private
         self.opts = opts
         self.config = config
         self.dir = node_dir(opts.state, opts.hsm_id)
