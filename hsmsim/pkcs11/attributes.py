@@ -88,7 +88,7 @@ def encode(attr: int, value: AttrValue) -> bytes:
         assert isinstance(value, int)
         return ULONG.pack(value)
     if kind is Kind.STRING:
-        return value.encode("utf-8") if isinstance(value, str) else bytes(value)  # type: ignore[arg-type]
+        return value.encode("utf-8") if isinstance(value, str) else bytes(value)
     if kind is Kind.MECHANISMS:
         assert isinstance(value, list)
         return b"".join(ULONG.pack(m) for m in value)
