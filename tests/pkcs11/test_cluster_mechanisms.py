@@ -208,8 +208,9 @@ def test_wrap_unwrap(session: pkcs11.Session, rsa_pair) -> None:  # type: ignore
     del h
 
 
-def test_find_and_attributes(session: pkcs11.Session, rsa_pair, ec_pairs) -> None:  # type: ignore[no-untyped-def]
+def test_find_and_attributes(cluster, session: pkcs11.Session, rsa_pair, ec_pairs) -> None:  # type: ignore[no-untyped-def]
     pub, priv = rsa_pair
+    cluster.wait_converged(30)  # a search may go to an HSM the key has not reached yet
     found = list(session.get_objects({Attribute.LABEL: "p11-rsa"}))
     assert {o.object_class for o in found} == {ObjectClass.PUBLIC_KEY, ObjectClass.PRIVATE_KEY}
     assert len(pub[Attribute.MODULUS]) == 256
