@@ -143,3 +143,12 @@ def read(state_dir: Path) -> Iterator[dict[str, Any]]:
                 yield json.loads(line)
             except ValueError:
                 continue
+
+
+def summary(rec: Mapping[str, Any]) -> str:
+    """One human-readable line for a record (what `hsmsim audit --kms` can print on a terminal):
+    time, event, outcome, caller, resources."""
+    outcome = "OK" if "errorCode" not in rec else f"{rec['errorCode']}: {rec.get('errorMessage', '')}".rstrip(": ")
+    who = (rec.get("userIdentity") or {}).get("arn", "")
+    res = ",".join(r.get("ARN", "") for r in rec.get("resources") or [])
+    return f"{rec.get('eventTime', '')} {rec.get('eventName', '')} {outcome} by={who}" + (f" on={res}" if res else "")

@@ -127,6 +127,9 @@ def test_audit_trail_has_no_secrets(tmp_path: Path) -> None:
         assert records[2]["requestParameters"]["encryptionAlgorithm"] == "SYMMETRIC_DEFAULT"
         assert records[3]["errorCode"] == "InvalidCiphertextException"
         assert records[4]["errorCode"] == "IncorrectTrustAnchorException"
+        line = audit.summary(records[1])
+        assert " Encrypt OK by=arn:aws:iam::111122223333:root on=" + key["Arn"] in line
+        assert "InvalidCiphertextException" in audit.summary(records[3])
         raw = (tmp_path / "kms" / "audit.jsonl").read_text()
         for needle in ("TOP-SECRET", "VE9QLVNFQ1JFVC", "Sup3rSecretPw", "BEGIN CERTIFICATE"):
             assert needle not in raw
