@@ -32,7 +32,7 @@ CA_KEY = "ca.key"
 CA_CERT = "ca.crt"
 CA_NAME = "hsmsim local TLS CA"
 
-_HASHES: dict[str, hashes.HashAlgorithm] = {
+_HASHES: dict[str, hashes.SHA256 | hashes.SHA384 | hashes.SHA512] = {
     "sha256": hashes.SHA256(), "sha384": hashes.SHA384(), "sha512": hashes.SHA512()}
 
 

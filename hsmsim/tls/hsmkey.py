@@ -81,6 +81,7 @@ class TokenSession:
         # Keys made in this session, by id: used by handle rather than found again, since a
         # search right after creation may reach an HSM the key has not been copied to yet.
         self._made: dict[bytes, Any] = {}
+        self._made_public: dict[bytes, Any] = {}
 
     def generate(self, spec: KeySpec, label: str, key_id: bytes) -> PublicKey:
         """Makes a token key pair: the private key sensitive, non-extractable, able to sign
@@ -111,7 +112,20 @@ class TokenSession:
         except pkcs11.PKCS11Error as exc:
             raise _pkcs11_error(f"generating the {spec.name} key pair", exc) from None
         self._made[key_id] = _priv
+        self._made_public[key_id] = pub
         return _public_key(pub, spec)
+
+    def destroy(self, key_id: bytes) -> None:
+        """Deletes a key pair made in this session (rolling back a failed `tls init`)."""
+        import pkcs11
+
+        for table in (self._made, self._made_public):
+            obj = table.pop(key_id, None)
+            if obj is not None:
+                try:
+                    obj.destroy()
+                except pkcs11.PKCS11Error:
+                    pass
 
     def _private(self, key_id: bytes) -> Any:
         import pkcs11
@@ -169,7 +183,7 @@ class TokenSession:
 
 def _public_key(pub: Any, spec: KeySpec) -> PublicKey:
     from pkcs11 import Attribute
-    from pkcs11.util.ec import OctetString  # asn1crypto, a python-pkcs11 dependency
+    from asn1crypto.core import OctetString  # type: ignore[import-untyped, unused-ignore]
 
     if spec.is_rsa:
         n = int.from_bytes(bytes(pub[Attribute.MODULUS]), "big")
@@ -188,12 +202,12 @@ def read_only_sessions_refused(ref: TokenRef) -> bool:
     forever, so servers using the engine hang at start against such a token."""
     import pkcs11
 
-    lib = pkcs11.lib(str(ref.module))
     try:
+        lib = pkcs11.lib(str(ref.module))
         session = lib.get_token(token_label=ref.token).open(rw=False)
     except pkcs11.FunctionFailed:
         return True
-    except pkcs11.PKCS11Error:
+    except (pkcs11.PKCS11Error, RuntimeError, OSError):
         return False
     session.close()
     return False

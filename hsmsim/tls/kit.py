@@ -17,11 +17,13 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from hsmsim.tls import certs
 from hsmsim.tls.errors import TlsError
-from hsmsim.tls.hsmkey import KeySpec, TokenRef, open_session, read_only_sessions_refused
+from hsmsim.tls.hsmkey import (KeySpec, PublicKey, TokenRef, TokenSession, open_session,
+                               read_only_sessions_refused)
 from hsmsim.tls.uri import Pkcs11Uri
 
 TOKEN_LABEL = "hsm1"  # the one token the hsmsim module exposes, as CloudHSM's library does
@@ -194,25 +196,59 @@ def init_kit(req: KitRequest) -> Kit:
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, req.cn)])
     spec = req.spec
     with open_session(req.target.token_ref()) as session:
+        warnings = _session_warnings(req)
         public_key = session.generate(spec, label, key_id)
-        def signer(tbs: bytes) -> bytes:
-            return session.sign(key_id, spec, tbs)
-        csr = certs.sign_csr(subject, public_key, spec, signer)
-        if ca is None:
-            builder = certs.leaf_builder(req.cn, public_key, subject, req.days, req.sans, None)
-            cert = certs.sign_certificate(builder, spec, signer)
-            certs.verify_signed_by(cert, cert)
-            chain: tuple[x509.Certificate, ...] = (cert,)
-            full: tuple[x509.Certificate, ...] = (cert,)
-        else:
-            builder = certs.leaf_builder(req.cn, public_key, ca.cert.subject, req.days,
-                                         req.sans, ca.cert.public_key())  # type: ignore[arg-type]
-            cert = ca.issue(builder)
-            certs.verify_signed_by(cert, ca.cert)
-            chain, full = (ca.cert,), (cert, ca.cert)
-    if cert.public_key() != public_key:
-        raise TlsError("internal error: the certificate does not carry the token's public key")
+        try:
+            cert, chain, full, csr = _certify(req, session, key_id, subject, public_key, ca)
+            if cert.public_key() != public_key:
+                raise TlsError("internal error: the certificate does not carry the token's "
+                               "public key")
+            return _write_kit(req, engine, out, label, key_id, cert, chain, full, csr,
+                              warnings)
+        except BaseException:
+            session.destroy(key_id)  # never leave a half-made identity behind
+            raise
 
+
+def _session_warnings(req: KitRequest) -> list[str]:
+    if not read_only_sessions_refused(req.target.token_ref()):
+        return []
+    fix = (f"set `quirk_ro_session_fails = false` under [gateway] in "
+           f"{req.state_dir / 'hsmsim.toml'} and restart the cluster (hsmsim down; hsmsim up)"
+           if req.target.kind == "hsmsim" else "use a module that allows them")
+    return ["the token refuses read-only sessions (CKR_FUNCTION_FAILED, as CloudHSM does) and "
+            f"the OpenSSL pkcs11 engine opens them, so servers would hang at start: {fix}"]
+
+
+def _certify(req: KitRequest, session: TokenSession, key_id: bytes, subject: x509.Name,
+             public_key: PublicKey, ca: certs.LocalCa | None
+             ) -> tuple[x509.Certificate, tuple[x509.Certificate, ...],
+                        tuple[x509.Certificate, ...], x509.CertificateSigningRequest]:
+    spec = req.spec
+
+    def signer(tbs: bytes) -> bytes:
+        return session.sign(key_id, spec, tbs)
+
+    csr = certs.sign_csr(subject, public_key, spec, signer)
+    if ca is None:
+        builder = certs.leaf_builder(req.cn, public_key, subject, req.days, req.sans, None)
+        cert = certs.sign_certificate(builder, spec, signer)
+        certs.verify_signed_by(cert, cert)
+        return cert, (cert,), (cert,), csr
+    issuer_key = ca.cert.public_key()
+    assert isinstance(issuer_key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey))
+    builder = certs.leaf_builder(req.cn, public_key, ca.cert.subject, req.days, req.sans,
+                                 issuer_key)
+    cert = ca.issue(builder)
+    certs.verify_signed_by(cert, ca.cert)
+    return cert, (ca.cert,), (cert, ca.cert), csr
+
+
+def _write_kit(req: KitRequest, engine: Path, out: Path, label: str, key_id: bytes,
+               cert: x509.Certificate, chain: tuple[x509.Certificate, ...],
+               full: tuple[x509.Certificate, ...],
+               csr: x509.CertificateSigningRequest, warnings: list[str]) -> Kit:
+    spec = req.spec
     uri = Pkcs11Uri(token=req.target.token, object=label, id=key_id, type="private")
     out.mkdir(parents=True, exist_ok=True)
     files = {
@@ -235,14 +271,6 @@ def init_kit(req: KitRequest) -> Kit:
     files["s_server"].write_text(render_s_server(str(uri), files, req.port))
     for script in ("env", "nginx_sh", "s_server"):
         os.chmod(files[script], 0o755)
-    warnings = []
-    if read_only_sessions_refused(req.target.token_ref()):
-        fix = ("set `quirk_ro_session_fails = false` under [gateway] in "
-               f"{req.state_dir / 'hsmsim.toml'} and restart the cluster (hsmsim down; hsmsim up)"
-               if req.target.kind == "hsmsim" else "use a module that allows them")
-        warnings.append("the token refuses read-only sessions (CKR_FUNCTION_FAILED, as CloudHSM "
-                        "does) and the OpenSSL pkcs11 engine opens them, so servers would hang "
-                        f"at start: {fix}")
     kit = Kit(cn=req.cn, key=spec.name, label=label, key_id=key_id.hex(), uri=str(uri),
               pin_file=str(req.target.pin_file), issuer=req.issuer, module=str(req.target.module),
               token=req.target.token, out_dir=str(out),
@@ -281,7 +309,8 @@ def render_env_sh(env: Mapping[str, str], secret_env: Mapping[str, Path]) -> str
     lines = ["# Environment for OpenSSL and nginx using this kit: `. ./env.sh`"]
     lines += [f"export {name}={shlex.quote(value)}" for name, value in env.items()]
     for name, path in secret_env.items():
-        lines += [f"{name}=\"$(cat {shlex.quote(str(path))})\" && export {name}  # PIN stays in the file",
+        quoted = shlex.quote(str(path))
+        lines += [f'{name}="$(cat {quoted})" && export {name}  # the PIN stays in that file',
                   f'[ -n "${name}" ] || echo "env.sh: no PIN in {path}" >&2']
     return "\n".join(lines) + "\n"
 

@@ -7,6 +7,7 @@ Only the attributes the kit and libp11 use are modelled: path attributes `token`
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 from urllib.parse import quote, unquote_to_bytes
 
 from hsmsim.tls.errors import TlsError
@@ -45,8 +46,8 @@ class Pkcs11Uri:
             raise TlsError(f"PKCS#11 URI type must be one of {', '.join(OBJECT_TYPES)}, "
                            f"not {self.type!r}")
 
-    def replace(self, **changes: object) -> "Pkcs11Uri":
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+    def replace(self, **changes: Any) -> Pkcs11Uri:
+        return dataclasses.replace(self, **changes)
 
     def without_secrets(self) -> "Pkcs11Uri":
         """The same URI without pin-value (pin-source names a file, not the PIN, and stays)."""
