@@ -13,6 +13,7 @@ operations layer turns them into KMS errors."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -131,11 +132,11 @@ class LiveKey:
         self._gcm: AesGcmKey | None = None
         self._rsa: RsaPrivateKey | None = None
         self._ec: ec.EllipticCurvePrivateKey | None = None
-        self._mac: bytes = b""
+        self._mac = bytearray()
         if key_spec == model.SYMMETRIC:
             self._gcm = AesGcmKey(secret)
         elif key_spec in _HMAC_LEN:
-            self._mac = bytes(secret)
+            self._mac = bytearray(secret)
         elif key_spec in _RSA_BITS:
             self._rsa = RsaPrivateKey.from_der(secret)
         else:
@@ -157,7 +158,7 @@ class LiveKey:
 
     # HMAC
     def mac(self, hash_name: str, message: bytes) -> bytes:
-        return hmac.new(self._mac, message, hash_name).digest()
+        return hmac.new(bytes(self._mac), message, hash_name).digest()
 
     # asymmetric
     def sign(self, algorithm: str, digest: bytes, hash_name: str) -> bytes:
@@ -180,7 +181,8 @@ class LiveKey:
             self._gcm.close()
         if self._rsa is not None:
             self._rsa.close()
-        self._mac = b""
+        for i in range(len(self._mac)):  # best effort: Python may hold other copies
+            self._mac[i] = 0
 
 
 def verify_signature(key_spec: str, public_der: bytes, algorithm: str, digest: bytes,
@@ -329,6 +331,7 @@ class Fleet:
             self._login = None
 
 
+@functools.lru_cache(maxsize=4096)
 def cluster_material(arn: str, handle: int) -> bytes:
     """The 32-byte material id of a custom-key-store key's backing key."""
     return hashlib.sha256(f"{arn}#{handle}".encode()).digest()

@@ -62,6 +62,14 @@ def test_create_describe_list_update(client, kms: KmsEndpoint) -> None:  # type:
     assert policy["Statement"][0]["Principal"]["AWS"] == f"arn:aws:iam::{kms.account}:root"
 
 
+def test_multi_region_key(client) -> None:  # type: ignore[no-untyped-def]
+    md = client.create_key(MultiRegion=True)["KeyMetadata"]
+    assert md["KeyId"].startswith("mrk-") and len(md["KeyId"]) == 36 and md["MultiRegion"] is True
+    assert md["MultiRegionConfiguration"]["MultiRegionKeyType"] == "PRIMARY"
+    blob = client.encrypt(KeyId=md["Arn"], Plaintext=b"mrk")["CiphertextBlob"]
+    assert client.decrypt(CiphertextBlob=blob)["Plaintext"] == b"mrk"
+
+
 def test_describe_errors(client) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ClientError) as exc:
         client.describe_key(KeyId="fake-key-id")
