@@ -125,6 +125,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     # this process as in the servers that will use the key.
     os.environ.update(dict(target.env))
     made = tlskit.init_kit(req)
+    for w in made.warnings:
+        print(f"hsmsim: warning: {w}", file=sys.stderr)
     if args.json:
         emit(made.to_json(), True)
         return 0
@@ -141,8 +143,6 @@ def cmd_init(args: argparse.Namespace) -> int:
             {"item": "environment", "value": f". {made.files['env']}"}]
     rows += [{"item": "WARNING", "value": w} for w in made.warnings]
     emit(None, False, rows=rows, columns=("item", "value"))
-    for w in made.warnings:
-        print(f"hsmsim: warning: {w}", file=sys.stderr)
     return 0
 
 

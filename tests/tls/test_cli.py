@@ -1,0 +1,119 @@
+"""`hsmsim tls` at its boundary: bad flags and bad targets get one clear message and exit code,
+change nothing (no key left on the token, no files written); a cluster that refuses read-only
+sessions gets a warning naming the fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hsmsim.testing.cluster import run_cli
+
+from .conftest import Backend
+
+
+def _private_keys(backend: Backend) -> int:
+    env = {**os.environ, **backend.module_env}
+    r = subprocess.run(["pkcs11-tool", "--module", str(backend.module), "--token-label",
+                        backend.token, "--login", "--pin", backend.pin, "--list-objects",
+                        "--type", "privkey"], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.count("Private Key Object")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cn", 'bad"name'], "--cn must be"),
+    (["--cn", ""], "--cn must be"),
+    (["--cn", "ok.test", "--days", "0"], "--days must be"),
+    (["--cn", "ok.test", "--port", "70000"], "--port must be"),
+])
+def test_bad_values_change_nothing(softhsm_backend: Backend, tmp_path: Path, args: list[str],
+                                   message: str) -> None:
+    before = _private_keys(softhsm_backend)
+    out = tmp_path / "kit"
+    r = run_cli(["tls", "init", "--out", str(out), *softhsm_backend.init_args, *args])
+    assert r.returncode == 1 and message in r.stderr, r.stderr
+    assert r.stderr.startswith("hsmsim: error: ") and "Traceback" not in r.stderr
+    assert not out.exists()
+    assert _private_keys(softhsm_backend) == before
+
+
+@pytest.mark.parametrize("args", [["--key", "rsa1024"], ["--issuer", "ca2"], []])
+def test_bad_flags_are_usage_errors(tmp_path: Path, args: list[str]) -> None:
+    cn = [] if not args else ["--cn", "x.test"]
+    r = run_cli(["tls", "init", "--state", str(tmp_path), *cn, *args])
+    assert r.returncode == 2 and "usage:" in r.stderr
+
+
+def test_wrong_pin_is_reported_and_writes_nothing(softhsm_backend: Backend,
+                                                  tmp_path: Path) -> None:
+    pin_file = tmp_path / "wrong.pin"
+    pin_file.write_text("not-the-pin")
+    args = list(softhsm_backend.init_args)
+    args[args.index("--pin-file") + 1] = str(pin_file)
+    out = tmp_path / "kit"
+    r = run_cli(["tls", "init", "--cn", "x.test", "--out", str(out), *args])
+    assert r.returncode == 1
+    assert "logging in to token 'hsm1' failed: PinIncorrect" in r.stderr
+    assert "not-the-pin" not in r.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--module", "/nonexistent/lib.so", "--token", "t", "--pin-file", "/etc/hostname"],
+     "PKCS#11 module /nonexistent/lib.so does not exist"),
+    (["--module", "/etc/hostname"], "--module needs --token and --pin-file"),
+    (["--token", "t"], "need --module"),
+    (["--module-env", "NOEQUALS", "--module", "/etc/hostname", "--token", "t", "--pin-file",
+      "/etc/hostname"], "must look like NAME=VALUE"),
+])
+def test_bad_module_target(tmp_path: Path, args: list[str], message: str) -> None:
+    r = run_cli(["tls", "init", "--cn", "x.test", "--state", str(tmp_path), *args])
+    assert r.returncode == 1 and message in r.stderr, r.stderr
+
+
+def test_no_daemon_for_state_dir(tmp_path: Path) -> None:
+    from hsmsim.resources import pkcs11_module
+    try:
+        pkcs11_module()
+    except FileNotFoundError as exc:
+        pytest.skip(f"hsmsim module not built: {exc}")
+    r = run_cli(["tls", "init", "--cn", "x.test", "--state", str(tmp_path / "none")])
+    assert r.returncode == 1
+    assert "no hsmsim daemon for" in r.stderr and "hsmsim up --detach --state" in r.stderr
+
+
+def test_existing_kit_is_not_overwritten(softhsm_backend: Backend, tmp_path: Path) -> None:
+    out = tmp_path / "kit"
+    softhsm_backend.init(out, "--cn", "first.test", "--key", "ec-p256")
+    before = (out / "kit.json").read_text()
+    keys = _private_keys(softhsm_backend)
+    r = run_cli(["tls", "init", "--cn", "second.test", "--out", str(out),
+                 *softhsm_backend.init_args])
+    assert r.returncode == 1 and "already holds a TLS kit" in r.stderr
+    assert (out / "kit.json").read_text() == before
+    assert _private_keys(softhsm_backend) == keys
+
+
+def test_strict_cluster_gets_a_read_only_session_warning(strict_cluster: Backend,
+                                                         tmp_path: Path) -> None:
+    r = run_cli(["tls", "init", "--cn", "strict.test", "--key", "ec-p256", "--json",
+                 "--out", str(tmp_path / "kit"), *strict_cluster.init_args])
+    assert r.returncode == 0, r.stderr
+    warnings = json.loads(r.stdout)["warnings"]
+    assert len(warnings) == 1 and "quirk_ro_session_fails = false" in warnings[0]
+    assert str(strict_cluster.state / "hsmsim.toml") in warnings[0]
+    assert "hsmsim: warning: the token refuses read-only sessions" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seconds", "0"], "--seconds must be"),
+    (["--latency-ms", "-1"], "--latency-ms values must be"),
+])
+def test_bench_flags(args: list[str], message: str) -> None:
+    r = run_cli(["tls", "bench", *args])
+    assert r.returncode == 1 and message in r.stderr
