@@ -65,7 +65,7 @@ class Member:
         self.start_failures = 0
         self.ping_failures = 0
         self.inflight = 0  # node requests awaiting an answer (load-aware placement)
-        self.sync_window = asyncio.Semaphore(4)  # background key-sync copies in flight
+        self.sync_window = asyncio.Semaphore(2)  # background key-sync copies in flight
         self.pending_sync = 0  # background copies queued or running
         self.replacements = 0
         self.latency_ms = 0
