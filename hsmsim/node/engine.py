@@ -224,3 +224,72 @@ class ContextCache:
         for h in list(self._ctx):
             self.drop(h)
         self._generation.clear()
+
+
+class SignBatcher:
+    """Coalesces queued RSA PKCS#1 v1.5 signatures on one key into C-core batches: while one
+    batch runs (in a worker thread, split over threads inside C), new requests queue, and
+    the next batch takes them all. One thread hop per batch instead of per signature."""
+
+    MAX_BATCH = 256
+
+    def __init__(self, key: RsaPrivateKey, run: Callable[..., Awaitable[Any]]) -> None:
+        self.key = key
+        self._key = key
+        self._run = run  # e.g. keystore.in_hsm: runs a blocking call in a worker thread
+        self._queue: dict[str | None, list[tuple[bytes, Any]]] = {}
+        self._busy = False
+
+    async def sign(self, data: bytes, hash: str | None) -> bytes:
+        import asyncio
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.setdefault(hash, []).append((data, fut))
+        if not self._busy:
+            self._busy = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await fut  # type: ignore[no-any-return]
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                hash = next(iter(self._queue))
+                items = self._queue[hash]
+                batch, rest = items[: self.MAX_BATCH], items[self.MAX_BATCH:]
+                if rest:
+                    self._queue[hash] = rest
+                else:
+                    del self._queue[hash]
+                datas = [d for d, _ in batch]
+                try:
+                    sigs = await self._run(self._key.sign_batch_pkcs1v15, datas, hash)
+                except Exception:
+                    # One bad input fails the whole batch: redo one by one for precise errors.
+                    for d, fut in batch:
+                        try:
+                            sig = await self._run(self._key.sign_pkcs1v15, d, hash)
+                        except ValueError:
+                            if not fut.done():
+                                fut.set_exception(Pkcs11Error(RV.DATA_LEN_RANGE,
+                                                              "input length is wrong for this mechanism"))
+                        except Exception as exc:
+                            if not fut.done():
+                                fut.set_exception(exc)
+                        else:
+                            if not fut.done():
+                                fut.set_result(sig)
+                    continue
+                for (_, fut), sig in zip(batch, sigs):
+                    if not fut.done():
+                        fut.set_result(sig)
+        finally:
+            self._busy = False
+
+
+def pkcs1_batchable(mech: int, data: bytes) -> tuple[bytes, str | None] | None:
+    """(input, hash) for a signature the batcher can take, else None."""
+    if mech in RSA_PKCS_HASH:
+        h = RSA_PKCS_HASH[mech]  # type: ignore[index]
+        return hashlib.new(h, data).digest(), h
+    if mech == M.RSA_PKCS:
+        return data, None
+    return None

@@ -86,6 +86,7 @@ class NodeService:
         self._logins: dict[int, Login] = {}  # all live logins (ids are node-wide)
         self._clone_key: pyca_rsa.RSAPrivateKey | None = None
         self.engine = engine.ContextCache()
+        self._batchers: dict[int, engine.SignBatcher] = {}
         self.connections = 0
         self.recovery: dict[str, int] = {}
 
@@ -507,6 +508,7 @@ class NodeService:
     async def _destroy_records(self, handles: list[int]) -> None:
         for h in handles:
             self.engine.drop(h)
+            self._batchers.pop(h, None)
         await self.ks.destroy(handles)
 
     async def destroy_object(self, conn: Conn, f: Fields) -> None:
@@ -701,6 +703,12 @@ class NodeService:
         assert isinstance(ctx, RsaPublicKey)
         return ctx
 
+    def _batcher(self, handle: int, key: RsaPrivateKey) -> engine.SignBatcher:
+        b = self._batchers.get(handle)
+        if b is None or b.key is not key:
+            b = self._batchers[handle] = engine.SignBatcher(key, self.ks.in_hsm)
+        return b
+
     @staticmethod
     def _check_key_type(r: ObjectRecord, cls: int, kt: int) -> None:
         if r.cls != cls or r.key_type != kt:
@@ -789,6 +797,9 @@ class NodeService:
             self._check_key_type(r, ObjectClass.PRIVATE_KEY, KeyType.RSA)
             priv = await self._rsa_private(r)
             if priv is not None:
+                batchable = engine.pkcs1_batchable(mech.mechanism, data)
+                if batchable is not None:
+                    return await self._batcher(r.handle, priv).sign(*batchable)
                 return await self.ks.in_hsm(engine.rsa_sign, priv, mech.mechanism, mech.param, data)
             return await self.ks.in_hsm(self.ks.hsm.sign, mech, self.ks.soft_handle(r.handle), data)
         soft_mech, soft_data = self._softhsm_sign_mech(r, mech, data)
