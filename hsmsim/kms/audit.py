@@ -5,7 +5,6 @@ an allow-list."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import time
@@ -40,9 +39,8 @@ def request_parameters(op: str, params: Mapping[str, Any]) -> dict[str, Any] | N
 
 
 class AuditLog:
-    """Appends records. Lines written during one event-loop turn go to the file in one write at
-    the end of that turn (outside a loop: at once), so a busy endpoint does not pay a system
-    call per request."""
+    """Appends records, each with one write(2) to an O_APPEND file before the response is sent
+    (so a reader that saw the response sees the record)."""
 
     def __init__(self, state_dir: Path) -> None:
         path = state_dir / AUDIT_FILE
@@ -55,15 +53,7 @@ class AuditLog:
 
     def _write(self, line: str) -> None:
         self._pending.append(line)
-        if self._scheduled:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            return
-        self._scheduled = True
-        loop.call_soon(self.flush)
+        self.flush()
 
     def flush(self) -> None:
         self._scheduled = False

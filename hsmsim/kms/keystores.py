@@ -7,6 +7,7 @@ connected."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import secrets
 import string
 from dataclasses import replace
@@ -15,7 +16,7 @@ from cryptography import x509
 
 from hsmsim.cluster.api import ClusterClient, ClusterInfo, Login
 from hsmsim.kms import errors as e
-from hsmsim.kms.material import Fleet
+from hsmsim.kms.material import ClusterFailure, Fleet
 from hsmsim.kms.model import StoreRecord
 from hsmsim.kms.store import Store
 from hsmsim.pkcs11.constants import RV, UserType
@@ -53,6 +54,20 @@ class KeyStores:
         self._fleet = fleet
         self._logins: dict[str, Login] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    async def seal_password(self, store_id: str, password: str) -> str:
+        """The form a kmsuser password is stored in: sealed under the KMS domain key."""
+        try:
+            sealed = await self._fleet.seal_secret(f"kmsuser-password:{store_id}", password.encode())
+        except ClusterFailure:
+            raise e.DependencyTimeout("KMS could not reach its key material store.") from None
+        return "sealed:" + base64.b64encode(sealed).decode()
+
+    async def _open_password(self, store_id: str, stored: str) -> str:
+        if not stored.startswith("sealed:"):
+            return stored
+        raw = await self._fleet.unseal_secret(f"kmsuser-password:{store_id}", base64.b64decode(stored[7:]))
+        return raw.decode()
 
     def connected(self, store_id: str) -> bool:
         s = self._store.stores.get(store_id)
@@ -116,11 +131,16 @@ class KeyStores:
         if await self._logged_in_elsewhere():
             return await self._fail(store_id, "USER_LOGGED_IN")
         login: Login | None = None
-        for password in (s.password, *( [s.pending_password] if s.pending_password else [])):
+        try:
+            candidates = [(await self._open_password(store_id, v), v)
+                          for v in (s.password, s.pending_password) if v]
+        except ClusterFailure:
+            return await self._fail(store_id, "INTERNAL_ERROR")
+        for password, stored in candidates:
             try:
                 login = await self._cluster.login(UserType.USER, KMS_USER, password)
-                if password != s.password:
-                    s = replace(s, password=password)
+                if stored != s.password:
+                    s = replace(s, password=stored)
                 break
             except Pkcs11Error as exc:
                 code = await self._login_failure(exc)
@@ -130,7 +150,12 @@ class KeyStores:
             return await self._fail(store_id, "INVALID_CREDENTIALS")
         # Rotate the kmsuser password, remembering the new one before the cluster changes it.
         new_password = _new_password()
-        self._store.put_store(replace(s, pending_password=new_password))
+        try:
+            sealed_new = await self.seal_password(store_id, new_password)
+        except e.KmsError:
+            await self._safe_logout(login)
+            return await self._fail(store_id, "INTERNAL_ERROR")
+        self._store.put_store(replace(s, pending_password=sealed_new))
         try:
             await self._cluster.change_password(login, KMS_USER, new_password)
         except Pkcs11Error as exc:
@@ -142,7 +167,7 @@ class KeyStores:
             await self._safe_logout(login)
             return
         self._logins[store_id] = login
-        self._store.put_store(replace(current, password=new_password, pending_password=None,
+        self._store.put_store(replace(current, password=sealed_new, pending_password=None,
                                       state=CONNECTED, error_code=None))
 
     async def _login_failure(self, exc: Pkcs11Error) -> str:

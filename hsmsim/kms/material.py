@@ -283,6 +283,20 @@ class Fleet:
         login, _ = await self._ensure()
         return login
 
+    async def seal_secret(self, context: str, secret: bytes) -> bytes:
+        """A small secret (a kmsuser password) sealed under the domain key for `context`."""
+        return await self.seal("secret", context, secret)
+
+    async def unseal_secret(self, context: str, sealed: bytes) -> bytes:
+        login, dk = await self._ensure()
+        n = sealed[0]
+        try:
+            return await self._cluster.decrypt(login, dk, _gcm(_seal_aad("secret", context), sealed[1:1 + n]),
+                                               sealed[1 + n:])
+        except Pkcs11Error as exc:
+            self._login = None
+            raise ClusterFailure(int(exc.rv), "unseal secret") from None
+
     def cached(self, material_id: str) -> LiveKey | None:
         return self._live.get(material_id)
 

@@ -85,8 +85,8 @@ class GrantRecord:
 @dataclass(frozen=True)
 class StoreRecord:
     """A custom key store of type AWS_CLOUDHSM. `password` is the kmsuser password KMS holds
-    (as AWS KMS does, it must keep it to log in); it is stored only in the KMS database file
-    (0600) and never logged or returned."""
+    (as AWS KMS does, it must keep it to log in), stored sealed under the KMS domain key in the
+    cluster ("sealed:<base64>"), never logged or returned."""
 
     store_id: str
     name: str

@@ -71,6 +71,8 @@ def test_create_checks(client: Any, kms: KmsEndpoint, store: str) -> None:
     with pytest.raises(ClientError) as exc:
         client.create_custom_key_store(CustomKeyStoreName="store-5", **{**good, "KeyStorePassword": "short"})
     assert code(exc) == "ValidationException"
+    for f in (kms.state_dir / "kms").glob("kms.sqlite3*"):  # the password is stored sealed
+        assert KMSUSER_PW.encode() not in f.read_bytes()
     d = client.describe_custom_key_stores(CustomKeyStoreId=store)["CustomKeyStores"][0]
     assert d["ConnectionState"] == "DISCONNECTED" and d["CloudHsmClusterId"] == kms.cluster_id
     assert d["CustomKeyStoreType"] == "AWS_CLOUDHSM" and "ConnectionErrorCode" not in d

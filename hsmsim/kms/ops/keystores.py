@@ -43,8 +43,9 @@ async def create_custom_key_store(kms: Kms, call: Call, req: Request) -> Respons
     if len(kms.store.stores) >= MAX_STORES:
         raise e.LimitExceeded("You have reached the maximum of 10 custom key stores.")
     store_id = "cks-" + secrets.token_hex(9)[:17]
+    password = await kms.keystores.seal_password(store_id, req["KeyStorePassword"])
     s = StoreRecord(store_id=store_id, name=name, cluster_id=cluster_id,
-                    trust_anchor=req["TrustAnchorCertificate"], password=req["KeyStorePassword"],
+                    trust_anchor=req["TrustAnchorCertificate"], password=password,
                     created=kms.clock.now())
     kms.store.put_store(s)
     _event(call, s)
@@ -120,7 +121,7 @@ async def update_custom_key_store(kms: Kms, call: Call, req: Request) -> Respons
                                       "custom key store's cluster.")
         changes["cluster_id"] = req["CloudHsmClusterId"]
     if "KeyStorePassword" in req:
-        changes["password"] = req["KeyStorePassword"]
+        changes["password"] = await kms.keystores.seal_password(s.store_id, req["KeyStorePassword"])
         changes["pending_password"] = None
     if changes:
         kms.store.put_store(replace(s, **changes))  # type: ignore[arg-type]
