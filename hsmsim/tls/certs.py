@@ -166,6 +166,9 @@ class LocalCa:
     """hsmsim's local TLS CA: a software EC P-256 key in a 0600 file and its self-signed
     certificate, under `$STATE/tls/ca/`. It stands for the user's own PKI."""
 
+    # FIDELITY: CloudHSM has no CA of its own for TLS server certificates (the user's CA signs
+    # the CSR made with the engine); this local CA is a convenience of the simulator.
+
     cert: x509.Certificate
     key: ec.EllipticCurvePrivateKey = dataclasses.field(repr=False)
     cert_path: Path

@@ -30,8 +30,11 @@ TOKEN_LABEL = "hsm1"  # the one token the hsmsim module exposes, as CloudHSM's l
 DEFAULT_USER = "crypto_user"
 ISSUERS = ("ca", "self")
 KIT_FILE = "kit.json"
+# FIDELITY: CloudHSM ships its own OpenSSL Dynamic Engine (engine id `cloudhsm`, PIN from
+# CLOUDHSM_PIN, keys named by a "fake PEM" file made with getCaviumPrivKey); hsmsim uses the
+# generic libp11 engine (id `pkcs11`) on libhsmsim-pkcs11.so, keys named by RFC 7512 URIs.
 # The engine's PIN comes from this variable (openssl.cnf: PIN = $ENV::HSMSIM_PIN), as CloudHSM's
-# OpenSSL engine takes it from CLOUDHSM_PIN. Not from the URI: libp11 0.4.12 truncates a
+# engine takes it from CLOUDHSM_PIN. Not from the URI: libp11 0.4.12 truncates a
 # pin-source file to 32 characters, shorter than many CloudHSM `user:password` PINs, and a
 # pin-value would put the password into nginx's configuration.
 PIN_ENV = "HSMSIM_PIN"
@@ -211,6 +214,10 @@ def init_kit(req: KitRequest) -> Kit:
 
 
 def _session_warnings(req: KitRequest) -> list[str]:
+    # FIDELITY: CloudHSM's PKCS#11 library refuses read-only sessions, and hsmsim reproduces
+    # that by default; libp11 opens them (CloudHSM's own engine does not use that library), so
+    # TLS-offload clusters run with [gateway] quirk_ro_session_fails = false. Warn, don't fail:
+    # the key and files are still right once the setting is changed.
     if not read_only_sessions_refused(req.target.token_ref()):
         return []
     fix = (f"set `quirk_ro_session_fails = false` under [gateway] in "
