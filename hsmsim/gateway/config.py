@@ -17,6 +17,10 @@ class GatewayConfig:
     # UG:configure-sdk-5 --enable-validate-key-at-init (default on): *Init checks the key with a
     # round trip to the HSM.
     validate_key_at_init: bool = True
+    # FIDELITY: CloudHSM checks the key on every *Init; we remember a successful check per login
+    # and key for this many seconds (0 = check every time), which halves round trips for
+    # Init+op loops. Destroying the key or logging out forgets it.
+    validate_key_cache_seconds: float = 1.0
     # UG:ki-pkcs11-sdk item 11: C_OpenSession without CKF_RW_SESSION -> CKR_FUNCTION_FAILED.
     quirk_ro_session_fails: bool = True
     # UG:ki-pkcs11-sdk item 10: wrong call sequences (Init/Update then C_Encrypt, a second

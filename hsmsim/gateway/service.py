@@ -7,7 +7,9 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from hsmsim.cluster.api import ClusterClient
 from hsmsim.gateway.config import GatewayConfig
@@ -85,6 +87,7 @@ class Gateway:
         self.config = config
         self.apps: dict[bytes, Application] = {}
         self.handles = HandleSource()
+        self._validated: dict[tuple[int, int, OpKind], tuple[float, Any]] = {}
         self._serial = b"hsmsim"
         self.sync: dict[int, Callable[[Application, Reader], Reply]] = {}
         self.async_: dict[int, Callable[[Application, Reader], Awaitable[Reply]]] = {}
@@ -120,6 +123,8 @@ class Gateway:
 
     async def _close_session(self, app: Application, handle: int) -> None:
         app.sessions.pop(handle, None)
+        if app.login is not None:  # its session objects die: forget keys checked at init
+            self._forget_validated(login_id=app.login.login_id)
         try:
             await self.cluster.close_session(app.login, handle)
         except Exception as exc:  # noqa: BLE001 - the session is gone either way
@@ -255,6 +260,7 @@ class Gateway:
         r.end()
         login = app.require_login()
         app.login = None  # C_Logout logs out every session of the application
+        self._forget_validated(login_id=login.login_id)
         for s in app.sessions.values():
             s.ops.clear()
             s.found = None
@@ -296,6 +302,7 @@ class Gateway:
         handle = r.u64()
         r.end()
         await self.cluster.destroy_object(app.require_login(), handle)
+        self._forget_validated(handle=handle)
         return OK, b""
 
     def op_GetObjectSize(self, app: Application, r: Reader) -> Reply:
@@ -445,17 +452,31 @@ class Gateway:
         if not self.config.validate_key_at_init:
             return
         login = app.require_login()
-        try:
-            res = await self.cluster.get_attributes(login, key, [A.KEY_TYPE, _USAGE[kind]])
-        except Pkcs11Error as exc:
-            if exc.rv in (RV.OBJECT_HANDLE_INVALID, RV.KEY_HANDLE_INVALID):
-                raise _err(RV.KEY_HANDLE_INVALID, "no such key") from None
-            raise
-        key_type, usage = res[0].value, res[1].value
+        cache_key = (login.login_id, key, kind)
+        now = time.monotonic()
+        hit = self._validated.get(cache_key)
+        if hit is not None and hit[0] > now:
+            key_type = hit[1]
+        else:
+            try:
+                res = await self.cluster.get_attributes(login, key, [A.KEY_TYPE, _USAGE[kind]])
+            except Pkcs11Error as exc:
+                if exc.rv in (RV.OBJECT_HANDLE_INVALID, RV.KEY_HANDLE_INVALID):
+                    raise _err(RV.KEY_HANDLE_INVALID, "no such key") from None
+                raise
+            key_type, usage = res[0].value, res[1].value
+            if usage is False:
+                raise _err(RV.KEY_FUNCTION_NOT_PERMITTED, f"the key does not allow {kind.value}")
+            if self.config.validate_key_cache_seconds > 0:
+                if len(self._validated) > 100_000:
+                    self._validated.clear()
+                self._validated[cache_key] = (now + self.config.validate_key_cache_seconds, key_type)
         if info.key_type is not None and key_type is not None and key_type != info.key_type:
             raise _err(RV.KEY_TYPE_INCONSISTENT, "the key type does not fit the mechanism")
-        if usage is False:
-            raise _err(RV.KEY_FUNCTION_NOT_PERMITTED, f"the key does not allow {kind.value}")
+
+    def _forget_validated(self, *, handle: int | None = None, login_id: int | None = None) -> None:
+        for k in [k for k in self._validated if k[1] == handle or k[0] == login_id]:
+            del self._validated[k]
 
     async def _init(self, app: Application, r: Reader, kind: OpKind) -> Reply:
         s = app.session(r.u64())
