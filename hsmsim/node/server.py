@@ -15,7 +15,8 @@ from hsmsim.node import protocol
 from hsmsim.node.codec import Fields
 from hsmsim.node.faults import Faults
 from hsmsim.node.protocol import Principal, ProtocolError
-from hsmsim.node.service import Conn, NodeService
+from hsmsim.node.context import Conn
+from hsmsim.node.service import NodeService
 from hsmsim.pkcs11.constants import RV
 from hsmsim.pkcs11.errors import Pkcs11Error
 
@@ -31,49 +32,49 @@ class NodeServer:
         self._conn_ids = 0
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task[Any]] = set()
-        s = service
+        s, u, o, c, m = service, service.users, service.objects, service.crypto, service.masking
         self.handlers: dict[str, Handler] = {
-            "ping": self._none(lambda c, f: None),
-            "status": self._sync(lambda c, f: s.status(self.faults.settings())),
-            "login": s.login,
-            "logout": self._none_async(s.logout),
-            "initialize_users": self._none_async(s.initialize_users),
-            "create_user": self._none_async(s.create_user),
-            "delete_user": self._none_async(s.delete_user),
-            "change_password": self._none_async(s.change_password),
-            "unlock_user": self._none_async(s.unlock_user),
-            "list_users": self._sync(s.list_users),
-            "export_users": self._sync(lambda c, f: s.export_users()),
-            "import_users": lambda c, f: s.import_users(f),
-            "generate_key": s.generate_key,
-            "generate_key_pair": s.generate_key_pair,
-            "create_object": s.create_object,
-            "copy_object": s.copy_object,
-            "destroy_object": self._none_async(s.destroy_object),
-            "get_attributes": s.get_attributes,
-            "set_attributes": self._none_async(s.set_attributes),
-            "find_objects": self._sync(s.find_objects),
-            "close_session": s.close_session,
-            "share_key": self._none_async(lambda c, f: s.share(c, f, True)),
-            "unshare_key": self._none_async(lambda c, f: s.share(c, f, False)),
-            "encrypt": s.encrypt,
-            "decrypt": s.decrypt,
-            "sign": s.sign,
-            "verify": self._none_async(s.verify),
-            "digest": lambda c, f: s.digest(f),
-            "generate_random": lambda c, f: s.generate_random(f),
-            "wrap_key": s.wrap_key,
-            "unwrap_key": s.unwrap_key,
-            "derive_key": s.derive_key,
-            "export_masked": lambda c, f: s.export_masked(f),
-            "import_masked": lambda c, f: s.import_masked(f),
-            "inventory": self._sync(lambda c, f: s.inventory()),
-            "clone_offer": lambda c, f: s.clone_offer(),
-            "clone_export": self._sync(lambda c, f: s.clone_export(f)),
-            "clone_accept": self._none_async(lambda c, f: s.clone_accept(f)),
-            "set_fault": self._sync(lambda c, f: self.faults.set(
+            "ping": self._none(lambda c_, f: None),
+            "status": self._sync(lambda c_, f: s.status(self.faults.settings())),
+            "login": u.login,
+            "logout": self._none_async(u.logout),
+            "initialize_users": self._none_async(u.initialize_users),
+            "create_user": self._none_async(u.create_user),
+            "delete_user": self._none_async(u.delete_user),
+            "change_password": self._none_async(u.change_password),
+            "unlock_user": self._none_async(u.unlock_user),
+            "list_users": self._sync(u.list_users),
+            "export_users": self._sync(lambda c_, f: u.export_users()),
+            "import_users": lambda c_, f: u.import_users(f),
+            "generate_key": o.generate_key,
+            "generate_key_pair": o.generate_key_pair,
+            "create_object": o.create_object,
+            "copy_object": o.copy_object,
+            "destroy_object": self._none_async(o.destroy_object),
+            "get_attributes": o.get_attributes,
+            "set_attributes": self._none_async(o.set_attributes),
+            "find_objects": self._sync(o.find_objects),
+            "close_session": o.close_session,
+            "share_key": self._none_async(lambda c_, f: o.share(c_, f, True)),
+            "unshare_key": self._none_async(lambda c_, f: o.share(c_, f, False)),
+            "encrypt": c.encrypt,
+            "decrypt": c.decrypt,
+            "sign": c.sign,
+            "verify": self._none_async(c.verify),
+            "digest": lambda c_, f: c.digest(f),
+            "generate_random": lambda c_, f: c.generate_random(f),
+            "wrap_key": c.wrap_key,
+            "unwrap_key": c.unwrap_key,
+            "derive_key": c.derive_key,
+            "export_masked": lambda c_, f: m.export_masked(f),
+            "import_masked": lambda c_, f: m.import_masked(f),
+            "inventory": self._sync(lambda c_, f: m.inventory()),
+            "clone_offer": lambda c_, f: m.clone_offer(),
+            "clone_export": self._sync(lambda c_, f: m.clone_export(f)),
+            "clone_accept": self._none_async(lambda c_, f: m.clone_accept(f)),
+            "set_fault": self._sync(lambda c_, f: self.faults.set(
                 f.num("latency_ms"), f.num("throttle_rps"), f.opt_bool("paused"))),
-            "audit_read": self._sync(lambda c, f: [
+            "audit_read": self._sync(lambda c_, f: [
                 {"seq": r.seq, "time_us": r.time_us, "event": r.event, "fields": r.fields}
                 for r in s.audit.read(f.int("since_seq", 0), f.int("limit", 1000, lo=1,
                                                                      hi=10000))]),
