@@ -117,3 +117,41 @@ def test_strict_cluster_gets_a_read_only_session_warning(strict_cluster: Backend
 def test_bench_flags(args: list[str], message: str) -> None:
     r = run_cli(["tls", "bench", *args])
     assert r.returncode == 1 and message in r.stderr
+
+
+def test_another_crypto_user_owns_the_key(hsmsim_backend: Backend, tmp_path: Path) -> None:
+    state = str(hsmsim_backend.state)
+    password = "TlsUser-Pass-1234"
+    r = run_cli(["user", "create", "--username", "tls_user", "--role", "crypto-user",
+                 "--password", password, "--state", state])
+    assert r.returncode == 0, r.stderr
+    # No password known for that user: a clear error, nothing made.
+    r = run_cli(["tls", "init", "--cn", "u.test", "--user", "tls_user", "--state", state,
+                 "--out", str(tmp_path / "none")])
+    assert r.returncode == 1 and "no password for crypto user 'tls_user'" in r.stderr
+    assert "HSMSIM_TLS_PASSWORD" in r.stderr and not (tmp_path / "none").exists()
+    env = {**os.environ, "HSMSIM_TLS_PASSWORD": password}
+    r = run_cli(["tls", "init", "--cn", "u.test", "--user", "tls_user", "--state", state,
+                 "--key", "ec-p256", "--out", str(tmp_path / "kit"), "--json"], env=env)
+    assert r.returncode == 0, r.stderr
+    kit = json.loads(r.stdout)
+    pin_file = Path(kit["pin_file"])
+    assert pin_file.name == "tls_user.pin" and pin_file.read_text() == f"tls_user:{password}"
+    # The key belongs to tls_user: crypto_user does not see it.
+    user_backend = Backend("tls_user", hsmsim_backend.state, [], hsmsim_backend.module,
+                           "hsm1", f"tls_user:{password}", hsmsim_backend.module_env)
+    mine = _list_private(user_backend)
+    theirs = _list_private(hsmsim_backend)
+    assert kit["label"] in mine and kit["label"] not in theirs
+    r = run_cli(["tls", "init", "--cn", "u.test", "--user", "bad name!", "--state", state])
+    assert r.returncode == 1 and "not a valid CloudHSM user name" in r.stderr
+
+
+def _list_private(backend: Backend) -> str:
+    env = {**os.environ, **backend.module_env}
+    r = subprocess.run(["pkcs11-tool", "--module", str(backend.module), "--token-label",
+                        backend.token, "--login", "--pin", backend.pin, "--list-objects",
+                        "--type", "privkey"], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
