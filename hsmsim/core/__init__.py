@@ -11,7 +11,8 @@ hsmsim.__version__ (ImportError otherwise).
 Threads: keys may be shared by threads; the GIL is released in every C call. Batches
 (AesGcmKey.encrypt_batch/decrypt_batch, RsaPrivateKey.sign_batch_*) make one C call and, when
 large enough, split the work over `batch_threads` threads inside C (default up to 2; pass
-batch_threads=1 where the process shares its CPUs, as node processes do).
+batch_threads=1 where the process shares its CPUs, as node processes do). A process that
+runs large batches may call malloc_keep() once at start (process-wide glibc tuning).
 
 Departures worth knowing: RSA keys must be 2048 to 4096 bits (CloudHSM's range); raw
 PKCS#1 v1.5 signatures (hash=None) need 1 to k-11 bytes of data, since OpenSSL 3.0 cannot
@@ -27,7 +28,7 @@ from hsmsim.core._errors import (
     InvalidTag,
     KeyFormatError,
 )
-from hsmsim.core._ffi import native_version
+from hsmsim.core._ffi import malloc_keep, native_version
 from hsmsim.core.aesgcm import AesGcmKey
 from hsmsim.core.rsa import RsaPrivateKey, RsaPublicKey
 
@@ -40,5 +41,6 @@ __all__ = [
     "KeyFormatError",
     "RsaPrivateKey",
     "RsaPublicKey",
+    "malloc_keep",
     "native_version",
 ]

@@ -31,6 +31,18 @@ def libcrypto_version() -> str:
     return str(ffi.string(lib.hsmsim_libcrypto_version()).decode("ascii", "replace"))
 
 
+def malloc_keep(keep_bytes: int = 256 * 1024 * 1024) -> bool:
+    """Process-wide, opt-in glibc malloc tuning for processes that run large batches: keep up
+    to keep_bytes of freed heap rather than returning it to the kernel, so that dropping one
+    batch's results does not make the next batch fault its pages in again. True if applied
+    (glibc only)."""
+    if type(keep_bytes) is not int:
+        raise TypeError(f"keep_bytes must be an int, not {type(keep_bytes).__name__}")
+    if not 0 <= keep_bytes <= 2**31 - 1:
+        raise ValueError(f"keep_bytes must be 0 to {2**31 - 1}, got {keep_bytes}")
+    return bool(lib.hsmsim_malloc_keep(keep_bytes))
+
+
 if native_version() != hsmsim.__version__:
     raise ImportError(
         f"hsmsim.core: the compiled core is version {native_version()!r} but the hsmsim "

@@ -68,6 +68,13 @@ const char *hsmsim_version(void);
 /* The libcrypto the core runs on (OpenSSL_version(OPENSSL_VERSION)), for reports. */
 const char *hsmsim_libcrypto_version(void);
 
+/* Process-wide glibc malloc tuning for processes that run large batches: keep up to
+ * keep_bytes of freed heap instead of returning it to the kernel (M_TRIM_THRESHOLD), and
+ * serve allocations below 32 MiB from the heap (M_MMAP_THRESHOLD), so that freeing a batch's
+ * results does not make the next batch fault its pages in again. Returns 1 if applied, 0
+ * where mallopt is not available. The caller decides whether to use it. */
+int hsmsim_malloc_keep(size_t keep_bytes);
+
 /* Zeroises n bytes at p in a way the compiler keeps (OPENSSL_cleanse); for scratch buffers
  * that held plaintext. */
 void hsmsim_wipe(void *p, size_t n);

@@ -345,3 +345,13 @@ def test_rsa_arbitrary_input_never_crashes(priv: RsaPrivateKey, data: bytes,
             call()
         except (ValueError, TypeError, DecryptionFailed, InvalidSignature) as exc:
             assert str(exc)
+
+
+def test_malloc_keep_checks_its_argument() -> None:
+    from hsmsim.core import malloc_keep
+
+    assert malloc_keep(64 * 1024 * 1024) in (True, False)
+    with pytest.raises(TypeError, match="keep_bytes must be an int"):
+        malloc_keep(1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="keep_bytes must be 0 to"):
+        malloc_keep(-1)
