@@ -117,7 +117,7 @@ async def _populate(c: NodeClient, lid: int, count: int, first: int) -> float:
 
 
 def run_bench() -> list[dict[str, Any]]:
-    import pkcs11  # python-pkcs11, the direct reference
+    import pkcs11  # python-pkcs11, the direct reference (untyped here: its Key has no sign/encrypt)
     from pkcs11.mechanisms import GCMParams
 
     seconds = float(os.environ.get("HSMSIM_BENCH_SECONDS", "2.0"))
@@ -151,11 +151,11 @@ def run_bench() -> list[dict[str, Any]]:
             lib = pkcs11.lib(str(softhsm_library()))
             token = lib.get_token(token_label=HSM_ID)
             session = token.open(rw=True, user_pin=token_pins(secret, HSM_ID)[1].decode())
-            d_rsa = session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY,
+            d_rsa: Any = session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY,
                                     label=f"hsmsim:{rsa_priv}")
-            d_ec = session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY,
+            d_ec: Any = session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY,
                                    label=f"hsmsim:{ec_priv}")
-            d_aes = session.get_key(object_class=pkcs11.ObjectClass.SECRET_KEY,
+            d_aes: Any = session.get_key(object_class=pkcs11.ObjectClass.SECRET_KEY,
                                     label=f"hsmsim:{aes}")
 
             msg = b"benchmark message"

@@ -29,7 +29,7 @@ class NodeUnavailable(HsmsimError):
     """The node cannot be reached or the connection to it was lost."""
 
 
-class NodeThrottled(ERRORS[int(RV.FUNCTION_FAILED)]):  # type: ignore[misc, valid-type]
+class NodeThrottled(ERRORS[int(RV.FUNCTION_FAILED)]):  # type: ignore[misc]
     """The node rejected the request because it is over its request rate (CloudHSM's busy
     0xBB, surfaced by SDK 5 as CKR_FUNCTION_FAILED). Safe to retry: nothing was changed."""
 

@@ -8,7 +8,7 @@ param nil or a map whose "t" names the parameter kind."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 from hsmsim.pkcs11.attributes import KINDS, AttrValue, Kind, Template
 from hsmsim.pkcs11.constants import RV
@@ -120,7 +120,7 @@ def _field(raw: Mapping[str, Any], name: str, typ: type, default: Any = None) ->
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
         raise Pkcs11Error(RV.MECHANISM_PARAM_INVALID,
                           f"mechanism parameter {name!r} must be {typ.__name__}")
-    if typ is int and not 0 <= value <= MAX_ULONG:
+    if isinstance(value, int) and not 0 <= value <= MAX_ULONG:
         raise Pkcs11Error(RV.MECHANISM_PARAM_INVALID, f"mechanism parameter {name!r} out of range")
     return value
 
@@ -159,6 +159,13 @@ def mech_from_wire(raw: Any) -> MechanismSpec:
 
 # -- request fields ----------------------------------------------------------------------------
 
+# Builtin names as aliases: Fields' methods are named int/bool/str/bytes.
+_int: TypeAlias = int
+_bool: TypeAlias = bool
+_str: TypeAlias = str
+_bytes: TypeAlias = bytes
+
+
 class Fields:
     """Typed access to a request's fields; a missing or ill-typed field is CKR_ARGUMENTS_BAD
     naming the field."""
@@ -166,15 +173,15 @@ class Fields:
     def __init__(self, raw: Mapping[str, Any]) -> None:
         self._raw = raw
 
-    def _get(self, name: str, optional: bool) -> Any:
+    def _get(self, name: _str, optional: _bool) -> Any:
         if name not in self._raw or self._raw[name] is None:
             if optional:
                 return None
             raise _bad(f"field {name!r} is required")
         return self._raw[name]
 
-    def int(self, name: str, default: int | None = None, *, lo: int = 0,
-            hi: int = MAX_ULONG) -> int:
+    def int(self, name: _str, default: _int | None = None, *, lo: _int = 0,
+            hi: _int = MAX_ULONG) -> _int:
         v = self._get(name, default is not None)
         if v is None:
             return default  # type: ignore[return-value]
@@ -182,7 +189,7 @@ class Fields:
             raise _bad(f"field {name!r} must be an integer in {lo}..{hi}")
         return v
 
-    def opt_int(self, name: str) -> int | None:
+    def opt_int(self, name: _str) -> _int | None:
         v = self._get(name, True)
         if v is None:
             return None
@@ -190,10 +197,10 @@ class Fields:
             raise _bad(f"field {name!r} must be a non-negative integer")
         return v
 
-    def handle(self, name: str = "handle") -> int:
+    def handle(self, name: _str = "handle") -> _int:
         return self.int(name, lo=1, hi=(1 << 63) - 1)
 
-    def num(self, name: str) -> float | None:
+    def num(self, name: _str) -> float | None:
         v = self._get(name, True)
         if v is None:
             return None
@@ -201,7 +208,7 @@ class Fields:
             raise _bad(f"field {name!r} must be a non-negative number")
         return float(v)
 
-    def bool(self, name: str, default: bool | None = None) -> bool:
+    def bool(self, name: _str, default: _bool | None = None) -> _bool:
         v = self._get(name, default is not None)
         if v is None:
             return bool(default)
@@ -209,32 +216,32 @@ class Fields:
             raise _bad(f"field {name!r} must be a boolean")
         return v
 
-    def opt_bool(self, name: str) -> bool | None:
+    def opt_bool(self, name: _str) -> _bool | None:
         v = self._get(name, True)
         if v is not None and not isinstance(v, bool):
             raise _bad(f"field {name!r} must be a boolean")
         return v
 
-    def bytes(self, name: str) -> bytes:
+    def bytes(self, name: _str) -> _bytes:
         v = self._get(name, False)
         if not isinstance(v, bytes):
             raise _bad(f"field {name!r} must be binary")
         return v
 
-    def str(self, name: str) -> str:
+    def str(self, name: _str) -> _str:
         v = self._get(name, False)
         if not isinstance(v, str):
             raise _bad(f"field {name!r} must be a string")
         return v
 
-    def template(self, name: str = "template") -> Template:
+    def template(self, name: _str = "template") -> Template:
         return template_from_wire(self._get(name, False))
 
-    def mech(self, name: str = "mech") -> MechanismSpec:
+    def mech(self, name: _str = "mech") -> MechanismSpec:
         return mech_from_wire(self._get(name, False))
 
-    def attrs(self, name: str = "attrs") -> list[int]:
+    def attrs(self, name: _str = "attrs") -> list[_int]:
         return attrs_from_wire(self._get(name, False))
 
-    def raw(self, name: str) -> Any:
+    def raw(self, name: _str) -> Any:
         return self._raw.get(name)

@@ -39,14 +39,14 @@ Loader = Callable[[], Awaitable[Ctx]]
 
 
 def hash_name(mech: int) -> str:
-    name = HASH_NAMES.get(mech)  # type: ignore[call-overload]
+    name: str | None = HASH_NAMES.get(mech)  # type: ignore[call-overload]
     if name is None:
         raise Pkcs11Error(RV.MECHANISM_PARAM_INVALID, "unsupported hash in mechanism parameter")
     return name
 
 
 def mgf_name(mgf: int) -> str:
-    name = MGF_NAMES.get(mgf)  # type: ignore[call-overload]
+    name: str | None = MGF_NAMES.get(mgf)  # type: ignore[call-overload]
     if name is None:
         raise Pkcs11Error(RV.MECHANISM_PARAM_INVALID, "unsupported MGF in mechanism parameter")
     return name
@@ -196,7 +196,7 @@ class ContextCache:
         import asyncio
         fut = self._loading.get(handle)
         if fut is not None:
-            return await asyncio.shield(fut)  # type: ignore[no-any-return]
+            return await asyncio.shield(fut)
         fut = asyncio.get_running_loop().create_future()
         self._loading[handle] = fut
         generation = self._generation.get(handle, 0)

@@ -66,9 +66,9 @@ class ObjectRecord:
 
 
 def encode_record(r: ObjectRecord) -> bytes:
-    return msgpack.packb({"attrs": {int(k): r.attrs[k] for k in sorted(r.attrs)}, "owner": r.owner,
+    return bytes(msgpack.packb({"attrs": {int(k): r.attrs[k] for k in sorted(r.attrs)}, "owner": r.owner,
                           "shared": sorted(r.shared), "version": r.version},
-                         use_bin_type=True)
+                               use_bin_type=True))
 
 
 def decode_record(handle: int, raw: bytes) -> ObjectRecord:
@@ -123,6 +123,14 @@ class IndexStore:
         self._db.close()
 
 
+def _discard(table: dict[Any, set[int]], key: Any, handle: int) -> None:
+    bucket = table.get(key)
+    if bucket is not None:
+        bucket.discard(handle)
+        if not bucket:
+            del table[key]
+
+
 def _hashable(v: AttrValue) -> Any:
     return tuple(v) if isinstance(v, list) else v
 
@@ -164,13 +172,12 @@ class Catalog:
         r = self.records.pop(handle, None)
         if r is None:
             return None
-        for table, key in ((self.by_label, r.attrs.get(A.LABEL)), (self.by_id, r.attrs.get(A.ID)),
-                           (self.by_class, r.cls)):
-            bucket = table.get(key) if key is not None else None  # type: ignore[call-overload]
-            if bucket is not None:
-                bucket.discard(handle)
-                if not bucket:
-                    del table[key]  # type: ignore[arg-type]
+        label, oid = r.attrs.get(A.LABEL), r.attrs.get(A.ID)
+        if isinstance(label, str):
+            _discard(self.by_label, label, handle)
+        if isinstance(oid, bytes):
+            _discard(self.by_id, oid, handle)
+        _discard(self.by_class, r.cls, handle)
         if r.is_key:
             self.keys -= 1
         if r.asymmetric:
@@ -191,7 +198,8 @@ class Catalog:
             buckets.append(self.by_class.get(cls, set()))
         if not buckets:
             return list(self.records)
-        return sorted(min(buckets, key=len))
+        smallest: set[int] = min(buckets, key=len)
+        return sorted(smallest)
 
     def find(self, template: Template) -> list[int]:
         """Handles whose attributes equal every template entry (before access filtering)."""

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from hsmsim.node import policy
-from hsmsim.node.index import COMMITTED, DELETING, PENDING, Catalog, IndexStore, ObjectRecord
+from hsmsim.node.index import (COMMITTED, DELETING, PENDING, Catalog, IndexStore, ObjectRecord,
+                               decode_record)
 from hsmsim.node.masking import KEY_LEN, MaskingKey
 from hsmsim.node.softhsm import SoftHsm, raw_template
 from hsmsim.pkcs11.attributes import Template
@@ -77,14 +78,14 @@ class Keystore:
         or the main thread). The only place SoftHSM2's C_FindObjects runs."""
         found: dict[str, int] = {}
         stray: list[int] = []
-        for soft in self.hsm.find_objects([]):
-            label = self.hsm.get_attribute(soft, A.LABEL)
+        for obj in self.hsm.find_objects([]):
+            label = self.hsm.get_attribute(obj, A.LABEL)
             text = label.decode(errors="replace") if label is not None else ""
             if text.startswith(TAG_PREFIX) and text not in found:
-                found[text] = soft
+                found[text] = obj
             else:
-                stray.append(soft)
-        self._masking_soft = found.pop(MASKING_TAG, None)
+                stray.append(obj)
+        self._masking_soft = found.pop(MASKING_TAG) if MASKING_TAG in found else None
         if self._masking_soft is not None:
             raw = self.hsm.get_attribute(self._masking_soft, A.VALUE)
             if raw is None or len(raw) != KEY_LEN:
@@ -92,9 +93,9 @@ class Keystore:
             self.masking = MaskingKey(raw)
         stats = {"committed": 0, "lost": 0, "pending_dropped": 0, "deleted": 0, "phantoms": 0}
         drop_rows: list[int] = []
-        from hsmsim.node.index import decode_record
+
         for handle, state, blob in list(self.index.rows()):
-            soft = found.pop(tag(handle), None)
+            soft = found.pop(tag(handle)) if tag(handle) in found else None
             if state == COMMITTED and soft is not None:
                 self.catalog.add(decode_record(handle, blob))
                 self.soft[handle] = soft
@@ -112,8 +113,8 @@ class Keystore:
             drop_rows.append(handle)
         if drop_rows:
             self.index.delete(drop_rows)
-        for soft in list(found.values()) + stray:
-            self.hsm.destroy_object(soft)
+        for obj in list(found.values()) + stray:
+            self.hsm.destroy_object(obj)
             stats["phantoms"] += 1
         return stats
 
@@ -222,7 +223,7 @@ class Keystore:
 
     def _with_public(self, r: ObjectRecord, soft: int) -> ObjectRecord:
         """Copy public material (modulus, EC point...) from SoftHSM2 into the record."""
-        names = policy.PUBLIC_MATERIAL.get((r.cls, r.key_type), ())  # type: ignore[call-overload]
+        names = policy.PUBLIC_MATERIAL.get((r.cls, r.key_type), ())  # type: ignore[arg-type]
         extra: Template = {}
         for a in names:
             raw = self.hsm.get_attribute(soft, a)

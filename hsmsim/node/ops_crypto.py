@@ -243,9 +243,9 @@ class CryptoOps(Ops):
                 kt not in policy.SUPPORTED_KEY_TYPES[cls]:  # type: ignore[index]
             raise Pkcs11Error(RV.TEMPLATE_INCOMPLETE, "unwrap needs CKA_CLASS and CKA_KEY_TYPE "
                               "of a supported secret or private key")
-        attrs = policy.build_attrs(int(cls), int(kt), template, local=False, gen_mech=None)  # type: ignore[arg-type]
+        attrs = policy.build_attrs(int(cls), int(kt), template, local=False, gen_mech=None)
         rec = self.new_record(login, handle, attrs, session)
-        soft_t = policy.softhsm_template(int(cls), int(kt), handle, rec.token)  # type: ignore[arg-type]
+        soft_t = policy.softhsm_template(int(cls), int(kt), handle, rec.token)
         m = mech.mechanism
         hsm = self.ks.hsm
         if m in AES_WRAPS:
@@ -274,7 +274,7 @@ class CryptoOps(Ops):
         else:
             raise Pkcs11Error(RV.MECHANISM_INVALID, f"mechanism 0x{m:x} cannot unwrap")
         if cls == ObjectClass.SECRET_KEY:
-            policy.check_secret_len(int(kt), len(material))  # type: ignore[arg-type]
+            policy.check_secret_len(int(kt), len(material))
             if A.VALUE_LEN in template and template[A.VALUE_LEN] != len(material):
                 raise Pkcs11Error(RV.TEMPLATE_INCONSISTENT, "CKA_VALUE_LEN differs from the key")
             rec = replace(rec, attrs={**rec.attrs, A.VALUE_LEN: len(material)})
@@ -312,12 +312,12 @@ class CryptoOps(Ops):
         length = template.get(A.VALUE_LEN)
         if not isinstance(length, int) or isinstance(length, bool):
             raise Pkcs11Error(RV.TEMPLATE_INCOMPLETE, "CKA_VALUE_LEN is required")
-        policy.check_secret_len(int(kt), length)  # type: ignore[arg-type]
-        attrs = policy.build_attrs(ObjectClass.SECRET_KEY, int(kt), template, local=False,  # type: ignore[arg-type]
+        policy.check_secret_len(int(kt), length)
+        attrs = policy.build_attrs(ObjectClass.SECRET_KEY, int(kt), template, local=False,
                                    gen_mech=None)
         attrs[A.VALUE_LEN] = length
         rec = self.new_record(login, handle, attrs, session)
-        soft_t = policy.softhsm_template(ObjectClass.SECRET_KEY, int(kt), handle, rec.token,  # type: ignore[arg-type]
+        soft_t = policy.softhsm_template(ObjectClass.SECRET_KEY, int(kt), handle, rec.token,
                                          {A.VALUE_LEN: length})
         hsm, soft_b = self.ks.hsm, self.ks.soft_handle(base.handle)
         await self.ks.create([rec], lambda: [hsm.derive_key(mech, soft_b,

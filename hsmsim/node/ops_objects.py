@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_der_private_key
 
 from hsmsim.node import policy
@@ -113,7 +114,7 @@ class ObjectOps(Ops):
             if kt_v not in policy.SUPPORTED_KEY_TYPES[cls]:  # type: ignore[index]
                 raise Pkcs11Error(RV.TEMPLATE_INCOMPLETE if kt_v is None else
                                   RV.ATTRIBUTE_VALUE_INVALID, "unsupported or missing CKA_KEY_TYPE")
-            kt = int(kt_v)  # type: ignore[arg-type]
+            kt = int(kt_v)
             if cls == ObjectClass.SECRET_KEY:
                 value = template.get(A.VALUE)
                 if not isinstance(value, bytes):
@@ -123,19 +124,19 @@ class ObjectOps(Ops):
                     raise Pkcs11Error(RV.TEMPLATE_INCONSISTENT, "CKA_VALUE_LEN differs from CKA_VALUE")
             if kt == KeyType.EC and template.get(A.EC_PARAMS) not in policy.CURVES:
                 raise Pkcs11Error(RV.ATTRIBUTE_VALUE_INVALID, "unsupported or missing CKA_EC_PARAMS")
-        attrs = policy.build_attrs(int(cls), kt, template, local=False, gen_mech=None)  # type: ignore[arg-type]
+        attrs = policy.build_attrs(int(cls), kt, template, local=False, gen_mech=None)
         if cls == ObjectClass.SECRET_KEY:
             attrs[A.VALUE_LEN] = len(template[A.VALUE])  # type: ignore[arg-type]
         rec = self.new_record(login, handle, attrs, session)
-        soft_t = policy.softhsm_template(int(cls), kt, handle, rec.token,  # type: ignore[arg-type]
-                                         self._material_template(int(cls), kt, template))  # type: ignore[arg-type]
+        soft_t = policy.softhsm_template(int(cls), kt, handle, rec.token,
+                                         self._material_template(int(cls), kt, template))
         hsm = self.ks.hsm
         try:
             await self.ks.create([rec], lambda: [hsm.create_object(raw_template(soft_t.items()))])
         finally:
             soft_t.clear()
         self.audit.record("key_create" if rec.is_key else "object_create", handle=handle,
-                          owner=login.username, cls=int(cls), token=rec.token)  # type: ignore[arg-type]
+                          owner=login.username, cls=int(cls), token=rec.token)
         return handle
 
     async def _clone_object(self, r: ObjectRecord, new: ObjectRecord) -> None:
@@ -221,16 +222,16 @@ class ObjectOps(Ops):
         if r.cls == ObjectClass.SECRET_KEY:
             return material
         key = load_der_private_key(material, password=None)
-        if r.key_type == KeyType.RSA:
-            nums = key.private_numbers()  # type: ignore[union-attr]
-            values = {A.PRIVATE_EXPONENT: nums.d, A.PRIME_1: nums.p, A.PRIME_2: nums.q,
-                      A.EXPONENT_1: nums.dmp1, A.EXPONENT_2: nums.dmq1, A.COEFFICIENT: nums.iqmp}
-            v = values.get(a)  # type: ignore[call-overload]
+        if isinstance(key, rsa.RSAPrivateKey):
+            nums = key.private_numbers()
+            values: dict[int, int] = {
+                A.PRIVATE_EXPONENT: nums.d, A.PRIME_1: nums.p, A.PRIME_2: nums.q,
+                A.EXPONENT_1: nums.dmp1, A.EXPONENT_2: nums.dmq1, A.COEFFICIENT: nums.iqmp}
+            v = values.get(a)
             return v.to_bytes((v.bit_length() + 7) // 8, "big") if v is not None else None
-        if a == A.VALUE:
-            n = key.private_numbers().private_value  # type: ignore[union-attr]
-            size = (key.curve.key_size + 7) // 8  # type: ignore[union-attr]
-            return int(n).to_bytes(size, "big")
+        if isinstance(key, ec.EllipticCurvePrivateKey) and a == A.VALUE:
+            size = (key.curve.key_size + 7) // 8
+            return key.private_numbers().private_value.to_bytes(size, "big")
         return None
 
     @staticmethod

@@ -94,8 +94,10 @@ def encode_user(u: UserRecord) -> dict[str, object]:
 
 def decode_user(d: dict[str, object]) -> UserRecord:
     try:
-        u = UserRecord(check_username(d["username"]), check_role(d["role"]),
-                       bytes(d["salt"]), bytes(d["hash"]),  # type: ignore[arg-type]
+        salt, digest = d["salt"], d["hash"]
+        if not isinstance(salt, bytes) or not isinstance(digest, bytes):
+            raise TypeError("salt and hash must be bytes")
+        u = UserRecord(check_username(d["username"]), check_role(d["role"]), salt, digest,
                        int(d["failed"]), bool(d["locked"]), int(d["version"]))  # type: ignore[call-overload]
     except (KeyError, TypeError, ValueError):
         raise Pkcs11Error(RV.WRAPPED_KEY_INVALID, "malformed user record") from None

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.keywrap import (aes_key_unwrap, aes_key_wrap
 
 from hsmsim.node.client import NodeClient
 from hsmsim.pkcs11.constants import MGF, RV, Attribute as A, KeyType, Mechanism as M, ObjectClass
-from hsmsim.pkcs11.errors import Pkcs11Error, error_class
+from hsmsim.pkcs11.errors import error_class
 from hsmsim.pkcs11.params import (CtrParams, Ecdh1Params, GcmParams, MechanismSpec as Spec,
                                   OaepParams, PssParams, RawParams)
 
