@@ -57,7 +57,8 @@ class Supervisor:
 
     async def clone_into(self, source: Member, target: Member) -> None:
         """Masking key transfer (wrapped to the target's ephemeral key), then users."""
-        assert source.client is not None and target.client is not None
+        if source.client is None or target.client is None:
+            raise MemberDown(f"cannot clone {target.hsm_id} from {source.hsm_id}: one is down")
         offer = await target.client.clone_offer()
         blob = await source.client.clone_export(offer)
         await target.client.clone_accept(blob)
@@ -126,6 +127,16 @@ class Supervisor:
             gen = m.generation
             refs = [x for x in c.usable() if x is not m and x.converged] or \
                    [x for x in c.usable() if x is not m]
+            # A node whose cloning was interrupted has no masking key yet: clone it first.
+            try:
+                st = await c.timed(m, m.client.status())  # type: ignore[union-attr]
+                if not st.has_masking_key:
+                    if not refs:
+                        return
+                    await self.clone_into(refs[0], m)
+            except (NodeUnavailable, Pkcs11Error, MemberDown) as exc:
+                log.info("%s: masking key check/clone failed: %s", m.hsm_id, exc)
+                return
             invs = await self._inventories([m] + refs)
             mine = invs.get(m.hsm_id)
             if mine is None or m.generation != gen:
@@ -306,7 +317,9 @@ class Supervisor:
                     m.start_failures = 0
                 except (HsmsimError, OSError) as exc:
                     m.last_error = str(exc)
-                    m.start_failures += 1
+                    # Only a node that fails on its own counts (not one killed while starting).
+                    if m.proc is None or m.proc.returncode is None or m.proc.returncode > 0:
+                        m.start_failures += 1
                     return
             elif not m.connected:
                 try:

@@ -83,7 +83,9 @@ def churn(h: Harness, seconds: float, every: float = 2.0) -> tuple[list[int], in
     # wait for the last restart, then time convergence from there
     deadline = time.monotonic() + 30
     while not all(m.usable for m in h.cluster.members.values()):
-        assert time.monotonic() < deadline, "a killed node did not come back"
+        assert time.monotonic() < deadline, "a killed node did not come back: " + repr(
+            {m.hsm_id: (m.condition(), m.last_error, m.restarts, m.replacements)
+             for m in h.cluster.members.values()})
         time.sleep(0.02)
     converge = h.wait_converged(30)
     return acked, kills, converge
