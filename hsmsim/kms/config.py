@@ -49,7 +49,7 @@ class KmsConfig:
         if self.max_request_bytes < 1024:
             raise ConfigError("kms.max_request_bytes must be at least 1024")
         for entry in self.principals:
-            parts = entry.split("=")
+            parts = entry.split("=", 2)
             if len(parts) not in (2, 3) or not parts[0] or not parts[1].startswith("arn:"):
                 raise ConfigError(f"kms.principals entry must be AKID=arn[=secret], not {entry.split('=')[0]!r}...")
 
@@ -57,7 +57,7 @@ class KmsConfig:
         """Access key id -> (principal ARN, secret or None)."""
         table: dict[str, tuple[str, str | None]] = {}
         for entry in self.principals:
-            parts = entry.split("=")
+            parts = entry.split("=", 2)
             table[parts[0]] = (parts[1], parts[2] if len(parts) == 3 else None)
         return table
 
