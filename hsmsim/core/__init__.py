@@ -10,8 +10,8 @@ hsmsim.__version__ (ImportError otherwise).
 
 Threads: keys may be shared by threads; the GIL is released in every C call. Batches
 (AesGcmKey.encrypt_batch/decrypt_batch, RsaPrivateKey.sign_batch_*) make one C call and, when
-large enough, split the work over `batch_threads` threads inside C (default up to 2; pass
-batch_threads=1 where the process shares its CPUs, as node processes do). A process that
+large enough, split the work over `batch_threads` threads inside C (default 1; raise it
+only where the process has CPUs to itself, which node processes usually do not). A process that
 runs large batches may call malloc_keep() once at start (process-wide glibc tuning).
 
 Departures worth knowing: RSA keys must be 2048 to 4096 bits (CloudHSM's range); raw

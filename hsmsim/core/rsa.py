@@ -9,7 +9,6 @@ released during every C call.
 
 from __future__ import annotations
 
-import os
 from array import array
 from collections.abc import Sequence
 from math import gcd
@@ -35,7 +34,7 @@ from hsmsim.core._ffi import INT32_CODE, SIZE_T_CODE, ffi, lib
 
 MIN_BITS, MAX_BITS = 2048, 4096
 MAX_BATCH_THREADS = 8
-DEFAULT_BATCH_THREADS = max(1, min(2, os.cpu_count() or 1))
+DEFAULT_BATCH_THREADS = 1  # as for AES-GCM: opt in per key
 MAX_DER = 64 * 1024
 
 # hsmsim_rsa_padding in hsmsim_core.h
@@ -280,8 +279,7 @@ class RsaPrivateKey(_RsaKey):
     @classmethod
     def from_der(cls, der: bytes, *, batch_threads: int | None = None) -> RsaPrivateKey:
         """From PKCS#8 PrivateKeyInfo or PKCS#1 RSAPrivateKey DER (unencrypted).
-        batch_threads: how many threads sign_batch_* may use inside C (default: up to 2,
-        following the CPU count)."""
+        batch_threads: how many threads sign_batch_* may use inside C (default 1)."""
         der = _der(der)
         pp = ffi.new("hsmsim_rsa **")
         status = lib.hsmsim_rsa_private_from_der(der, len(der), pp)
