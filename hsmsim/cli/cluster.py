@@ -408,6 +408,8 @@ def cmd_user(args: argparse.Namespace) -> int:
     if not USERNAME_RE.match(args.username):
         raise CliError("--username must be 1 to 31 letters, digits or underscores")
     la = _login_args(args)
+    if op in ("create", "change-password") and not args.password:
+        args.password = _prompt_password(args.username)
     if op == "create":
         if args.role not in ("admin", "crypto-user"):
             raise CliError("--role must be admin or crypto-user")
@@ -425,6 +427,17 @@ def cmd_user(args: argparse.Namespace) -> int:
     else:
         print(" ".join(f"{k}={v}" for k, v in r.items()))
     return 0
+
+
+def _prompt_password(username: str) -> str:
+    """Ask on the terminal (as cloudhsm-cli does) instead of taking it from argv."""
+    if not sys.stdin.isatty():
+        raise CliError("--password is required when not on a terminal")
+    import getpass
+    pw = getpass.getpass(f"password for {username}: ")
+    if getpass.getpass("again: ") != pw:
+        raise CliError("the passwords do not match")
+    return pw
 
 
 def cmd_key(args: argparse.Namespace) -> int:
@@ -582,12 +595,12 @@ def register(sub: Any) -> None:
     q = us.add_parser("create", help="create a user (as admin)")
     q.add_argument("--username", required=True)
     q.add_argument("--role", required=True, choices=("admin", "crypto-user"))
-    q.add_argument("--password", required=True)
+    q.add_argument("--password", help="the new user's password (prompted when omitted)")
     q = us.add_parser("delete", help="delete a user (as admin)")
     q.add_argument("--username", required=True)
     q = us.add_parser("change-password", help="set a user's password (as admin)")
     q.add_argument("--username", required=True)
-    q.add_argument("--password", required=True)
+    q.add_argument("--password", help="the new password (prompted when omitted)")
     q = us.add_parser("unlock", help="unlock a locked-out user (as admin)")
     q.add_argument("--username", required=True)
     for name, q in us.choices.items():

@@ -131,3 +131,28 @@ def test_users_sync_to_every_hsm(cluster3: Harness) -> None:
     h.call(h.cluster.delete_user(co, "alice"))
     assert not [u for u in h.call(h.cluster.list_users_cluster()) if u["username"] == "alice"]
     h.call(h.cluster.logout(co))
+
+
+def test_sharing_and_attribute_changes_reach_every_hsm(cluster3: Harness) -> None:
+    h = cluster3
+    co = h.login("admin", "admin-password-1", UserType.SO)
+    h.call(h.cluster.create_user(co, "grace", "crypto-user", "grace-password"))
+    login = h.login()
+    handle = h.call(h.cluster.generate_key(login, AES_GEN, aes_template(label="shared"), 1))
+    before = _wait_on_all(h, handle)
+    h.call(h.cluster.share_key(login, handle, "grace"))
+    h.call(h.cluster.set_attributes(login, handle, {int(Attribute.LABEL): "renamed"}))
+    after = _wait_on_all(h, handle)
+    assert len(set(after.values())) == 1 and set(after.values()) != set(before.values())
+    g = h.login("grace", "grace-password")
+    # grace may use the key on any HSM, but not delete it (CloudHSM sharing rules)
+    for _ in range(3):
+        assert h.call(h.cluster.encrypt(g, handle, GCM, b"x")).data
+    with pytest.raises(Pkcs11Error):
+        h.call(h.cluster.destroy_object(g, handle))
+    assert h.call(h.cluster.get_attributes(g, handle, [int(Attribute.LABEL)]))[0].value == "renamed"
+    h.call(h.cluster.unshare_key(login, handle, "grace"))
+    with pytest.raises(Pkcs11Error):
+        h.call(h.cluster.encrypt(g, handle, GCM, b"x"))
+    for lg in (g, login, co):
+        h.call(h.cluster.logout(lg))
