@@ -355,3 +355,30 @@ def test_malloc_keep_checks_its_argument() -> None:
         malloc_keep(1.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="keep_bytes must be 0 to"):
         malloc_keep(-1)
+
+
+def test_gcm_close_while_other_threads_use_the_key() -> None:
+    """close() in one thread while others are mid-call: the C context lives until the last
+    call in flight returns; later calls get ValueError, and nothing crashes."""
+    k = AesGcmKey(KEY)
+    outcomes: list[str] = []
+    started = threading.Barrier(5)
+
+    def work() -> None:
+        started.wait()
+        out = bytearray(4096 + 16)
+        try:
+            while True:
+                k.encrypt_into(b"i" * 12, bytes(4096), out)
+                k.encrypt_batch([b"i" * 12] * 8, [bytes(512)] * 8)
+        except ValueError as exc:
+            outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    started.wait()
+    k.close()
+    for t in threads:
+        t.join(timeout=30)
+    assert outcomes == ["key is closed"] * 4
