@@ -239,8 +239,15 @@ def run(opts: BenchOptions) -> BenchResult:
             counts = {name: [0, 0.0] for name in (HSMSIM, PEM, SOFTHSM)}
             for r in range(rounds):
                 for name, srv in servers.items():
+                    if name in notes:
+                        continue  # failed in an earlier round
                     _say(opts, f"round {r + 1}/{rounds}: {name}, {slice_s} s")
-                    n, secs = s_time(srv.port, slice_s)
+                    try:
+                        n, secs = s_time(srv.port, slice_s)
+                    except TlsError as exc:
+                        notes[name] = f"failed: {exc}; server log: {srv.log_tail(3)}"
+                        counts[name] = [0, 0.0]
+                        continue
                     counts[name][0] += n
                     counts[name][1] += secs
             setups = tuple(SetupResult(name, int(c[0]), float(c[1]), notes.get(name, ""))
@@ -252,8 +259,11 @@ def run(opts: BenchOptions) -> BenchResult:
                         _say(opts, f"latency {ms:g} ms on every HSM: {HSMSIM}, {total} s")
                         _set_latency(state, ms)
                         time.sleep(0.2)
-                        n, secs = s_time(servers[HSMSIM].port, total)
-                        points.append(LatencyPoint(ms, n, secs))
+                        try:
+                            n, secs = s_time(servers[HSMSIM].port, total)
+                            points.append(LatencyPoint(ms, n, secs))
+                        except TlsError as exc:
+                            points.append(LatencyPoint(ms, 0, 0.0, f"failed: {exc}"))
                 finally:
                     _set_latency(state, 0)
             elif opts.latencies_ms:

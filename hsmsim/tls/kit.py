@@ -191,9 +191,15 @@ def init_kit(req: KitRequest) -> Kit:
         raise TlsError("--port must be between 1 and 65535")
     engine = engine_path()
     out = req.out_dir.absolute()
-    if out.exists() and (out / KIT_FILE).exists():
+    if out.exists() and not out.is_dir():
+        raise TlsError(f"--out {out} exists and is not a directory")
+    if (out / KIT_FILE).exists():
         raise TlsError(f"{out} already holds a TLS kit; choose another --out")
-    ca = certs.load_or_create_ca(req.state_dir) if req.issuer == "ca" else None
+    try:
+        ca = certs.load_or_create_ca(req.state_dir) if req.issuer == "ca" else None
+    except OSError as exc:
+        raise TlsError(f"cannot create the local CA under {req.state_dir}: "
+                       f"{exc.strerror or exc}") from None
     label = _label(req.cn)
     key_id = secrets.token_bytes(8)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, req.cn)])
@@ -206,8 +212,12 @@ def init_kit(req: KitRequest) -> Kit:
             if cert.public_key() != public_key:
                 raise TlsError("internal error: the certificate does not carry the token's "
                                "public key")
-            return _write_kit(req, engine, out, label, key_id, cert, chain, full, csr,
-                              warnings)
+            try:
+                return _write_kit(req, engine, out, label, key_id, cert, chain, full, csr,
+                                  warnings)
+            except OSError as exc:
+                raise TlsError(f"writing the kit into {out} failed: "
+                               f"{exc.strerror or exc}") from None
         except BaseException:
             session.destroy(key_id)  # never leave a half-made identity behind
             raise

@@ -119,6 +119,9 @@ def s_time(port: int, seconds: int, cipher: str = BENCH_CIPHER) -> tuple[int, fl
     elapsed = time.perf_counter() - start
     for line in r.stdout.splitlines():
         if " connections in " in line and "real seconds" not in line:
-            return int(line.split()[0]), elapsed
-    raise TlsError(f"openssl s_time gave no count (exit {r.returncode}): "
+            count = int(line.split()[0])
+            if count == 0:
+                break
+            return count, elapsed
+    raise TlsError(f"openssl s_time completed no handshake (exit {r.returncode}): "
                    f"{(r.stdout + r.stderr).strip()[-500:]}")

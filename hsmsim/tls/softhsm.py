@@ -44,6 +44,7 @@ def make_token(directory: Path, label: str = "hsm1") -> SoftToken:
     with os.fdopen(fd, "w") as f:
         f.write(pin)
     env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
+    # The PINs appear on softhsm2-util's command line for an instant: a throw-away token only.
     try:
         r = subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label,
                             "--so-pin", so_pin, "--pin", pin],

@@ -87,6 +87,15 @@ def test_no_daemon_for_state_dir(tmp_path: Path) -> None:
     assert "no hsmsim daemon for" in r.stderr and "hsmsim up --detach --state" in r.stderr
 
 
+def test_out_must_be_a_directory(softhsm_backend: Backend, tmp_path: Path) -> None:
+    not_dir = tmp_path / "file"
+    not_dir.write_text("x")
+    r = run_cli(["tls", "init", "--cn", "x.test", "--out", str(not_dir),
+                 *softhsm_backend.init_args])
+    assert r.returncode == 1 and "exists and is not a directory" in r.stderr
+    assert not_dir.read_text() == "x"
+
+
 def test_existing_kit_is_not_overwritten(softhsm_backend: Backend, tmp_path: Path) -> None:
     out = tmp_path / "kit"
     softhsm_backend.init(out, "--cn", "first.test", "--key", "ec-p256")
