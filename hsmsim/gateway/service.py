@@ -795,11 +795,23 @@ class Gateway:
         (IV || ciphertext || tag); vendor AES wraps carry an explicit 8-byte IV."""
         m, p = mech.mechanism, mech.spec.param
         if m in _GCM:
+            # FIDELITY: AES-GCM key wrapping needs the nodes to implement it (they answer
+            # CKR_MECHANISM_INVALID today); the cluster gets the IV-prefixed vendor form.
             assert isinstance(p, GcmParams)
             return MechanismSpec(M.CLOUDHSM_AES_GCM, GcmParams(b"", p.aad, p.tag_bits))
         if m in _VENDOR_WRAPS:
             iv = p.data if isinstance(p, RawParams) and p.data else AES_WRAP_DEFAULT_IV
-            return MechanismSpec(m, RawParams(iv))
+            if iv != AES_WRAP_DEFAULT_IV:
+                # FIDELITY: the nodes' AES key wrap (SoftHSM2) uses the default IV only; CloudHSM
+                # accepts any 8-byte IV.
+                raise _err(RV.MECHANISM_PARAM_INVALID, "only the default AES key wrap IV is supported")
+            if m == M.CLOUDHSM_AES_KEY_WRAP_PKCS5_PAD:
+                # FIDELITY: carried out as RFC 5649 (CKM_AES_KEY_WRAP_PAD), not CloudHSM's
+                # RFC 3394 over PKCS#5-padded key bytes: round trips work, the bytes differ.
+                return MechanismSpec(M.AES_KEY_WRAP_PAD)
+            # NO_PAD is RFC 3394; ZERO_PAD equals it for keys whose length is a multiple of 8
+            # (every AES key). FIDELITY: other lengths fail instead of being zero-padded.
+            return MechanismSpec(M.AES_KEY_WRAP)
         return mech.spec
 
     async def op_WrapKey(self, app: Application, r: Reader) -> Reply:

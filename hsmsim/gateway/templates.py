@@ -22,6 +22,8 @@ PRIVATE_USAGE = (A.DECRYPT, A.SIGN, A.UNWRAP, A.DERIVE)
 
 
 def decode_template(r: Reader) -> Template:
+    """FIDELITY: attributes whose values are attribute arrays (CKA_WRAP_TEMPLATE,
+    CKA_UNWRAP_TEMPLATE, CKA_DERIVE_TEMPLATE) are not carried: CKR_ATTRIBUTE_TYPE_INVALID."""
     n = r.count()
     out: Template = {}
     for _ in range(n):

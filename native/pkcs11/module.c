@@ -676,6 +676,8 @@ static CK_RV data_out_call(uint16_t op, CK_SESSION_HANDLE h, int with_data, CK_B
     CHECK_INIT();
     if (with_data && !in && inlen) return CKR_ARGUMENTS_BAD;
     if (!outlen) return CKR_ARGUMENTS_BAD;
+    /* FIDELITY: one call carries at most the 64 MiB frame; CloudHSM hashes single-part input of
+     * any size. Larger inputs need the multi-part calls. */
     if (with_data && inlen > HSMSIM_MAX_FRAME - 4096) return CKR_DATA_LEN_RANGE;
     hs_wbuf w;
     req_begin(&w);

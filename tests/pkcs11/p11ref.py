@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.cmac import CMAC
-from cryptography.hazmat.primitives.keywrap import aes_key_unwrap, aes_key_wrap
+from cryptography.hazmat.primitives.keywrap import (aes_key_unwrap, aes_key_unwrap_with_padding, aes_key_wrap,
+                                                    aes_key_wrap_with_padding)
 
 from hsmsim.cluster.api import AttributeResult, ClusterInfo, EncryptResult, Login
 from hsmsim.pkcs11.attributes import Template
@@ -243,6 +244,8 @@ class RefCluster:
         if mech.mechanism == M.CLOUDHSM_AES_GCM:
             iv = os.urandom(12)
             return iv + AESGCM(w.secret).encrypt(iv, k.secret, None)  # type: ignore[arg-type]
+        if mech.mechanism == M.AES_KEY_WRAP_PAD:
+            return aes_key_wrap_with_padding(w.secret, k.secret)  # type: ignore[arg-type]
         return aes_key_wrap(w.secret, k.secret)  # type: ignore[arg-type]
 
     async def unwrap_key(self, login: Login, unwrapping: int, mech: MechanismSpec, wrapped: bytes,
@@ -251,6 +254,8 @@ class RefCluster:
         try:
             if mech.mechanism == M.CLOUDHSM_AES_GCM:
                 value = AESGCM(w.secret).decrypt(wrapped[:12], wrapped[12:], None)  # type: ignore[arg-type]
+            elif mech.mechanism == M.AES_KEY_WRAP_PAD:
+                value = aes_key_unwrap_with_padding(w.secret, wrapped)  # type: ignore[arg-type]
             else:
                 value = aes_key_unwrap(w.secret, wrapped)  # type: ignore[arg-type]
         except Exception:

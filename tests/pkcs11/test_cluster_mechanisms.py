@@ -227,3 +227,40 @@ def test_generated_key_types(session: pkcs11.Session) -> None:
     for kt, bits in ((KeyType.AES, 128), (KeyType.AES, 192), (KeyType.AES, 256), (KeyType.GENERIC_SECRET, 512)):
         k = session.generate_key(kt, bits, store=False)
         assert k.key_type == kt and k[Attribute.LOCAL] is True
+
+
+@pytest.mark.parametrize("mech", [0x80002109, 0x8000210A, 0x8000216F])  # CKM_CLOUDHSM_AES_KEY_WRAP_*
+def test_vendor_aes_key_wraps(session: pkcs11.Session, mech: int) -> None:
+    from cryptography.hazmat.primitives.keywrap import aes_key_unwrap, aes_key_unwrap_with_padding
+    raw_mech = pkcs11.mechanisms.Mechanism  # python-pkcs11 has no names for vendor values
+    del raw_mech
+    wrapping = session.create_object({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
+                                      Attribute.VALUE: KEY, Attribute.WRAP: True, Attribute.UNWRAP: True,
+                                      Attribute.TOKEN: True, Attribute.LABEL: f"p11-wrapping-{mech:x}"})
+    target = session.create_object({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
+                                    Attribute.VALUE: bytes(16), Attribute.EXTRACTABLE: True,
+                                    Attribute.ENCRYPT: True, Attribute.TOKEN: True})
+    wrapped = _wrap(session, mech, wrapping, target)
+    if mech == 0x8000210A:  # FIDELITY: RFC 5649 here (see the gateway)
+        assert aes_key_unwrap_with_padding(KEY, wrapped) == bytes(16)
+    else:
+        assert aes_key_unwrap(KEY, wrapped) == bytes(16)
+
+
+def _wrap(session: pkcs11.Session, mech: int, wrapping: pkcs11.SecretKey, target: pkcs11.SecretKey) -> bytes:
+    """C_WrapKey with a vendor mechanism through ctypes on the same (initialised) module."""
+    import ctypes
+    from ctypes import byref, c_ulong, create_string_buffer
+    from p11helpers import require_module
+    from p11raw import CK_MECHANISM
+    dll = ctypes.CDLL(str(require_module()))
+    h = c_ulong()
+    assert dll.C_OpenSession(c_ulong(1), c_ulong(6), None, None, byref(h)) == 0
+    try:
+        m = CK_MECHANISM(mech, None, 0)
+        out, n = create_string_buffer(256), c_ulong(256)
+        rv = dll.C_WrapKey(h, byref(m), c_ulong(wrapping.handle), c_ulong(target.handle), out, byref(n))
+        assert rv == 0, hex(rv)
+        return out.raw[:n.value]
+    finally:
+        dll.C_CloseSession(h)
