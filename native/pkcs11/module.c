@@ -246,6 +246,16 @@ CK_RV C_Initialize(CK_VOID_PTR pInitArgs) {
 CK_RV C_Finalize(CK_VOID_PTR pReserved) {
     if (pReserved) return CKR_ARGUMENTS_BAD;
     pthread_mutex_lock(&g_state);
+    if (g_init && g_pid != getpid()) {
+        /* A forked child finalising what its parent initialised (e.g. a host that re-initialises
+         * after fork): drop the inherited connections without a word to the daemon, so the
+         * parent's application lives on. */
+        hs_forget_after_fork();
+        iv_clear_all();
+        g_init = 0;
+        pthread_mutex_unlock(&g_state);
+        return CKR_OK;
+    }
     if (!ready()) {
         pthread_mutex_unlock(&g_state);
         return CKR_CRYPTOKI_NOT_INITIALIZED;

@@ -137,3 +137,32 @@ def test_node_kill_while_signing(cluster, token, login_session: pkcs11.Session, 
         cluster.start(victim)
         cluster.wait_converged(60)
     assert priv[Attribute.KEY_TYPE] == KeyType.RSA
+
+
+def test_fork_workers_after_load(cluster, token, login_session: pkcs11.Session, rsa_pair) -> None:  # type: ignore[no-untyped-def]
+    """nginx-style: the module is loaded and used in the parent, workers fork and use it too."""
+    import os
+    pub, priv = rsa_pair
+    ref = crypto_public(pub)
+    lib = use_gateway(cluster.socket_path)
+    pids = []
+    for _ in range(2):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - worker
+            code = 1
+            try:
+                lib.reinitialize()  # C_Finalize (inherited state dropped) + C_Initialize (own application)
+                with lib.get_token(token_label="hsm1").open(rw=True, user_pin=cluster.pin) as s:
+                    k = s.get_key(label="p11-conc-rsa", object_class=pkcs11.ObjectClass.PRIVATE_KEY)
+                    sig = k.sign(b"from a worker", mechanism=Mechanism.SHA256_RSA_PKCS)
+                    ref.verify(sig, b"from a worker", padding.PKCS1v15(), hashes.SHA256())
+                code = 0
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    for pid in pids:
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    # the parent's application (and its login) is untouched
+    sig = priv.sign(b"parent", mechanism=Mechanism.SHA256_RSA_PKCS)
+    ref.verify(sig, b"parent", padding.PKCS1v15(), hashes.SHA256())
