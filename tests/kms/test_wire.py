@@ -110,3 +110,22 @@ def test_blob_layout() -> None:
     for bad in (b"", data[:60], b"XX" + data[2:], data[:2] + b"\x09" + data[3:], data[:3] + b"\x07" + data[4:]):
         with pytest.raises(ValueError):
             blob.unpack(bad)
+
+
+def test_quota_buckets() -> None:
+    from hsmsim.kms.quotas import Quotas
+    q = Quotas(op_rps={"CreateKey": 2}, shared=3, per_store=2)
+    q.check("CreateKey")
+    q.check("CreateKey")
+    with pytest.raises(e.Throttled) as exc:
+        q.check("CreateKey")
+    assert exc.value.message.startswith("You have exceeded the rate at which you may call KMS.")
+    for _ in range(3):
+        q.check("Encrypt")  # the shared cryptographic quota
+    with pytest.raises(e.Throttled):
+        q.check("Decrypt")
+    q.check_store("cks-1")
+    q.check_store("cks-1")
+    with pytest.raises(e.Throttled):
+        q.check_store("cks-1")
+    q.check_store("cks-2")  # each custom key store has its own bucket
