@@ -17,7 +17,6 @@ from cryptography import x509
 from hsmsim.cluster.api import ClusterClient, ClusterInfo, Login
 from hsmsim.kms import errors as e
 from hsmsim.kms.material import ClusterFailure, Fleet
-from hsmsim.kms.model import StoreRecord
 from hsmsim.kms.store import Store
 from hsmsim.pkcs11.constants import RV, UserType
 from hsmsim.pkcs11.errors import Pkcs11Error

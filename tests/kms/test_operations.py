@@ -3,7 +3,6 @@ cluster double (ring 1: the KMS's own logic) and a real cluster behind the daemo
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 
@@ -483,5 +482,3 @@ def test_unimplemented_operation_is_explicit(client, key) -> None:  # type: igno
                                          WrappingKeySpec="RSA_2048")
     assert code(exc) == "UnsupportedOperationException"
 
-
-_ = base64

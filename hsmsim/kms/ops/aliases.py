@@ -3,7 +3,7 @@ reserved for AWS managed keys."""
 
 from __future__ import annotations
 
-from hsmsim.kms import errors as e, model
+from hsmsim.kms import errors as e
 from hsmsim.kms.model import AliasRecord, KeyRecord
 from hsmsim.kms.ops.common import Call, Handler, Request, Response, paginate
 from hsmsim.kms.runtime import Kms
@@ -88,4 +88,3 @@ HANDLERS: dict[str, Handler] = {
     "ListAliases": list_aliases,
 }
 
-_ = model
