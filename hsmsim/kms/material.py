@@ -19,7 +19,6 @@ import hmac
 import logging
 import os
 import secrets
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -394,12 +393,6 @@ class ClusterKeys:
             raise ClusterFailure(int(exc.rv), "random") from None
 
 
-def hash_for(name: str) -> str:
-    return name
-
-
 def digest(hash_name: str, message: bytes) -> bytes:
     return hashlib.new(hash_name, message).digest()
 
-
-EC_DIGEST_LEN: Mapping[str, int] = {"sha256": 32, "sha384": 48, "sha512": 64}
