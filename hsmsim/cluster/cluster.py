@@ -28,6 +28,8 @@ from hsmsim.pkcs11.params import MechanismSpec
 log = logging.getLogger("hsmsim.cluster")
 T = TypeVar("T")
 
+BACKGROUND_BUSY = 2  # requests in flight above which background key-sync copies wait
+BACKGROUND_MAX_WAIT_S = 5.0  # ...but never longer than this
 AVAILABILITY_MSG = ("Key {handle} does not meet the availability requirements - The key must be "
                     "available on at least 2 HSMs before being used.")
 
@@ -379,6 +381,11 @@ class Cluster:
             m.pending_sync += 1
             try:
                 async with m.sync_window:
+                    # Yield to the application's requests while the HSM is busy, for a
+                    # bounded time: the availability check is already met.
+                    deadline = time.monotonic() + BACKGROUND_MAX_WAIT_S
+                    while m.usable and m.inflight > BACKGROUND_BUSY and time.monotonic() < deadline:
+                        await asyncio.sleep(0.01)
                     if m.usable:
                         await copy_to(m)
             finally:
