@@ -99,14 +99,19 @@ def s_server(kit: Kit, port: int, log_path: Path, key_pem: Path | None = None,
 
 
 def nginx(kit: Kit, log_path: Path) -> Server:
-    """nginx in the foreground with the kit's nginx.conf (master + 2 workers); the port is the
-    one `tls init --port` wrote."""
+    """nginx in the foreground through the kit's own nginx.sh (which execs nginx, so the
+    process is the master; 2 workers); the port is the one `tls init --port` wrote."""
     out = Path(kit.out_dir)
-    (out / "tmp").mkdir(exist_ok=True)
+    nginx_binary()
     text = Path(kit.files["nginx_server"]).read_text()
     port = int(text.split("listen 127.0.0.1:", 1)[1].split()[0])
-    argv = [nginx_binary(), "-p", str(out), "-c", "nginx.conf", "-g", "daemon off;"]
-    return Server("nginx", argv, kit_environ(kit), port, log_path, cwd=out)
+    return Server("nginx", ["sh", kit.files["nginx_sh"]], os.environ, port, log_path, cwd=out)
+
+
+def s_server_script(kit: Kit, port: int, log_path: Path) -> Server:
+    """The kit's own s-server.sh (`openssl s_server ... -www`) on `port`."""
+    return Server("s-server.sh", ["sh", kit.files["s_server"]], {**os.environ, "PORT": str(port)},
+                  port, log_path)
 
 
 def s_time(port: int, seconds: int, cipher: str = BENCH_CIPHER) -> tuple[int, float]:
