@@ -43,6 +43,8 @@ class KeyRecord:
     on_demand_rotations: int = 0
     on_demand_started: float | None = None
     multi_region: bool = False
+    valid_to: float | None = None  # imported material that expires
+    expiration_model: str | None = None  # EXTERNAL keys: KEY_MATERIAL_(DOES_NOT_)EXPIRE(S)
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,7 @@ from hsmsim.kms.runtime import Kms
 log = logging.getLogger("hsmsim.kms")
 
 # FIDELITY: modelled operations hsmsim does not implement answer UnsupportedOperationException.
-NOT_IMPLEMENTED = ("GetParametersForImport", "ImportKeyMaterial", "DeleteImportedKeyMaterial",
-                   "ReplicateKey", "UpdatePrimaryRegion", "DeriveSharedSecret")
+NOT_IMPLEMENTED = ("ReplicateKey", "UpdatePrimaryRegion", "DeriveSharedSecret")
 TRACKED = frozenset({"Decrypt", "Encrypt", "GenerateDataKey", "GenerateDataKeyPair", "GenerateDataKeyPairWithoutPlaintext",
                      "GenerateDataKeyWithoutPlaintext", "GenerateMac", "ReEncrypt", "Sign", "Verify", "VerifyMac"})
 

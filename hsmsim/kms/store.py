@@ -100,9 +100,12 @@ class Store:
 
     # -- material ---------------------------------------------------------------------------
     def put_material(self, m: MaterialRecord) -> None:
-        self._db.execute("INSERT INTO materials VALUES (?, ?, ?, ?, ?, ?)",
+        self._db.execute("INSERT OR REPLACE INTO materials VALUES (?, ?, ?, ?, ?, ?)",
                          (m.material_id, m.key_id, m.seq, _dump(m, ("sealed", "public")),
                           m.sealed, m.public))
+
+    def delete_materials(self, key_id: str) -> None:
+        self._db.execute("DELETE FROM materials WHERE key_id = ?", (key_id,))
 
     def material(self, material_id: str) -> MaterialRecord | None:
         row = self._db.execute("SELECT data, sealed, public FROM materials WHERE material_id = ?",

@@ -142,13 +142,15 @@ def kms(request: pytest.FixtureRequest) -> KmsEndpoint:
     return request.getfixturevalue(f"kms_{request.param}")  # type: ignore[no-any-return]
 
 
-def advance_clock(ep: KmsEndpoint, seconds: float) -> None:
+def advance_clock(ep: KmsEndpoint, seconds: float) -> float:
+    """Moves the endpoint's KMS clock forward; returns its new time (epoch seconds)."""
     import json
     import urllib.request
     req = urllib.request.Request(ep.url + "/_hsmsim/clock", method="POST",
                                  data=json.dumps({"advance_seconds": seconds}).encode())
     with urllib.request.urlopen(req, timeout=30) as r:
         assert r.status == 200
+        return float(json.loads(r.read())["now"])
 
 
 def add_cu(ep: KmsEndpoint, username: str, password: str) -> None:

@@ -478,7 +478,67 @@ def test_key_last_usage(client, kms: KmsEndpoint) -> None:  # type: ignore[no-un
 
 def test_unimplemented_operation_is_explicit(client, key) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ClientError) as exc:
-        client.get_parameters_for_import(KeyId=key["KeyId"], WrappingAlgorithm="RSAES_OAEP_SHA_256",
-                                         WrappingKeySpec="RSA_2048")
+        client.replicate_key(KeyId=key["KeyId"], ReplicaRegion="us-west-2")
+    assert code(exc) == "UnsupportedOperationException"
+
+
+def _wrap(params: dict, material: bytes, alg: str) -> bytes:  # type: ignore[type-arg]
+    import os
+    from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
+    pub = serialization.load_der_public_key(params["PublicKey"])
+    sha = hashes.SHA1() if alg.endswith("SHA_1") else hashes.SHA256()
+    oaep = padding.OAEP(padding.MGF1(sha), sha, None)
+    if alg.startswith("RSAES_OAEP"):
+        return pub.encrypt(material, oaep)  # type: ignore[union-attr,call-arg]
+    aes = os.urandom(32)
+    return pub.encrypt(aes, oaep) + aes_key_wrap_with_padding(aes, material)  # type: ignore[union-attr,call-arg]
+
+
+@pytest.mark.parametrize("alg", ["RSAES_OAEP_SHA_256", "RSA_AES_KEY_WRAP_SHA_256"])
+def test_imported_key_material(client, kms: KmsEndpoint, alg: str) -> None:  # type: ignore[no-untyped-def]
+    import os
+    k = client.create_key(Origin="EXTERNAL")["KeyMetadata"]
+    assert k["KeyState"] == "PendingImport" and k["Origin"] == "EXTERNAL"
+    with pytest.raises(ClientError) as exc:
+        client.encrypt(KeyId=k["KeyId"], Plaintext=b"x")
+    assert code(exc) == "KMSInvalidStateException" and message(exc) == f"{k['Arn']} is pending import."
+    material = os.urandom(32)
+    params = client.get_parameters_for_import(KeyId=k["KeyId"], WrappingAlgorithm=alg, WrappingKeySpec="RSA_2048")
+    assert params["KeyId"] == k["Arn"]
+    with pytest.raises(ClientError) as exc:
+        client.import_key_material(KeyId=k["KeyId"], ImportToken=b"bogus-token",
+                                   EncryptedKeyMaterial=_wrap(params, material, alg))
+    assert code(exc) == "InvalidImportTokenException"
+    with pytest.raises(ClientError) as exc:
+        client.import_key_material(KeyId=k["KeyId"], ImportToken=params["ImportToken"],
+                                   EncryptedKeyMaterial=_wrap(params, os.urandom(16), alg))
+    assert code(exc) == "IncorrectKeyMaterialException"
+    out = client.import_key_material(KeyId=k["KeyId"], ImportToken=params["ImportToken"],
+                                     EncryptedKeyMaterial=_wrap(params, material, alg),
+                                     ExpirationModel="KEY_MATERIAL_DOES_NOT_EXPIRE")
+    md = client.describe_key(KeyId=k["KeyId"])["KeyMetadata"]
+    assert md["KeyState"] == "Enabled" and md["CurrentKeyMaterialId"] == out["KeyMaterialId"]
+    blob = client.encrypt(KeyId=k["KeyId"], Plaintext=b"imported")["CiphertextBlob"]
+    assert client.decrypt(CiphertextBlob=blob)["Plaintext"] == b"imported"
+    p2 = client.get_parameters_for_import(KeyId=k["KeyId"], WrappingAlgorithm=alg, WrappingKeySpec="RSA_2048")
+    with pytest.raises(ClientError) as exc:
+        client.import_key_material(KeyId=k["KeyId"], ImportToken=p2["ImportToken"],
+                                   EncryptedKeyMaterial=_wrap(p2, os.urandom(32), alg))
+    assert code(exc) == "IncorrectKeyMaterialException"
+    client.delete_imported_key_material(KeyId=k["KeyId"])
+    assert client.describe_key(KeyId=k["KeyId"])["KeyMetadata"]["KeyState"] == "PendingImport"
+    with pytest.raises(ClientError) as exc:
+        client.decrypt(CiphertextBlob=blob)
+    assert code(exc) == "KMSInvalidStateException"
+    # The same material again, expiring: old ciphertexts decrypt, and it goes away when due.
+    client.import_key_material(KeyId=k["KeyId"], ImportToken=p2["ImportToken"],
+                               EncryptedKeyMaterial=_wrap(p2, material, alg),
+                               ExpirationModel="KEY_MATERIAL_EXPIRES", ValidTo=advance_clock(kms, 0) + 3600)
+    assert client.decrypt(CiphertextBlob=blob)["Plaintext"] == b"imported"
+    advance_clock(kms, 7200)
+    assert client.describe_key(KeyId=k["KeyId"])["KeyMetadata"]["KeyState"] == "PendingImport"
+    aws_key = client.create_key()["KeyMetadata"]
+    with pytest.raises(ClientError) as exc:
+        client.get_parameters_for_import(KeyId=aws_key["KeyId"], WrappingAlgorithm=alg, WrappingKeySpec="RSA_2048")
     assert code(exc) == "UnsupportedOperationException"
 

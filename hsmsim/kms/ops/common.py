@@ -122,6 +122,9 @@ def metadata(kms: Kms, key: KeyRecord) -> Response:
         md["MultiRegionConfiguration"] = {
             "MultiRegionKeyType": "PRIMARY",
             "PrimaryKey": {"Arn": key.arn, "Region": kms.region}, "ReplicaKeys": []}
-    if key.origin == model.AWS_KMS and key.key_spec == model.SYMMETRIC and key.current_material:
+    if key.origin in (model.AWS_KMS, model.EXTERNAL) and key.key_spec == model.SYMMETRIC and key.current_material:
         md["CurrentKeyMaterialId"] = key.current_material
+    if key.origin == model.EXTERNAL:
+        md["ExpirationModel"] = key.expiration_model
+        md["ValidTo"] = key.valid_to
     return md

@@ -105,7 +105,7 @@ async def unseal(kms: Kms, call: Call, data: bytes, context: dict[str, str], key
         except ClusterFailure as exc:
             raise cluster_error(key, exc) from None
         return key, plain, None
-    if key.origin != model.AWS_KMS:
+    if key.origin not in (model.AWS_KMS, model.EXTERNAL):
         raise e.InvalidCiphertext("")
     live = await _fleet_key(kms, key, parsed.material_id)
     try:

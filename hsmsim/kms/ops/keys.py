@@ -207,6 +207,9 @@ async def sweep(kms: Kms) -> None:
     for key in list(kms.store.keys.values()):
         if key.state == model.PENDING_DELETION and key.deletion_date is not None and key.deletion_date <= now:
             await _delete_now(kms, key)
+        elif key.origin == model.EXTERNAL and key.valid_to is not None and key.valid_to <= now:
+            from hsmsim.kms.ops.imports import remove_material
+            remove_material(kms, key)
         elif key.rotation_enabled and key.next_rotation is not None and key.next_rotation <= now \
                 and key.state == model.ENABLED and key.origin == model.AWS_KMS:
             from hsmsim.kms.ops.rotation import rotate
