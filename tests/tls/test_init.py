@@ -5,6 +5,7 @@ reaches the key through the printed URI, and no PIN is written into the kit."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import stat
@@ -18,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from hsmsim.testing.cluster import run_cli
 from hsmsim.tls.kit import Kit
 from hsmsim.tls.servers import kit_environ
 from hsmsim.tls.uri import Pkcs11Uri
@@ -144,3 +146,16 @@ def test_each_init_makes_its_own_key(kits: Kits) -> None:
     a, b = kits.rsa, kits.ec
     assert a.uri != b.uri and a.label != b.label and a.key_id != b.key_id
     assert _engine_public_key(a) != _engine_public_key(b)
+
+
+def test_uri_matches_hsmsim_key_list(kits: Kits) -> None:
+    if kits.backend.name != "hsmsim":
+        pytest.skip("`hsmsim key list` lists the cluster's keys only")
+    r = run_cli(["key", "list", "--json", "--state", str(kits.backend.state)])
+    assert r.returncode == 0, r.stderr
+    listed = {k["uri"]: k for k in json.loads(r.stdout)}
+    for kit in (kits.rsa, kits.ec):
+        entry = listed[kit.uri]
+        assert entry["class"] == "PRIVATE_KEY" and entry["id"] == kit.key_id
+        held, total = map(int, entry["coverage"].split("/"))
+        assert total == 3 and held >= 2  # key availability: on 2 HSMs at least
