@@ -64,18 +64,18 @@ _current: dict[str, object] = {}
 
 
 def use_gateway(sock: Path):  # type: ignore[no-untyped-def]
-    """python-pkcs11's lib for the module, (re)initialised against `sock`."""
+    """python-pkcs11's lib for the module (one per process), (re)initialised against `sock`
+    whenever it, or the environment another test left behind, points elsewhere."""
     import pkcs11
+    stale = os.environ.get("HSMSIM_SOCKET") != str(sock) or _current.get("sock") != str(sock)
     os.environ["HSMSIM_SOCKET"] = str(sock)
     lib = pkcs11.lib(str(require_module()))
-    if _current.get("sock") != str(sock):
+    if stale or not lib.initialized:
         if lib.initialized:
             lib.finalize()
         lib.initialize()
         _current["sock"] = str(sock)
     return lib
-
-
 
 
 def run_child(code: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
