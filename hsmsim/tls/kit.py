@@ -43,8 +43,9 @@ PIN_ENV = "HSMSIM_PIN"
 @dataclasses.dataclass(frozen=True)
 class Target:
     """A PKCS#11 module and token the kit puts keys in, and how a server process reaches it:
-    the PIN file the URI names (0600, never the PIN itself in a written file) and the
-    environment variables the module needs (they go into env.sh and nginx's `env` lines)."""
+    the 0600 PIN file env.sh reads into $HSMSIM_PIN (never the PIN itself in a kit file) and
+    the environment variables the module needs (they go into env.sh and nginx's `env` lines).
+    `new_pin` is a PIN that `init_kit` writes to `pin_file` once it has logged in with it."""
 
     kind: str  # "hsmsim" or "module"
     module: Path
@@ -52,8 +53,11 @@ class Target:
     user: str | None
     pin_file: Path
     env: tuple[tuple[str, str], ...] = ()
+    new_pin: str | None = dataclasses.field(default=None, repr=False)
 
     def pin(self) -> str:
+        if self.new_pin is not None:
+            return self.new_pin
         try:
             return self.pin_file.read_text().strip("\r\n")
         except OSError as exc:
@@ -75,7 +79,7 @@ def cluster_target(state: Path, module: Path, user: str, password: str | None) -
     """The hsmsim cluster of state directory `state`, logged in as crypto user `user`.
     The password comes from `password`, else `$STATE/secrets/<user>.password` (written there
     by `hsmsim up` for the default crypto user); the PIN `user:password` is written to
-    `$STATE/tls/<user>.pin` (0600) and the key's URI names that file."""
+    `$STATE/tls/<user>.pin` (0600) once a kit has been made with it."""
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", user):
         raise TlsError(f"--user {user!r} is not a valid CloudHSM user name")
     socket = state / "gateway.sock"
@@ -92,10 +96,8 @@ def cluster_target(state: Path, module: Path, user: str, password: str | None) -
             raise TlsError(f"no password for crypto user {user!r}: set HSMSIM_TLS_PASSWORD "
                            f"(only {DEFAULT_USER}'s password is kept in {secret.parent})") from None
     pin_file = state / "tls" / f"{user}.pin"
-    _write_secret(pin_file, f"{user}:{password}")
-    os.chmod(pin_file.parent, 0o700)
     env = (("HSMSIM_HOME", str(state)), ("HSMSIM_SOCKET", str(socket)))
-    return Target("hsmsim", module, TOKEN_LABEL, user, pin_file, env)
+    return Target("hsmsim", module, TOKEN_LABEL, user, pin_file, env, f"{user}:{password}")
 
 
 def module_target(module: Path, token: str, pin_file: Path,
@@ -267,6 +269,9 @@ def _write_kit(req: KitRequest, engine: Path, out: Path, label: str, key_id: byt
                csr: x509.CertificateSigningRequest, warnings: list[str]) -> Kit:
     spec = req.spec
     uri = Pkcs11Uri(token=req.target.token, object=label, id=key_id, type="private")
+    if req.target.new_pin is not None:
+        _write_secret(req.target.pin_file, req.target.new_pin)
+        os.chmod(req.target.pin_file.parent, 0o700)
     out.mkdir(parents=True, exist_ok=True)
     files = {
         "cert": out / "cert.pem", "chain": out / "chain.pem", "fullchain": out / "fullchain.pem",

@@ -164,3 +164,17 @@ def _list_private(backend: Backend) -> str:
                        timeout=60)
     assert r.returncode == 0, r.stderr
     return r.stdout
+
+
+def test_wrong_cluster_password_writes_no_pin_file(hsmsim_backend: Backend,
+                                                   tmp_path: Path) -> None:
+    state = hsmsim_backend.state
+    r = run_cli(["user", "create", "--username", "tls_wrong", "--role", "crypto-user",
+                 "--password", "Right-Pass-5678", "--state", str(state)])
+    assert r.returncode == 0, r.stderr
+    env = {**os.environ, "HSMSIM_TLS_PASSWORD": "Wrong-Pass-0000"}
+    r = run_cli(["tls", "init", "--cn", "w.test", "--user", "tls_wrong", "--state", str(state),
+                 "--out", str(tmp_path / "kit")], env=env)
+    assert r.returncode == 1 and "failed: PinIncorrect" in r.stderr, r.stderr
+    assert "Wrong-Pass-0000" not in r.stderr
+    assert not (state / "tls" / "tls_wrong.pin").exists() and not (tmp_path / "kit").exists()
