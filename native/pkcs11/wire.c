@@ -273,13 +273,23 @@ static int frame_exchange(int fd, uint16_t op, hs_wbuf *w, uint8_t **mem, hs_rbu
     h[9] = (uint8_t)(op >> 8);
     h[10] = h[11] = 0;
     if (write_all(fd, w->p, w->len) != 0) return -1;
-    uint8_t lb[4];
-    if (read_all(fd, lb, 4) != 0) return -1;
-    uint32_t rlen = (uint32_t)lb[0] | ((uint32_t)lb[1] << 8) | ((uint32_t)lb[2] << 16) | ((uint32_t)lb[3] << 24);
-    if (rlen < 16 || rlen > HSMSIM_MAX_FRAME) return -1;
+    /* Most replies are small: take the length and as much of the body as has arrived in one
+     * recv, then read whatever remains. */
+    uint8_t first[4096];
+    size_t got = 0;
+    while (got < 4) {
+        ssize_t k = recv(fd, first + got, sizeof first - got, 0);
+        if (k < 0 && errno == EINTR) continue;
+        if (k <= 0) return -1;
+        got += (size_t)k;
+    }
+    uint32_t rlen = (uint32_t)first[0] | ((uint32_t)first[1] << 8) | ((uint32_t)first[2] << 16) |
+                    ((uint32_t)first[3] << 24);
+    if (rlen < 16 || rlen > HSMSIM_MAX_FRAME || got - 4 > rlen) return -1;
     uint8_t *buf = malloc(rlen);
     if (!buf) return -1;
-    if (read_all(fd, buf, rlen) != 0) { free(buf); return -1; }
+    memcpy(buf, first + 4, got - 4);
+    if (read_all(fd, buf + (got - 4), rlen - (got - 4)) != 0) { free(buf); return -1; }
     hs_rbuf r = {buf, rlen, 0, 0};
     uint32_t rid = hs_r_u32(&r);
     uint16_t rop = r_u16(&r);

@@ -166,3 +166,42 @@ def test_fork_workers_after_load(cluster, token, login_session: pkcs11.Session, 
     # the parent's application (and its login) is untouched
     sig = priv.sign(b"parent", mechanism=Mechanism.SHA256_RSA_PKCS)
     ref.verify(sig, b"parent", padding.PKCS1v15(), hashes.SHA256())
+
+
+@pytest.mark.soak
+def test_node_kills_while_signing_soak(cluster, login_session: pkcs11.Session, rsa_pair) -> None:  # type: ignore[no-untyped-def]
+    """60 s of signing from 4 threads while HSMs are killed and restarted in turn."""
+    pub, priv = rsa_pair
+    ref = crypto_public(pub)
+    errors: list[str] = []
+    count = [0]
+    stop = threading.Event()
+
+    def signer() -> None:
+        while not stop.is_set():
+            try:
+                sig = priv.sign(b"soak", mechanism=Mechanism.SHA256_RSA_PKCS)
+                ref.verify(sig, b"soak", padding.PKCS1v15(), hashes.SHA256())
+                count[0] += 1
+            except pkcs11.exceptions.PKCS11Error as exc:
+                errors.append(type(exc).__name__)
+
+    ts = [threading.Thread(target=signer) for _ in range(4)]
+    for t in ts:
+        t.start()
+    try:
+        end = time.monotonic() + 60
+        i = 0
+        while time.monotonic() < end:
+            victim = cluster.hsm_ids[i % len(cluster.hsm_ids)]
+            cluster.kill(victim)
+            time.sleep(3)
+            cluster.start(victim)
+            cluster.wait_converged(60)
+            i += 1
+    finally:
+        stop.set()
+        for t in ts:
+            t.join(60)
+    assert count[0] > 100
+    assert set(errors) <= {"FunctionFailed"}, errors
