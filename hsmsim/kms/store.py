@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from hsmsim.errors import HsmsimError
 from hsmsim.kms.model import AliasRecord, GrantRecord, KeyRecord, MaterialRecord, StoreRecord
 
 T = TypeVar("T")
@@ -48,10 +49,20 @@ def _dump(record: Any, skip: tuple[str, ...] = ()) -> str:
     return json.dumps(d, separators=(",", ":"))
 
 
+class StoreError(HsmsimError):
+    """The KMS database cannot be opened or read; the message names the file."""
+
+
 class Store:
     """One KMS database file, `<state>/kms/kms.sqlite3` (0600)."""
 
     def __init__(self, path: Path) -> None:
+        try:
+            self._open(path)
+        except (sqlite3.Error, OSError, ValueError, TypeError) as exc:
+            raise StoreError(f"the KMS store {path} cannot be opened: {exc}") from None
+
+    def _open(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         new = not path.exists()
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)

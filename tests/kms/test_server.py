@@ -186,3 +186,13 @@ def test_concurrent_requests_are_safe(kms_double: KmsEndpoint) -> None:
     assert results.count("created") == 10 and results.count("AlreadyExistsException") == 70
     assert len(c.list_key_rotations(KeyId=key)["Rotations"]) == 8
     assert len([a for a in c.list_aliases(KeyId=key)["Aliases"]]) == 10
+
+
+def test_corrupt_store_is_a_clear_error(tmp_path: Path) -> None:
+    from hsmsim.kms.store import Store, StoreError
+    db = tmp_path / "kms" / "kms.sqlite3"
+    db.parent.mkdir()
+    db.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError) as exc:
+        Store(db)
+    assert str(db) in str(exc.value)
