@@ -46,6 +46,8 @@ class Backend:
     def init(self, out: Path, *args: str) -> Kit:
         r = run_cli(["tls", "init", "--out", str(out), "--json", *self.init_args, *args])
         assert r.returncode == 0, r.stderr
+        secret = self.pin.split(":", 1)[-1]
+        assert secret not in r.stdout and secret not in r.stderr  # the PIN is never printed
         kit = Kit.load(out)
         assert json.loads(r.stdout)["uri"] == kit.uri
         return kit

@@ -178,3 +178,15 @@ def test_wrong_cluster_password_writes_no_pin_file(hsmsim_backend: Backend,
     assert r.returncode == 1 and "failed: PinIncorrect" in r.stderr, r.stderr
     assert "Wrong-Pass-0000" not in r.stderr
     assert not (state / "tls" / "tls_wrong.pin").exists() and not (tmp_path / "kit").exists()
+
+
+def test_default_out_dir_is_under_the_state_dir(softhsm_backend: Backend) -> None:
+    r = run_cli(["tls", "init", "--cn", "Default Out.test", "--key", "ec-p256",
+                 *softhsm_backend.init_args])
+    assert r.returncode == 0, r.stderr
+    lines = {line.split(None, 1)[0]: line.split(None, 1)[1] for line in r.stdout.splitlines()
+             if line.strip()}
+    assert lines["uri"].startswith("pkcs11:token=hsm1;object=tls-default-out.test-")
+    cert = Path(lines["certificate"].split()[0])
+    assert cert.parent.parent == softhsm_backend.state / "tls"
+    assert cert.parent.name.startswith("default-out.test-") and cert.is_file()
