@@ -4,6 +4,7 @@ material backends, custom key stores, and the lookups and checks every operation
 
 from __future__ import annotations
 
+import hmac
 import re
 import uuid
 from collections.abc import Mapping
@@ -182,7 +183,7 @@ class Kms:
         for token in tokens:
             parts = token.split(":")
             grant = self.store.grant(parts[1]) if len(parts) == 3 and parts[0] == "hsmsim-grant" else None
-            if grant is None or grant.token != token:
+            if grant is None or not hmac.compare_digest(grant.token, token):
                 raise e.InvalidGrantToken("The grant token is not valid.")
 
     @staticmethod
