@@ -66,6 +66,14 @@ static void iv_clear_all(void) {
     pthread_mutex_unlock(&g_iv_lock);
 }
 
+/* Replies may carry plaintext or key bytes: wipe them before freeing. */
+static void hs_release(uint8_t *mem, const hs_rbuf *r) {
+    if (!mem) return;
+    volatile uint8_t *v = mem;
+    for (size_t i = 0; i < r->len; i++) v[i] = 0;
+    free(mem);
+}
+
 /* ---- request encoding helpers ------------------------------------------------------------ */
 static void req_begin(hs_wbuf *w) {
     hs_w_init(w);
@@ -310,7 +318,7 @@ CK_RV C_GetSlotList(CK_BBOOL tokenPresent, CK_SLOT_ID_PTR pSlotList, CK_ULONG_PT
     hs_w_u8(&w, tokenPresent ? 1 : 0);
     CALL(OP_C_GetSlotList, w, r, mem, rv);
     rv = dec_ulong_list(&r, rv, pSlotList, pulCount);
-    free(mem);
+    hs_release(mem, &r);
     return rv;
 }
 
@@ -333,7 +341,7 @@ CK_RV C_GetSlotInfo(CK_SLOT_ID slotID, CK_SLOT_INFO_PTR pInfo) {
         if (r.err) rv = CKR_DEVICE_ERROR;
         if (rv == CKR_OK) *pInfo = info;
     }
-    free(mem);
+    hs_release(mem, &r);
     return rv;
 }
 
@@ -369,7 +377,7 @@ CK_RV C_GetTokenInfo(CK_SLOT_ID slotID, CK_TOKEN_INFO_PTR pInfo) {
         if (r.err) rv = CKR_DEVICE_ERROR;
         if (rv == CKR_OK) *pInfo = t;
     }
-    free(mem);
+    hs_release(mem, &r);
     return rv;
 }
 
@@ -381,7 +389,7 @@ CK_RV C_GetMechanismList(CK_SLOT_ID slotID, CK_MECHANISM_TYPE_PTR pMechanismList
     hs_w_u64(&w, slotID);
     CALL(OP_C_GetMechanismList, w, r, mem, rv);
     rv = dec_ulong_list(&r, rv, pMechanismList, pulCount);
-    free(mem);
+    hs_release(mem, &r);
     return rv;
 }
 
@@ -400,7 +408,7 @@ CK_RV C_GetMechanismInfo(CK_SLOT_ID slotID, CK_MECHANISM_TYPE type, CK_MECHANISM
         i.flags = hs_r_u64(&r);
         if (r.err) rv = CKR_DEVICE_ERROR; else *pInfo = i;
     }
-    free(mem);
+    hs_release(mem, &r);
     return rv;
 }
 
@@ -426,7 +434,7 @@ static CK_RV simple_session_call(uint16_t op, CK_SESSION_HANDLE h) {
     req_begin(&w);
     hs_w_u64(&w, h);
     CALL(op, w, r, mem, rv);
-    free(mem);
+    hs_release(mem, &r);
     return rv;
 }
 
@@ -443,7 +451,7 @@ CK_RV C_OpenSession(CK_SLOT_ID slotID, CK_FLAGS flags, CK_VOID_PTR pApplication,
         CK_SESSION_HANDLE h = hs_r_u64(&r);
         if (r.err) rv = CKR_DEVICE_ERROR; else *phSession = h;
     }
-    free(mem);
+    hs_release(mem, &r);
     return rv;
 }
 
@@ -476,7 +484,7 @@ CK_RV C_GetSessionInfo(CK_SESSION_HANDLE hSession, CK_SESSION_INFO_PTR pInfo) {
         i.ulDeviceError = hs_r_u64(&r);
         if (r.err) rv = CKR_DEVICE_ERROR; else *pInfo = i;
     }
-    free(mem);
+    hs_release(mem, &r);
     return rv;
 }
 
@@ -501,7 +509,7 @@ CK_RV C_Login(CK_SESSION_HANDLE hSession, CK_USER_TYPE userType, CK_UTF8CHAR_PTR
     hs_w_u64(&w, userType);
     hs_w_bytes(&w, pPin, ulPinLen);
     CALL(OP_C_Login, w, r, mem, rv);
-    free(mem);
+    hs_release(mem, &r);
     return rv;
 }
 
@@ -529,7 +537,7 @@ CK_RV C_CreateObject(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTemplate, CK_
     ENC(enc_template(&w, pTemplate, ulCount));
     CALL(OP_C_CreateObject, w, r, mem, rv);
     rv = dec_handle(&r, rv, phObject);
-    free(mem);
+    hs_release(mem, &r);
     return rv;
 }
 
@@ -544,7 +552,7 @@ CK_RV C_CopyObject(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject, CK_ATTR
     ENC(enc_template(&w, pTemplate, ulCount));
     CALL(OP_C_CopyObject, w, r, mem, rv);
     rv = dec_handle(&r, rv, phNewObject);
-    free(mem);
+    hs_release(mem, &r);
     return rv;
 }
 
@@ -555,7 +563,7 @@ CK_RV C_DestroyObject(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject) {
     hs_w_u64(&w, hSession);
     hs_w_u64(&w, hObject);
     CALL(OP_C_DestroyObject, w, r, mem, rv);
-    free(mem);
+    hs_release(mem, &r);
     return rv;
 }
 
@@ -568,7 +576,7 @@ CK_RV C_GetObjectSize(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject, CK_U
     hs_w_u64(&w, hObject);
     CALL(OP_C_GetObjectSize, w, r, mem, rv);
     rv = dec_handle(&r, rv, pulSize);
-    free(mem);
+    hs_release(mem, &r);
     return rv;
 }
 
@@ -612,7 +620,7 @@ CK_RV C_GetAttributeValue(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject, 
             if (r.err) rv = CKR_DEVICE_ERROR;
         }
     }
-    free(mem);
+    hs_release(mem, &r);
     return rv;
 }
 
@@ -625,7 +633,7 @@ CK_RV C_SetAttributeValue(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject, 
     hs_w_u64(&w, hObject);
     ENC(enc_template(&w, pTemplate, ulCount));
     CALL(OP_C_SetAttributeValue, w, r, mem, rv);
-    free(mem);
+    hs_release(mem, &r);
     return rv;
 }
 
@@ -636,7 +644,7 @@ CK_RV C_FindObjectsInit(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTemplate, 
     hs_w_u64(&w, hSession);
     ENC(enc_template(&w, pTemplate, ulCount));
     CALL(OP_C_FindObjectsInit, w, r, mem, rv);
-    free(mem);
+    hs_release(mem, &r);
     return rv;
 }
 
@@ -658,7 +666,7 @@ CK_RV C_FindObjects(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE_PTR phObject, C
             *pulObjectCount = n;
         }
     }
-    free(mem);
+    hs_release(mem, &r);
     return rv;
 }
 
@@ -676,7 +684,7 @@ static CK_RV init_call(uint16_t op, CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, int
     ENC(enc_mechanism(&w, m));
     if (with_key) hs_w_u64(&w, key);
     CALL(op, w, r, mem, rv);
-    free(mem);
+    hs_release(mem, &r);
     return rv;
 }
 
@@ -702,7 +710,7 @@ static CK_RV data_out_call(uint16_t op, CK_SESSION_HANDLE h, int with_data, CK_B
         const uint8_t *d = hs_r_bytes(&r, &n);
         if (!r.err) iv_write(h, d, n);
     }
-    free(mem);
+    hs_release(mem, &r);
     return rv;
 }
 
@@ -718,7 +726,7 @@ static CK_RV data_in_call(uint16_t op, CK_SESSION_HANDLE h, CK_BYTE_PTR in, CK_U
     hs_w_bytes(&w, in, inlen);
     if (with_sig) hs_w_bytes(&w, sig, siglen);
     CALL(op, w, r, mem, rv);
-    free(mem);
+    hs_release(mem, &r);
     return rv;
 }
 
@@ -854,7 +862,7 @@ CK_RV C_GenerateKey(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_
     ENC(enc_template(&w, pTemplate, ulCount));
     CALL(OP_C_GenerateKey, w, r, mem, rv);
     rv = dec_handle(&r, rv, phKey);
-    free(mem);
+    hs_release(mem, &r);
     return rv;
 }
 
@@ -876,7 +884,7 @@ CK_RV C_GenerateKeyPair(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
         if (r.err) rv = CKR_DEVICE_ERROR;
         else { *phPublicKey = pub; *phPrivateKey = priv; }
     }
-    free(mem);
+    hs_release(mem, &r);
     return rv;
 }
 
@@ -900,7 +908,7 @@ CK_RV C_WrapKey(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJE
         const CK_GCM_PARAMS *p = (const CK_GCM_PARAMS *)pMechanism->pParameter;
         if (!r.err && n && p->pIv) memcpy(p->pIv, d, n < p->ulIvLen ? n : p->ulIvLen);
     }
-    free(mem);
+    hs_release(mem, &r);
     return rv;
 }
 
@@ -919,7 +927,7 @@ CK_RV C_UnwrapKey(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OB
     ENC(enc_template(&w, pTemplate, ulAttributeCount));
     CALL(OP_C_UnwrapKey, w, r, mem, rv);
     rv = dec_handle(&r, rv, phKey);
-    free(mem);
+    hs_release(mem, &r);
     return rv;
 }
 
@@ -935,7 +943,7 @@ CK_RV C_DeriveKey(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OB
     ENC(enc_template(&w, pTemplate, ulAttributeCount));
     CALL(OP_C_DeriveKey, w, r, mem, rv);
     rv = dec_handle(&r, rv, phKey);
-    free(mem);
+    hs_release(mem, &r);
     return rv;
 }
 
@@ -960,7 +968,7 @@ CK_RV C_GenerateRandom(CK_SESSION_HANDLE hSession, CK_BYTE_PTR RandomData, CK_UL
         if (r.err || n != ulRandomLen) rv = CKR_DEVICE_ERROR;
         else if (n) memcpy(RandomData, d, n);
     }
-    free(mem);
+    hs_release(mem, &r);
     return rv;
 }
 
