@@ -280,7 +280,9 @@ def cmd_down(args: argparse.Namespace) -> int:
         client.call("shutdown")
     except ControlError as exc:
         if exc.kind == "unavailable":
-            print(f"hsmsim: no daemon is running for {state.root}", file=sys.stderr)
+            stopped = _stop_orphan_nodes(state)
+            extra = f"; stopped {stopped} HSM node(s) left running" if stopped else ""
+            print(f"hsmsim: no daemon is running for {state.root}{extra}", file=sys.stderr)
             return 0
         raise
     from hsmsim.daemon.main import read_pid
@@ -293,6 +295,27 @@ def cmd_down(args: argparse.Namespace) -> int:
         raise CliError("the daemon did not stop within 30s")
     print(f"hsmsim: stopped the cluster in {state.root}")
     return 0
+
+
+def _stop_orphan_nodes(state: StateDir) -> int:
+    """Node processes outlive a crashed daemon (as HSMs outlive their client); `down` without
+    a daemon stops them."""
+    import signal
+    from hsmsim.cluster.members import Member
+    try:
+        spec = state.load_spec()
+    except StateError:
+        return 0
+    n = 0
+    for h in spec.hsms:
+        pid = Member(h.hsm_id, h.az, state).running_orphan()
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGTERM)
+                n += 1
+            except ProcessLookupError:
+                pass
+    return n
 
 
 def cmd_env(args: argparse.Namespace) -> int:

@@ -52,6 +52,11 @@ def read_pid(state: StateDir) -> int | None:
         return None
     except PermissionError:
         return pid
+    try:  # a recycled pid that is not an hsmsim daemon does not count
+        if b"hsmsim" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return None
+    except OSError:
+        pass
     return pid
 
 

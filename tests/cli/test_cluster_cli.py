@@ -246,3 +246,25 @@ def test_backup_restore_from_the_cli(cli_cluster: HsmsimCluster, tmp_path: Path)
     r = c.cli("backup", "restore", "backup-nosuchbackup", "--target", str(tmp_path / "x"))
     assert r.returncode == 1 and "no backup" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_down_after_a_daemon_crash_stops_the_nodes(tmp_path: Path) -> None:
+    import signal
+    import time
+    c = start_cluster(tmp_path / "crash", azs=2)
+    pids = [h["pid"] for h in c.status()["hsms"]]
+    os.kill(c.daemon_pid, signal.SIGKILL)  # type: ignore[arg-type]
+    time.sleep(0.3)
+    for pid in pids:
+        os.kill(pid, 0)  # HSMs outlive their client
+    r = run_cli(["down", "--state", str(c.state_dir)])
+    assert r.returncode == 0 and "stopped 2 HSM node(s)" in r.stderr
+    deadline = time.monotonic() + 10
+    for pid in pids:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.monotonic() < deadline, f"node {pid} still runs"
+            time.sleep(0.05)

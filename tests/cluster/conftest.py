@@ -93,11 +93,15 @@ class Harness:
 
     def wait_converged(self, timeout: float = 30.0) -> float:
         """Seconds until every live member is healthy with no sync lag."""
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
+        async def converged() -> bool:  # evaluated on the daemon's loop, not this thread
             c = self.cluster
             live = [m for m in c.members.values() if not (m.killed or m.paused or m.partitioned)]
-            if all(m.usable and m.converged and c.sync_lag(m) == 0 for m in live) and not c._reconciling:
+            return all(m.usable and m.converged and c.sync_lag(m) == 0 for m in live) \
+                and not c._reconciling
+
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.call(converged()):
                 return time.monotonic() - t0
             time.sleep(0.05)
         st = {m.hsm_id: (m.condition(), self.cluster.sync_lag(m), m.last_error)
