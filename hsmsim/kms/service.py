@@ -20,8 +20,8 @@ from hsmsim.kms.runtime import Kms
 
 log = logging.getLogger("hsmsim.kms")
 
-# FIDELITY: modelled operations hsmsim does not implement answer UnsupportedOperationException.
-NOT_IMPLEMENTED = ("ReplicateKey", "UpdatePrimaryRegion", "DeriveSharedSecret")
+# FIDELITY: modelled operations hsmsim does not implement (ReplicateKey, UpdatePrimaryRegion,
+# DeriveSharedSecret, Encapsulate, Decapsulate) answer UnsupportedOperationException.
 TRACKED = frozenset({"Decrypt", "Encrypt", "GenerateDataKey", "GenerateDataKeyPair", "GenerateDataKeyPairWithoutPlaintext",
                      "GenerateDataKeyWithoutPlaintext", "GenerateMac", "ReEncrypt", "Sign", "Verify", "VerifyMac"})
 
@@ -65,7 +65,8 @@ class KmsService:
             caller = self.kms.caller_for(access_key)
             call = Call(caller)
             params = wire.decode_request(op, req.body)
-            if op in NOT_IMPLEMENTED:
+            handler = HANDLERS.get(op)
+            if handler is None:
                 raise e.Unsupported(f"{op} is not supported by hsmsim.")
             if params.get("GrantTokens"):
                 self.kms.check_grant_tokens(params["GrantTokens"])
@@ -73,7 +74,7 @@ class KmsService:
                 self.quotas.check(op)
                 if op in CRYPTO_OPS:
                     self._store_quota(params)
-            output = await HANDLERS[op](self.kms, call, params)
+            output = await handler(self.kms, call, params)
         except e.KmsError as exc:
             err = wire.to_wire(exc)
             self._audit(req, op, params, call, access_key, (err.code, err.message))

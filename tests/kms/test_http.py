@@ -87,6 +87,18 @@ def test_malformed_bodies(ep: KmsEndpoint, payload: bytes) -> None:
     assert status == 400 and body["__type"] == "SerializationException" and body["message"]
 
 
+@pytest.mark.parametrize("op", ["ReplicateKey", "UpdatePrimaryRegion", "DeriveSharedSecret", "Encapsulate", "Decapsulate"])
+def test_unimplemented_operations(ep: KmsEndpoint, op: str) -> None:
+    from hsmsim.kms.shapes import OPERATIONS, SHAPES
+    required = SHAPES[OPERATIONS[op]["input"]].get("required", [])
+    members = SHAPES[OPERATIONS[op]["input"]]["members"]
+    doc = {m: ("QUFBQQ==" if SHAPES[members[m]]["type"] == "blob" else "us-west-2" if m.endswith("Region") else
+               SHAPES[members[m]].get("enum", ["x" * max(1, SHAPES[members[m]].get("min", 1))])[0])
+           for m in required}
+    status, _, body = send(ep, json.dumps(doc).encode(), target=f"TrentService.{op}")
+    assert status == 400 and body["__type"] == "UnsupportedOperationException", body
+
+
 def test_missing_member_and_constraints(ep: KmsEndpoint) -> None:
     status, _, body = send(ep, b"{}", target="TrentService.Encrypt")
     assert status == 400 and body["__type"] == "ValidationException"
