@@ -132,6 +132,7 @@ class Gateway:
         if not app.sessions and app.login is not None:
             # PKCS#11: closing the application's last session ends its login. (CloudHSM keeps
             # the others logged in when one closes, which per-application login gives.)
+            # FIDELITY: what CloudHSM does when the last session closes is not documented.
             login, app.login = app.login, None
             try:
                 await self.cluster.logout(login)

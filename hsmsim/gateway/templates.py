@@ -93,7 +93,7 @@ def key_pair_templates(config: GatewayConfig, key_type: int, public: Template,
             if not config.quirk_private_template_usage_false:
                 raise Pkcs11Error(RV.TEMPLATE_INCONSISTENT,
                                   "CKA_MODULUS_BITS/CKA_PUBLIC_EXPONENT belong in the public template")
-            # FIDELITY (reproduced quirk, UG:ki-pkcs11-sdk item 6): instead of
+            # Reproduced CloudHSM quirk (UG:ki-pkcs11-sdk item 6): instead of
             # CKR_TEMPLATE_INCONSISTENT CloudHSM makes a private key with every usage flag false.
             for a in misplaced:
                 del private[a]
