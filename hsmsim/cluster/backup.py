@@ -48,7 +48,10 @@ def _paths(state: StateDir, backup_id: str) -> tuple[Path, Path]:
 
 async def create_backup(c: Cluster, state: StateDir, reason: str,
                         progress: ProgressFn | None) -> dict[str, Any]:
-    """Snapshot one in-sync HSM: every live token object as a masked blob, and the users."""
+    """Snapshot one in-sync HSM: every live token object as a masked blob, and the users.
+    FIDELITY: CloudHSM encrypts backups under an ephemeral key wrapped by a persistent backup
+    key derived in the HSM, then KMS; here the file is AES-256-GCM under STATE/secrets/backup.key
+    and its objects stay masked under the cluster's masking key."""
     sources = [m for m in c.routable()] or c.usable()
     if not sources:
         raise BackupError("no healthy HSM to take the backup from")

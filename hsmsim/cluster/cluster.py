@@ -48,7 +48,9 @@ class Obj:
 @dataclass
 class LoginRecord:
     login: Login
-    password: str  # kept in daemon memory only, to log in to an HSM that (re)joins
+    # FIDELITY: like the CloudHSM client, the daemon keeps the application's credentials in
+    # memory (never on disk or in logs) to log it in to an HSM that joins or restarts later.
+    password: str
 
 
 class Cluster:
@@ -264,13 +266,18 @@ class Cluster:
             attempt += 1
             if attempt > self.config.retries:
                 if isinstance(last, NodeThrottled):
-                    raise last
+                    raise last  # CKR_FUNCTION_FAILED: CloudHSM SDK 5's busy error
+                # FIDELITY: what SDK 5 returns when every HSM holding a key is lost is not
+                # documented; we return CKR_DEVICE_ERROR.
                 raise Pkcs11Error(RV.DEVICE_ERROR, f"the HSM was lost: {last}")
             if isinstance(last, NodeThrottled):
                 await asyncio.sleep(self._backoff(attempt))
 
     def _drop_session_objects(self, m: Member) -> None:
-        """Session objects live on one HSM and are lost with it (CloudHSM)."""
+        """Session objects live on one HSM and are lost with it (CloudHSM). FIDELITY: the SDK's
+        behaviour afterwards is not documented; later use of such a handle gets
+        CKR_KEY_HANDLE_INVALID / CKR_OBJECT_HANDLE_INVALID. A paused or partitioned HSM counts
+        as lost for its session objects (the daemon closes its connection)."""
         for h, o in list(self.objects.items()):
             if not o.token and m.hsm_id in o.holders:
                 del self.objects[h]
@@ -375,6 +382,9 @@ class Cluster:
                 log.info("sync of %s to %s failed: %s", handles, m.hsm_id, exc)
                 return False
 
+        # FIDELITY: copies beyond the availability check are asynchronous, as CloudHSM's
+        # client-side sync; under load they may lag the acknowledgement by up to
+        # BACKGROUND_MAX_WAIT_S (reconciliation and anti-entropy catch any that fail).
         async def background(m: Member) -> None:
             # Copies beyond the availability check queue behind a small per-HSM window so
             # that they do not crowd out the application's own requests.
