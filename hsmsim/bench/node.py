@@ -107,11 +107,18 @@ async def _populate(c: NodeClient, lid: int, count: int, first: int) -> float:
     sem = asyncio.Semaphore(WINDOW)
     start = time.perf_counter()
 
+    done = 0
+
     async def one(i: int) -> None:
+        nonlocal done
         async with sem:
             await c.generate_key(lid, Spec(M.AES_KEY_GEN),
                                  {A.VALUE_LEN: 32, A.TOKEN: True, A.LABEL: f"key-{i}",
                                   A.ENCRYPT: True, A.DECRYPT: True}, handle=first + i)
+        done += 1
+        if done % 500 == 0:
+            print(f"  {done} keys, {done / (time.perf_counter() - start):.0f}/s",
+                  file=sys.stderr, flush=True)
     await asyncio.gather(*(one(i) for i in range(count)))
     return count / (time.perf_counter() - start)
 

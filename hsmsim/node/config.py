@@ -12,5 +12,7 @@ class NodeConfig:
     max_asymmetric_keys: int = 3333  # of which at most 3,333 asymmetric
     max_users: int = 1024
     max_connections: int = 2048  # HsmSessionCount: "Up to 2,048 are allowed"
-    softhsm_threads: int = 2  # SoftHSM2 worker threads (initialised with OS locking)
+    # SoftHSM2 worker threads (initialised with OS locking): crypto, and token object
+    # creation, which is file-I/O bound and overlaps well.
+    softhsm_threads: int = 4
     softhsm_log_level: str = "ERROR"

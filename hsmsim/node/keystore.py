@@ -79,7 +79,11 @@ class Keystore:
         found: dict[str, int] = {}
         stray: list[int] = []
         for obj in self.hsm.find_objects([]):
-            label = self.hsm.get_attribute(obj, A.LABEL)
+            try:
+                label = self.hsm.get_attribute(obj, A.LABEL)
+            except Pkcs11Error as exc:  # a torn object file from a crash mid-creation
+                log.warning("unreadable token object %d (%s); removing it", obj, exc)
+                label = None
             text = label.decode(errors="replace") if label is not None else ""
             if text.startswith(TAG_PREFIX) and text not in found:
                 found[text] = obj
@@ -114,7 +118,7 @@ class Keystore:
         if drop_rows:
             self.index.delete(drop_rows)
         for obj in list(found.values()) + stray:
-            self.hsm.destroy_object(obj)
+            self._destroy_soft_quiet(obj)
             stats["phantoms"] += 1
         return stats
 
@@ -191,7 +195,7 @@ class Keystore:
         Returns the final records (with material-derived public attributes)."""
         self.reserve(records, replacing)
         try:
-            finals, softs = await self.in_store(self._create_sync, list(records), make)
+            finals, softs = await self._create_phases(list(records), make)
         finally:
             self.reserved.difference_update(r.handle for r in records)
         for r, s in zip(finals, softs):
@@ -199,27 +203,42 @@ class Keystore:
             self.catalog.add(r)
             self.soft[r.handle] = s
             if old is not None and old != s:
-                await self.in_store(self._destroy_soft_quiet, old)
+                await self.in_hsm(self._destroy_soft_quiet, old)
         return finals
 
-    def _create_sync(self, records: list[ObjectRecord],
-                     make: Callable[[], Sequence[int]]) -> tuple[list[ObjectRecord], list[int]]:
+    async def _create_phases(self, records: list[ObjectRecord], make: Callable[[], Sequence[int]]
+                             ) -> tuple[list[ObjectRecord], list[int]]:
+        """pending rows (store thread) -> SoftHSM2 objects (a worker thread, so that several
+        creations overlap their file I/O) -> committed rows (store thread). A crash between
+        the phases leaves pending rows, which start-up recovery resolves."""
         token = [r for r in records if r.token]
         if token:
-            self.index.put_many(token, PENDING)
+            await self.in_store(self.index.put_many, token, PENDING)
+        try:
+            finals, softs = await self.in_hsm(self._make_sync, records, make)
+        except BaseException:
+            if token:
+                await self.in_store(self.index.delete, [r.handle for r in token])
+            raise
+        try:
+            if token:
+                await self.in_store(self.index.put_many, [f for f in finals if f.token], COMMITTED)
+        except BaseException:
+            for s in softs:
+                await self.in_hsm(self._destroy_soft_quiet, s)
+            raise
+        return finals, softs
+
+    def _make_sync(self, records: list[ObjectRecord], make: Callable[[], Sequence[int]]
+                   ) -> tuple[list[ObjectRecord], list[int]]:
         softs: list[int] = []
         try:
             softs = list(make())
-            finals = [self._with_public(r, s) for r, s in zip(records, softs)]
-            if token:
-                self.index.put_many([f for f in finals if f.token], COMMITTED)
+            return [self._with_public(r, s) for r, s in zip(records, softs)], softs
         except BaseException:
             for s in softs:
                 self._destroy_soft_quiet(s)
-            if token:
-                self.index.delete([r.handle for r in token])
             raise
-        return finals, softs
 
     def _with_public(self, r: ObjectRecord, soft: int) -> ObjectRecord:
         """Copy public material (modulus, EC point...) from SoftHSM2 into the record."""
@@ -252,23 +271,20 @@ class Keystore:
         self.catalog.add(record)
 
     async def destroy(self, handles: Sequence[int]) -> list[ObjectRecord]:
+        """deleting rows (store thread) -> SoftHSM2 destroy (worker) -> rows removed."""
         records = [r for r in (self.catalog.get(h) for h in handles) if r is not None]
-        softs = [self.soft.get(r.handle) for r in records]
+        softs = [s for s in (self.soft.get(r.handle) for r in records) if s is not None]
         for r in records:
             self.catalog.remove(r.handle)
             self.soft.pop(r.handle, None)
-        await self.in_store(self._destroy_sync, records, softs)
-        return records
-
-    def _destroy_sync(self, records: list[ObjectRecord], softs: list[int | None]) -> None:
         token = [r.handle for r in records if r.token]
         if token:
-            self.index.set_state(token, DELETING)
+            await self.in_store(self.index.set_state, token, DELETING)
         for s in softs:
-            if s is not None:
-                self._destroy_soft_quiet(s)
+            await self.in_hsm(self._destroy_soft_quiet, s)
         if token:
-            self.index.delete(token)
+            await self.in_store(self.index.delete, token)
+        return records
 
     # -- material ----------------------------------------------------------------------------------
 

@@ -80,7 +80,8 @@ def test_kill9_no_lost_no_phantom(crash_node: NodeProc) -> None:
                 assert isinstance(r, (NodeUnavailable, Pkcs11Error))
         destroyed = {h for h, r in zip((9, 10), results[60:]) if r is None}
         await c.close()
-        return acked - destroyed, destroyed, enc.data, enc.iv or b""
+        # An unacknowledged deletion may or may not have happened: neither is required.
+        return acked - {9, 10}, destroyed, enc.data, enc.iv or b""
 
     acked, destroyed, ct, iv = run(before_crash)
     assert len(acked) >= 8
