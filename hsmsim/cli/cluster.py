@@ -148,7 +148,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     client = ControlClient(state.control_sock, timeout=5)
     if state.exists():
         state.load_spec()  # corrupt state is reported before anything starts
-        if args.az or args.azs is not None or args.hsms_per_az != 1 or admin_pw or cu_pw:
+        if (args.az or args.azs is not None or args.hsms_per_az != 1 or args.admin_password
+                or args.cu_password):
             print(f"hsmsim: note: {state.root} already holds a cluster; topology and password "
                   "flags apply only to a new cluster (use `hsmsim hsm add|remove`)",
                   file=sys.stderr)
