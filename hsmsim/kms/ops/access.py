@@ -68,6 +68,9 @@ async def create_grant(kms: Kms, call: Call, req: Request) -> Response:
     kms.authorize(call.caller, key, "CreateGrant", grant_op="CreateGrant")
     if kms.state_of(key) != model.UNAVAILABLE:  # key-state table: CreateGrant is OK when Unavailable
         kms.require_usable(key)
+    if "GranteePrincipal" not in req:
+        raise e.Invalid("1 validation error detected: Value null at 'granteePrincipal' failed to "
+                        "satisfy constraint: Member must not be null")
     ops = req["Operations"]
     if not ops:
         raise e.Invalid("1 validation error detected: Value '[]' at 'operations' failed to satisfy "
@@ -117,7 +120,7 @@ async def list_grants(kms: Kms, call: Call, req: Request) -> Response:
 
 
 async def list_retirable_grants(kms: Kms, call: Call, req: Request) -> Response:
-    who = req["RetiringPrincipal"]
+    who = req.get("RetiringPrincipal", call.caller.arn)
     grants = [g for g in kms.store.grants_all() if g.retiring == who]
     page, extra = paginate(grants, req, 50)
     return {"Grants": [_grant_entry(kms, g) for g in page], **extra}

@@ -179,12 +179,17 @@ async def _decrypt_any(kms: Kms, call: Call, data: bytes, context: dict[str, str
     return key, plain, "SYMMETRIC_DEFAULT", mid
 
 
-async def decrypt(kms: Kms, call: Call, req: Request) -> Response:
+def _require_ciphertext(req: Request) -> None:
+    """CiphertextBlob is optional in the model only for DryRun with IGNORE_CIPHERTEXT."""
     if "CiphertextBlob" not in req:
         if req.get("DryRun") and "IGNORE_CIPHERTEXT" in req.get("DryRunModifiers", []):
             dry_run(req)
         raise e.Invalid("1 validation error detected: Value null at 'ciphertextBlob' failed to "
                         "satisfy constraint: Member must not be null")
+
+
+async def decrypt(kms: Kms, call: Call, req: Request) -> Response:
+    _require_ciphertext(req)
     if "Recipient" in req:
         raise e.Unsupported("Recipient (Nitro Enclaves attestation) is not supported by hsmsim.")
     key, plain, alg, mid = await _decrypt_any(kms, call, req["CiphertextBlob"], _ctx(req), req.get("KeyId"),
@@ -194,6 +199,7 @@ async def decrypt(kms: Kms, call: Call, req: Request) -> Response:
 
 
 async def re_encrypt(kms: Kms, call: Call, req: Request) -> Response:
+    _require_ciphertext(req)
     src, plain, src_alg, src_mid = await _decrypt_any(
         kms, call, req["CiphertextBlob"], _ctx(req, "SourceEncryptionContext"), req.get("SourceKeyId"),
         req.get("SourceEncryptionAlgorithm"), "ReEncryptFrom", "ReEncryptFrom")
