@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "hsmsim.cli.node",  # node serve
     "hsmsim.cli.pkcs11",  # module-path
     "hsmsim.cli.tls",  # tls init, tls bench
+    "hsmsim.cli.config",  # config
 )
 
 

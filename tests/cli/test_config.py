@@ -1,0 +1,54 @@
+"""`hsmsim config` shows every setting with its effective value and source, refuses unknown
+settings with a message naming them, and the README's configuration reference lists them all."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hsmsim.cli.config import SECTIONS, settings
+
+ROOT = Path(__file__).resolve().parents[2]
+HSMSIM = [sys.executable, "-m", "hsmsim"]
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("HSMSIM_")}
+    return subprocess.run([*HSMSIM, *args], capture_output=True, text=True,
+                          env={**base, **(env or {})}, timeout=60)
+
+
+def test_layers_and_sources(tmp_path: Path) -> None:
+    (tmp_path / "hsmsim.toml").write_text("[kms]\nport = 4700\n[gateway]\nquirk_data_limits = false\n")
+    out = run("config", "--state", str(tmp_path), "--json",
+              env={"HSMSIM_KMS_PORT": "4800", "HSMSIM_CLUSTER_MAX_RETRIES": "1"})
+    assert out.returncode == 0, out.stderr
+    rows = {(r["section"], r["setting"]): r for r in json.loads(out.stdout)}
+    assert rows[("kms", "port")]["value"] == 4800 and rows[("kms", "port")]["source"] == "environment"
+    assert rows[("gateway", "quirk_data_limits")]["value"] is False
+    assert rows[("gateway", "quirk_data_limits")]["source"] == "file"
+    assert rows[("cluster", "max_retries")]["value"] == 1
+    assert rows[("node", "max_keys")] == {**rows[("node", "max_keys")], "value": 16666, "source": "default"}
+
+
+def test_bad_settings_are_named(tmp_path: Path) -> None:
+    (tmp_path / "hsmsim.toml").write_text("[kms]\nprot = 1\n")
+    out = run("config", "--state", str(tmp_path))
+    assert out.returncode == 1 and "unknown setting(s) in [kms]: prot" in out.stderr
+    (tmp_path / "hsmsim.toml").write_text("[kms]\nport = 1\n")
+    out = run("config", "--state", str(tmp_path), env={"HSMSIM_KMS_STRICT_SIGV4": "maybe"})
+    assert out.returncode == 1 and "HSMSIM_KMS_STRICT_SIGV4 must be true or false" in out.stderr
+    (tmp_path / "hsmsim.toml").write_text("[kms\n")
+    out = run("config", "--state", str(tmp_path))
+    assert out.returncode == 1 and "hsmsim.toml" in out.stderr
+
+
+def test_readme_documents_every_setting(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    missing = [f"[{r['section']}] {r['setting']}" for r in settings(tmp_path / "none.toml", {})
+               if f"| `{r['setting']}` |" not in readme.split("## Configuration")[1]]
+    assert not missing, f"README's configuration reference lacks: {missing}"
+    assert {s for s, _ in SECTIONS} == {"cluster", "node", "gateway", "kms"}
