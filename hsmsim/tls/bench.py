@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import shutil
 import subprocess
 import sys
@@ -189,15 +188,19 @@ def _cluster(opts: BenchOptions, work: Path) -> Iterator[tuple[Path | None, str]
         cluster.down()
 
 
-def _hsm_ids(state: Path) -> list[str]:
-    data = json.loads(_cli(["status", "--json", "--state", str(state)]))
-    hsms = data.get("hsms", []) if isinstance(data, dict) else []
-    return [str(h["hsm_id"]) for h in hsms if h.get("condition") not in ("killed", "removed")]
-
-
 def _set_latency(state: Path, ms: float) -> None:
-    for hsm in _hsm_ids(state):
-        _cli(["hsm", "latency", hsm, "--ms", str(int(round(ms))), "--state", str(state)])
+    """`hsmsim hsm latency ID --ms N` on every HSM, through the daemon's control API."""
+    from hsmsim.control.client import ControlClient
+    from hsmsim.control.protocol import ControlError
+
+    client = ControlClient(state / "control.sock", timeout=60)
+    try:
+        status = client.call("status")
+        for hsm in status.get("hsms", []):
+            if hsm.get("condition") not in ("killed", "removed"):
+                client.call("hsm.latency", hsm_id=str(hsm["hsm_id"]), ms=int(round(ms)))
+    except ControlError as exc:
+        raise TlsError(f"setting {ms:g} ms of HSM latency failed: {exc}") from None
 
 
 def run(opts: BenchOptions) -> BenchResult:
@@ -259,15 +262,18 @@ def run(opts: BenchOptions) -> BenchResult:
                 try:
                     for ms in opts.latencies_ms:
                         _say(opts, f"latency {ms:g} ms on every HSM: {HSMSIM}, {total} s")
-                        _set_latency(state, ms)
-                        time.sleep(0.2)
                         try:
+                            _set_latency(state, ms)
+                            time.sleep(0.2)
                             n, secs = s_time(servers[HSMSIM].port, total)
                             points.append(LatencyPoint(ms, n, secs))
                         except TlsError as exc:
                             points.append(LatencyPoint(ms, 0, 0.0, f"failed: {exc}"))
                 finally:
-                    _set_latency(state, 0)
+                    try:
+                        _set_latency(state, 0)
+                    except TlsError as exc:
+                        _say(opts, f"could not take the latency off again: {exc}")
             elif opts.latencies_ms:
                 points = [LatencyPoint(ms, 0, 0.0, notes.get(HSMSIM, "no cluster"))
                           for ms in opts.latencies_ms]
