@@ -773,7 +773,12 @@ class Gateway:
             raise _err(RV.MECHANISM_INVALID, "not a key-pair generation mechanism")
         assert info.key_type is not None
         pub, priv = key_pair_templates(self.config, info.key_type, pub, priv)
-        h_pub, h_priv = await self.cluster.generate_key_pair(login, mech.spec, pub, priv, s.handle)
+        spec = mech.spec
+        if spec.mechanism == M.RSA_X9_31_KEY_PAIR_GEN:
+            # UG:pkcs11-mechanisms: "functionally identical" to CKM_RSA_PKCS_KEY_PAIR_GEN.
+            # FIDELITY: the nodes generate the pair the PKCS#1 way (no X9.31 prime conditions).
+            spec = MechanismSpec(M.RSA_PKCS_KEY_PAIR_GEN)
+        h_pub, h_priv = await self.cluster.generate_key_pair(login, spec, pub, priv, s.handle)
         return OK, Writer().u64(h_pub).u64(h_priv).done()
 
     def _wrap_mechanism(self, mech: DecodedMechanism, flag: int, encrypting: bool) -> MechanismInfo:

@@ -223,6 +223,12 @@ def test_find_and_attributes(cluster, session: pkcs11.Session, rsa_pair, ec_pair
     assert list(session.get_objects({Attribute.LABEL: "no-such-label-xyz"})) == []
 
 
+def test_rsa_x9_31_key_pair_gen(session: pkcs11.Session) -> None:
+    pub, priv = session.generate_keypair(KeyType.RSA, 2048, store=False, mechanism=Mechanism.RSA_X9_31_KEY_PAIR_GEN)
+    sig = priv.sign(b"x9.31", mechanism=Mechanism.SHA256_RSA_PKCS)
+    crypto_public(pub).verify(sig, b"x9.31", padding.PKCS1v15(), hashes.SHA256())
+
+
 def test_generated_key_types(session: pkcs11.Session) -> None:
     for kt, bits in ((KeyType.AES, 128), (KeyType.AES, 192), (KeyType.AES, 256), (KeyType.GENERIC_SECRET, 512)):
         k = session.generate_key(kt, bits, store=False)
