@@ -34,6 +34,7 @@ class NodeProc:
         self.sock = state / "nodes" / f"{hsm_id}.sock"
         self.address = f"unix:{self.sock}"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.bound = self.address  # the address from the READY line (tcp port 0 resolved)
 
     @property
     def dir(self) -> Path:
@@ -62,6 +63,7 @@ class NodeProc:
             if r:
                 line = self.proc.stdout.readline()
                 if line.startswith(b"READY "):
+                    self.bound = line.split()[1].decode()
                     return self
             if self.proc.poll() is not None:
                 break

@@ -1,0 +1,123 @@
+"""Object lifecycle details: copy, session-to-token promotion, data objects, vendor
+mechanisms, TCP listening and the connection limit."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from hsmsim.node.client import NodeClient, NodeUnavailable
+from hsmsim.pkcs11.constants import RV, Attribute as A, KeyType, Mechanism as M, ObjectClass
+from hsmsim.pkcs11.errors import error_class
+from hsmsim.pkcs11.params import GcmParams, MechanismSpec as Spec
+
+from .nodeproc import NodeProc, run, write_secret
+
+GCM = Spec(M.AES_GCM, GcmParams(b"", b""))
+
+
+def test_copy_and_promote(node_a: NodeProc, handles) -> None:
+    value = os.urandom(32)
+
+    async def body() -> None:
+        c, lid = await node_a.login("alice", cluster=True)
+        h = await c.create_object(lid, {A.CLASS: ObjectClass.SECRET_KEY, A.KEY_TYPE: KeyType.AES,
+                                        A.VALUE: value, A.ENCRYPT: True, A.DECRYPT: True,
+                                        A.LABEL: "orig"}, handle=handles(), session=11)
+        # Copy with a new label: same key material.
+        h2 = await c.copy_object(lid, h, {A.LABEL: "copy"}, new_handle=handles(), session=11)
+        enc = await c.encrypt(lid, h2, GCM, b"copied")
+        assert AESGCM(value).decrypt(enc.iv, enc.data, b"") == b"copied"
+        assert (await c.get_attributes(lid, h2, [A.LABEL]))[0].value == "copy"
+        with pytest.raises(error_class(RV.ATTRIBUTE_READ_ONLY)):
+            await c.copy_object(lid, h, {A.KEY_TYPE: KeyType.GENERIC_SECRET},
+                                new_handle=handles(), session=11)
+        # Session -> token: the object becomes a token object under the same handle.
+        assert h not in {e.handle for e in await c.inventory()}
+        await c.set_attributes(lid, h, {A.TOKEN: True})
+        assert h in {e.handle for e in await c.inventory()}
+        enc = await c.encrypt(lid, h, GCM, b"promoted")
+        assert AESGCM(value).decrypt(enc.iv, enc.data, b"") == b"promoted"
+        with pytest.raises(error_class(RV.ATTRIBUTE_READ_ONLY)):
+            await c.set_attributes(lid, h, {A.TOKEN: False})
+        # It survives close_session (it is a token object now); the copy does not.
+        assert await c.close_session(11, lid) == 1
+        assert await c.find_objects(lid, {A.LABEL: "orig"}) == [h]
+        # Data objects: value stored in the token, attributes in the index.
+        d = await c.create_object(lid, {A.CLASS: ObjectClass.DATA, A.LABEL: "blob",
+                                        A.APPLICATION: b"app", A.VALUE: b"\x00data\xff"},
+                                  handle=handles(), session=12)
+        res = await c.get_attributes(lid, d, [A.VALUE, A.APPLICATION, A.CLASS])
+        assert [r.value for r in res] == [b"\x00data\xff", b"app", ObjectClass.DATA]
+        # The CloudHSM vendor AES-GCM mechanism behaves as CKM_AES_GCM.
+        enc = await c.encrypt(lid, h, Spec(M.CLOUDHSM_AES_GCM, GcmParams(b"", b"v")), b"vendor")
+        assert AESGCM(value).decrypt(enc.iv, enc.data, b"v") == b"vendor"
+        await c.destroy_object(lid, h)
+        await c.close_session(12, lid)
+        await c.close()
+    run(body)
+
+
+def test_tcp_and_connection_limit(tmp_path: Path) -> None:
+    (tmp_path / "hsmsim.toml").write_text("[node]\nmax_connections = 2\n")
+    node = NodeProc(tmp_path, "hsm-ttttttttttt", "us-east-1b",
+                    write_secret(tmp_path / "secrets" / "cluster.secret"), "new")
+    node.address = "tcp:127.0.0.1:0"
+    node.start()
+    try:
+        async def body() -> None:
+            addr = node.bound
+            assert addr.startswith("tcp:127.0.0.1:") and not addr.endswith(":0")
+            secret = node.secret
+            a = await NodeClient.connect(addr, cluster_secret=secret)
+            b = await NodeClient.connect(addr, cluster_secret=secret)
+            with pytest.raises(NodeUnavailable):
+                await NodeClient.connect(addr, cluster_secret=secret)
+            await a.close()
+            await asyncio.sleep(0.2)
+            c = await NodeClient.connect(addr, cluster_secret=secret)
+            assert (await c.status()).connections == 2
+            await b.close()
+            await c.close()
+        run(body)
+    finally:
+        node.stop()
+
+
+def test_cli_errors(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    secret = write_secret(tmp_path / "secrets" / "cluster.secret")
+    base = [sys.executable, "-m", "hsmsim", "node", "serve", "--state", str(tmp_path),
+            "--az", "us-east-1a", "--listen", f"unix:{tmp_path}/n.sock",
+            "--cluster-secret-file", str(secret)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HSMSIM_")}
+    for extra, message in (
+        (["--hsm-id", "hsm-BAD"], "--hsm-id must look like"),
+        (["--hsm-id", "hsm-aaaaaaaaaaa"], "pass --init new or --init clone"),
+        (["--hsm-id", "hsm-aaaaaaaaaaa", "--init", "new", "--cluster-secret-file",
+          str(tmp_path / "missing")], "cannot read the cluster secret file"),
+    ):
+        out = subprocess.run(base + extra, capture_output=True, text=True, env=env, timeout=60)
+        assert out.returncode == 1, out
+        assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    out = subprocess.run(base + ["--hsm-id", "hsm-aaaaaaaaaaa", "--init", "bogus"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 2 and "invalid choice" in out.stderr
+    # A second process on the same node refuses to start.
+    node = NodeProc(tmp_path, "hsm-aaaaaaaaaaa", "us-east-1a", secret, "new").start()
+    try:
+        out = subprocess.run(base + ["--hsm-id", "hsm-aaaaaaaaaaa"], capture_output=True,
+                             text=True, env=env, timeout=60)
+        assert out.returncode == 1 and "already running" in out.stderr
+    finally:
+        node.stop()
+    # A wrong cluster secret cannot open the token.
+    write_secret(secret)
+    out = subprocess.run(base + ["--hsm-id", "hsm-aaaaaaaaaaa"], capture_output=True, text=True,
+                         env=env, timeout=60)
+    assert out.returncode == 1 and "wrong cluster secret" in out.stderr
