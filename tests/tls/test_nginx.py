@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -28,6 +29,8 @@ from .conftest import Kits
 
 @pytest.fixture(scope="session")
 def nginx_server(kits: Kits, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
+        pytest.skip("nginx is not installed (Debian package nginx-light; `make deps`)")
     log = tmp_path_factory.mktemp(f"nginx-{kits.backend.name}") / "nginx.out"
     srv = nginx(kits.rsa, log)
     try:
