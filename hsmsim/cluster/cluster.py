@@ -90,10 +90,12 @@ class Cluster:
     async def timed(self, member: Member, aw: Awaitable[T], timeout: float | None = None) -> T:
         """Await a node call; a member that does not answer in time is marked down."""
         member.inflight += 1
+        # injected latency is expected, not a failure
+        limit = (timeout or self.config.request_timeout_s) + member.latency_ms / 1000.0
         try:
-            return await asyncio.wait_for(aw, timeout or self.config.request_timeout_s)
+            return await asyncio.wait_for(aw, limit)
         except asyncio.TimeoutError:
-            member.mark_down(f"no answer within {timeout or self.config.request_timeout_s:.1f}s")
+            member.mark_down(f"no answer within {limit:.1f}s")
             raise NodeUnavailable(f"{member.hsm_id} did not answer in time") from None
         finally:
             member.inflight -= 1
