@@ -312,6 +312,7 @@ def discard_new_cluster(state: StateDir, created_root: bool) -> None:
     it (everything except a user's hsmsim.toml)."""
     if not state.root.exists():
         return
+    kill_node_processes(state)
     if created_root:
         shutil.rmtree(state.root, ignore_errors=True)
         return
@@ -322,3 +323,24 @@ def discard_new_cluster(state: StateDir, created_root: bool) -> None:
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
+
+
+def kill_node_processes(state: StateDir) -> int:
+    """SIGKILL node processes still running from this directory (an interrupted creation)."""
+    import signal
+    n = 0
+    if not state.nodes.is_dir():
+        return 0
+    for pidfile in state.nodes.glob("*/node.pid"):
+        try:
+            pid = int(pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if b"serve" in cmdline and pidfile.parent.name.encode() in cmdline:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                n += 1
+            except ProcessLookupError:
+                pass
+    return n
