@@ -104,7 +104,9 @@ class NodeContext:
             raise Pkcs11Error(RV.ACTION_PROHIBITED, "only the key's owner may do this")
         return r
 
-    def usable(self, login: Login, handle: int, usage: int) -> ObjectRecord:
+    def usable(self, login: Login, handle: int, usage: int, mech: int | None = None) -> ObjectRecord:
+        """A key the login may use for `usage` (and, when given, with mechanism `mech`:
+        CKA_ALLOWED_MECHANISMS, when set and non-empty, lists the only ones allowed)."""
         if not login.is_cu:
             raise Pkcs11Error(RV.USER_TYPE_INVALID, "only crypto users can use keys")
         r = self.record(login, handle, RV.KEY_HANDLE_INVALID)
@@ -113,6 +115,9 @@ class NodeContext:
         if not r.flag(usage):
             raise Pkcs11Error(RV.KEY_FUNCTION_NOT_PERMITTED,
                               f"key does not allow this use (attribute 0x{usage:x} is false)")
+        allowed = r.attrs.get(A.ALLOWED_MECHANISMS)
+        if mech is not None and isinstance(allowed, list) and allowed and mech not in allowed:
+            raise Pkcs11Error(RV.MECHANISM_INVALID, "mechanism not in the key's CKA_ALLOWED_MECHANISMS")
         return r
 
     async def destroy_records(self, handles: list[int]) -> None:

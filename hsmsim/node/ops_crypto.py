@@ -76,7 +76,7 @@ class CryptoOps(Ops):
     async def encrypt(self, conn: Conn, f: Fields) -> dict[str, Any]:
         login = self.cu_of(conn, f)
         mech, data = f.mech(), f.bytes("data")
-        r = self.usable(login, f.handle(), A.ENCRYPT)
+        r = self.usable(login, f.handle(), A.ENCRYPT, mech.mechanism)
         m = mech.mechanism
         if m in engine.GCM_MECHS:
             self.check_key_type(r, ObjectClass.SECRET_KEY, KeyType.AES)
@@ -102,7 +102,7 @@ class CryptoOps(Ops):
     async def decrypt(self, conn: Conn, f: Fields) -> bytes:
         login = self.cu_of(conn, f)
         mech, data = f.mech(), f.bytes("data")
-        r = self.usable(login, f.handle(), A.DECRYPT)
+        r = self.usable(login, f.handle(), A.DECRYPT, mech.mechanism)
         m = mech.mechanism
         if m in engine.GCM_MECHS:
             self.check_key_type(r, ObjectClass.SECRET_KEY, KeyType.AES)
@@ -151,7 +151,7 @@ class CryptoOps(Ops):
     async def sign(self, conn: Conn, f: Fields) -> bytes:
         login = self.cu_of(conn, f)
         mech, data = f.mech(), f.bytes("data")
-        r = self.usable(login, f.handle(), A.SIGN)
+        r = self.usable(login, f.handle(), A.SIGN, mech.mechanism)
         if mech.mechanism in engine.RSA_SIGN_MECHS:
             self.check_key_type(r, ObjectClass.PRIVATE_KEY, KeyType.RSA)
             priv = await self._rsa_private(r)
@@ -169,7 +169,7 @@ class CryptoOps(Ops):
     async def verify(self, conn: Conn, f: Fields) -> None:
         login = self.cu_of(conn, f)
         mech, data, sig = f.mech(), f.bytes("data"), f.bytes("signature")
-        r = self.usable(login, f.handle(), A.VERIFY)
+        r = self.usable(login, f.handle(), A.VERIFY, mech.mechanism)
         if mech.mechanism in engine.RSA_SIGN_MECHS:
             self.check_key_type(r, ObjectClass.PUBLIC_KEY, KeyType.RSA)
             pub = await self._rsa_public(r)
@@ -196,8 +196,8 @@ class CryptoOps(Ops):
 
     async def wrap_key(self, conn: Conn, f: Fields) -> bytes:
         login = self.cu_of(conn, f)
-        wrapping = self.usable(login, f.handle("wrapping"), A.WRAP)
         mech = f.mech()
+        wrapping = self.usable(login, f.handle("wrapping"), A.WRAP, mech.mechanism)
         key = self.record(login, f.handle("key"), RV.KEY_HANDLE_INVALID)
         if key.cls not in (ObjectClass.SECRET_KEY, ObjectClass.PRIVATE_KEY):
             raise Pkcs11Error(RV.KEY_NOT_WRAPPABLE, "only secret and private keys can be wrapped")
@@ -234,8 +234,8 @@ class CryptoOps(Ops):
 
     async def unwrap_key(self, conn: Conn, f: Fields) -> int:
         login = self.cu_of(conn, f)
-        unwrapping = self.usable(login, f.handle("unwrapping"), A.UNWRAP)
         mech, data, template = f.mech(), f.bytes("data"), f.template()
+        unwrapping = self.usable(login, f.handle("unwrapping"), A.UNWRAP, mech.mechanism)
         handle, session = f.handle(), f.int("session", 0)
         policy.check_user_template(template, creating=True)
         cls, kt = template.get(A.CLASS), template.get(A.KEY_TYPE)

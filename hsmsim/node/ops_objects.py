@@ -244,9 +244,12 @@ class ObjectOps(Ops):
                     raise Pkcs11Error(RV.ATTRIBUTE_READ_ONLY, f"attribute 0x{a:x} cannot change back")
 
     async def set_attributes(self, conn: Conn, f: Fields) -> None:
-        login = self.cu_of(conn, f)
-        r = self.owned(login, f.handle())
-        template = f.template()
+        login = self.login_of(conn, f)
+        handle, template = f.handle(), f.template()
+        if not login.is_cu:
+            await self._set_trusted(login, handle, template)
+            return
+        r = self.owned(login, handle)
         if A.MODIFIABLE in r.attrs and not r.flag(A.MODIFIABLE):
             raise Pkcs11Error(RV.ACTION_PROHIBITED, "object is not modifiable")
         for a in template:
@@ -254,9 +257,9 @@ class ObjectOps(Ops):
                 raise Pkcs11Error(RV.ATTRIBUTE_READ_ONLY, f"attribute 0x{a:x} cannot be modified")
             if a not in r.attrs:
                 raise Pkcs11Error(RV.ATTRIBUTE_TYPE_INVALID, f"attribute 0x{a:x} is not valid here")
-        if A.TRUSTED in template and template[A.TRUSTED]:
+        if A.TRUSTED in template and template[A.TRUSTED] != r.attrs.get(A.TRUSTED):
             # CloudHSM: only an admin sets CKA_TRUSTED.
-            raise Pkcs11Error(RV.ATTRIBUTE_READ_ONLY, "only an admin may set CKA_TRUSTED")
+            raise Pkcs11Error(RV.ATTRIBUTE_READ_ONLY, "only an admin may change CKA_TRUSTED")
         if r.cls == ObjectClass.PUBLIC_KEY and template.get(A.DERIVE):
             raise Pkcs11Error(RV.ATTRIBUTE_VALUE_INVALID, "CKA_DERIVE must be false on public keys")
         self._check_one_way(r.attrs, template)
@@ -269,6 +272,16 @@ class ObjectOps(Ops):
             await self.ks.update(new)
         self.audit.record("key_modify", handle=r.handle, by=login.username,
                           attrs=sorted(int(a) for a in template))
+
+    async def _set_trusted(self, login: Login, handle: int, template: Template) -> None:
+        """An admin (CO) may change CKA_TRUSTED of a key and nothing else (CloudHSM)."""
+        if set(template) != {A.TRUSTED}:
+            raise Pkcs11Error(RV.USER_TYPE_INVALID, "an admin may only change CKA_TRUSTED")
+        r = self.record(login, handle)
+        if A.TRUSTED not in r.attrs:
+            raise Pkcs11Error(RV.ATTRIBUTE_TYPE_INVALID, "CKA_TRUSTED is not valid for this object")
+        await self.ks.update(r.with_attrs(template))
+        self.audit.record("key_modify", handle=handle, by=login.username, attrs=[int(A.TRUSTED)])
 
     async def _clone_object_replacing(self, r: ObjectRecord, new: ObjectRecord) -> None:
         soft = self.ks.soft_handle(r.handle)

@@ -121,3 +121,37 @@ def test_cli_errors(tmp_path: Path) -> None:
     out = subprocess.run(base + ["--hsm-id", "hsm-aaaaaaaaaaa"], capture_output=True, text=True,
                          env=env, timeout=60)
     assert out.returncode == 1 and "wrong cluster secret" in out.stderr
+
+
+def test_trusted_wrapping_and_allowed_mechanisms(node_a: NodeProc, handles) -> None:
+    async def body() -> None:
+        c, lid = await node_a.login("alice")
+        admin, lo = await node_a.login("admin")
+        kek = await c.generate_key(lid, Spec(M.AES_KEY_GEN), {A.VALUE_LEN: 32, A.WRAP: True,
+                                                              A.TOKEN: True}, handle=handles())
+        k = await c.generate_key(lid, Spec(M.AES_KEY_GEN), {A.VALUE_LEN: 16, A.TOKEN: True,
+                                                            A.WRAP_WITH_TRUSTED: True},
+                                 handle=handles())
+        with pytest.raises(error_class(RV.KEY_NOT_WRAPPABLE)):
+            await c.wrap_key(lid, kek, Spec(M.AES_KEY_WRAP_PAD), k)
+        with pytest.raises(error_class(RV.ATTRIBUTE_READ_ONLY)):
+            await c.set_attributes(lid, kek, {A.TRUSTED: True})
+        with pytest.raises(error_class(RV.USER_TYPE_INVALID)):
+            await admin.set_attributes(lo, kek, {A.LABEL: "admin renames"})
+        await admin.set_attributes(lo, kek, {A.TRUSTED: True})
+        assert len(await c.wrap_key(lid, kek, Spec(M.AES_KEY_WRAP_PAD), k)) == 24
+        with pytest.raises(error_class(RV.ATTRIBUTE_READ_ONLY)):
+            await c.set_attributes(lid, k, {A.WRAP_WITH_TRUSTED: False})
+        only_gcm = await c.generate_key(lid, Spec(M.AES_KEY_GEN),
+                                        {A.VALUE_LEN: 16, A.ENCRYPT: True,
+                                         A.ALLOWED_MECHANISMS: [int(M.AES_GCM)]},
+                                        handle=handles(), session=13)
+        await c.encrypt(lid, only_gcm, GCM, b"ok")
+        with pytest.raises(error_class(RV.MECHANISM_INVALID)):
+            await c.encrypt(lid, only_gcm, Spec(M.AES_ECB), b"\0" * 16)
+        for h in (kek, k):
+            await c.destroy_object(lid, h)
+        await c.close_session(13, lid)
+        await c.close()
+        await admin.close()
+    run(body)
