@@ -268,3 +268,20 @@ def test_down_after_a_daemon_crash_stops_the_nodes(tmp_path: Path) -> None:
                 break
             assert time.monotonic() < deadline, f"node {pid} still runs"
             time.sleep(0.05)
+
+
+def test_interrupted_creation_is_redone(tmp_path: Path) -> None:
+    from hsmsim.cluster.state import StateDir, prepare_new_cluster
+    from hsmsim.testing.cluster import free_port
+    state = tmp_path / "half"
+    half = prepare_new_cluster(StateDir(state), ["us-east-1a", "us-east-1b"], 1, None, None)
+    (state / "hsmsim.toml").write_text(f"[kms]\nport = {free_port()}\n")
+    assert (state / ".initializing").exists() and not (state / "cluster.json").exists()
+    r = run_cli(["up", "--detach", "--json", "--azs", "2", "--state", str(state)])
+    try:
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert out["cluster_id"] != half.spec.cluster_id
+        assert (state / "cluster.json").exists() and not (state / ".initializing").exists()
+    finally:
+        run_cli(["down", "--state", str(state)])
