@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hsmsim.tls.errors import TlsError
 from hsmsim.tls.uri import Pkcs11Uri
@@ -43,3 +45,27 @@ def test_parse_accepts_uppercase_percent_and_pin_value() -> None:
 def test_parse_rejects_bad_uris(text: str, message: str) -> None:
     with pytest.raises(TlsError, match=message):
         Pkcs11Uri.parse(text)
+
+
+_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+
+
+@given(token=_text, obj=_text, key_id=st.binary(max_size=32),
+       kind=st.sampled_from([None, "private", "public", "cert"]),
+       pin_source=st.one_of(st.none(), _text))
+@settings(max_examples=300, deadline=None)
+def test_any_uri_round_trips(token: str, obj: str, key_id: bytes, kind: str | None,
+                             pin_source: str | None) -> None:
+    uri = Pkcs11Uri(token=token, object=obj, id=key_id, type=kind, pin_source=pin_source)
+    text = str(uri)
+    assert text.isascii() and " " not in text and "$" not in text
+    assert Pkcs11Uri.parse(text) == uri
+
+
+@given(st.text(max_size=60))
+@settings(max_examples=300, deadline=None)
+def test_parse_never_crashes(text: str) -> None:
+    try:
+        Pkcs11Uri.parse("pkcs11:" + text)
+    except TlsError:
+        pass
