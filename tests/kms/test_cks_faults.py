@@ -11,7 +11,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from .conftest import KMSUSER_PASSWORD, KmsEndpoint, connected_store, set_cu_password, start_real
+from .conftest import KMSUSER_PASSWORD, KmsEndpoint, advance_clock, connected_store, set_cu_password, start_real
 
 
 def _key_reference(ep: KmsEndpoint, arn: str, password: str) -> str:
@@ -39,6 +39,14 @@ def test_backing_key_deleted_in_cluster(kms_real: KmsEndpoint) -> None:
             call()
         assert exc.value.response["Error"]["Code"] == "KMSInvalidStateException"
         assert "key material was not found" in exc.value.response["Error"]["Message"]
+    # Deleting a KMS key deletes its key in the cluster when the waiting period ends.
+    doomed = c.create_key(Origin="AWS_CLOUDHSM", CustomKeyStoreId=store)["KeyMetadata"]
+    _key_reference(kms_real, doomed["Arn"], KMSUSER_PASSWORD)  # present in the HSMs
+    c.schedule_key_deletion(KeyId=doomed["KeyId"], PendingWindowInDays=7)
+    advance_clock(kms_real, 7 * 86400 + 60)
+    r = kms_real.extra.cli("key", "list", "--user", "kmsuser", "--login-user", "kmsuser",
+                           "--login-password", KMSUSER_PASSWORD, "--json")
+    assert r.returncode == 0 and doomed["Arn"] not in r.stdout
     # Leave the store usable for other tests: tell it the password the admin set.
     c.disconnect_custom_key_store(CustomKeyStoreId=store)
     c.update_custom_key_store(CustomKeyStoreId=store, KeyStorePassword=KMSUSER_PASSWORD)
