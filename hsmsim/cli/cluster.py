@@ -161,7 +161,13 @@ def cmd_up(args: argparse.Namespace) -> int:
             return 0
         new = None
     else:
-        new = prepare_new_cluster(state, azs, args.hsms_per_az, admin_pw, cu_pw)
+        try:
+            new = prepare_new_cluster(state, azs, args.hsms_per_az, admin_pw, cu_pw)
+        except OSError as exc:
+            discard_new_cluster(state, created_root=not any(state.root.iterdir())
+                                if state.root.is_dir() else False)
+            raise CliError(f"cannot create the cluster in {state.root}: "
+                           f"{exc.strerror or exc}") from None
     overrides = []
     if args.disable_key_availability_check:
         overrides.append("disable_key_availability_check=true")
@@ -268,7 +274,7 @@ def _print_ready(state: StateDir, cluster_id: str, endpoints: dict[str, Any], ne
     print(f"  PKCS#11 module : {module}{built}")
     print(f"  PIN            : {env['HSMSIM_PIN']}")
     print(f"  KMS endpoint   : {env['AWS_ENDPOINT_URL_KMS']}"
-          + ("" if "kms" in endpoints else "   (KMS not available in this build)"))
+          + ("" if "kms" in endpoints else "   (not running; see warnings)"))
     if new is not None:
         print(f"  admin password : {new.admin_password}   (shown once; stored in "
               f"{state.admin_password})")
