@@ -31,6 +31,8 @@ class ClusterConfig:
         if self.default_retry_mode not in RETRY_MODES:
             raise ConfigError(f"cluster.default_retry_mode must be one of {', '.join(RETRY_MODES)}, "
                               f"not {self.default_retry_mode!r}")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError("cluster.log_level must be DEBUG, INFO, WARNING or ERROR")
         if not 0 <= self.max_retries <= 10:
             raise ConfigError("cluster.max_retries must be between 0 and 10")
         for name in ("request_timeout_s", "health_interval_s", "node_start_timeout_s",

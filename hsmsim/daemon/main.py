@@ -78,6 +78,8 @@ class Daemon:
         self.file_data = load_file(opts.config_file or self.state.config_file)
         self.config: ClusterConfig = load_cluster_config(
             self.file_data, environ, dict(opts.cluster_overrides))
+        if self.config.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            logging.getLogger("hsmsim").setLevel(self.config.log_level.upper())
         self.cluster: Cluster | None = None
         self.supervisor: Supervisor | None = None
         self.control: ControlServer | None = None
