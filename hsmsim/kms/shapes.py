@@ -1,7 +1,8 @@
 """The KMS API model as data: operations (input/output shapes, modelled errors) and shapes
 (types, lengths, enums, required members), generated from botocore 1.44.5's
-`botocore/data/kms/2014-11-01/service-2.json` with documentation stripped. Regenerate rather
-than edit; the wire layer validates requests against it."""
+`botocore/data/kms/2014-11-01/service-2.json` with documentation stripped by
+`python -m hsmsim.kms.gen_shapes`. Regenerate rather than edit; the wire layer validates
+requests against it."""
 
 from typing import Any
 
