@@ -66,7 +66,7 @@ def make_core_ffibuilder():  # type: ignore[no-untyped-def]
 # --- the PKCS#11 module (plain shared library, loaded by any PKCS#11 host) -------------------
 PKCS11_DIR = NATIVE / "pkcs11"
 PKCS11_LIBNAME = "libhsmsim-pkcs11.so"
-PKCS11_LIBRARIES = ["pthread"]
+PKCS11_LIBRARIES = ["pthread", "ssl", "crypto"]  # libssl: TLS to a remote daemon
 
 
 def pkcs11_sources() -> list[str]:

@@ -9,6 +9,11 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class GatewayConfig:
     slot_id: int = 1
+    # Remote applications: "host:port" to also serve the protocol over TCP with TLS (the module
+    # is pointed at it with HSMSIM_SOCKET=tls:host:port and a CA file). Empty = Unix socket only.
+    tls_listen: str = ""
+    tls_cert: str = ""  # PEM server certificate (chain) for tls_listen
+    tls_key: str = ""  # its PEM private key
     token_label: str = "hsm1"
     # UG:limits: 1,024 PKCS#11 sessions per application.
     max_sessions: int = 1024

@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 from collections import deque
 from pathlib import Path
 
 from hsmsim.cluster.api import ClusterClient
-from hsmsim.errors import HsmsimError
+from hsmsim.errors import ConfigError, HsmsimError
 from hsmsim.gateway import protocol as P
 from hsmsim.gateway.config import GatewayConfig
 from hsmsim.gateway.protocol import Op, Reader
@@ -172,6 +173,8 @@ class GatewayServer:
         self.connections: set[Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.AbstractServer | None = None
+        self._tls_server: asyncio.AbstractServer | None = None
+        self.tls_address: tuple[str, int] | None = None
 
     def spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
         task = asyncio.get_running_loop().create_task(coro)
@@ -188,12 +191,28 @@ class GatewayServer:
         self._server = await loop.create_unix_server(lambda: Connection(self), str(tmp))
         os.chmod(tmp, 0o600)
         os.replace(tmp, path)
+        cfg = self.gateway.config
+        if cfg.tls_listen:
+            host, sep, port = cfg.tls_listen.rpartition(":")
+            if not sep or not port.isdigit() or not cfg.tls_cert or not cfg.tls_key:
+                raise ConfigError("gateway.tls_listen needs host:port, gateway.tls_cert and gateway.tls_key")
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            try:
+                ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"gateway TLS certificate/key: {exc}") from None
+            self._tls_server = await loop.create_server(lambda: Connection(self), host.strip("[]") or None,
+                                                        int(port), ssl=ctx)
+            sock = self._tls_server.sockets[0].getsockname()
+            self.tls_address = (str(sock[0]), int(sock[1]))
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        for srv in (self._server, self._tls_server):
+            if srv is not None:
+                srv.close()
+                await srv.wait_closed()
+        self._server = self._tls_server = None
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()

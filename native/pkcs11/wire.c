@@ -5,6 +5,11 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -106,22 +111,38 @@ const uint8_t *hs_r_bytes(hs_rbuf *r, size_t *n) {
 /* ---- connection pool -------------------------------------------------------------------- */
 #define POOL_MAX 64
 
+/* One connection: a Unix socket, or TCP with TLS to a remote daemon. */
+typedef struct {
+    int fd;
+    SSL *ssl;
+} conn_t;
+
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t g_hello_lock = PTHREAD_MUTEX_INITIALIZER;
 static char g_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
-static int g_idle[POOL_MAX];
+static int g_tls;                  /* remote daemon over TLS */
+static char g_host[256], g_port[16], g_server_name[256], g_ca_file[PATH_MAX];
+static SSL_CTX *g_ctx;
+static conn_t *g_idle[POOL_MAX];
 static int g_nidle;
 static uint8_t g_token[HSMSIM_APP_TOKEN_LEN];
 static int g_have_token;
 static uint32_t g_max_frame = HSMSIM_MAX_FRAME;
 static uint32_t g_reqid;
 
-static int write_all(int fd, const uint8_t *p, size_t n) {
+static int write_all(conn_t *c, const uint8_t *p, size_t n) {
     while (n) {
-        ssize_t k = send(fd, p, n, MSG_NOSIGNAL);
-        if (k < 0) {
-            if (errno == EINTR) continue;
-            return -1;
+        ssize_t k;
+        if (c->ssl) {
+            int m = SSL_write(c->ssl, p, n > INT32_MAX ? INT32_MAX : (int)n);
+            if (m <= 0) return -1;
+            k = m;
+        } else {
+            k = send(c->fd, p, n, MSG_NOSIGNAL);
+            if (k < 0) {
+                if (errno == EINTR) continue;
+                return -1;
+            }
         }
         p += k;
         n -= (size_t)k;
@@ -129,18 +150,34 @@ static int write_all(int fd, const uint8_t *p, size_t n) {
     return 0;
 }
 
-static int read_all(int fd, uint8_t *p, size_t n) {
-    while (n) {
-        ssize_t k = recv(fd, p, n, 0);
-        if (k < 0) {
-            if (errno == EINTR) continue;
-            return -1;
+/* Reads what is available (at least one byte): the count, or -1 on error/EOF. */
+static ssize_t read_some(conn_t *c, uint8_t *p, size_t n) {
+    for (;;) {
+        if (c->ssl) {
+            int m = SSL_read(c->ssl, p, n > INT32_MAX ? INT32_MAX : (int)n);
+            return m > 0 ? m : -1;
         }
-        if (k == 0) return -1;
+        ssize_t k = recv(c->fd, p, n, 0);
+        if (k < 0 && errno == EINTR) continue;
+        return k > 0 ? k : -1;
+    }
+}
+
+static int read_all(conn_t *c, uint8_t *p, size_t n) {
+    while (n) {
+        ssize_t k = read_some(c, p, n);
+        if (k < 0) return -1;
         p += k;
         n -= (size_t)k;
     }
     return 0;
+}
+
+static void conn_close(conn_t *c) {
+    if (!c) return;
+    if (c->ssl) SSL_free(c->ssl); /* no close_notify: the daemon treats EOF alike */
+    close(c->fd);
+    free(c);
 }
 
 static void trim(char *s) {
@@ -148,18 +185,19 @@ static void trim(char *s) {
     while (n && (s[n - 1] == '\n' || s[n - 1] == '\r' || s[n - 1] == ' ' || s[n - 1] == '\t')) s[--n] = 0;
 }
 
-/* `socket = /path` (or `socket = unix:/path`) from a CloudHSM-style library config file. */
-static int path_from_conf(const char *file, char *out, size_t outlen) {
+/* `key = value` from a CloudHSM-style library config file (`#`/`;` start comments). */
+static int conf_value(const char *file, const char *key, char *out, size_t outlen) {
     FILE *f = fopen(file, "re");
     if (!f) return 0;
     char line[1024];
+    size_t klen = strlen(key);
     int found = 0;
     while (!found && fgets(line, sizeof line, f)) {
         char *s = line;
         while (*s == ' ' || *s == '\t') s++;
         if (*s == '#' || *s == ';') continue;
-        if (strncmp(s, "socket", 6) != 0) continue;
-        s += 6;
+        if (strncmp(s, key, klen) != 0) continue;
+        s += klen;
         while (*s == ' ' || *s == '\t') s++;
         if (*s != '=') continue;
         s++;
@@ -173,28 +211,72 @@ static int path_from_conf(const char *file, char *out, size_t outlen) {
     return found;
 }
 
-/* HSMSIM_SOCKET, else a config file (HSMSIM_CONF, else /etc/hsmsim/pkcs11.conf), else
- * $HSMSIM_HOME/gateway.sock, else ./.hsmsim/gateway.sock. Relative paths are made absolute
- * now so that a later chdir() does not move the daemon. */
+/* The config file in force: HSMSIM_CONF, else /etc/hsmsim/pkcs11.conf (if it exists). */
+static const char *conf_file(void) {
+    const char *conf = getenv("HSMSIM_CONF");
+    if (conf && *conf) return conf;
+    return "/etc/hsmsim/pkcs11.conf";
+}
+
+/* `tls:host:port` (host may be [v6]): the remote daemon and its trust anchor. */
+static CK_RV setup_tls(const char *addr) {
+    const char *colon = strrchr(addr, ':');
+    if (!colon || colon == addr || !colon[1]) return CKR_GENERAL_ERROR;
+    size_t hlen = (size_t)(colon - addr);
+    if (addr[0] == '[' && hlen >= 2 && addr[hlen - 1] == ']') {
+        addr++;
+        hlen -= 2;
+    }
+    if (hlen >= sizeof g_host || strlen(colon + 1) >= sizeof g_port) return CKR_GENERAL_ERROR;
+    memcpy(g_host, addr, hlen);
+    g_host[hlen] = 0;
+    snprintf(g_port, sizeof g_port, "%s", colon + 1);
+    const char *ca = getenv("HSMSIM_CA_FILE");
+    if (ca && *ca)
+        snprintf(g_ca_file, sizeof g_ca_file, "%s", ca);
+    else if (!conf_value(conf_file(), "ca_file", g_ca_file, sizeof g_ca_file))
+        return CKR_GENERAL_ERROR; /* never TLS without a trust anchor */
+    const char *sn = getenv("HSMSIM_SERVER_NAME");
+    if (sn && *sn)
+        snprintf(g_server_name, sizeof g_server_name, "%s", sn);
+    else if (!conf_value(conf_file(), "server_name", g_server_name, sizeof g_server_name))
+        snprintf(g_server_name, sizeof g_server_name, "%s", g_host);
+    if (g_ctx) SSL_CTX_free(g_ctx);
+    g_ctx = SSL_CTX_new(TLS_client_method());
+    if (!g_ctx) return CKR_HOST_MEMORY;
+    SSL_CTX_set_min_proto_version(g_ctx, TLS1_2_VERSION);
+    SSL_CTX_set_verify(g_ctx, SSL_VERIFY_PEER, NULL);
+    if (SSL_CTX_load_verify_locations(g_ctx, g_ca_file, NULL) != 1) {
+        SSL_CTX_free(g_ctx);
+        g_ctx = NULL;
+        ERR_clear_error();
+        return CKR_GENERAL_ERROR;
+    }
+    g_tls = 1;
+    return CKR_OK;
+}
+
+/* HSMSIM_SOCKET, else the config file's `socket`, else $HSMSIM_HOME/gateway.sock, else
+ * ./.hsmsim/gateway.sock. Relative paths are made absolute now so that a later chdir() does
+ * not move the daemon. `tls:host:port` selects a remote daemon over TLS. */
 static CK_RV resolve_path(void) {
     char buf[PATH_MAX + 16] = {0};
     const char *env = getenv("HSMSIM_SOCKET");
-    const char *conf = getenv("HSMSIM_CONF");
     const char *home = getenv("HSMSIM_HOME");
+    g_tls = 0;
     if (env && *env) {
         snprintf(buf, sizeof buf, "%s", env);
-    } else if (!(conf && *conf && path_from_conf(conf, buf, sizeof buf)) &&
-               !path_from_conf("/etc/hsmsim/pkcs11.conf", buf, sizeof buf)) {
+    } else if (!conf_value(conf_file(), "socket", buf, sizeof buf)) {
         if (home && *home)
             snprintf(buf, sizeof buf, "%s/gateway.sock", home);
         else
             snprintf(buf, sizeof buf, ".hsmsim/gateway.sock");
     }
     char *p = buf;
+    if (strncmp(p, "tls:", 4) == 0) return setup_tls(p + 4);
     if (strncmp(p, "unix:", 5) == 0) p += 5;
-    /* FIDELITY: TCP+TLS to a remote daemon (`tls:host:port`) is designed into the protocol but
-     * not implemented in this module yet: only Unix sockets. */
-    if (strncmp(p, "tls:", 4) == 0 || strncmp(p, "tcp:", 4) == 0) return CKR_GENERAL_ERROR;
+    /* Plain TCP is refused: a remote daemon is reached only over TLS. */
+    if (strncmp(p, "tcp:", 4) == 0) return CKR_GENERAL_ERROR;
     char abs[PATH_MAX + 16];
     if (p[0] != '/') {
         char cwd[PATH_MAX];
@@ -207,10 +289,31 @@ static CK_RV resolve_path(void) {
     return CKR_OK;
 }
 
-static int frame_exchange(int fd, uint16_t op, hs_wbuf *w, uint8_t **mem, hs_rbuf *body, CK_RV *rv);
+static int frame_exchange(conn_t *c, uint16_t op, hs_wbuf *w, uint8_t **mem, hs_rbuf *body, CK_RV *rv);
 
-/* Connects and handshakes; joins the application named by g_token, or creates one. */
-static int open_conn(void) {
+static int connect_tcp(void) {
+    struct addrinfo hints, *res = NULL;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    if (getaddrinfo(g_host, g_port, &hints, &res) != 0) return -1;
+    int fd = -1;
+    for (struct addrinfo *a = res; a; a = a->ai_next) {
+        fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+        if (fd < 0) continue;
+        if (connect(fd, a->ai_addr, a->ai_addrlen) == 0) break;
+        close(fd);
+        fd = -1;
+    }
+    freeaddrinfo(res);
+    if (fd >= 0) {
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    }
+    return fd;
+}
+
+static int connect_unix(void) {
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) return -1;
     struct sockaddr_un sa;
@@ -220,6 +323,27 @@ static int open_conn(void) {
     if (connect(fd, (struct sockaddr *)&sa, sizeof sa) != 0) {
         close(fd);
         return -1;
+    }
+    return fd;
+}
+
+/* Connects and handshakes; joins the application named by g_token, or creates one. */
+static conn_t *open_conn(void) {
+    conn_t *c = calloc(1, sizeof *c);
+    if (!c) return NULL;
+    c->fd = g_tls ? connect_tcp() : connect_unix();
+    if (c->fd < 0) {
+        free(c);
+        return NULL;
+    }
+    if (g_tls) {
+        c->ssl = SSL_new(g_ctx);
+        if (!c->ssl || SSL_set_fd(c->ssl, c->fd) != 1 || SSL_set1_host(c->ssl, g_server_name) != 1 ||
+            SSL_set_tlsext_host_name(c->ssl, g_server_name) != 1 || SSL_connect(c->ssl) != 1) {
+            ERR_clear_error();
+            conn_close(c);
+            return NULL;
+        }
     }
     pthread_mutex_lock(&g_hello_lock);
     hs_wbuf w;
@@ -235,7 +359,7 @@ static int open_conn(void) {
     uint8_t *mem = NULL;
     hs_rbuf r;
     CK_RV rv = CKR_OK;
-    int ok = frame_exchange(fd, OP_HELLO, &w, &mem, &r, &rv) == 0 && rv == CKR_OK;
+    int ok = frame_exchange(c, OP_HELLO, &w, &mem, &r, &rv) == 0 && rv == CKR_OK;
     hs_w_free(&w);
     if (ok) {
         uint16_t major = r_u16(&r);
@@ -254,14 +378,14 @@ static int open_conn(void) {
     pthread_mutex_unlock(&g_hello_lock);
     free(mem);
     if (!ok) {
-        close(fd);
-        return -1;
+        conn_close(c);
+        return NULL;
     }
-    return fd;
+    return c;
 }
 
 /* Writes one request frame (header filled in place) and reads its reply. 0 on success. */
-static int frame_exchange(int fd, uint16_t op, hs_wbuf *w, uint8_t **mem, hs_rbuf *body, CK_RV *rv) {
+static int frame_exchange(conn_t *c, uint16_t op, hs_wbuf *w, uint8_t **mem, hs_rbuf *body, CK_RV *rv) {
     *mem = NULL;
     if (w->oom || w->len < HS_HDR_RESERVE) return -1;
     uint32_t id = __atomic_add_fetch(&g_reqid, 1, __ATOMIC_RELAXED);
@@ -272,15 +396,14 @@ static int frame_exchange(int fd, uint16_t op, hs_wbuf *w, uint8_t **mem, hs_rbu
     h[8] = (uint8_t)op;
     h[9] = (uint8_t)(op >> 8);
     h[10] = h[11] = 0;
-    if (write_all(fd, w->p, w->len) != 0) return -1;
+    if (write_all(c, w->p, w->len) != 0) return -1;
     /* Most replies are small: take the length and as much of the body as has arrived in one
      * recv, then read whatever remains. */
     uint8_t first[4096];
     size_t got = 0;
     while (got < 4) {
-        ssize_t k = recv(fd, first + got, sizeof first - got, 0);
-        if (k < 0 && errno == EINTR) continue;
-        if (k <= 0) return -1;
+        ssize_t k = read_some(c, first + got, sizeof first - got);
+        if (k < 0) return -1;
         got += (size_t)k;
     }
     uint32_t rlen = (uint32_t)first[0] | ((uint32_t)first[1] << 8) | ((uint32_t)first[2] << 16) |
@@ -289,7 +412,7 @@ static int frame_exchange(int fd, uint16_t op, hs_wbuf *w, uint8_t **mem, hs_rbu
     uint8_t *buf = malloc(rlen);
     if (!buf) return -1;
     memcpy(buf, first + 4, got - 4);
-    if (read_all(fd, buf + (got - 4), rlen - (got - 4)) != 0) { free(buf); return -1; }
+    if (read_all(c, buf + (got - 4), rlen - (got - 4)) != 0) { free(buf); return -1; }
     hs_rbuf r = {buf, rlen, 0, 0};
     uint32_t rid = hs_r_u32(&r);
     uint16_t rop = r_u16(&r);
@@ -302,22 +425,22 @@ static int frame_exchange(int fd, uint16_t op, hs_wbuf *w, uint8_t **mem, hs_rbu
     return 0;
 }
 
-static int take_idle(void) {
-    int fd = -1;
+static conn_t *take_idle(void) {
+    conn_t *c = NULL;
     pthread_mutex_lock(&g_lock);
-    if (g_nidle > 0) fd = g_idle[--g_nidle];
+    if (g_nidle > 0) c = g_idle[--g_nidle];
     pthread_mutex_unlock(&g_lock);
-    return fd;
+    return c;
 }
 
-static void give_back(int fd) {
+static void give_back(conn_t *c) {
     pthread_mutex_lock(&g_lock);
     if (g_nidle < POOL_MAX) {
-        g_idle[g_nidle++] = fd;
-        fd = -1;
+        g_idle[g_nidle++] = c;
+        c = NULL;
     }
     pthread_mutex_unlock(&g_lock);
-    if (fd >= 0) close(fd);
+    conn_close(c);
 }
 
 CK_RV hs_call(uint16_t op, hs_wbuf *w, hs_rbuf *resp, uint8_t **mem) {
@@ -325,18 +448,19 @@ CK_RV hs_call(uint16_t op, hs_wbuf *w, hs_rbuf *resp, uint8_t **mem) {
     if (w->oom) return CKR_HOST_MEMORY;
     if (w->len - 4 > g_max_frame) return CKR_DATA_LEN_RANGE;
     for (int attempt = 0; attempt < 2; attempt++) {
-        int fd = take_idle();
-        int reused = fd >= 0;
-        if (!reused) fd = open_conn();
+        conn_t *c = take_idle();
+        int reused = c != NULL;
+        if (!reused) c = open_conn();
         /* FIDELITY: an unreachable daemon is CKR_DEVICE_ERROR (CloudHSM's code for a lost
          * cluster connection is not documented). */
-        if (fd < 0) return CKR_DEVICE_ERROR;
+        if (!c) return CKR_DEVICE_ERROR;
         CK_RV rv = CKR_OK;
-        if (frame_exchange(fd, op, w, mem, resp, &rv) == 0) {
-            give_back(fd);
+        if (frame_exchange(c, op, w, mem, resp, &rv) == 0) {
+            give_back(c);
             return rv;
         }
-        close(fd);
+        ERR_clear_error();
+        conn_close(c);
         free(*mem);
         *mem = NULL;
         /* A pooled connection may have died with a restarted daemon: retry once on a fresh
@@ -351,18 +475,18 @@ CK_RV hs_connect_init(void) {
     if (rv != CKR_OK) return rv;
     memset(g_token, 0, sizeof g_token);
     g_have_token = 0;
-    int fd = open_conn();
-    if (fd < 0) return CKR_DEVICE_ERROR;
-    give_back(fd);
+    conn_t *c = open_conn();
+    if (!c) return CKR_DEVICE_ERROR;
+    give_back(c);
     return CKR_OK;
 }
 
 void hs_disconnect_all(int say_goodbye) {
-    int fds[POOL_MAX];
+    conn_t *cs[POOL_MAX];
     int n;
     pthread_mutex_lock(&g_lock);
     n = g_nidle;
-    memcpy(fds, g_idle, sizeof(int) * (size_t)n);
+    memcpy(cs, g_idle, sizeof(conn_t *) * (size_t)n);
     g_nidle = 0;
     pthread_mutex_unlock(&g_lock);
     if (say_goodbye && n > 0) {
@@ -372,18 +496,19 @@ void hs_disconnect_all(int say_goodbye) {
         uint8_t *mem = NULL;
         hs_rbuf r;
         CK_RV rv;
-        (void)frame_exchange(fds[0], OP_C_Finalize, &w, &mem, &r, &rv);
+        (void)frame_exchange(cs[0], OP_C_Finalize, &w, &mem, &r, &rv);
         free(mem);
         hs_w_free(&w);
     }
-    for (int i = 0; i < n; i++) close(fds[i]);
+    for (int i = 0; i < n; i++) conn_close(cs[i]);
     memset(g_token, 0, sizeof g_token);
     g_have_token = 0;
 }
 
-/* In a forked child the pooled sockets are the parent's: drop them without a word. */
+/* In a forked child the pooled sockets (and TLS states) are the parent's: drop them without a
+ * word. The TLS objects are freed without a shutdown record so nothing reaches the peer. */
 void hs_forget_after_fork(void) {
-    for (int i = 0; i < g_nidle; i++) close(g_idle[i]);
+    for (int i = 0; i < g_nidle; i++) conn_close(g_idle[i]);
     g_nidle = 0;
     memset(g_token, 0, sizeof g_token);
     g_have_token = 0;

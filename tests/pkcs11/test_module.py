@@ -75,7 +75,11 @@ def test_no_daemon_is_a_device_error(raw: Raw, tmp_path: Path, monkeypatch: pyte
     monkeypatch.setenv("HSMSIM_SOCKET", str(tmp_path / "nobody-home.sock"))
     assert raw.C_Initialize(None) == RV.DEVICE_ERROR
     assert raw.C_GetInfo(None) == RV.CRYPTOKI_NOT_INITIALIZED
-    monkeypatch.setenv("HSMSIM_SOCKET", "tls:hsm.example:2223")  # designed, not implemented
+    monkeypatch.setenv("HSMSIM_SOCKET", "tls:hsm.example:2223")  # TLS without a CA file: refused
+    monkeypatch.setenv("HSMSIM_CONF", str(tmp_path / "no.conf"))
+    monkeypatch.delenv("HSMSIM_CA_FILE", raising=False)
+    assert raw.C_Initialize(None) == RV.GENERAL_ERROR
+    monkeypatch.setenv("HSMSIM_SOCKET", "tcp:127.0.0.1:1")  # plain TCP: refused
     assert raw.C_Initialize(None) == RV.GENERAL_ERROR
 
 
