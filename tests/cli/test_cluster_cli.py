@@ -285,3 +285,18 @@ def test_interrupted_creation_is_redone(tmp_path: Path) -> None:
         assert (state / "cluster.json").exists() and not (state / ".initializing").exists()
     finally:
         run_cli(["down", "--state", str(state)])
+
+
+def test_bad_config_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[cluster]\nmax_retries = 99\n")
+    r = run_cli(["up", "--detach", "--state", str(tmp_path / "s"), "--config", str(cfg)])
+    assert r.returncode == 1 and "max_retries" in r.stderr
+    assert not (tmp_path / "s").exists()
+    cfg.write_text("[cluster\n")
+    r = run_cli(["up", "--detach", "--state", str(tmp_path / "s"), "--config", str(cfg)])
+    assert r.returncode == 1 and "bad.toml" in r.stderr
+    assert not (tmp_path / "s").exists()
+    r = run_cli(["up", "--detach", "--state", str(tmp_path / "s"), "--config",
+                 str(tmp_path / "missing.toml")])
+    assert r.returncode == 1 and "no such file" in r.stderr
