@@ -113,22 +113,6 @@ def backend(request: pytest.FixtureRequest) -> Backend:
     return b
 
 
-@pytest.fixture
-def strict_cluster(tmp_path: Path) -> Iterator[Backend]:
-    """A cluster with CloudHSM's default behaviour (read-only sessions refused)."""
-    _need_tools()
-    _need_module()
-    state = tmp_path / "state"
-    cluster = _start_tls_cluster(state, allow_ro_sessions=False)
-    try:
-        env = cluster.env  # type: ignore[attr-defined]
-        yield Backend("hsmsim-strict", state, ["--state", str(state)],
-                      Path(env["HSMSIM_PKCS11_MODULE"]), "hsm1", env["HSMSIM_PIN"],
-                      {"HSMSIM_SOCKET": env["HSMSIM_SOCKET"]}, cluster)
-    finally:
-        cluster.down()  # type: ignore[attr-defined]
-
-
 @dataclasses.dataclass
 class Kits:
     """The kits most tests share, made once per backend: an RSA-2048 key certified by the

@@ -1,6 +1,6 @@
 """`hsmsim tls` at its boundary: bad flags and bad targets get one clear message and exit code,
 change nothing (no key left on the token, no files written); a cluster that refuses read-only
-sessions gets a warning naming the fix."""
+sessions gets a warning naming the fix (in test_tutorial.py)."""
 
 from __future__ import annotations
 
@@ -106,17 +106,6 @@ def test_existing_kit_is_not_overwritten(softhsm_backend: Backend, tmp_path: Pat
     assert r.returncode == 1 and "already holds a TLS kit" in r.stderr
     assert (out / "kit.json").read_text() == before
     assert _private_keys(softhsm_backend) == keys
-
-
-def test_strict_cluster_gets_a_read_only_session_warning(strict_cluster: Backend,
-                                                         tmp_path: Path) -> None:
-    r = run_cli(["tls", "init", "--cn", "strict.test", "--key", "ec-p256", "--json",
-                 "--out", str(tmp_path / "kit"), *strict_cluster.init_args])
-    assert r.returncode == 0, r.stderr
-    warnings = json.loads(r.stdout)["warnings"]
-    assert len(warnings) == 1 and "quirk_ro_session_fails = false" in warnings[0]
-    assert str(strict_cluster.state / "hsmsim.toml") in warnings[0]
-    assert "hsmsim: warning: the token refuses read-only sessions" in r.stderr
 
 
 @pytest.mark.parametrize("args, message", [
