@@ -112,12 +112,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         target = tlskit.cluster_target(state, module, args.user or tlskit.DEFAULT_USER,
                                        environ.get(PASSWORD_ENV))
     cn = tlskit.validate_cn(args.cn)
-    out = args.out
-    if out is None:
-        import re
-        import secrets
-        slug = re.sub(r"[^a-z0-9.-]+", "-", cn.lower()).strip("-.")[:40] or "key"
-        out = state / "tls" / f"{slug}-{secrets.token_hex(3)}"
+    out = args.out if args.out is not None else tlskit.default_out_dir(state, cn)
     req = tlskit.KitRequest(cn=cn, spec=key_spec(args.key), issuer=args.issuer, days=args.days,
                             sans=tuple(args.san), out_dir=out, state_dir=state,
                             port=args.port, target=target)

@@ -171,9 +171,17 @@ class Kit:
             raise TlsError(f"{out_dir} holds no readable TLS kit ({exc})") from None
 
 
+def _slug(cn: str) -> str:
+    return re.sub(r"[^a-z0-9.-]+", "-", cn.lower()).strip("-.")[:40] or "key"
+
+
 def _label(cn: str) -> str:
-    slug = re.sub(r"[^a-z0-9.-]+", "-", cn.lower()).strip("-.")[:40] or "key"
-    return f"tls-{slug}-{secrets.token_hex(3)}"
+    return f"tls-{_slug(cn)}-{secrets.token_hex(3)}"
+
+
+def default_out_dir(state: Path, cn: str) -> Path:
+    """Where a kit goes without --out: `$STATE/tls/<cn>-<6 hex>`."""
+    return state / "tls" / f"{_slug(cn)}-{secrets.token_hex(3)}"
 
 
 def validate_cn(cn: str) -> str:
