@@ -115,6 +115,7 @@ const uint8_t *hs_r_bytes(hs_rbuf *r, size_t *n) {
 typedef struct {
     int fd;
     SSL *ssl;
+    unsigned gen; /* the library generation (C_Initialize) it belongs to */
 } conn_t;
 
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -125,6 +126,7 @@ static char g_host[256], g_port[16], g_server_name[256], g_ca_file[PATH_MAX];
 static SSL_CTX *g_ctx;
 static conn_t *g_idle[POOL_MAX];
 static int g_nidle;
+static unsigned g_gen; /* bumped by every C_Initialize/C_Finalize: older connections are dropped */
 static uint8_t g_token[HSMSIM_APP_TOKEN_LEN];
 static int g_have_token;
 static uint32_t g_max_frame = HSMSIM_MAX_FRAME;
@@ -331,6 +333,7 @@ static int connect_unix(void) {
 static conn_t *open_conn(void) {
     conn_t *c = calloc(1, sizeof *c);
     if (!c) return NULL;
+    c->gen = __atomic_load_n(&g_gen, __ATOMIC_ACQUIRE);
     c->fd = g_tls ? connect_tcp() : connect_unix();
     if (c->fd < 0) {
         free(c);
@@ -435,7 +438,7 @@ static conn_t *take_idle(void) {
 
 static void give_back(conn_t *c) {
     pthread_mutex_lock(&g_lock);
-    if (g_nidle < POOL_MAX) {
+    if (c->gen == __atomic_load_n(&g_gen, __ATOMIC_ACQUIRE) && g_nidle < POOL_MAX) {
         g_idle[g_nidle++] = c;
         c = NULL;
     }
@@ -471,6 +474,7 @@ CK_RV hs_call(uint16_t op, hs_wbuf *w, hs_rbuf *resp, uint8_t **mem) {
 }
 
 CK_RV hs_connect_init(void) {
+    __atomic_add_fetch(&g_gen, 1, __ATOMIC_RELEASE);
     CK_RV rv = resolve_path();
     if (rv != CKR_OK) return rv;
     memset(g_token, 0, sizeof g_token);
@@ -488,6 +492,7 @@ void hs_disconnect_all(int say_goodbye) {
     n = g_nidle;
     memcpy(cs, g_idle, sizeof(conn_t *) * (size_t)n);
     g_nidle = 0;
+    __atomic_add_fetch(&g_gen, 1, __ATOMIC_RELEASE); /* in-use connections close on return */
     pthread_mutex_unlock(&g_lock);
     if (say_goodbye && n > 0) {
         hs_wbuf w;
