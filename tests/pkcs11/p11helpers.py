@@ -19,7 +19,8 @@ REF_PIN = "crypto_user:password1"
 SO_PIN = "admin:password1"
 
 try:
-    MODULE = pkcs11_module()
+    # HSMSIM_TEST_MODULE: run the suite against another build (e.g. one with sanitizers)
+    MODULE = Path(os.environ["HSMSIM_TEST_MODULE"]) if os.environ.get("HSMSIM_TEST_MODULE") else pkcs11_module()
 except FileNotFoundError:  # pragma: no cover - reported by every test below
     MODULE = None
 
