@@ -95,7 +95,7 @@ class AuditLog:
             "responseElements": response or None,
             "requestID": request_id,
             "eventID": event_id,
-            "readOnly": op.startswith(_READ_ONLY),
+            "readOnly": op.startswith(_READ_ONLY) or _is_data_event(op),  # CloudTrail: crypto is read-only
             "resources": [{"accountId": account, "type": "AWS::KMS::Key", "ARN": r} for r in resources],
             "eventType": "AwsApiCall",
             "managementEvent": not _is_data_event(op),

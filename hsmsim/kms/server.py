@@ -119,7 +119,8 @@ async def start_kms(cluster: ClusterClient, config: KmsConfig, state_dir: Path) 
     store = Store(state_dir / "kms" / "kms.sqlite3")
     kms = Kms(cluster, config, state_dir, store)
     service = KmsService(kms, AuditLog(state_dir))
-    runner = web.AppRunner(make_app(service), access_log=None, handle_signals=False)
+    # Keep-alive clients must not hold the daemon's shutdown for long.
+    runner = web.AppRunner(make_app(service), access_log=None, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
     try:

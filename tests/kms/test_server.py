@@ -123,7 +123,8 @@ def test_audit_trail_has_no_secrets(tmp_path: Path) -> None:
         enc = records[1]
         assert enc["requestParameters"] == {"keyId": key["KeyId"], "encryptionContext": {"purpose": "audit"}}
         assert enc["resources"] == [{"accountId": "111122223333", "type": "AWS::KMS::Key", "ARN": key["Arn"]}]
-        assert enc["eventSource"] == "kms.amazonaws.com" and enc["readOnly"] is False
+        assert enc["eventSource"] == "kms.amazonaws.com" and enc["readOnly"] is True
+        assert records[0]["readOnly"] is False and records[0]["managementEvent"] is True
         assert records[2]["requestParameters"]["encryptionAlgorithm"] == "SYMMETRIC_DEFAULT"
         assert records[3]["errorCode"] == "InvalidCiphertextException"
         assert records[4]["errorCode"] == "IncorrectTrustAnchorException"
