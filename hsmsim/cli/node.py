@@ -24,6 +24,10 @@ def register(subparsers: Any) -> None:
                        help="first start only: new = first HSM of a new cluster (generates the "
                        "masking key); clone = waits for the masking key from another HSM")
     serve.add_argument("--config", type=Path, help="config file (default STATE/hsmsim.toml)")
+    serve.add_argument("--tls-ca", type=Path, help="mutual TLS on a tcp: listener: the cluster "
+                       "CA certificate clients must chain to (with --tls-cert and --tls-key)")
+    serve.add_argument("--tls-cert", type=Path, help="this node's certificate (PEM)")
+    serve.add_argument("--tls-key", type=Path, help="this node's private key (PEM)")
     serve.set_defaults(func=_serve)
 
 
@@ -36,5 +40,6 @@ def _serve(args: argparse.Namespace) -> int:
     file_data = cfg.load_file(args.config or state / cfg.CONFIG_FILE)
     config = cfg.resolve_section(NodeConfig, "node", file_data, environ)
     opts = NodeOptions(state=state, hsm_id=args.hsm_id, az=args.az, listen=args.listen,
-                       cluster_secret_file=args.cluster_secret_file, init=args.init)
+                       cluster_secret_file=args.cluster_secret_file, init=args.init,
+                       tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
     return run(opts, config)

@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import itertools
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hsmsim import __version__
 from hsmsim.errors import HsmsimError
@@ -23,6 +23,9 @@ from hsmsim.pkcs11.attributes import Template
 from hsmsim.pkcs11.constants import RV, UserType
 from hsmsim.pkcs11.errors import ERRORS, Pkcs11Error
 from hsmsim.pkcs11.params import MechanismSpec
+
+if TYPE_CHECKING:
+    from ssl import SSLContext
 
 
 class NodeUnavailable(HsmsimError):
@@ -57,15 +60,17 @@ class NodeClient:
 
     @classmethod
     async def connect(cls, address: str, *, cluster_secret: bytes | None = None,
-                      timeout: float = 10.0) -> "NodeClient":
+                      timeout: float = 10.0, ssl: "SSLContext | None" = None) -> "NodeClient":
         """Connect, handshake, and authenticate as the cluster principal when a secret is
-        given. Raises NodeUnavailable if the node cannot be reached."""
+        given. `ssl` (hsmsim.node.tls.client_context) runs TCP connections over mutual TLS.
+        Raises NodeUnavailable if the node cannot be reached."""
         kind, where, port = protocol.parse_address(address)
         try:
             if kind == "unix":
                 conn = asyncio.open_unix_connection(where, limit=protocol.MAX_FRAME + 64)
             else:
-                conn = asyncio.open_connection(where, port, limit=protocol.MAX_FRAME + 64)
+                conn = asyncio.open_connection(where, port, limit=protocol.MAX_FRAME + 64,
+                                               ssl=ssl)
             reader, writer = await asyncio.wait_for(conn, timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             raise NodeUnavailable(f"cannot connect to node at {address}: {exc}") from None

@@ -26,6 +26,7 @@ from hsmsim.node.keystore import Keystore, Quotas
 from hsmsim.node.server import NodeServer
 from hsmsim.node.service import NodeService
 from hsmsim.node.softhsm import SoftHsm
+from hsmsim.node.tls import server_context
 from hsmsim.node.users import UserStore
 from hsmsim.pkcs11.errors import Pkcs11Error
 from hsmsim.resources import softhsm_library, softhsm_template
@@ -43,6 +44,9 @@ class NodeOptions:
     listen: str
     cluster_secret_file: Path
     init: str | None = None  # "new" | "clone" on first start; ignored afterwards
+    tls_ca: Path | None = None  # mutual TLS on tcp: listeners (all three or none)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
 
 def node_dir(state: Path, hsm_id: str) -> Path:
@@ -88,6 +92,11 @@ def validate(opts: NodeOptions) -> None:
                           f"not {opts.hsm_id!r}")
     if opts.init is not None and opts.init not in INIT_MODES:
         raise ConfigError("--init must be new or clone")
+    tls = (opts.tls_ca, opts.tls_cert, opts.tls_key)
+    if any(tls) and not all(tls):
+        raise ConfigError("--tls-ca, --tls-cert and --tls-key go together")
+    if any(tls) and not opts.listen.startswith("tcp:"):
+        raise ConfigError("TLS applies to tcp: listeners only")
     if not re.match(r"^[a-z]{2}-[a-z]+-\d[a-z]$", opts.az):
         raise ConfigError(f"--az must look like us-east-1a, not {opts.az!r}")
 
@@ -141,7 +150,10 @@ class Node:
         self.server = NodeServer(self.service, max_connections=config.max_connections)
 
     async def serve(self, ready: asyncio.Event | None = None) -> None:
-        bound = await self.server.listen(self.opts.listen)
+        ctx = None
+        if self.opts.tls_ca and self.opts.tls_cert and self.opts.tls_key:
+            ctx = server_context(self.opts.tls_ca, self.opts.tls_cert, self.opts.tls_key)
+        bound = await self.server.listen(self.opts.listen, ctx)
         print(f"READY {bound}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

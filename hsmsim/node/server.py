@@ -8,7 +8,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hsmsim import __version__
 from hsmsim.node import protocol
@@ -19,6 +19,9 @@ from hsmsim.node.context import Conn
 from hsmsim.node.service import NodeService
 from hsmsim.pkcs11.constants import RV
 from hsmsim.pkcs11.errors import Pkcs11Error
+
+if TYPE_CHECKING:
+    from ssl import SSLContext
 
 log = logging.getLogger("hsmsim.node.server")
 Handler = Callable[[Conn, Fields], Awaitable[Any]]
@@ -102,9 +105,9 @@ class NodeServer:
 
     # -- listening ---------------------------------------------------------------------------------
 
-    async def listen(self, address: str) -> str:
-        """Start serving on unix:PATH or tcp:HOST:PORT (port 0 picks one); returns the bound
-        address."""
+    async def listen(self, address: str, ssl: "SSLContext | None" = None) -> str:
+        """Start serving on unix:PATH or tcp:HOST:PORT (port 0 picks one; `ssl`: mutual TLS,
+        see hsmsim.node.tls); returns the bound address."""
         kind, where, port = _parse_listen(address)
         if kind == "unix":
             try:
@@ -120,7 +123,7 @@ class NodeServer:
             os.chmod(where, 0o600)
             bound = f"unix:{where}"
         else:
-            srv = await asyncio.start_server(self._serve, where, port,
+            srv = await asyncio.start_server(self._serve, where, port, ssl=ssl,
                                              limit=protocol.MAX_FRAME + 64)
             sock = srv.sockets[0].getsockname()
             bound = f"tcp:{sock[0]}:{sock[1]}"

@@ -35,6 +35,7 @@ class NodeProc:
         self.address = f"unix:{self.sock}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.bound = self.address  # the address from the READY line (tcp port 0 resolved)
+        self.extra_args: list[str] = []
 
     @property
     def dir(self) -> Path:
@@ -51,6 +52,7 @@ class NodeProc:
                 "--cluster-secret-file", str(self.secret_file)]
         if self.init:
             args += ["--init", self.init]
+        args += self.extra_args
         env = {k: v for k, v in os.environ.items() if not k.startswith("HSMSIM_")}
         self.log = self.state / "nodes" / f"{self.hsm_id}.log"
         with self.log.open("ab") as err:
