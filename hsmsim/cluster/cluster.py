@@ -129,14 +129,38 @@ class Cluster:
         lid = member.logins.get(rec.login.login_id)
         if lid is not None:
             return lid
-        assert member.client is not None
+        if rec.login.login_id in member.login_refused:
+            raise Pkcs11Error(RV.USER_NOT_LOGGED_IN, f"{member.hsm_id} refused this login")
+        pending = member.login_pending.get(rec.login.login_id)
+        if pending is not None:  # another request is logging this application in already
+            return await asyncio.shield(pending)
+        if member.client is None:
+            raise NodeUnavailable(f"{member.hsm_id} is not connected")
         client, gen = member.client, member.generation
-        info = await self.timed(member, client.login(rec.login.user_type, rec.login.username,
-                                                     rec.password))
-        if member.generation != gen:
-            raise NodeUnavailable(f"{member.hsm_id} reconnected during login")
-        member.logins[rec.login.login_id] = info.login_id
-        return info.login_id
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        member.login_pending[rec.login.login_id] = fut
+        try:
+            try:
+                info = await self.timed(member, client.login(rec.login.user_type,
+                                                             rec.login.username, rec.password))
+            except Pkcs11Error as exc:
+                if not isinstance(exc, NodeThrottled):
+                    # Do not try again on this HSM until it reconnects: a stale password
+                    # would otherwise count towards the user's lockout on every request.
+                    member.login_refused.add(rec.login.login_id)
+                raise
+            if member.generation != gen:
+                raise NodeUnavailable(f"{member.hsm_id} reconnected during login")
+            member.logins[rec.login.login_id] = info.login_id
+            fut.set_result(info.login_id)
+            return info.login_id
+        except BaseException as exc:
+            if not fut.done():
+                fut.set_exception(exc)
+                fut.exception()  # retrieved: waiters re-raise it, nobody else must
+            raise
+        finally:
+            member.login_pending.pop(rec.login.login_id, None)
 
     def _rec(self, login: Login) -> LoginRecord:
         rec = self._logins.get(login.login_id)
@@ -215,7 +239,8 @@ class Cluster:
             # documented. We return CKR_FUNCTION_FAILED with that message.
             raise Pkcs11Error(RV.FUNCTION_FAILED, AVAILABILITY_MSG.format(handle=handle))
 
-    def _candidates(self, handles: Sequence[int], invalid: RV, tried: set[str]) -> list[Member]:
+    def _candidates(self, handles: Sequence[int], invalid: RV, tried: set[str],
+                    login_id: int | None = None) -> list[Member]:
         holders: set[str] | None = None
         for h in handles:
             obj = self._entry(h, invalid)
@@ -224,7 +249,8 @@ class Cluster:
             members = [m for m in self.members.values() if m.hsm_id not in tried]
         else:
             members = [self.members[h] for h in sorted(holders) if h in self.members and h not in tried]
-        usable = [m for m in members if m.usable]
+        usable = [m for m in members if m.usable and not (login_id is not None
+                                                          and login_id in m.login_refused)]
         converged = [m for m in usable if m.converged]
         return self._rotate(converged or usable)
 
@@ -240,7 +266,8 @@ class Cluster:
             for h in handles:
                 obj = self._entry(h, invalid)
                 self._check_available(h, obj)
-            cands = self._candidates(handles, invalid, tried)
+            cands = self._candidates(handles, invalid, tried,
+                                     rec.login.login_id if rec is not None else None)
             if not cands:
                 if isinstance(last, NodeThrottled):
                     raise last
@@ -304,7 +331,7 @@ class Cluster:
         while True:
             for h in requires:
                 self._check_available(h, self._entry(h, invalid))
-            cands = self._candidates(requires, invalid, tried)
+            cands = self._candidates(requires, invalid, tried, rec.login.login_id)
             if not cands:
                 if isinstance(last, NodeThrottled):
                     raise last

@@ -204,6 +204,7 @@ class Supervisor:
                          failed[0])
                 return
             if m.generation == gen and m.usable:
+                m.login_refused.clear()  # users are in sync now: refusals may be stale
                 await self._prelogin(m)
                 if not m.converged:
                     log.info("%s converged (%d objects copied)", m.hsm_id, total)
