@@ -74,6 +74,8 @@ class MaskingOps(Ops):
                 return [hsm.create_object(raw_template(soft_t.items()))]
         self.engine.drop(rec.handle)
         await self.ks.create([rec], make, replacing=replacing)
+        self.engine.drop(rec.handle)  # a context loaded while replacing is stale
+        self.ctx.batchers.pop(rec.handle, None)
         self.audit.record("masked_insert", handle=rec.handle, owner=rec.owner)
         return rec.handle
 

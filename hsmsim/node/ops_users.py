@@ -37,7 +37,12 @@ class UserOps(Ops):
             await self.ks.in_hsm(hash_password, password[:256])
             self.audit.record("login_failed", username=username, role=role, reason="unknown")
             raise Pkcs11Error(RV.PIN_INCORRECT, "wrong username or password")
-        u = self.users.get(username) or u  # may have changed while hashing
+        fresh = self.users.get(username)  # the record may have changed while hashing
+        if fresh is None:
+            raise Pkcs11Error(RV.PIN_INCORRECT, "wrong username or password")
+        if fresh.pw_hash != u.pw_hash:
+            ok = False  # the password changed meanwhile: the old one no longer counts
+        u = fresh
         if not ok:
             failed = u.failed + 1
             changed = self.users.bump(u, failed=failed, locked=failed >= LOCKOUT_AFTER)
