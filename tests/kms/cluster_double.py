@@ -38,6 +38,7 @@ class _UserInfoWithLogins(UserInfo):
 @dataclass
 class InMemoryClusterDouble:
     cluster_id: str = "cluster-abcdefghij234"
+    state: str = "ACTIVE"
     ca_cert_pem: bytes = b""
     hsms: list[HsmInfo] = field(default_factory=lambda: [
         HsmInfo("hsm-aaaaaaaaaaa", "us-east-1a", "ACTIVE", 0, 0, None),
@@ -51,7 +52,7 @@ class InMemoryClusterDouble:
         self.users.setdefault("admin", _User("admin", "adminpw1"))
 
     async def info(self) -> ClusterInfo:
-        return ClusterInfo(self.cluster_id, "ACTIVE", tuple(self.hsms), self.ca_cert_pem)
+        return ClusterInfo(self.cluster_id, self.state, tuple(self.hsms), self.ca_cert_pem)
 
     async def login(self, user_type: UserType, username: str, password: str) -> Login:
         if not any(h.state == "ACTIVE" for h in self.hsms):

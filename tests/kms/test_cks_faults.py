@@ -62,8 +62,18 @@ def test_all_hsms_gone(tmp_path: Any) -> None:
         cks = c.create_key(Origin="AWS_CLOUDHSM", CustomKeyStoreId=store)["KeyMetadata"]
         fleet = c.create_key()["KeyMetadata"]
         fleet_blob = c.encrypt(KeyId=fleet["KeyId"], Plaintext=b"fleet")["CiphertextBlob"]
-        for hsm in cluster.hsm_ids:
+        deadline = time.monotonic() + 20  # every HSM holds every key before two of them die
+        while any(h.get("sync_lag") for h in cluster.status()["hsms"]):
+            assert time.monotonic() < deadline, cluster.status()
+            time.sleep(0.1)
+        for hsm in cluster.hsm_ids[:2]:
             cluster.kill(hsm)
+        # One active HSM left: existing keys work, new keys need two AZs.
+        assert c.decrypt(CiphertextBlob=c.encrypt(KeyId=cks["KeyId"], Plaintext=b"1")["CiphertextBlob"])["Plaintext"] == b"1"
+        with pytest.raises(ClientError) as exc:
+            c.create_key(Origin="AWS_CLOUDHSM", CustomKeyStoreId=store)
+        assert exc.value.response["Error"]["Code"] == "CloudHsmClusterInvalidConfigurationException"
+        cluster.kill(cluster.hsm_ids[2])
         with pytest.raises(ClientError) as exc:
             c.encrypt(KeyId=cks["KeyId"], Plaintext=b"x")
         assert exc.value.response["Error"]["Code"] == "KMSInvalidStateException"

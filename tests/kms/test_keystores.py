@@ -218,3 +218,40 @@ def test_connect_failures(client: Any, kms: KmsEndpoint, store: str) -> None:
         assert s["ConnectionErrorCode"] == "INSUFFICIENT_CLOUDHSM_HSMS"
         client.disconnect_custom_key_store(CustomKeyStoreId=store)
         kms.double.hsms = hsms
+
+
+def test_cluster_configuration_checks(tmp_path: Any) -> None:
+    """Two active HSMs in different AZs for CreateCustomKeyStore and CreateKey; an inactive
+    cluster cannot take a store (cluster double: the states are set directly)."""
+    from .conftest import start_double, stop_double
+    ep = start_double(tmp_path)
+    try:
+        assert ep.double is not None
+        c = ep.client(config=Config(retries={"total_max_attempts": 1}))
+        add_cu(ep, "kmsuser", KMSUSER_PW)
+        args = dict(CustomKeyStoreName="s", CloudHsmClusterId=ep.cluster_id, TrustAnchorCertificate=ep.ca_pem,
+                    KeyStorePassword=KMSUSER_PW)
+        hsms = list(ep.double.hsms)
+        ep.double.hsms = [h.__class__(h.hsm_id, "us-east-1a", h.state, 0, 0, None) for h in hsms]
+        with pytest.raises(ClientError) as exc:
+            c.create_custom_key_store(**args)
+        assert code(exc) == "CloudHsmClusterInvalidConfigurationException"
+        ep.double.state = "UNINITIALIZED"
+        with pytest.raises(ClientError) as exc:
+            c.create_custom_key_store(**args)
+        assert code(exc) == "CloudHsmClusterNotActiveException"
+        ep.double.state, ep.double.hsms = "ACTIVE", hsms
+        sid = c.create_custom_key_store(**args)["CustomKeyStoreId"]
+        c.connect_custom_key_store(CustomKeyStoreId=sid)
+        assert wait_state(c, sid, {"CONNECTED", "FAILED"})["ConnectionState"] == "CONNECTED"
+        ep.double.hsms = hsms[:1]  # one HSM left: no new keys, existing ones still work
+        with pytest.raises(ClientError) as exc:
+            c.create_key(Origin="AWS_CLOUDHSM", CustomKeyStoreId=sid)
+        assert code(exc) == "CloudHsmClusterInvalidConfigurationException"
+        ep.double.hsms = hsms
+        key = c.create_key(Origin="AWS_CLOUDHSM", CustomKeyStoreId=sid)["KeyMetadata"]
+        ep.double.hsms = hsms[:1]
+        blob = c.encrypt(KeyId=key["KeyId"], Plaintext=b"one hsm is enough")["CiphertextBlob"]
+        assert c.decrypt(CiphertextBlob=blob)["Plaintext"] == b"one hsm is enough"
+    finally:
+        stop_double(ep)
