@@ -257,7 +257,13 @@ class Fleet:
                 login = await self._cluster.login(UserType.USER, FLEET_USER, password)
             except Pkcs11Error:
                 admin_pw = (self._state_dir / "secrets" / "admin.password").read_text().strip()
-                admin = await self._cluster.login(UserType.SO, "admin", admin_pw)
+                try:
+                    admin = await self._cluster.login(UserType.SO, "admin", admin_pw)
+                except Pkcs11Error as exc:
+                    log.error("KMS fleet: the crypto user %s is missing and the admin login that would "
+                              "create it failed (CKR_%s); is secrets/admin.password current?",
+                              FLEET_USER, exc.rv.name)
+                    raise
                 try:
                     await self._cluster.create_user(admin, FLEET_USER, "crypto-user", password)
                 finally:
