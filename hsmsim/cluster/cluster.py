@@ -311,11 +311,6 @@ class Cluster:
             if not o.token and m.hsm_id in o.holders:
                 del self.objects[h]
 
-    def on_member_reconnected(self, m: Member) -> None:
-        self._drop_session_objects(m)
-        for o in self.objects.values():
-            pass
-
     # -- creation and key sync -------------------------------------------------------------------
     async def create(self, login: Login, token_flags: Sequence[bool], session: int,
                      requires: Sequence[int], invalid: RV,
@@ -707,18 +702,30 @@ class Cluster:
         await self.run(login, (), RV.DEVICE_ERROR, once)
         self.journal.append({"t": "user_live", "u": username})
         src = first[0]
+        ok = 0
         try:
             blob = await self.timed(src, src.client.export_users())  # type: ignore[union-attr]
-        except NodeUnavailable:
-            return
-        targets = [m for m in self.usable() if m is not src]
-        results = await asyncio.gather(
-            *(self.timed(m, m.client.import_users(blob)) for m in targets),  # type: ignore[union-attr]
-            return_exceptions=True)
-        for m, r in zip(targets, results):
-            if isinstance(r, BaseException):
-                m.converged = False
-        _ = rec
+            targets = [m for m in self.usable() if m is not src]
+            results = await asyncio.gather(
+                *(self.timed(m, m.client.import_users(blob)) for m in targets),  # type: ignore[union-attr]
+                return_exceptions=True)
+            for m, r in zip(targets, results):
+                if isinstance(r, BaseException):
+                    m.converged = False
+                else:
+                    ok += 1
+        except (NodeUnavailable, Pkcs11Error) as exc:
+            log.info("user sync from %s failed: %s", src.hsm_id, exc)
+        if ok < self.quorum_needed():
+            # Like a key, a user is acknowledged only once 2 HSMs hold it: undo and refuse.
+            self.journal.append({"t": "user_tomb", "u": username})
+            try:
+                lid = await self.node_login(src, rec)
+                await self.timed(src, src.client.delete_user(lid, username))  # type: ignore[union-attr]
+            except (NodeUnavailable, Pkcs11Error):
+                pass  # reconciliation applies the tombstone when the HSM is back
+            raise Pkcs11Error(RV.FUNCTION_FAILED, f"user {username} could not be synchronized "
+                              "to 2 HSMs")
 
     async def _user_everywhere(self, login: Login,
                                fn: Callable[[Member, int], Awaitable[Any]]) -> None:
@@ -799,5 +806,3 @@ class Cluster:
                              return_exceptions=True)
         self.journal.close()
 
-    def uptime_marker(self) -> float:
-        return time.monotonic()

@@ -58,3 +58,22 @@ def test_three_hsm_cluster_with_two_down_refuses_new_token_keys(fresh3: Harness)
     h.wait_converged(30)
     k = h.call(h.cluster.generate_key(login, AES_GEN, aes_template(), 1))
     assert len(h.cluster.objects[k].holders) >= 2
+
+
+def test_user_creation_needs_two_hsms_too(fresh3: Harness) -> None:
+    from hsmsim.pkcs11.constants import UserType
+    h = fresh3
+    co = h.login("admin", "admin-password-1", UserType.SO)
+    for hid in h.hsm_ids[1:]:
+        h.call(h.sup.partition(hid))
+    with pytest.raises(Pkcs11Error) as e:
+        h.call(h.cluster.create_user(co, "henry", "crypto-user", "henry-password"))
+    assert e.value.rv == RV.FUNCTION_FAILED
+    assert "henry" not in {u["username"] for u in h.call(h.cluster.list_users_cluster())}
+    for hid in h.hsm_ids[1:]:
+        h.call(h.sup.heal(hid))
+    h.wait_converged(30)
+    assert "henry" not in {u["username"] for u in h.call(h.cluster.list_users_cluster())}
+    h.call(h.cluster.create_user(co, "henry", "crypto-user", "henry-password"))
+    users = {u["username"]: u for u in h.call(h.cluster.list_users_cluster())}
+    assert users["henry"]["cluster-coverage"] == "full"
