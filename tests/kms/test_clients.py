@@ -84,3 +84,15 @@ def test_aws_cli_encrypt_decrypt(kms_real: KmsEndpoint, client: Any, tmp_path: P
                         f"fileb://{blob}", "--encryption-context", "app=other"],
                        capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode != 0 and "InvalidCiphertextException" in r.stderr
+
+
+def test_hsmsim_audit_kms_shows_the_trail(kms_real: KmsEndpoint, client: Any) -> None:
+    key = client.create_key(Description="audited")["KeyMetadata"]
+    client.encrypt(KeyId=key["KeyId"], Plaintext=b"never logged", EncryptionContext={"why": "audit"})
+    r = kms_real.extra.cli("audit", "--kms", "--json")
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+    mine = [x for x in records if any(res["ARN"] == key["Arn"] for res in x.get("resources") or [])]
+    assert [x["eventName"] for x in mine][:2] == ["CreateKey", "Encrypt"]
+    assert mine[1]["requestParameters"]["encryptionContext"] == {"why": "audit"}
+    assert "never logged" not in r.stdout and base64.b64encode(b"never logged").decode() not in r.stdout
