@@ -88,7 +88,9 @@ class NodeContext:
         if r.session and r.login_id != login.login_id:
             return False
         if login.role == ROLE_CO:
-            return True  # admins list keys (CloudHSM CLI `key list`), cannot use them
+            # FIDELITY: admins see every object's non-sensitive attributes (CloudHSM CLI
+            # `key list` as admin); they cannot use keys.
+            return True
         return (r.owner == login.username or login.username in r.shared
                 or r.cls == ObjectClass.PUBLIC_KEY)
 

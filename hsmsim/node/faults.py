@@ -47,7 +47,9 @@ class Faults:
             await asyncio.sleep(self.latency_ms / 1000)
 
     def admit(self) -> bool:
-        """False when the request is over the throttle rate (it must be rejected)."""
+        """False when the request is over the throttle rate (it must be rejected).
+        FIDELITY: a real HSM throttles on its internal load; here a token bucket of
+        `throttle_rps` (burst: one second's worth) stands for it."""
         if self.throttle_rps <= 0:
             return True
         now = time.monotonic()

@@ -176,6 +176,8 @@ class Keystore:
         for h in handles:
             if h in self.reserved or (h in self.catalog and not replacing):
                 raise Pkcs11Error(RV.TEMPLATE_INCONSISTENT, f"handle {h} is already in use")
+        # FIDELITY: CloudHSM's return value for a full HSM is not documented; quotas here are
+        # per node (CloudHSM states them per cluster) and answer CKR_DEVICE_MEMORY.
         keys = sum(1 for r in records if r.is_key)
         asym = sum(1 for r in records if r.asymmetric)
         if self.catalog.keys + keys > self.quotas.max_keys:

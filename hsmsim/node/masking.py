@@ -33,6 +33,8 @@ def _derive(key: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(key)
 
 
+# FIDELITY: CloudHSM's masked-object format is proprietary; this one keeps its properties
+# (wrapped under a cluster-wide key, authenticated, usable only inside the cluster's HSMs).
 class MaskingKey:
     def __init__(self, key: bytes) -> None:
         if len(key) != KEY_LEN:

@@ -133,6 +133,8 @@ class CryptoOps(Ops):
                         hashlib.new(ECDSA_HASH[m], data).digest())  # type: ignore[index]
             return mech, data
         if m in HMACS:
+            # FIDELITY: SoftHSM2 requires HMAC keys at least as long as the digest
+            # (CKR_KEY_SIZE_RANGE); CloudHSM's minimum is not documented.
             if r.cls != ObjectClass.SECRET_KEY:
                 raise Pkcs11Error(RV.KEY_TYPE_INCONSISTENT, "HMAC needs a secret key")
             return mech, data

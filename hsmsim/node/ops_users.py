@@ -15,7 +15,10 @@ from hsmsim.node.values import ROLE_CO, ROLE_CU
 from hsmsim.pkcs11.constants import RV
 from hsmsim.pkcs11.errors import Pkcs11Error
 
-LOCKOUT_AFTER = 5  # CloudHSM: "If you exceed five incorrect login attempts..."
+# CloudHSM: "If you exceed five incorrect login attempts..."; counted per HSM, so a cluster may
+# allow more attempts in total (as CloudHSM documents). FIDELITY: besides a password reset by
+# an admin (CloudHSM's way), an admin may also unlock a user without changing its password.
+LOCKOUT_AFTER = 5
 
 
 class UserOps(Ops):

@@ -118,7 +118,10 @@ class Node:
         except BlockingIOError:
             raise HsmsimError(f"node {opts.hsm_id} is already running on {self.dir}") from None
         secret = read_secret(opts.cluster_secret_file)
-        conf = render_softhsm_conf(self.dir, config.softhsm_log_level)
+        try:
+            conf = render_softhsm_conf(self.dir, config.softhsm_log_level)
+        except FileNotFoundError as exc:
+            raise ConfigError(str(exc)) from None
         # SoftHSM2 reads SOFTHSM2_CONF once, at C_Initialize, in this process only.
         os.environ["SOFTHSM2_CONF"] = str(conf)
         so_pin, user_pin = token_pins(secret, opts.hsm_id)
@@ -127,7 +130,11 @@ class Node:
         if first_start and opts.init is None:
             raise ConfigError(f"node {opts.hsm_id} has no state yet: pass --init new or --init clone")
         try:
-            hsm = SoftHsm.load(softhsm_library(), opts.hsm_id, so_pin, user_pin)
+            library = softhsm_library()
+        except FileNotFoundError as exc:
+            raise ConfigError(str(exc)) from None
+        try:
+            hsm = SoftHsm.load(library, opts.hsm_id, so_pin, user_pin)
         except Pkcs11Error as exc:
             raise HsmsimError(f"cannot open the token of {opts.hsm_id}: {exc} "
                               "(wrong cluster secret?)") from None

@@ -20,6 +20,8 @@ from hsmsim.node.values import ROLE_CO, ROLE_CU, ROLES
 from hsmsim.pkcs11.constants import RV, UserType
 from hsmsim.pkcs11.errors import Pkcs11Error
 
+# FIDELITY: CloudHSM documents the 31-character limit and lowercase storage, not the exact
+# character set; we allow letters, digits, '_' and '-'.
 USERNAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,30}$")
 PASSWORD_LEN = (8, 32)  # CloudHSM hsm2m.medium (reference §2.6)
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1
