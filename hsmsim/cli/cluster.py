@@ -509,6 +509,17 @@ def _handle(text: str) -> int:
 # -- audit ---------------------------------------------------------------------------------------
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    try:
+        return _audit(args)
+    except BrokenPipeError:  # `hsmsim audit | head`
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
     if args.kms:
         path = _state(args).kms / "audit.jsonl"
         since = 0
