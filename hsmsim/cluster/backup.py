@@ -165,3 +165,38 @@ async def restore_backup(c: Cluster, state: StateDir, backup_id: str, target: st
     finish_new_cluster(tstate, spec)
     return {"backup_id": backup_id, "cluster_id": spec.cluster_id, "state_dir": str(tstate.root),
             "objects": len(objects), "hsms": [h.hsm_id for h in spec.hsms]}
+
+
+def expire_backups(state: StateDir, retention_days: int) -> list[str]:
+    """Delete backups older than the retention period, never the newest one."""
+    import datetime as dt
+    backups = list_backups(state)
+    if len(backups) <= 1:
+        return []
+    cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=retention_days)
+    gone = []
+    for meta in backups[:-1]:
+        try:
+            created = dt.datetime.strptime(str(meta["created"]), "%Y-%m-%dT%H:%M:%SZ").replace(
+                tzinfo=dt.timezone.utc)
+        except (KeyError, ValueError):
+            continue
+        if created < cutoff:
+            for p in _paths(state, str(meta["backup_id"])):
+                p.unlink(missing_ok=True)
+            gone.append(str(meta["backup_id"]))
+    return gone
+
+
+async def backup_loop(c: Cluster, state: StateDir, interval_h: float, retention_days: int) -> None:
+    """The periodic backup (CloudHSM: at least once every 24 hours) and retention."""
+    import logging
+    log = logging.getLogger("hsmsim.cluster")
+    while True:
+        await asyncio.sleep(interval_h * 3600)
+        try:
+            meta = await create_backup(c, state, reason="periodic", progress=None)
+            log.info("periodic backup %s: %d objects", meta["backup_id"], meta["objects"])
+            expire_backups(state, retention_days)
+        except Exception as exc:  # keep trying next period
+            log.warning("periodic backup failed: %s", exc)

@@ -26,6 +26,10 @@ class ClusterConfig:
     node_start_timeout_s: float = 15.0
     reconcile_interval_s: float = 1.0
     log_level: str = "INFO"
+    # CloudHSM backs a cluster up at least once every 24 hours and keeps backups 90 days by
+    # default (7-379), never deleting the last one.
+    backup_interval_h: float = 24.0
+    backup_retention_days: int = 90
 
     def validate(self) -> "ClusterConfig":
         if self.default_retry_mode not in RETRY_MODES:
@@ -33,6 +37,10 @@ class ClusterConfig:
                               f"not {self.default_retry_mode!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError("cluster.log_level must be DEBUG, INFO, WARNING or ERROR")
+        if not 7 <= self.backup_retention_days <= 379:
+            raise ConfigError("cluster.backup_retention_days must be between 7 and 379")
+        if self.backup_interval_h <= 0:
+            raise ConfigError("cluster.backup_interval_h must be positive")
         if not 0 <= self.max_retries <= 10:
             raise ConfigError("cluster.max_retries must be between 0 and 10")
         for name in ("request_timeout_s", "health_interval_s", "node_start_timeout_s",

@@ -86,6 +86,7 @@ class Daemon:
         self.services: dict[str, Service] = {}
         self.endpoints: dict[str, str] = {}
         self.warnings: list[str] = []
+        self._backups: asyncio.Task[None] | None = None
         self.stopping = asyncio.Event()
 
     async def start(self) -> dict[str, Any]:
@@ -117,6 +118,9 @@ class Daemon:
         if self.opts.services:
             await self._start_services()
         self.supervisor.start()
+        from hsmsim.cluster.backup import backup_loop
+        self._backups = asyncio.get_running_loop().create_task(backup_loop(
+            self.cluster, state, self.config.backup_interval_h, self.config.backup_retention_days))
         return {"cluster_id": spec.cluster_id, "new": new, "warnings": self.warnings,
                 **self.endpoints}
 
@@ -165,6 +169,8 @@ class Daemon:
         self.services.clear()
         if self.control is not None:
             await self.control.close()
+        if self._backups is not None:
+            self._backups.cancel()
         if self.supervisor is not None:
             await self.supervisor.stop()
         if self.cluster is not None:

@@ -60,3 +60,22 @@ def test_tampered_or_unknown_backup_is_refused(cluster3: Harness) -> None:
         read_backup(h.state, "backup-aaaaaaaaaaa")
     with pytest.raises(BackupError, match="not a backup id"):
         read_backup(h.state, "../../etc/passwd")
+
+
+def test_retention_never_deletes_the_last_backup(tmp_path: Path) -> None:
+    import json
+    from hsmsim.cluster.backup import expire_backups
+    from hsmsim.cluster.state import StateDir
+    state = StateDir(tmp_path)
+    state.backups.mkdir()
+    for i, created in enumerate(["2020-01-01T00:00:00Z", "2020-02-01T00:00:00Z",
+                                 "2999-01-01T00:00:00Z"]):
+        bid = f"backup-aaaaaaaaaa{i}"
+        (state.backups / f"{bid}.json").write_text(json.dumps({"backup_id": bid,
+                                                                "created": created}))
+        (state.backups / f"{bid}.bak").write_bytes(b"x")
+    assert expire_backups(state, 90) == ["backup-aaaaaaaaaa0", "backup-aaaaaaaaaa1"]
+    assert [b["backup_id"] for b in list_backups(state)] == ["backup-aaaaaaaaaa2"]
+    (state.backups / "backup-aaaaaaaaaa2.json").write_text(json.dumps(
+        {"backup_id": "backup-aaaaaaaaaa2", "created": "2000-01-01T00:00:00Z"}))
+    assert expire_backups(state, 90) == []  # the last backup stays
