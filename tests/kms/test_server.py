@@ -197,3 +197,25 @@ def test_corrupt_store_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError) as exc:
         Store(db)
     assert str(db) in str(exc.value)
+
+
+def test_policy_conditions_on_encryption_context(strict: KmsEndpoint) -> None:
+    alice = strict.client(akid="AKIDALICE", secret="alicesecret", config=NO_RETRY)
+    bob = strict.client(akid="AKIDBOB", secret="bobsecret", config=NO_RETRY)
+    policy = json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Principal": {"AWS": ALICE}, "Action": "kms:*", "Resource": "*"},
+        {"Effect": "Allow", "Principal": {"AWS": BOB}, "Action": ["kms:Encrypt", "kms:Decrypt"], "Resource": "*",
+         "Condition": {"StringEquals": {"kms:EncryptionContext:tenant": "bob"}}},
+        {"Effect": "Deny", "Principal": "*", "Action": "kms:Decrypt", "Resource": "*",
+         "Condition": {"StringLike": {"kms:EncryptionContext:tenant": "evil*"}}}]})
+    key = alice.create_key(Policy=policy)["KeyMetadata"]["KeyId"]
+    blob = bob.encrypt(KeyId=key, Plaintext=b"b", EncryptionContext={"tenant": "bob"})["CiphertextBlob"]
+    assert bob.decrypt(CiphertextBlob=blob, EncryptionContext={"tenant": "bob"})["Plaintext"] == b"b"
+    for ctx in ({"tenant": "alice"}, {}):
+        with pytest.raises(ClientError) as exc:
+            bob.encrypt(KeyId=key, Plaintext=b"b", EncryptionContext=ctx)
+        assert code(exc) == "AccessDeniedException"
+    evil = alice.encrypt(KeyId=key, Plaintext=b"e", EncryptionContext={"tenant": "evil-corp"})["CiphertextBlob"]
+    with pytest.raises(ClientError) as exc:
+        alice.decrypt(CiphertextBlob=evil, EncryptionContext={"tenant": "evil-corp"})
+    assert code(exc) == "AccessDeniedException" and "explicit deny" in exc.value.response["Error"]["Message"]
