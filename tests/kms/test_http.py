@@ -115,6 +115,24 @@ def test_oversized_request(ep: KmsEndpoint) -> None:
     assert send(ep, b"{}")[0] == 200  # still serving
 
 
+def test_oversized_chunked_request(ep: KmsEndpoint) -> None:
+    """No Content-Length: the limit applies while reading the chunked body."""
+    u = urlsplit(ep.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    try:
+        body = iter([b'{"KeyId": "k", "Plaintext": "', b"A" * 100_000, b'"}'])
+        conn.request("POST", "/", body=body, encode_chunked=True, headers={
+            "X-Amz-Target": "TrentService.Encrypt", "Content-Type": JSON11,
+            "Authorization": "AWS4-HMAC-SHA256 Credential=AKIDRAW/20261123/us-east-1/kms/aws4_request, "
+                             "SignedHeaders=host, Signature=00"})
+        resp = conn.getresponse()
+        data = json.loads(resp.read())
+    finally:
+        conn.close()
+    assert resp.status == 413 and data["__type"] == "RequestEntityTooLargeException"
+    assert send(ep, b"{}")[0] == 200
+
+
 def test_authentication_required(ep: KmsEndpoint) -> None:
     status, _, body = send(ep, b"{}", sign=False)
     assert status == 403 and body["__type"] == "MissingAuthenticationTokenException"
