@@ -96,8 +96,9 @@ _FUNCTIONS = (
 
 
 def _buf(data: bytes) -> Any:
-    """A ctypes buffer holding a copy of data (None for empty)."""
-    return create_string_buffer(data, len(data)) if data else None
+    """A ctypes buffer holding a copy of data; never NULL, even for empty data (SoftHSM2
+    answers CKR_ARGUMENTS_BAD to a NULL pointer even with length 0)."""
+    return create_string_buffer(data, len(data)) if data else create_string_buffer(1)
 
 
 def _addr(buf: Any) -> int | None:
