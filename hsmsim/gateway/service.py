@@ -53,18 +53,24 @@ def _err(rv: RV, msg: str) -> Pkcs11Error:
 
 
 class OutSpec:
-    """The caller's output buffer: absent (a length query) or its capacity."""
+    """The caller's output buffer: absent (a length query), its capacity, or (protocol 1.1,
+    value 2) a length query whose result the module keeps to answer the follow-up call."""
 
-    __slots__ = ("present", "capacity")
+    __slots__ = ("present", "capacity", "speculative")
 
-    def __init__(self, r: Reader) -> None:
-        self.present = r.u8() != 0
+    def __init__(self, r: Reader, allow_speculative: bool = False) -> None:
+        kind = r.u8()
+        self.present = kind == 1
+        self.speculative = kind == 2 and allow_speculative
         self.capacity = r.u64()
 
     def reply(self, data: bytes, extra: bytes | None = None) -> tuple[Reply, bool]:
         """(reply, delivered): the PKCS#11 output-length convention."""
         w = Writer().u64(len(data))
-        if not self.present:
+        if self.speculative:
+            rv = OK
+            w.u8(1).bytes(data)
+        elif not self.present:
             rv = OK
             w.u8(0).bytes(b"")
         elif self.capacity < len(data):
@@ -484,7 +490,8 @@ class Gateway:
         mech = decode_mechanism(r)
         key = r.u64() if kind != OpKind.DIGEST else 0
         r.end()
-        if kind in s.ops:
+        active = s.ops.get(kind)
+        if active is not None and not active.speculative:
             raise _err(RV.OPERATION_ACTIVE, f"a {kind.value} operation is already active")
         info = self._mechanism(mech, kind)
         self._check_params(mech, kind, info)
@@ -601,12 +608,17 @@ class Gateway:
         reply, delivered = out.reply(op.cached, (op.cached_iv or b"") if with_iv else None)
         if delivered:
             s.ops.pop(op.kind, None)
+        elif out.speculative:
+            op.speculative = True
         return reply
 
     async def _single(self, app: Application, r: Reader, kind: OpKind) -> Reply:
         s = app.session(r.u64())
         data = r.bytes()
-        out = OutSpec(r)
+        # A speculative result leaves the operation open here while the module may finish it
+        # locally; the next Init then replaces it (as CloudHSM lets wrong sequences pass, UG:ki-
+        # pkcs11-sdk item 10). With that quirk off, length queries stay plain.
+        out = OutSpec(r, allow_speculative=self.config.quirk_wrong_sequence_ok)
         r.end()
         op = s.op(kind)
         if self._wrong_sequence(s, op):

@@ -39,6 +39,7 @@ class Operation:
     cached_input: bytes | None = None
     cached: bytes | None = None
     cached_iv: bytes | None = None
+    speculative: bool = False  # the result went to the module with a length query
 
 
 @dataclass

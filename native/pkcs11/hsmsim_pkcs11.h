@@ -198,6 +198,7 @@ typedef CK_RV (*CK_NOTIFY)(CK_SESSION_HANDLE, CK_NOTIFICATION, CK_VOID_PTR);
 #define CKR_FUNCTION_NOT_PARALLEL 0x051UL
 #define CKR_FUNCTION_NOT_SUPPORTED 0x054UL
 #define CKR_MECHANISM_PARAM_INVALID 0x071UL
+#define CKR_OPERATION_NOT_INITIALIZED_ 0x091UL
 #define CKR_BUFFER_TOO_SMALL 0x150UL
 #define CKR_CRYPTOKI_NOT_INITIALIZED 0x190UL
 #define CKR_CRYPTOKI_ALREADY_INITIALIZED 0x191UL
@@ -309,7 +310,7 @@ struct CK_FUNCTION_LIST {
 /* ---- wire protocol (docs/gateway-protocol.md) ------------------------------------------- */
 #define HSMSIM_PROTO_MAGIC 0x4D495348u /* "HSIM" little-endian */
 #define HSMSIM_PROTO_MAJOR 1
-#define HSMSIM_PROTO_MINOR 0
+#define HSMSIM_PROTO_MINOR 1
 #define HSMSIM_MAX_FRAME (64u * 1024u * 1024u)
 #define HSMSIM_APP_TOKEN_LEN 16
 
@@ -352,6 +353,7 @@ const uint8_t *hs_r_bytes(hs_rbuf *r, size_t *n);
 CK_RV hs_connect_init(void);  /* resolve socket, open the first connection, handshake */
 void hs_disconnect_all(int say_goodbye);
 void hs_forget_after_fork(void);
+int hs_peer_minor(void); /* the gateway's protocol minor version */
 void hs_atfork_prepare(void);
 void hs_atfork_parent(void);
 void hs_atfork_child(void);

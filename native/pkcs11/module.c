@@ -13,8 +13,11 @@ static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 static volatile int g_init;
 static volatile pid_t g_pid;
 
+static void module_atfork_child(void);
+
 static void register_atfork(void) {
     pthread_atfork(hs_atfork_prepare, hs_atfork_parent, hs_atfork_child);
+    pthread_atfork(NULL, NULL, module_atfork_child);
 }
 
 static int ready(void) { return g_init && g_pid == getpid(); }
@@ -64,6 +67,146 @@ static void iv_clear_all(void) {
     pthread_mutex_lock(&g_iv_lock);
     memset(g_iv, 0, sizeof g_iv);
     pthread_mutex_unlock(&g_iv_lock);
+}
+
+/* ---- speculative results (protocol 1.1) -------------------------------------------------
+ * Hosts ask for the output length first (NULL buffer), then call again with a buffer. For the
+ * single-part calls the module asks the gateway for the result with the length ("outspec 2"),
+ * keeps it here, and answers the second call without a round trip when its input is the same. */
+#define SPEC_SLOTS 256
+#define SPEC_MAX 16384
+typedef struct {
+    int used;
+    int done; /* answered locally: the operation is over until the next Init */
+    CK_SESSION_HANDLE s;
+    uint16_t op;
+    uint8_t *in, *out;
+    size_t inlen, outlen;
+    uint8_t iv[64];
+    size_t ivlen;
+} spec_t;
+static spec_t g_spec[SPEC_SLOTS];
+static pthread_mutex_t g_spec_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void wipe_free(uint8_t *p, size_t n) {
+    if (!p) return;
+    volatile uint8_t *v = p;
+    for (size_t i = 0; i < n; i++) v[i] = 0;
+    free(p);
+}
+
+static void spec_drop(spec_t *e) {
+    wipe_free(e->in, e->inlen);
+    wipe_free(e->out, e->outlen);
+    memset(e, 0, sizeof *e);
+}
+
+/* op 0: every operation of the session. */
+static void spec_forget(CK_SESSION_HANDLE s, uint16_t op) {
+    pthread_mutex_lock(&g_spec_lock);
+    for (int i = 0; i < SPEC_SLOTS; i++)
+        if (g_spec[i].used && g_spec[i].s == s && (!op || g_spec[i].op == op)) spec_drop(&g_spec[i]);
+    pthread_mutex_unlock(&g_spec_lock);
+}
+
+static void spec_clear_all(void) {
+    pthread_mutex_lock(&g_spec_lock);
+    for (int i = 0; i < SPEC_SLOTS; i++)
+        if (g_spec[i].used) spec_drop(&g_spec[i]);
+    pthread_mutex_unlock(&g_spec_lock);
+}
+
+static void spec_store(CK_SESSION_HANDLE s, uint16_t op, const uint8_t *in, size_t inlen, const uint8_t *out,
+                       size_t outlen, const uint8_t *iv, size_t ivlen) {
+    pthread_mutex_lock(&g_spec_lock);
+    spec_t *slot = NULL;
+    for (int i = 0; i < SPEC_SLOTS; i++) {
+        if (g_spec[i].used && g_spec[i].s == s && g_spec[i].op == op) spec_drop(&g_spec[i]);
+        if (!g_spec[i].used && !slot) slot = &g_spec[i];
+    }
+    if (slot && ivlen <= sizeof slot->iv) {
+        slot->in = malloc(inlen ? inlen : 1);
+        slot->out = malloc(outlen ? outlen : 1);
+        if (slot->in && slot->out) {
+            if (inlen) memcpy(slot->in, in, inlen);
+            if (outlen) memcpy(slot->out, out, outlen);
+            if (ivlen) memcpy(slot->iv, iv, ivlen);
+            slot->inlen = inlen;
+            slot->outlen = outlen;
+            slot->ivlen = ivlen;
+            slot->s = s;
+            slot->op = op;
+            slot->used = 1;
+        } else {
+            free(slot->in);
+            free(slot->out);
+            slot->in = slot->out = NULL;
+        }
+    }
+    pthread_mutex_unlock(&g_spec_lock);
+}
+
+/* 1 when the call was answered from the stored result (*rv set); its IV copied to iv/ivlen. */
+static int spec_serve(CK_SESSION_HANDLE s, uint16_t op, const uint8_t *in, size_t inlen, uint8_t *out,
+                      CK_ULONG_PTR outlen, CK_RV *rv, uint8_t *iv, size_t *ivlen) {
+    int handled = 0;
+    pthread_mutex_lock(&g_spec_lock);
+    for (int i = 0; i < SPEC_SLOTS; i++) {
+        spec_t *e = &g_spec[i];
+        if (!e->used || e->done || e->s != s || e->op != op) continue;
+        if (e->inlen != inlen || (inlen && memcmp(e->in, in, inlen) != 0)) {
+            spec_drop(e); /* another input: the gateway computes it */
+            break;
+        }
+        handled = 1;
+        if (*outlen < e->outlen) {
+            *outlen = e->outlen;
+            *rv = CKR_BUFFER_TOO_SMALL; /* the result stays for the next try */
+            break;
+        }
+        if (e->outlen) memcpy(out, e->out, e->outlen);
+        *outlen = e->outlen;
+        memcpy(iv, e->iv, e->ivlen);
+        *ivlen = e->ivlen;
+        *rv = CKR_OK;
+        spec_drop(e);
+        e->used = e->done = 1; /* the slot now only records that the operation ended */
+        e->s = s;
+        e->op = op;
+        break;
+    }
+    pthread_mutex_unlock(&g_spec_lock);
+    return handled;
+}
+
+/* The Init-level operation a call belongs to (0: none of the speculative kinds). */
+static uint16_t op_kind(uint16_t op) {
+    switch (op) {
+    case OP_C_Encrypt: case OP_C_EncryptUpdate: case OP_C_EncryptFinal: return OP_C_Encrypt;
+    case OP_C_Decrypt: case OP_C_DecryptUpdate: case OP_C_DecryptFinal: return OP_C_Decrypt;
+    case OP_C_Sign: case OP_C_SignUpdate: case OP_C_SignFinal: return OP_C_Sign;
+    case OP_C_Digest: case OP_C_DigestUpdate: case OP_C_DigestFinal: return OP_C_Digest;
+    default: return 0;
+    }
+}
+
+/* 1 when the session's operation of this kind was finished locally (no Init since). */
+static int spec_done(CK_SESSION_HANDLE s, uint16_t op) {
+    uint16_t kind = op_kind(op);
+    if (!kind) return 0;
+    int done = 0;
+    pthread_mutex_lock(&g_spec_lock);
+    for (int i = 0; i < SPEC_SLOTS && !done; i++)
+        done = g_spec[i].used && g_spec[i].done && g_spec[i].s == s && g_spec[i].op == kind;
+    pthread_mutex_unlock(&g_spec_lock);
+    return done;
+}
+
+/* A child forked while another thread held one of these locks must not inherit it held. */
+static void module_atfork_child(void) {
+    pthread_mutex_init(&g_state, NULL);
+    pthread_mutex_init(&g_iv_lock, NULL);
+    pthread_mutex_init(&g_spec_lock, NULL);
 }
 
 /* Replies may carry plaintext or key bytes: wipe them before freeing. */
@@ -240,6 +383,7 @@ CK_RV C_Initialize(CK_VOID_PTR pInitArgs) {
     if (g_init) { /* a forked child: its own connection, never the parent's */
         hs_forget_after_fork();
         iv_clear_all();
+        spec_clear_all();
         g_init = 0;
     }
     CK_RV rv = hs_connect_init();
@@ -260,6 +404,7 @@ CK_RV C_Finalize(CK_VOID_PTR pReserved) {
          * parent's application lives on. */
         hs_forget_after_fork();
         iv_clear_all();
+        spec_clear_all();
         g_init = 0;
         pthread_mutex_unlock(&g_state);
         return CKR_OK;
@@ -271,6 +416,7 @@ CK_RV C_Finalize(CK_VOID_PTR pReserved) {
     g_init = 0;
     hs_disconnect_all(1);
     iv_clear_all();
+    spec_clear_all();
     pthread_mutex_unlock(&g_state);
     return CKR_OK;
 }
@@ -458,14 +604,20 @@ CK_RV C_OpenSession(CK_SLOT_ID slotID, CK_FLAGS flags, CK_VOID_PTR pApplication,
 CK_RV C_CloseSession(CK_SESSION_HANDLE hSession) {
     CHECK_INIT();
     CK_RV rv = simple_session_call(OP_C_CloseSession, hSession);
-    if (rv == CKR_OK) iv_forget(hSession);
+    if (rv == CKR_OK) {
+        iv_forget(hSession);
+        spec_forget(hSession, 0);
+    }
     return rv;
 }
 
 CK_RV C_CloseAllSessions(CK_SLOT_ID slotID) {
     CHECK_INIT();
     CK_RV rv = simple_session_call(OP_C_CloseAllSessions, slotID);
-    if (rv == CKR_OK) iv_clear_all();
+    if (rv == CKR_OK) {
+        iv_clear_all();
+        spec_clear_all();
+    }
     return rv;
 }
 
@@ -697,12 +849,41 @@ static CK_RV data_out_call(uint16_t op, CK_SESSION_HANDLE h, int with_data, CK_B
     /* FIDELITY: one call carries at most the 64 MiB frame; CloudHSM hashes single-part input of
      * any size. Larger inputs need the multi-part calls. */
     if (with_data && inlen > HSMSIM_MAX_FRAME - 4096) return CKR_DATA_LEN_RANGE;
+    if (spec_done(h, op)) return CKR_OPERATION_NOT_INITIALIZED_;
+    int single = op == OP_C_Encrypt || op == OP_C_Decrypt || op == OP_C_Sign || op == OP_C_Digest;
+    if (single && out) {
+        CK_RV rv = CKR_OK;
+        uint8_t ivbuf[64];
+        size_t ivlen = 0;
+        if (spec_serve(h, op, in, inlen, out, outlen, &rv, ivbuf, &ivlen)) {
+            if (iv && rv == CKR_OK) iv_write(h, ivbuf, ivlen);
+            return rv;
+        }
+    }
+    int speculate = single && !out && inlen <= SPEC_MAX && hs_peer_minor() >= 1;
     hs_wbuf w;
     req_begin(&w);
     hs_w_u64(&w, h);
     if (with_data) hs_w_bytes(&w, in, inlen);
-    ENC(enc_outspec(&w, out, outlen));
+    hs_w_u8(&w, out ? 1 : (speculate ? 2 : 0));
+    hs_w_u64(&w, out ? *outlen : 0);
     CALL(op, w, r, mem, rv);
+    if (speculate && rv == CKR_OK) {
+        uint64_t needed = hs_r_u64(&r);
+        uint8_t has = hs_r_u8(&r);
+        size_t n = 0, ivn = 0;
+        const uint8_t *d = hs_r_bytes(&r, &n);
+        const uint8_t *ivd = iv ? hs_r_bytes(&r, &ivn) : NULL;
+        if (r.err) {
+            rv = CKR_DEVICE_ERROR;
+        } else {
+            if (has && n == needed && n <= SPEC_MAX) spec_store(h, op, in, inlen, d, n, ivd, ivn);
+            if (iv) iv_write(h, ivd, ivn);
+            *outlen = (CK_ULONG)needed;
+        }
+        hs_release(mem, &r);
+        return rv;
+    }
     CK_RV orig = rv;
     rv = dec_output(&r, rv, out, outlen);
     if (iv && orig == CKR_OK) {
@@ -720,6 +901,7 @@ static CK_RV data_in_call(uint16_t op, CK_SESSION_HANDLE h, CK_BYTE_PTR in, CK_U
     if (!in && inlen) return CKR_ARGUMENTS_BAD;
     if (with_sig && !sig && siglen) return CKR_ARGUMENTS_BAD;
     if (inlen > HSMSIM_MAX_FRAME - 4096) return CKR_DATA_LEN_RANGE;
+    if (spec_done(h, op)) return CKR_OPERATION_NOT_INITIALIZED_;
     hs_wbuf w;
     req_begin(&w);
     hs_w_u64(&w, h);
@@ -732,6 +914,7 @@ static CK_RV data_in_call(uint16_t op, CK_SESSION_HANDLE h, CK_BYTE_PTR in, CK_U
 
 /* ---- encrypt / decrypt ------------------------------------------------------------------ */
 CK_RV C_EncryptInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey) {
+    spec_forget(hSession, OP_C_Encrypt);
     CK_RV rv = init_call(OP_C_EncryptInit, hSession, pMechanism, 1, hKey);
     if (rv == CKR_OK && pMechanism->mechanism == CKM_AES_GCM) {
         const CK_GCM_PARAMS *p = (const CK_GCM_PARAMS *)pMechanism->pParameter;
@@ -751,6 +934,7 @@ CK_RV C_EncryptFinal(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pLastEncryptedPart,
     return data_out_call(OP_C_EncryptFinal, hSession, 0, NULL, 0, pLastEncryptedPart, pulLastEncryptedPartLen, 1);
 }
 CK_RV C_DecryptInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey) {
+    spec_forget(hSession, OP_C_Decrypt);
     return init_call(OP_C_DecryptInit, hSession, pMechanism, 1, hKey);
 }
 CK_RV C_Decrypt(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pEncryptedData, CK_ULONG ulEncryptedDataLen, CK_BYTE_PTR pData,
@@ -767,6 +951,7 @@ CK_RV C_DecryptFinal(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pLastPart, CK_ULONG
 
 /* ---- digest ------------------------------------------------------------------------------ */
 CK_RV C_DigestInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism) {
+    spec_forget(hSession, OP_C_Digest);
     return init_call(OP_C_DigestInit, hSession, pMechanism, 0, 0);
 }
 CK_RV C_Digest(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen, CK_BYTE_PTR pDigest,
@@ -786,6 +971,7 @@ CK_RV C_DigestFinal(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pDigest, CK_ULONG_PT
 
 /* ---- sign / verify ----------------------------------------------------------------------- */
 CK_RV C_SignInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey) {
+    spec_forget(hSession, OP_C_Sign);
     return init_call(OP_C_SignInit, hSession, pMechanism, 1, hKey);
 }
 CK_RV C_Sign(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen, CK_BYTE_PTR pSignature,

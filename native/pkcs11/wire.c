@@ -130,6 +130,7 @@ static unsigned g_gen; /* bumped by every C_Initialize/C_Finalize: older connect
 static uint8_t g_token[HSMSIM_APP_TOKEN_LEN];
 static int g_have_token;
 static uint32_t g_max_frame = HSMSIM_MAX_FRAME;
+static volatile int g_peer_minor;
 static uint32_t g_reqid;
 
 static int write_all(conn_t *c, const uint8_t *p, size_t n) {
@@ -366,7 +367,7 @@ static conn_t *open_conn(void) {
     hs_w_free(&w);
     if (ok) {
         uint16_t major = r_u16(&r);
-        (void)r_u16(&r);
+        uint16_t minor = r_u16(&r);
         uint32_t maxf = hs_r_u32(&r);
         size_t tn = 0;
         const uint8_t *tok = hs_r_bytes(&r, &tn);
@@ -376,6 +377,7 @@ static conn_t *open_conn(void) {
             memcpy(g_token, tok, HSMSIM_APP_TOKEN_LEN);
             g_have_token = 1;
             g_max_frame = maxf < HSMSIM_MAX_FRAME ? maxf : HSMSIM_MAX_FRAME;
+            g_peer_minor = minor;
         }
     }
     pthread_mutex_unlock(&g_hello_lock);
@@ -472,6 +474,8 @@ CK_RV hs_call(uint16_t op, hs_wbuf *w, hs_rbuf *resp, uint8_t **mem) {
     }
     return CKR_DEVICE_ERROR;
 }
+
+int hs_peer_minor(void) { return g_peer_minor; }
 
 CK_RV hs_connect_init(void) {
     __atomic_add_fetch(&g_gen, 1, __ATOMIC_RELEASE);

@@ -263,3 +263,35 @@ def test_forked_child_needs_its_own_initialize(live: Raw) -> None:
     # the parent's connection is untouched
     n = U()
     assert raw.C_GetSlotList(c_ubyte(1), None, byref(n)) == RV.OK
+
+
+def test_length_query_then_other_input_is_recomputed(live: Raw) -> None:
+    """The module keeps the result of a length query (protocol 1.1) only for the same input."""
+    import hashlib
+    import hmac as hmac_mod
+    raw = live
+    h = open_login(raw)
+    key = U()
+    mech = CK_MECHANISM(M.GENERIC_SECRET_KEY_GEN, None, 0)
+    from p11raw import template
+    t, _keep = template((A.CLASS, 4), (A.KEY_TYPE, 0x10), (A.VALUE, b"k" * 32), (A.SIGN, True))
+    assert raw.C_CreateObject(U(h), t, U(4), byref(key)) == RV.OK
+    mech = CK_MECHANISM(M.SHA256_HMAC, None, 0)
+    assert raw.C_SignInit(U(h), byref(mech), key) == RV.OK
+    n = U(0)
+    assert raw.C_Sign(U(h), b"first", U(5), None, byref(n)) == RV.OK and n.value == 32
+    out, n = create_string_buffer(32), U(32)
+    assert raw.C_Sign(U(h), b"second", U(6), out, byref(n)) == RV.OK
+    assert out.raw == hmac_mod.new(b"k" * 32, b"second", hashlib.sha256).digest()
+    assert raw.C_SignUpdate(U(h), b"x", U(1)) == RV.OPERATION_NOT_INITIALIZED
+    # a length query, then the same input: answered from the kept result, then finished
+    assert raw.C_SignInit(U(h), byref(mech), key) == RV.OK
+    n = U(0)
+    assert raw.C_Sign(U(h), b"third", U(5), None, byref(n)) == RV.OK
+    n = U(31)
+    assert raw.C_Sign(U(h), b"third", U(5), out, byref(n)) == RV.BUFFER_TOO_SMALL and n.value == 32
+    n = U(32)
+    assert raw.C_Sign(U(h), b"third", U(5), out, byref(n)) == RV.OK
+    assert out.raw == hmac_mod.new(b"k" * 32, b"third", hashlib.sha256).digest()
+    assert raw.C_Sign(U(h), b"third", U(5), out, byref(n)) == RV.OPERATION_NOT_INITIALIZED
+    assert raw.C_SignInit(U(h), byref(mech), key) == RV.OK  # a new operation starts cleanly
