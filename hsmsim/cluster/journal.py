@@ -63,17 +63,22 @@ class Journal:
         self.user_tombstones: set[str] = set()
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if path.exists():
-            for n, line in enumerate(path.read_text().splitlines(), 1):
+            raw = path.read_bytes()
+            if raw and not raw.endswith(b"\n"):
+                # A record torn by a crash mid-append was never acted on: drop it.
+                raw = raw[:raw.rfind(b"\n") + 1]
+                with path.open("r+b") as f:
+                    f.truncate(len(raw))
+                    os.fsync(f.fileno())
+            for n, line in enumerate(raw.decode("utf-8", "replace").splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
-                    rec = json.loads(line)
-                    self._apply(rec)
+                    self._apply(json.loads(line))
                 except (ValueError, KeyError, TypeError):
-                    # A torn last line after a crash is expected; anything else is corruption.
-                    if n == len(path.read_text().splitlines()):
-                        continue
-                    raise StateError(f"{path} line {n} is corrupt") from None
+                    raise StateError(f"{path} line {n} is corrupt; deleted keys could come "
+                                     "back, so the daemon will not start (restore the state "
+                                     "directory)") from None
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._lock = threading.Lock()
 
