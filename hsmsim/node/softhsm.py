@@ -134,11 +134,12 @@ class _Args:
         if p is None:
             pass
         elif isinstance(p, GcmParams):
-            iv, aad = self.bytes_(p.iv), self.bytes_(p.aad)
+            iv = self.bytes_(p.iv)
+            aad = self.bytes_(p.aad) if p.aad else None
             param = CK_GCM_PARAMS(_addr(iv), len(p.iv), len(p.iv) * 8, _addr(aad), len(p.aad),
                                   p.tag_bits)
         elif isinstance(p, OaepParams):
-            label = self.bytes_(p.label)
+            label = self.bytes_(p.label) if p.label else None
             param = CK_RSA_PKCS_OAEP_PARAMS(p.hash_alg, p.mgf, CKZ_DATA_SPECIFIED, _addr(label),
                                             len(p.label))
         elif isinstance(p, PssParams):
@@ -148,7 +149,9 @@ class _Args:
                 raise Pkcs11Error(RV.MECHANISM_PARAM_INVALID, "CTR counter block must be 16 bytes")
             param = CK_AES_CTR_PARAMS(p.counter_bits, (c_ubyte * 16)(*p.cb))
         elif isinstance(p, Ecdh1Params):
-            shared, pub = self.bytes_(p.shared_data), self.bytes_(p.public_data)
+            # No shared data must be a NULL pointer (SoftHSM2 refuses any other with CKD_NULL).
+            shared = self.bytes_(p.shared_data) if p.shared_data else None
+            pub = self.bytes_(p.public_data)
             param = CK_ECDH1_DERIVE_PARAMS(p.kdf, len(p.shared_data), _addr(shared),
                                            len(p.public_data), _addr(pub))
         elif isinstance(p, RawParams):
