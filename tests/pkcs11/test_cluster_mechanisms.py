@@ -270,3 +270,16 @@ def _wrap(session: pkcs11.Session, mech: int, wrapping: pkcs11.SecretKey, target
         return out.raw[:n.value]
     finally:
         dll.C_CloseSession(h)
+
+
+def test_token_keys_work_on_every_hsm(cluster, session: pkcs11.Session) -> None:  # type: ignore[no-untyped-def]
+    """A synced token key encrypts wherever the cluster routes the call (round-robin over the
+    HSMs), and its attributes read the same."""
+    key = session.generate_key(KeyType.AES, 256, store=True, label="p11-token-aes",
+                               capabilities=pkcs11.MechanismFlag.ENCRYPT | pkcs11.MechanismFlag.DECRYPT)
+    cluster.wait_converged(30)
+    for _ in range(6):
+        nonce = bytes(bytearray(12))
+        ct = key.encrypt(b"everywhere", mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, None, 128))
+        assert key.decrypt(ct, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, None, 128)) == b"everywhere"
+        assert key[Attribute.VALUE_LEN] == 32
