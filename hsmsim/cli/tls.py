@@ -4,6 +4,7 @@ password from the environment, output as a table or JSON); the work is in hsmsim
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -120,6 +121,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     # this process as in the servers that will use the key.
     os.environ.update(dict(target.env))
     made = tlskit.init_kit(req)
+    if target.kind == "hsmsim" and not tlskit.wait_replicated(state):
+        made = dataclasses.replace(made, warnings=[*made.warnings, (
+            "the new key is not yet on every HSM; a server started now may not find it "
+            "(see `hsmsim status`)")])
     for w in made.warnings:
         print(f"hsmsim: warning: {w}", file=sys.stderr)
     if args.json:

@@ -100,6 +100,30 @@ def cluster_target(state: Path, module: Path, user: str, password: str | None) -
     return Target("hsmsim", module, TOKEN_LABEL, user, pin_file, env, f"{user}:{password}")
 
 
+def wait_replicated(state: Path, timeout: float = 15.0) -> bool:
+    """Waits until every running HSM of the cluster holds every key (sync lag 0), so that a
+    server started next finds the new key pair whichever HSM serves its search. CloudHSM
+    likewise copies keys to the other HSMs after acknowledging them. False on timeout."""
+    import time
+
+    from hsmsim.control.client import ControlClient
+    from hsmsim.control.protocol import ControlError
+
+    client = ControlClient(state / "control.sock", timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = client.call("status")
+        except ControlError:
+            return False
+        live = [h for h in status.get("hsms", [])
+                if h.get("condition") not in ("killed", "paused", "partitioned", "removed")]
+        if live and all(h.get("sync_lag") == 0 for h in live):
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def module_target(module: Path, token: str, pin_file: Path,
                   env: Sequence[tuple[str, str]]) -> Target:
     """Any PKCS#11 module (SoftHSM2 directly, for instance) with a user PIN in `pin_file`."""
