@@ -313,3 +313,18 @@ def test_fips_mode_has_no_des3(ref_token) -> None:  # type: ignore[no-untyped-de
     mechs = {r.u64() for _ in range(r.u32())}
     assert rv == 0 and M.DES3_CBC not in mechs and M.AES_GCM in mechs
     assert sizeof(CK_GCM_PARAMS) == 48
+
+
+def test_set_attribute_value_works_on_certificates(live: Raw) -> None:
+    """UG:pkcs11-certificate-storage-api: C_SetAttributeValue is supported for certificates."""
+    h = open_session(live, REF_PIN)
+    cert = U()
+    t, _keep = template((A.CLASS, 1), (A.CERTIFICATE_TYPE, 0), (A.TOKEN, True), (A.PRIVATE, False),
+                        (A.SUBJECT, b"\x30\x00"), (A.VALUE, b"\x30\x03\x02\x01\x01"), (A.LABEL, "cert"))
+    assert live.C_CreateObject(U(h), t, U(7), byref(cert)) == RV.OK
+    new_label, _k = template((A.LABEL, "renamed"),)
+    assert live.C_SetAttributeValue(U(h), cert, new_label, U(1)) == RV.OK
+    buf = create_string_buffer(16)
+    q = (type(new_label[0]) * 1)(type(new_label[0])(A.LABEL, cast(buf, c_void_p), 16))
+    assert live.C_GetAttributeValue(U(h), cert, q, U(1)) == RV.OK
+    assert buf.raw[:q[0].ulValueLen] == b"renamed"
