@@ -259,7 +259,11 @@ class Gateway:
         if not sep or not username or not password:
             # UG:pkcs11-pin: the PIN is "<user>:<password>"; anything else is a failed login.
             raise _err(RV.PIN_INCORRECT, "the PIN must be <user>:<password>")
-        app.login = await self.cluster.login(UserType(user_type), username, password)
+        login = await self.cluster.login(UserType(user_type), username, password)
+        if self.apps.get(app.token) is not app:  # the application ended while we waited
+            await self.cluster.logout(login)
+            raise _err(RV.SESSION_CLOSED, "the application has ended")
+        app.login = login
         return OK, b""
 
     async def op_Logout(self, app: Application, r: Reader) -> Reply:
