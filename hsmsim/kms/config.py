@@ -19,14 +19,14 @@ class KmsConfig:
     `principals` maps access keys to principals, each entry `AKID=arn` or
     `AKID=arn=secret` (the secret is needed by strict SigV4). A request from an access key not
     in the map acts as `arn:aws:iam::<account_id>:root` (or is rejected in strict mode).
-    `enforce_policies` turns key-policy and grant evaluation on (off by default: most local
-    users send dummy credentials). `clock_control` exposes `POST /_hsmsim/clock` so tests can
+    `enforce_policies` evaluates key policies and grants on every operation (on by default:
+    with unmapped access keys acting as the account root and the default policy allowing the
+    root, only keys with a restrictive policy refuse anything). `clock_control` exposes `POST /_hsmsim/clock` so tests can
     move the KMS clock forward (scheduled deletions, automatic rotation).
 
     FIDELITY: with strict_sigv4 off (the default) any well-formed SigV4 Authorization header is
     accepted without checking the signature; a request without one is still refused
-    (MissingAuthenticationTokenException). Key policies and grants are only enforced with
-    enforce_policies on."""
+    (MissingAuthenticationTokenException)."""
 
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -35,7 +35,7 @@ class KmsConfig:
     region: str = "us-east-1"
     strict_sigv4: bool = False
     principals: tuple[str, ...] = ()
-    enforce_policies: bool = False
+    enforce_policies: bool = True
     quotas: bool = False
     max_request_bytes: int = 65536
     clock_control: bool = True

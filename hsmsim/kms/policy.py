@@ -13,6 +13,7 @@ FIDELITY: IAM identity policies, Null/Bool/numeric/ARN condition operators and
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -118,14 +119,22 @@ def _condition_holds(cond: Any, caller: Caller, context: Mapping[str, str], via:
     return True
 
 
-def evaluate(document: str, caller: Caller, action: str, context: Mapping[str, str]) -> str | None:
-    """"Deny", "Allow" or None (no statement applies) for `kms:<action>`."""
+@functools.lru_cache(maxsize=1024)
+def _statements(document: str) -> tuple[dict[str, Any], ...]:
+    """The statements of a policy document, parsed once per distinct document."""
     try:
         doc = json.loads(document)
     except ValueError:
-        return None
+        return ()
+    if not isinstance(doc, dict):
+        return ()
+    return tuple(st for st in _as_list(doc.get("Statement", [])) if isinstance(st, dict))
+
+
+def evaluate(document: str, caller: Caller, action: str, context: Mapping[str, str]) -> str | None:
+    """"Deny", "Allow" or None (no statement applies) for `kms:<action>`."""
     result: str | None = None
-    for st in _as_list(doc.get("Statement", [])):
+    for st in _statements(document):
         if not isinstance(st, dict):
             continue
         if "Principal" in st and not _principal_matches(st["Principal"], caller):

@@ -11,7 +11,7 @@ from hsmsim.kms.config import DEFAULT_PORT, KmsConfig, resolve
 def test_defaults_and_layers() -> None:
     cfg = resolve({}, {})
     assert (cfg.host, cfg.port, cfg.region, cfg.account_id) == ("127.0.0.1", DEFAULT_PORT, "us-east-1", "111122223333")
-    assert cfg.strict_sigv4 is False and cfg.enforce_policies is False and cfg.quotas is False
+    assert cfg.strict_sigv4 is False and cfg.enforce_policies is True and cfg.quotas is False
     cfg = resolve({"kms": {"port": 5000, "region": "eu-west-2"}}, {"HSMSIM_KMS_PORT": "5001"}, {"strict_sigv4": True})
     assert cfg.port == 5001 and cfg.region == "eu-west-2" and cfg.strict_sigv4 is True
     assert cfg.endpoint_url == "http://127.0.0.1:5001" and cfg.root_arn == "arn:aws:iam::111122223333:root"
