@@ -18,7 +18,8 @@ from hsmsim.pkcs11.constants import RV, Attribute as A, Mechanism as M
 from hsmsim.pkcs11.errors import error_class
 from hsmsim.pkcs11.params import GcmParams, MechanismSpec as Spec
 
-from .nodeproc import NodeProc, run
+from .conftest import _bootstrap
+from .nodeproc import NodeProc, run, write_secret
 
 
 class Raw:
@@ -228,31 +229,50 @@ REQUESTS = st.fixed_dictionaries(
 
 
 def _fuzz(node: NodeProc, examples: int) -> None:
+    loop = asyncio.new_event_loop()
+    c, lid = loop.run_until_complete(node.login("alice", cluster=True))  # the widest surface
+
     @settings(max_examples=examples, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
-    @given(st.lists(REQUESTS, min_size=1, max_size=8))
-    def check(requests: list[dict]) -> None:
+    @given(st.lists(st.tuples(REQUESTS, st.booleans()), min_size=1, max_size=8))
+    def check(requests: list[tuple[dict, bool]]) -> None:
         async def body() -> None:
-            c = await node.client()  # cluster principal: the widest surface
-            for req in requests:
-                if req.get("op") in ("set_fault", "initialize_users", "clone_accept",
-                                     "destroy_object", "close_session", "import_users"):
-                    continue  # state-changing ops outside the fuzzed surface
+            for req, logged_in in requests:
+                if req.get("op") in ("set_fault", "initialize_users", "clone_accept", "logout"):
+                    continue  # would stop the node from answering, or end our login
+                if logged_in:
+                    req = {**req, "login_id": lid}
                 payload = msgpack.packb(req, use_bin_type=True)
                 c._writer.write(struct.pack(">I", len(payload)) + payload)
-            await c.ping()  # every fuzzed request was answered or skipped before this
-            await c.close()
-        run(body)
-    check()
+            await c.ping()  # the connection survived every fuzzed request
+        loop.run_until_complete(body())
+    try:
+        check()
+    finally:
+        loop.run_until_complete(c.close())
+        loop.close()
     run(still_serving, node)
     # No request hit an unexpected exception (those are logged as "request failed").
     assert "request failed" not in node.log.read_text(errors="replace")
 
 
-def test_fuzz_requests_short(node_a: NodeProc) -> None:
-    _fuzz(node_a, 60)
+@pytest.fixture(scope="module")
+def fuzz_node(tmp_path_factory: pytest.TempPathFactory):
+    """A node of its own: fuzzed requests create and destroy objects with random handles."""
+    state = tmp_path_factory.mktemp("fuzz")
+    node = NodeProc(state, "hsm-fffffffffff", "us-east-1a",
+                    write_secret(state / "secrets" / "cluster.secret"), "new").start()
+    run(_bootstrap, node)
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+def test_fuzz_requests_short(fuzz_node: NodeProc) -> None:
+    _fuzz(fuzz_node, 60)
 
 
 @pytest.mark.soak
-def test_fuzz_requests_soak(node_a: NodeProc) -> None:
-    _fuzz(node_a, int(os.environ.get("HSMSIM_FUZZ_EXAMPLES", "3000")))
+def test_fuzz_requests_soak(fuzz_node: NodeProc) -> None:
+    _fuzz(fuzz_node, int(os.environ.get("HSMSIM_FUZZ_EXAMPLES", "3000")))
