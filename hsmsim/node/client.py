@@ -80,6 +80,10 @@ class NodeClient:
             client.hello = await asyncio.wait_for(client._hello(), timeout)
             if cluster_secret is not None:
                 await asyncio.wait_for(client.authenticate(cluster_secret), timeout)
+        except asyncio.TimeoutError:
+            await client.close()
+            raise NodeUnavailable(f"node at {address} did not answer the handshake within "
+                                  f"{timeout:g} s") from None
         except BaseException:
             await client.close()
             raise

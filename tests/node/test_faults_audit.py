@@ -93,3 +93,22 @@ def test_state_files_private(node_a: NodeProc) -> None:
     index = (node_a.dir / "index.sqlite").read_bytes()
     for pw in PASSWORDS.values():
         assert pw.encode() not in index
+
+
+def test_paused_node_times_out_handshake(node_a: NodeProc) -> None:
+    from hsmsim.node.client import NodeClient, NodeUnavailable
+
+    async def body() -> None:
+        ctl = await node_a.client()
+        try:
+            await ctl.set_fault(paused=True)
+            with pytest.raises(NodeUnavailable):
+                await NodeClient.connect(node_a.address, cluster_secret=node_a.secret,
+                                         timeout=0.5)
+        finally:
+            await ctl.set_fault(paused=False)
+            await ctl.close()
+        c = await node_a.client()
+        await c.ping()
+        await c.close()
+    run(body)
