@@ -11,7 +11,8 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from .conftest import KMSUSER_PASSWORD, KmsEndpoint, advance_clock, connected_store, set_cu_password, start_real
+from .conftest import (KMSUSER_PASSWORD, KmsEndpoint, add_cu, advance_clock, connected_store, set_cu_password,
+                       start_real)
 
 
 def _key_reference(ep: KmsEndpoint, arn: str, password: str) -> str:
@@ -58,7 +59,19 @@ def test_all_hsms_gone(tmp_path: Any) -> None:
     cluster = ep.extra
     try:
         c = ep.client(config=Config(retries={"total_max_attempts": 1}))
+        # No kmsuser in the cluster yet: the connection fails with USER_NOT_FOUND.
+        sid = c.create_custom_key_store(CustomKeyStoreName="early", CloudHsmClusterId=ep.cluster_id,
+                                        TrustAnchorCertificate=ep.ca_pem, KeyStorePassword=KMSUSER_PASSWORD)["CustomKeyStoreId"]
+        c.connect_custom_key_store(CustomKeyStoreId=sid)
+        deadline = time.monotonic() + 30
+        while (st := c.describe_custom_key_stores(CustomKeyStoreId=sid)["CustomKeyStores"][0])["ConnectionState"] \
+                not in ("FAILED", "CONNECTED"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert st["ConnectionState"] == "FAILED" and st["ConnectionErrorCode"] == "USER_NOT_FOUND", st
+        add_cu(ep, "kmsuser", KMSUSER_PASSWORD)
         store = connected_store(ep, c)
+        assert store == sid
         cks = c.create_key(Origin="AWS_CLOUDHSM", CustomKeyStoreId=store)["KeyMetadata"]
         fleet = c.create_key()["KeyMetadata"]
         fleet_blob = c.encrypt(KeyId=fleet["KeyId"], Plaintext=b"fleet")["CiphertextBlob"]

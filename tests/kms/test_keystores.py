@@ -175,6 +175,19 @@ def test_connect_failures(client: Any, kms: KmsEndpoint, store: str) -> None:
     assert code(exc) == "CustomKeyStoreInvalidStateException"
     client.disconnect_custom_key_store(CustomKeyStoreId=store)
     wait_state(client, store, {"DISCONNECTED"})
+    if kms.kind == "real":
+        # Five failed logins lock kmsuser out in the HSMs: the next connect says USER_LOCKED_OUT.
+        codes = []
+        for _ in range(6):
+            client.connect_custom_key_store(CustomKeyStoreId=store)
+            codes.append(wait_state(client, store, {"FAILED", "CONNECTED"}).get("ConnectionErrorCode"))
+            client.disconnect_custom_key_store(CustomKeyStoreId=store)
+            wait_state(client, store, {"DISCONNECTED"})
+            if codes[-1] == "USER_LOCKED_OUT":
+                break
+        assert codes[-1] == "USER_LOCKED_OUT" and set(codes[:-1]) == {"INVALID_CREDENTIALS"}, codes
+        r = kms.extra.cli("user", "unlock", "--username", "kmsuser")
+        assert r.returncode == 0, r.stderr
     # Reset kmsuser in the cluster (as its admin would) and tell the store; connect works again.
     set_cu_password(kms, "kmsuser", KMSUSER_PW)
     client.update_custom_key_store(CustomKeyStoreId=store, KeyStorePassword=KMSUSER_PW)
