@@ -16,6 +16,22 @@ from hsmsim.testing.cluster import run_cli
 from .conftest import Backend
 
 
+def _inproc(capsys: pytest.CaptureFixture[str], args: list[str]) -> tuple[int, str, str]:
+    """`hsmsim ARGS` in this process, for checks that fail before any PKCS#11 module loads
+    (a subprocess costs a second of start-up each)."""
+    from hsmsim.cli import main
+    saved = dict(os.environ)
+    try:
+        rc = main(args)
+    except SystemExit as exc:
+        rc = int(exc.code or 0)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
 def _private_keys(backend: Backend) -> int:
     env = {**os.environ, **backend.module_env}
     r = subprocess.run(["pkcs11-tool", "--module", str(backend.module), "--token-label",
@@ -33,21 +49,23 @@ def _private_keys(backend: Backend) -> int:
     (["--cn", "ok.test", "--port", "70000"], "--port must be"),
 ])
 def test_bad_values_change_nothing(softhsm_backend: Backend, tmp_path: Path, args: list[str],
-                                   message: str) -> None:
+                                   message: str, capsys: pytest.CaptureFixture[str]) -> None:
     before = _private_keys(softhsm_backend)
     out = tmp_path / "kit"
-    r = run_cli(["tls", "init", "--out", str(out), *softhsm_backend.init_args, *args])
-    assert r.returncode == 1 and message in r.stderr, r.stderr
-    assert r.stderr.startswith("hsmsim: error: ") and "Traceback" not in r.stderr
+    rc, _out, err = _inproc(capsys, ["tls", "init", "--out", str(out),
+                                     *softhsm_backend.init_args, *args])
+    assert rc == 1 and message in err, err
+    assert err.startswith("hsmsim: error: ") and "Traceback" not in err
     assert not out.exists()
     assert _private_keys(softhsm_backend) == before
 
 
 @pytest.mark.parametrize("args", [["--key", "rsa1024"], ["--issuer", "ca2"], []])
-def test_bad_flags_are_usage_errors(tmp_path: Path, args: list[str]) -> None:
+def test_bad_flags_are_usage_errors(tmp_path: Path, args: list[str],
+                                    capsys: pytest.CaptureFixture[str]) -> None:
     cn = [] if not args else ["--cn", "x.test"]
-    r = run_cli(["tls", "init", "--state", str(tmp_path), *cn, *args])
-    assert r.returncode == 2 and "usage:" in r.stderr
+    rc, _out, err = _inproc(capsys, ["tls", "init", "--state", str(tmp_path), *cn, *args])
+    assert rc == 2 and "usage:" in err
 
 
 def test_wrong_pin_is_reported_and_writes_nothing(softhsm_backend: Backend,
@@ -71,39 +89,45 @@ def test_wrong_pin_is_reported_and_writes_nothing(softhsm_backend: Backend,
     (["--module-env", "NOEQUALS", "--module", "/etc/hostname", "--token", "t", "--pin-file",
       "/etc/hostname"], "must look like NAME=VALUE"),
 ])
-def test_bad_module_target(tmp_path: Path, args: list[str], message: str) -> None:
-    r = run_cli(["tls", "init", "--cn", "x.test", "--state", str(tmp_path), *args])
-    assert r.returncode == 1 and message in r.stderr, r.stderr
+def test_bad_module_target(tmp_path: Path, args: list[str], message: str,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    rc, _out, err = _inproc(capsys, ["tls", "init", "--cn", "x.test", "--state", str(tmp_path),
+                                     *args])
+    assert rc == 1 and message in err, err
 
 
-def test_no_daemon_for_state_dir(tmp_path: Path) -> None:
+def test_no_daemon_for_state_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from hsmsim.resources import pkcs11_module
     try:
         pkcs11_module()
     except FileNotFoundError as exc:
         pytest.skip(f"hsmsim module not built: {exc}")
-    r = run_cli(["tls", "init", "--cn", "x.test", "--state", str(tmp_path / "none")])
-    assert r.returncode == 1
-    assert "no hsmsim daemon for" in r.stderr and "hsmsim up --detach --state" in r.stderr
+    rc, _out, err = _inproc(capsys, ["tls", "init", "--cn", "x.test", "--state",
+                                     str(tmp_path / "none")])
+    assert rc == 1
+    assert "no hsmsim daemon for" in err and "hsmsim up --detach --state" in err
+    assert not (tmp_path / "none").exists()
 
 
-def test_out_must_be_a_directory(softhsm_backend: Backend, tmp_path: Path) -> None:
+def test_out_must_be_a_directory(softhsm_backend: Backend, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
     not_dir = tmp_path / "file"
     not_dir.write_text("x")
-    r = run_cli(["tls", "init", "--cn", "x.test", "--out", str(not_dir),
-                 *softhsm_backend.init_args])
-    assert r.returncode == 1 and "exists and is not a directory" in r.stderr
+    rc, _out, err = _inproc(capsys, ["tls", "init", "--cn", "x.test", "--out", str(not_dir),
+                                     *softhsm_backend.init_args])
+    assert rc == 1 and "exists and is not a directory" in err
     assert not_dir.read_text() == "x"
 
 
-def test_existing_kit_is_not_overwritten(softhsm_backend: Backend, tmp_path: Path) -> None:
+def test_existing_kit_is_not_overwritten(softhsm_backend: Backend, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "kit"
     softhsm_backend.init(out, "--cn", "first.test", "--key", "ec-p256")
     before = (out / "kit.json").read_text()
     keys = _private_keys(softhsm_backend)
-    r = run_cli(["tls", "init", "--cn", "second.test", "--out", str(out),
-                 *softhsm_backend.init_args])
-    assert r.returncode == 1 and "already holds a TLS kit" in r.stderr
+    rc, _out, err = _inproc(capsys, ["tls", "init", "--cn", "second.test", "--out", str(out),
+                                     *softhsm_backend.init_args])
+    assert rc == 1 and "already holds a TLS kit" in err
     assert (out / "kit.json").read_text() == before
     assert _private_keys(softhsm_backend) == keys
 
@@ -112,9 +136,10 @@ def test_existing_kit_is_not_overwritten(softhsm_backend: Backend, tmp_path: Pat
     (["--seconds", "0"], "--seconds must be"),
     (["--latency-ms", "-1"], "--latency-ms values must be"),
 ])
-def test_bench_flags(args: list[str], message: str) -> None:
-    r = run_cli(["tls", "bench", *args])
-    assert r.returncode == 1 and message in r.stderr
+def test_bench_flags(args: list[str], message: str,
+                     capsys: pytest.CaptureFixture[str]) -> None:
+    rc, _out, err = _inproc(capsys, ["tls", "bench", *args])
+    assert rc == 1 and message in err
 
 
 def test_another_crypto_user_owns_the_key(hsmsim_backend: Backend, tmp_path: Path) -> None:
@@ -128,6 +153,13 @@ def test_another_crypto_user_owns_the_key(hsmsim_backend: Backend, tmp_path: Pat
                  "--out", str(tmp_path / "none")])
     assert r.returncode == 1 and "no password for crypto user 'tls_user'" in r.stderr
     assert "HSMSIM_TLS_PASSWORD" in r.stderr and not (tmp_path / "none").exists()
+    # A wrong password: the login fails (one failed login, far from the lockout), no PIN file.
+    wrong = {**os.environ, "HSMSIM_TLS_PASSWORD": "Wrong-Pass-0000"}
+    r = run_cli(["tls", "init", "--cn", "u.test", "--user", "tls_user", "--state", state,
+                 "--out", str(tmp_path / "wrong")], env=wrong)
+    assert r.returncode == 1 and "failed: PinIncorrect" in r.stderr, r.stderr
+    assert "Wrong-Pass-0000" not in r.stderr and not (tmp_path / "wrong").exists()
+    assert not (hsmsim_backend.state / "tls" / "tls_user.pin").exists()
     env = {**os.environ, "HSMSIM_TLS_PASSWORD": password}
     r = run_cli(["tls", "init", "--cn", "u.test", "--user", "tls_user", "--state", state,
                  "--key", "ec-p256", "--out", str(tmp_path / "kit"), "--json"], env=env)
@@ -153,20 +185,6 @@ def _list_private(backend: Backend) -> str:
                        timeout=60)
     assert r.returncode == 0, r.stderr
     return r.stdout
-
-
-def test_wrong_cluster_password_writes_no_pin_file(hsmsim_backend: Backend,
-                                                   tmp_path: Path) -> None:
-    state = hsmsim_backend.state
-    r = run_cli(["user", "create", "--username", "tls_wrong", "--role", "crypto-user",
-                 "--password", "Right-Pass-5678", "--state", str(state)])
-    assert r.returncode == 0, r.stderr
-    env = {**os.environ, "HSMSIM_TLS_PASSWORD": "Wrong-Pass-0000"}
-    r = run_cli(["tls", "init", "--cn", "w.test", "--user", "tls_wrong", "--state", str(state),
-                 "--out", str(tmp_path / "kit")], env=env)
-    assert r.returncode == 1 and "failed: PinIncorrect" in r.stderr, r.stderr
-    assert "Wrong-Pass-0000" not in r.stderr
-    assert not (state / "tls" / "tls_wrong.pin").exists() and not (tmp_path / "kit").exists()
 
 
 def test_default_out_dir_is_under_the_state_dir(softhsm_backend: Backend) -> None:
