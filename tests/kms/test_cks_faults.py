@@ -95,8 +95,19 @@ def test_all_hsms_gone(tmp_path: Any) -> None:
         assert exc.value.response["Error"]["Code"] == "KMSInvalidStateException"
         # AWS_KMS keys already in use keep working: their material is unsealed in the daemon.
         assert c.decrypt(CiphertextBlob=fleet_blob)["Plaintext"] == b"fleet"
+        # Reconnecting without an active HSM fails with INSUFFICIENT_CLOUDHSM_HSMS.
+        c.disconnect_custom_key_store(CustomKeyStoreId=store)
+        c.connect_custom_key_store(CustomKeyStoreId=store)
+        deadline = time.monotonic() + 30
+        while (st := c.describe_custom_key_stores(CustomKeyStoreId=store)["CustomKeyStores"][0])["ConnectionState"] \
+                not in ("FAILED", "CONNECTED"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert st.get("ConnectionErrorCode") == "INSUFFICIENT_CLOUDHSM_HSMS", st
+        c.disconnect_custom_key_store(CustomKeyStoreId=store)
         for hsm in cluster.hsm_ids:
             cluster.start(hsm)
+        assert connected_store(ep, c) == store
         deadline = time.monotonic() + 30
         while True:
             try:

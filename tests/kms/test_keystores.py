@@ -231,6 +231,13 @@ def test_connect_failures(client: Any, kms: KmsEndpoint, store: str) -> None:
         assert s["ConnectionErrorCode"] == "INSUFFICIENT_CLOUDHSM_HSMS"
         client.disconnect_custom_key_store(CustomKeyStoreId=store)
         kms.double.hsms = hsms
+        real_id = kms.double.cluster_id  # the cluster the store names is gone
+        kms.double.cluster_id = "cluster-otherclust234"
+        with pytest.raises(ClientError) as exc:  # detected at once: the call fails, the state stays
+            client.connect_custom_key_store(CustomKeyStoreId=store)
+        assert code(exc) == "CloudHsmClusterNotFoundException"
+        assert wait_state(client, store, {"DISCONNECTED"})["ConnectionState"] == "DISCONNECTED"
+        kms.double.cluster_id = real_id
 
 
 def test_cluster_configuration_checks(tmp_path: Any) -> None:
