@@ -7,21 +7,11 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from hsmsim.testing.cluster import HsmsimCluster, run_cli, start_cluster
-
-
-@pytest.fixture(scope="module")
-def cli_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HsmsimCluster]:
-    c = start_cluster(tmp_path_factory.mktemp("cli") / "state")
-    try:
-        yield c
-    finally:
-        c.down()
 
 
 def _json(r: object) -> object:

@@ -7,22 +7,16 @@ import json
 import random
 import socket
 import struct
-from collections.abc import Iterator
-
 import pytest
 
 from hsmsim.control.client import ControlClient
 from hsmsim.control.protocol import ControlError
-from hsmsim.testing.cluster import HsmsimCluster, start_cluster
+from hsmsim.testing.cluster import HsmsimCluster
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HsmsimCluster]:
-    c = start_cluster(tmp_path_factory.mktemp("ctl") / "state", azs=2)
-    try:
-        yield c
-    finally:
-        c.down()
+@pytest.fixture
+def cluster(cli_cluster: HsmsimCluster) -> HsmsimCluster:
+    return cli_cluster
 
 
 def _raw(c: HsmsimCluster, data: bytes) -> bytes:
