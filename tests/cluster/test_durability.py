@@ -111,17 +111,36 @@ def test_daemon_kill_minus_nine_under_load(tmp_path: Path) -> None:
     state = tmp_path / "state"
     prepare_new_cluster(StateDir(state), ["us-east-1a", "us-east-1b", "us-east-1c"], 1,
                         "admin-password-1", "cu-password-1")
+    _kill_loaded_daemon_and_check(tmp_path, state, rounds=1)
+
+
+@pytest.mark.soak
+def test_soak_daemon_killed_five_times(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    prepare_new_cluster(StateDir(state), ["us-east-1a", "us-east-1b", "us-east-1c"], 1,
+                        "admin-password-1", "cu-password-1")
+    _kill_loaded_daemon_and_check(tmp_path, state, rounds=5)
+
+
+def _kill_loaded_daemon_and_check(tmp_path: Path, state: Path, rounds: int) -> None:
     acked_file = tmp_path / "acked"
+    for _ in range(rounds - 1):
+        _load_and_kill(tmp_path, state, acked_file)
+    _load_and_kill_final(tmp_path, state, acked_file)
+
+
+def _load_and_kill(tmp_path: Path, state: Path, acked_file: Path) -> None:
+    start = len(acked_file.read_text().split()) if acked_file.exists() else 0
     env = dict(os.environ)
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("load_daemon.py")),
                              str(state), str(acked_file)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "load.log", "wb"))
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "load.log", "ab"))
     try:
         deadline = time.monotonic() + 120
         while True:
             lines = acked_file.read_text().split() if acked_file.exists() else []
-            if len(lines) > 40:
+            if len(lines) > start + 40:
                 break
             assert proc.poll() is None, (tmp_path / "load.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the loaded daemon made no progress"
@@ -131,6 +150,10 @@ def test_daemon_kill_minus_nine_under_load(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _load_and_kill_final(tmp_path: Path, state: Path, acked_file: Path) -> None:
+    _load_and_kill(tmp_path, state, acked_file)
     acked = [int(x) for x in acked_file.read_text().split() if x.isdigit()]
     h = Harness(state, new=False)  # reopens the cluster; the nodes survived the daemon
     try:
