@@ -14,7 +14,7 @@ from hsmsim.kms import sigv4, wire
 from hsmsim.kms.audit import AuditLog
 from hsmsim.kms.ops import HANDLERS
 from hsmsim.kms.ops.common import Call
-from hsmsim.kms.ops.keys import sweep
+from hsmsim.kms.ops.sweep import sweep
 from hsmsim.kms.quotas import CRYPTO_OPS, Quotas
 from hsmsim.kms.runtime import Kms
 

@@ -8,6 +8,7 @@ rotation) are not supported."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 from dataclasses import dataclass, replace
@@ -71,7 +72,6 @@ async def get_parameters_for_import(kms: Kms, call: Call, req: Request) -> Respo
         raise e.Unsupported(f"Wrapping key spec {spec} with {alg} is not supported by hsmsim.")
     if alg == "RSAES_PKCS1_V1_5" and spec != "RSA_2048":
         raise e.Unsupported("RSAES_PKCS1_V1_5 is supported only with RSA_2048 wrapping keys.")
-    import asyncio
     priv = await asyncio.get_running_loop().run_in_executor(
         None, lambda: rsa.generate_private_key(65537, _BITS[spec]))
     token = secrets.token_bytes(48)

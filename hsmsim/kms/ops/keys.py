@@ -13,6 +13,7 @@ from hsmsim.kms.material import ClusterFailure
 from hsmsim.kms.model import KeyRecord, MaterialRecord
 from hsmsim.kms.ops.common import Call, Handler, Request, Response, check_tags, metadata, paginate
 from hsmsim.kms.runtime import DAY, Kms
+from hsmsim.pkcs11.constants import RV
 
 _USAGES = {
     model.SYMMETRIC: ("ENCRYPT_DECRYPT",),
@@ -38,7 +39,6 @@ def cluster_error(key: KeyRecord, exc: ClusterFailure) -> e.KmsError:
 
     FIDELITY: the key's state does not flip to Unavailable when its backing key is found
     missing (AWS does so eventually); each call answers KMSInvalidStateException."""
-    from hsmsim.pkcs11.constants import RV
     if exc.rv in (RV.KEY_HANDLE_INVALID, RV.OBJECT_HANDLE_INVALID):
         return e.InvalidState(f"{key.arn} is unavailable: its key material was not found in the "
                               "associated CloudHSM cluster.")
@@ -197,26 +197,7 @@ async def get_key_last_usage(kms: Kms, call: Call, req: Request) -> Response:
             "KeyLastUsage": kms.last_usage.get(key.key_id)}
 
 
-async def sweep(kms: Kms) -> None:
-    """Deletes keys whose waiting period is over and rotates keys whose rotation is due.
-
-    FIDELITY: runs every kms.rotation_check_seconds and after each clock move, so a key is
-    deleted (or rotated) up to that long after its date."""
-    kms.flush_usage()
-    now = kms.clock.now()
-    for key in list(kms.store.keys.values()):
-        if key.state == model.PENDING_DELETION and key.deletion_date is not None and key.deletion_date <= now:
-            await _delete_now(kms, key)
-        elif key.origin == model.EXTERNAL and key.valid_to is not None and key.valid_to <= now:
-            from hsmsim.kms.ops.imports import remove_material
-            remove_material(kms, key)
-        elif key.rotation_enabled and key.next_rotation is not None and key.next_rotation <= now \
-                and key.state == model.ENABLED and key.origin == model.AWS_KMS:
-            from hsmsim.kms.ops.rotation import rotate
-            await rotate(kms, key, "AUTOMATIC")
-
-
-async def _delete_now(kms: Kms, key: KeyRecord) -> None:
+async def delete_now(kms: Kms, key: KeyRecord) -> None:
     if key.backing_handle is not None and key.custom_key_store_id:
         # Best effort, as KMS does: an orphan may stay in the cluster while disconnected.
         login = kms.keystores.login(key.custom_key_store_id)

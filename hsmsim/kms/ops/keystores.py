@@ -8,7 +8,7 @@ import secrets
 from dataclasses import replace
 
 from hsmsim.kms import errors as e
-from hsmsim.kms.keystores import CONNECTED, CONNECTING, DISCONNECTED, DISCONNECTING, FAILED
+from hsmsim.kms.keystores import CONNECTED, CONNECTING, DISCONNECTED, DISCONNECTING, FAILED, same_certificate
 from hsmsim.kms.model import StoreRecord
 from hsmsim.kms.ops.common import Call, Handler, Request, Response, paginate
 from hsmsim.kms.runtime import Kms
@@ -115,7 +115,6 @@ async def update_custom_key_store(kms: Kms, call: Call, req: Request) -> Respons
                                   f"{sorted(other)[0]}.")
     if "CloudHsmClusterId" in req and req["CloudHsmClusterId"] != s.cluster_id:
         info = await kms.keystores.check_for_create(req["CloudHsmClusterId"], None)
-        from hsmsim.kms.keystores import same_certificate
         if not same_certificate(s.trust_anchor, info.ca_cert_pem):
             raise e.ClusterNotRelated(f"Cluster {req['CloudHsmClusterId']} is not related to the "
                                       "custom key store's cluster.")
