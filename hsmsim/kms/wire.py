@@ -78,7 +78,7 @@ ERROR_TABLE: dict[type[e.KmsError], tuple[str, int]] = {
 
 # Shapes whose values are never echoed in validation messages.
 _SENSITIVE = {"KeyStorePasswordType", "PlaintextType", "XksProxyAuthenticationRawSecretAccessKeyType",
-              "TrustAnchorCertificateType"}
+              "TrustAnchorCertificateType", "GrantTokenType"}
 
 
 @dataclass(frozen=True)
