@@ -149,3 +149,19 @@ def test_workers_log_in_again_after_reload_and_respawn(kits: Kits, nginx_server:
            and f"worker process {victim} exited on signal 9" not in line]
     assert not bad, bad
     assert _served_by(error_log) & third
+
+
+def test_serving_survives_an_hsm_failure(kits: Kits, nginx_server: Server) -> None:
+    """CloudHSM's reason to have several HSMs: when an HSM's process dies behind the daemon's
+    back, the handshakes of the running nginx go to the others (the client retries and fails
+    over); the daemon brings the HSM back."""
+    cluster = kits.backend.cluster
+    if cluster is None:
+        pytest.skip("SoftHSM2 directly has no second HSM to fail over to")
+    _requests(kits, 2)
+    cluster.crash(cluster.hsm_ids[0])  # type: ignore[attr-defined]
+    try:
+        _requests(kits, 12)
+    finally:
+        cluster.wait_converged(timeout=60)  # type: ignore[attr-defined]
+    _requests(kits, 4)
