@@ -28,7 +28,6 @@ class KmsConfig:
     accepted without checking the signature; a request without one is still refused
     (MissingAuthenticationTokenException)."""
 
-    enabled: bool = True
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     account_id: str = "111122223333"
