@@ -45,6 +45,8 @@ class KmsConfig:
             raise ConfigError(f"kms.account_id must be 12 digits, not {self.account_id!r}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"kms.port must be 0..65535, not {self.port}")
+        if not self.rotation_check_seconds > 0:
+            raise ConfigError("kms.rotation_check_seconds must be positive")
         if self.max_request_bytes < 1024:
             raise ConfigError("kms.max_request_bytes must be at least 1024")
         for entry in self.principals:

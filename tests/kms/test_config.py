@@ -27,6 +27,7 @@ def test_principals_table_keeps_secrets_with_equals_signs() -> None:
     ({"account_id": "123"}, "kms.account_id"),
     ({"port": 70000}, "kms.port"),
     ({"max_request_bytes": 10}, "kms.max_request_bytes"),
+    ({"rotation_check_seconds": 0}, "kms.rotation_check_seconds"),
     ({"principals": ("nope",)}, "kms.principals"),
 ])
 def test_bad_values(kw: dict[str, object], needle: str) -> None:
