@@ -219,7 +219,13 @@ def handlers(d: "Daemon") -> dict[str, Handler]:
     # -- audit -----------------------------------------------------------------------------------
     async def audit_read(args: dict[str, Any], p: Progress) -> Any:
         only = args.get("hsm_id")
+        if only is not None and not isinstance(only, str):
+            raise ControlError("`hsm_id` must be a string", "arguments")
         since = args.get("since") or {}
+        if not isinstance(since, dict) or not all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                for k, v in since.items()):
+            raise ControlError("`since` must map HSM ids to sequence numbers", "arguments")
         limit = _int(args, "limit", 1, 100_000) if "limit" in args else 1000
         out = []
         for m in c.members.values():

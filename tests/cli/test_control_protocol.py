@@ -66,8 +66,33 @@ def test_bad_requests_get_precise_errors(cluster: HsmsimCluster, data: bytes, ki
 
 
 def test_random_bytes_never_break_the_daemon(cluster: HsmsimCluster) -> None:
-    rng = random.Random(1)
-    for _ in range(60):
+    _fuzz(cluster, 60, seed=1)
+
+
+@pytest.mark.soak
+def test_soak_random_frames(cluster: HsmsimCluster) -> None:
+    _fuzz(cluster, 3000, seed=2)
+    rng = random.Random(3)
+    # every operation except those that change the topology or stop the daemon
+    ops = ["status", "ping", "inventory", "hsm.latency", "hsm.throttle", "user.list",
+           "user.create", "user.delete", "user.change_password", "user.unlock", "key.list",
+           "key.share", "key.unshare", "key.delete", "audit.read", "backup.list",
+           "backup.restore", "x"]
+    fields = ["hsm_id", "ms", "rps", "username", "role", "password", "handle", "since",
+              "limit", "login_user", "login_password", "backup_id", "target", "role_login"]
+    for _ in range(500):
+        args = {k: rng.choice([None, 1, -1, 0, "x", "", [], {}, True, 2**70, {"a": "b"}])
+                for k in rng.sample(fields, rng.randrange(0, 5))}
+        frames = _frames(_raw(cluster, _frame({"op": rng.choice(ops), "args": args})))
+        assert frames and "ok" in frames[0]
+        if frames[0]["ok"] is False:
+            assert frames[0]["kind"] != "internal", frames[0]
+    assert cluster.status()["cluster_id"] == cluster.cluster_id
+
+
+def _fuzz(cluster: HsmsimCluster, n_frames: int, seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(n_frames):
         n = rng.randrange(0, 200)
         blob = bytes(rng.randrange(256) for _ in range(n))
         if rng.random() < 0.5 and n >= 4:
