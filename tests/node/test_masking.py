@@ -165,3 +165,34 @@ def test_users_synced_and_clone_guarded(node_a: NodeProc, node_b: NodeProc) -> N
         await a.close()
         await b.close()
     run(body)
+
+
+def test_uncloned_node(tmp_path: Path) -> None:
+    node = NodeProc(tmp_path, "hsm-eeeeeeeeeee", "us-east-1e",
+                    write_secret(tmp_path / "secrets" / "cluster.secret"), "clone").start()
+    try:
+        async def body() -> None:
+            c = await node.client()
+            st = await c.status()
+            assert not st.has_masking_key and st.users == 0
+            with pytest.raises(error_class(RV.DEVICE_ERROR)):
+                await c.export_users()
+            with pytest.raises(error_class(RV.DEVICE_ERROR)):
+                await c.import_masked(b"\x93\x00\x00\x00")
+            with pytest.raises(error_class(RV.OPERATION_NOT_INITIALIZED)):
+                await c.clone_accept(b"x" * 384)
+            pub = await c.clone_offer()
+            with pytest.raises(error_class(RV.WRAPPED_KEY_INVALID)):
+                await c.clone_accept(os.urandom(384))
+            assert not (await c.status()).has_masking_key
+            assert len(pub) > 300
+            await c.close()
+        run(body)
+        node.restart()  # still waiting for its masking key after a restart
+        async def after() -> None:
+            c = await node.client()
+            assert not (await c.status()).has_masking_key
+            await c.close()
+        run(after)
+    finally:
+        node.stop()
