@@ -178,8 +178,9 @@ class Keystore:
                 raise Pkcs11Error(RV.TEMPLATE_INCONSISTENT, f"handle {h} is already in use")
         # FIDELITY: CloudHSM's return value for a full HSM is not documented; quotas here are
         # per node (CloudHSM states them per cluster) and answer CKR_DEVICE_MEMORY.
-        keys = sum(1 for r in records if r.is_key)
-        asym = sum(1 for r in records if r.asymmetric)
+        fresh = [r for r in records if not (replacing and r.handle in self.catalog)]
+        keys = sum(1 for r in fresh if r.is_key)
+        asym = sum(1 for r in fresh if r.asymmetric)
         if self.catalog.keys + keys > self.quotas.max_keys:
             raise Pkcs11Error(RV.DEVICE_MEMORY,
                               f"key quota reached ({self.quotas.max_keys} keys per HSM)")
