@@ -165,3 +165,45 @@ def test_serving_survives_an_hsm_failure(kits: Kits, nginx_server: Server) -> No
     finally:
         cluster.wait_converged(timeout=60)  # type: ignore[attr-defined]
     _requests(kits, 4)
+
+
+@pytest.mark.soak
+def test_soak_nginx_under_reloads_and_hsm_crashes(kits: Kits, nginx_server: Server) -> None:
+    """A minute of HTTPS from 4 client threads while nginx reloads every 10 s and, on the
+    hsmsim backend, an HSM's process dies every 20 s: no request may fail."""
+    import threading
+
+    failures: list[str] = []
+    done = threading.Event()
+    counts = [0] * 4
+
+    def client(i: int) -> None:
+        while not done.is_set():
+            try:
+                status, _body, _der, _c = _get(kits.port, kits.rsa.files["chain"])
+                if status != 200:
+                    failures.append(f"status {status}")
+                counts[i] += 1
+            except (OSError, ssl.SSLError, http.client.HTTPException) as exc:
+                failures.append(repr(exc))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    cluster = kits.backend.cluster
+    try:
+        for second in range(1, 61):
+            time.sleep(1)
+            if second % 10 == 0:
+                os.kill(nginx_server.proc.pid, signal.SIGHUP)
+            if cluster is not None and second % 20 == 0:
+                ids = cluster.hsm_ids  # type: ignore[attr-defined]
+                cluster.crash(ids[(second // 20) % len(ids)])  # type: ignore[attr-defined]
+    finally:
+        done.set()
+        for t in threads:
+            t.join(timeout=30)
+        if cluster is not None:
+            cluster.wait_converged(timeout=60)  # type: ignore[attr-defined]
+    assert not failures, failures[:10]
+    assert min(counts) > 0, counts
