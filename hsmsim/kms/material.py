@@ -13,6 +13,7 @@ operations layer turns them into KMS errors."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import hmac
@@ -239,10 +240,17 @@ class Fleet:
         self._login: Login | None = None
         self._domain_key: int | None = None
         self._live: dict[str, LiveKey] = {}
+        self._lock = asyncio.Lock()  # one first login / domain key creation at a time
 
     async def _ensure(self) -> tuple[Login, int]:
         if self._login is not None and self._domain_key is not None:
             return self._login, self._domain_key
+        async with self._lock:
+            if self._login is not None and self._domain_key is not None:
+                return self._login, self._domain_key
+            return await self._open()
+
+    async def _open(self) -> tuple[Login, int]:
         secret_file = self._state_dir / "kms" / "fleet.secret"
         try:
             if not secret_file.exists():
@@ -272,7 +280,7 @@ class Fleet:
             found = await self._cluster.find_objects(
                 login, {Attribute.LABEL: DOMAIN_KEY_LABEL, Attribute.CLASS: int(ObjectClass.SECRET_KEY)}, 0)
             if found:
-                handle = found[0]
+                handle = min(found)  # the first one made, should there ever be more
             else:
                 handle = await self._cluster.generate_key(
                     login, MechanismSpec(int(Mechanism.AES_KEY_GEN)), secret_key_template(DOMAIN_KEY_LABEL), 0)

@@ -7,6 +7,7 @@ AES keys with labels, AES-GCM with an HSM-generated IV, random bytes, and cluste
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 from collections.abc import Sequence
@@ -55,6 +56,7 @@ class InMemoryClusterDouble:
         return ClusterInfo(self.cluster_id, self.state, tuple(self.hsms), self.ca_cert_pem)
 
     async def login(self, user_type: UserType, username: str, password: str) -> Login:
+        await asyncio.sleep(0)  # a real cluster answers later: let other requests interleave
         if not any(h.state == "ACTIVE" for h in self.hsms):
             raise Pkcs11Error(RV.DEVICE_ERROR)
         u = self.users.get(username)
@@ -81,6 +83,7 @@ class InMemoryClusterDouble:
 
     async def generate_key(self, login: Login, mech: MechanismSpec, template: dict[int, Any],
                            session: int) -> int:
+        await asyncio.sleep(0)
         self._check(login)
         handle = next(self._ids)
         self.objects[handle] = {"owner": login.username, "value": os.urandom(int(template[Attribute.VALUE_LEN])),
@@ -88,6 +91,7 @@ class InMemoryClusterDouble:
         return handle
 
     async def find_objects(self, login: Login, template: dict[int, Any], session: int) -> list[int]:
+        await asyncio.sleep(0)
         self._check(login)
         return [h for h, o in self.objects.items() if o["owner"] == login.username
                 and o["label"] == template.get(Attribute.LABEL)]

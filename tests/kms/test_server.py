@@ -219,3 +219,27 @@ def test_policy_conditions_on_encryption_context(strict: KmsEndpoint) -> None:
     with pytest.raises(ClientError) as exc:
         alice.decrypt(CiphertextBlob=evil, EncryptionContext={"tenant": "evil-corp"})
     assert code(exc) == "AccessDeniedException" and "explicit deny" in exc.value.response["Error"]["Message"]
+
+
+def test_first_use_concurrency_makes_one_domain_key(tmp_path: Path) -> None:
+    """Concurrent first uses of the KMS fleet create one fleet user and one domain key, and
+    all material sealed meanwhile opens again later."""
+    import asyncio
+
+    from hsmsim.kms.material import Fleet
+    double = InMemoryClusterDouble(ca_cert_pem=make_ca_pem())
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "admin.password").write_text("adminpw1")
+    (tmp_path / "kms").mkdir()
+
+    async def scenario() -> None:
+        fleet = Fleet(double, tmp_path)  # type: ignore[arg-type]
+        sealed = await asyncio.gather(*(fleet.seal_secret(f"c{i}", b"s%d" % i) for i in range(8)))
+        await fleet.close()
+        again = Fleet(double, tmp_path)  # type: ignore[arg-type]
+        for i, blob in enumerate(sealed):
+            assert await again.unseal_secret(f"c{i}", blob) == b"s%d" % i
+        await again.close()
+
+    asyncio.run(scenario())
+    assert [o["label"] for o in double.objects.values()].count("hsmsim-kms-domain-key") == 1
