@@ -4,6 +4,7 @@ the audit record, and translate any domain error into the AWS error once."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ class KmsService:
         self.kms = kms
         self.audit = audit
         self.quotas = Quotas() if kms.config.quotas else None
+        self._sweep_lock = asyncio.Lock()  # the periodic sweep and a clock move never overlap
 
     async def handle(self, req: HttpRequest) -> HttpResponse:
         op = "Unknown"
@@ -133,4 +135,5 @@ class KmsService:
             return None
 
     async def sweep(self) -> None:
-        await sweep(self.kms)
+        async with self._sweep_lock:
+            await sweep(self.kms)
