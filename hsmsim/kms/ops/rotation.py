@@ -31,7 +31,10 @@ def _mutable(kms: Kms, key: KeyRecord) -> None:
 async def rotate(kms: Kms, key: KeyRecord, rotation_type: str) -> KeyRecord:
     seq = len(kms.store.materials(key.key_id))
     mat = await new_material(kms, key, seq, rotation_type)
-    key = kms.store.keys[key.key_id]
+    key = kms.store.keys[key.key_id]  # re-read: other requests ran while the material was sealed
+    if rotation_type == "ON_DEMAND" and key.on_demand_rotations >= ON_DEMAND_LIMIT:
+        raise e.LimitExceeded("The on-demand rotations limit has been reached for the given keyId. "
+                              f"No more on-demand rotations can be performed for this key: {key.arn}")
     now = kms.clock.now()
     changes: dict[str, object] = {"current_material": mat.material_id}
     if rotation_type == "ON_DEMAND":
