@@ -34,7 +34,7 @@ def new_id(prefix: str, length: int = 11) -> str:
 
 def new_password() -> str:
     """A generated password within CloudHSM's 8-32 character rule."""
-    return _secrets.token_urlsafe(18)[:24]
+    return _secrets.token_urlsafe(15)  # 20 characters: "crypto_user:" + 20 fits libp11's 32-character PIN limit
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
