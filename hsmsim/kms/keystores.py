@@ -17,6 +17,7 @@ from cryptography import x509
 from hsmsim.cluster.api import ClusterClient, ClusterInfo, Login
 from hsmsim.kms import errors as e
 from hsmsim.kms.material import ClusterFailure, Fleet
+from hsmsim.kms.model import StoreRecord
 from hsmsim.kms.store import Store
 from hsmsim.pkcs11.constants import RV, UserType
 from hsmsim.pkcs11.errors import Pkcs11Error
@@ -147,19 +148,28 @@ class KeyStores:
                     return await self._fail(store_id, code)
         if login is None:
             return await self._fail(store_id, "INVALID_CREDENTIALS")
-        # Rotate the kmsuser password, remembering the new one before the cluster changes it.
+        try:
+            await self._rotate_password(store_id, s, login)
+        except asyncio.CancelledError:  # disconnected meanwhile: do not leave kmsuser logged in
+            asyncio.get_running_loop().create_task(self._safe_logout(login))
+            raise
+
+    async def _rotate_password(self, store_id: str, s: StoreRecord, login: Login) -> None:
+        """Rotates the kmsuser password (remembering the new one before the cluster changes it)
+        and marks the store CONNECTED."""
         new_password = _new_password()
         try:
             sealed_new = await self.seal_password(store_id, new_password)
         except e.KmsError:
             await self._safe_logout(login)
             return await self._fail(store_id, "INTERNAL_ERROR")
-        self._store.put_store(replace(s, pending_password=sealed_new))
+        self._store.put_store(replace(self._store.stores[store_id], password=s.password,
+                                      pending_password=sealed_new))
         try:
             await self._cluster.change_password(login, KMS_USER, new_password)
         except Pkcs11Error as exc:
             await self._safe_logout(login)
-            self._store.put_store(replace(s, pending_password=None))
+            self._store.put_store(replace(self._store.stores[store_id], pending_password=None))
             return await self._fail(store_id, await self._login_failure(exc))
         current = self._store.stores.get(store_id)
         if current is None or current.state != CONNECTING:
