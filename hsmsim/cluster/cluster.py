@@ -93,7 +93,10 @@ class Cluster:
         # injected latency is expected, not a failure
         limit = (timeout or self.config.request_timeout_s) + member.latency_ms / 1000.0
         try:
-            return await asyncio.wait_for(aw, limit)
+            # asyncio.timeout, not wait_for: wait_for wraps the call in a new task (a task and two
+            # extra loop passes per node request)
+            async with asyncio.timeout(limit):
+                return await aw
         except asyncio.TimeoutError:
             member.mark_down(f"no answer within {limit:.1f}s")
             raise NodeUnavailable(f"{member.hsm_id} did not answer in time") from None
