@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import shutil
 import signal
 import time
@@ -25,6 +26,8 @@ log = logging.getLogger("hsmsim.cluster")
 
 ProgressFn = Callable[[int, int, str], Awaitable[None]]
 REPLACE_AFTER = 3  # consecutive failed starts before an HSM is replaced
+MAX_HSMS = 28  # CloudHSM: HSMs per cluster (not adjustable)
+AZ_RE = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-\d[a-z]$")
 
 
 class ClusterOpError(HsmsimError):
@@ -390,6 +393,10 @@ class Supervisor:
 
     async def add_hsm(self, az: str, progress: ProgressFn | None = None) -> str:
         c = self.c
+        if not AZ_RE.match(az):
+            raise ClusterOpError(f"{az!r} is not an availability zone name like us-east-1a")
+        if len(c.members) >= MAX_HSMS:
+            raise ClusterOpError(f"a cluster holds at most {MAX_HSMS} HSMs (CloudHSM quota)")
         sources = c.routable() or c.usable()
         if not sources:
             raise ClusterOpError("no healthy HSM to clone the new HSM from")
