@@ -95,6 +95,12 @@ def handlers(d: "Daemon") -> dict[str, Handler]:
 
     async def hsm_add(args: dict[str, Any], p: Progress) -> Any:
         az = _str(args, "az")
+        from hsmsim.cluster.supervisor import AZ_RE, MAX_HSMS
+        if not AZ_RE.match(az):
+            raise ControlError(f"{az!r} is not an availability zone name like us-east-1a",
+                               "arguments")
+        if len(c.members) >= MAX_HSMS:
+            raise ControlError(f"a cluster holds at most {MAX_HSMS} HSMs", "ClusterOpError")
         from hsmsim.cluster.backup import create_backup
         await create_backup(c, d.state, reason="hsm add", progress=None)
         hsm_id = await sup.add_hsm(az, p)

@@ -109,3 +109,11 @@ def test_several_requests_on_one_connection(cluster: HsmsimCluster) -> None:
 def test_client_reports_unknown_hsm(cluster: HsmsimCluster) -> None:
     with pytest.raises(ControlError, match="no HSM"):
         ControlClient(cluster.state_dir / "control.sock").call("hsm.pause", hsm_id="hsm-nope")
+
+
+def test_hsm_add_refuses_a_bad_az_without_side_effects(cluster: HsmsimCluster) -> None:
+    before = cluster.control("backup.list")
+    with pytest.raises(ControlError, match="availability zone"):
+        cluster.control("hsm.add", az="mars-1")
+    assert cluster.control("backup.list") == before
+    assert len(cluster.status()["hsms"]) == 3
