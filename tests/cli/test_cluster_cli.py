@@ -290,3 +290,24 @@ def test_bad_config_file(tmp_path: Path) -> None:
     r = run_cli(["up", "--detach", "--state", str(tmp_path / "s"), "--config",
                  str(tmp_path / "missing.toml")])
     assert r.returncode == 1 and "no such file" in r.stderr
+
+
+def test_key_list_uri_for_a_key_made_through_pkcs11(cli_cluster: HsmsimCluster) -> None:
+    pkcs11 = pytest.importorskip("pkcs11", reason="python-pkcs11 is not installed")
+    c = cli_cluster
+    if not c.module_path.is_file():
+        pytest.skip("libhsmsim-pkcs11.so is not built (make build)")
+    os.environ.update(c.env)
+    lib = pkcs11.lib(str(c.module_path))
+    with lib.get_token().open(user_pin=c.pin, rw=True) as s:
+        s.generate_key(pkcs11.KeyType.AES, 256, store=True, label="web key",
+                       id=b"\x01\xab")
+    keys = _json(c.cli("key", "list", "--json"))
+    mine = [k for k in keys if k["label"] == "web key"]  # type: ignore[union-attr, index]
+    assert mine, keys
+    assert mine[0]["uri"] == "pkcs11:token=hsm1;object=web%20key;id=%01%ab;type=secret-key"
+    assert mine[0]["coverage"] in ("2/3", "3/3")
+    r = c.cli("key", "delete", mine[0]["key_reference"])
+    assert r.returncode == 0, r.stderr
+    assert not [k for k in _json(c.cli("key", "list", "--json"))  # type: ignore[union-attr]
+                if k["label"] == "web key"]
