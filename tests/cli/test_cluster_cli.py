@@ -292,12 +292,14 @@ def test_bad_config_file(tmp_path: Path) -> None:
     assert r.returncode == 1 and "no such file" in r.stderr
 
 
-def test_key_list_uri_for_a_key_made_through_pkcs11(cli_cluster: HsmsimCluster) -> None:
+def test_key_list_uri_for_a_key_made_through_pkcs11(cli_cluster: HsmsimCluster,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     pkcs11 = pytest.importorskip("pkcs11", reason="python-pkcs11 is not installed")
     c = cli_cluster
     if not c.module_path.is_file():
         pytest.skip("libhsmsim-pkcs11.so is not built (make build)")
-    os.environ.update(c.env)
+    for k, v in c.env.items():
+        monkeypatch.setenv(k, v)
     lib = pkcs11.lib(str(c.module_path))
     with lib.get_token().open(user_pin=c.pin, rw=True) as s:
         s.generate_key(pkcs11.KeyType.AES, 256, store=True, label="web key",
