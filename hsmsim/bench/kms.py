@@ -22,7 +22,7 @@ from hsmsim.bench.report import ratio, render
 
 CONCURRENCY = 16
 DURATION = float(os.environ.get("HSMSIM_BENCH_SECONDS", "1.5"))
-ROUNDS = 3  # hsmsim and moto measured alternately, median of the rounds (the machine is shared)
+ROUNDS = 5  # hsmsim and moto measured alternately, median of the rounds (the machine is shared)
 WARMUP = 0.5
 PAYLOAD = 1024
 REGION = "us-east-1"
