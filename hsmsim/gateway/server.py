@@ -9,6 +9,7 @@ import logging
 import os
 import ssl
 from collections import deque
+from collections.abc import Awaitable
 from pathlib import Path
 
 from hsmsim.cluster.api import ClusterClient
@@ -97,6 +98,10 @@ class Connection(asyncio.Protocol):
             fn = self.gw.sync.get(op)
             if fn is not None:
                 reply = self._guard(lambda: fn(self.app, Reader(body)))
+                if type(reply) is not tuple:  # the handler needs the cluster after all
+                    self.busy = True
+                    self.server.spawn(self._finish(request_id, op, reply))
+                    continue
                 self._send(request_id, op, reply)
                 if op == Op.Finalize:
                     self._finalize()
@@ -106,12 +111,12 @@ class Connection(asyncio.Protocol):
                 self._send(request_id, op, (int(RV.FUNCTION_NOT_SUPPORTED), b""))
                 continue
             self.busy = True
-            self.server.spawn(self._run(request_id, op, afn, body))
+            self.server.spawn(self._finish(request_id, op, afn(self.app, Reader(body))))
 
-    async def _run(self, request_id: int, op: int, afn, body: memoryview) -> None:  # type: ignore[no-untyped-def]
+    async def _finish(self, request_id: int, op: int, pending: Awaitable[Reply]) -> None:
         try:
             try:
-                reply = await afn(self.app, Reader(body))
+                reply = await pending
             except Exception as exc:  # noqa: BLE001 - translated once, here
                 reply = self._translate(exc)
             self._send(request_id, op, reply)

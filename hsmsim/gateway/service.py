@@ -95,7 +95,9 @@ class Gateway:
         self.handles = HandleSource()
         self._validated: dict[tuple[int, int, OpKind], tuple[float, Any]] = {}
         self._serial = b"hsmsim"
-        self.sync: dict[int, Callable[[Application, Reader], Reply]] = {}
+        # sync handlers answer at once; a few (the *Init calls) may instead return an awaitable
+        # when they need the cluster
+        self.sync: dict[int, Callable[[Application, Reader], Reply | Awaitable[Reply]]] = {}
         self.async_: dict[int, Callable[[Application, Reader], Awaitable[Reply]]] = {}
         for op in Op:
             fn = getattr(self, f"op_{op.name}", None)
@@ -458,38 +460,51 @@ class Gateway:
             if m not in _VENDOR_WRAPS:
                 raise _err(bad, f"mechanism 0x{m:x} takes no parameter")
 
-    async def _check_key(self, app: Application, key: int, kind: OpKind, info: MechanismInfo) -> None:
-        """UG:configure-sdk-5 validate-key-at-init: one round trip to check the key."""
+    def _key_validated(self, app: Application, key: int, kind: OpKind, info: MechanismInfo) -> bool:
+        """True when validate-key-at-init needs no round trip (off, or a cached success); the
+        cached key type is checked here."""
         if not self.config.validate_key_at_init:
-            return
+            return True
         login = app.require_login()
-        cache_key = (login.login_id, key, kind)
-        now = time.monotonic()
-        hit = self._validated.get(cache_key)
-        if hit is not None and hit[0] > now:
-            key_type = hit[1]
-        else:
-            try:
-                res = await self.cluster.get_attributes(login, key, [A.KEY_TYPE, _USAGE[kind]])
-            except Pkcs11Error as exc:
-                if exc.rv in (RV.OBJECT_HANDLE_INVALID, RV.KEY_HANDLE_INVALID):
-                    raise _err(RV.KEY_HANDLE_INVALID, "no such key") from None
-                raise
-            key_type, usage = res[0].value, res[1].value
-            if usage is False:
-                raise _err(RV.KEY_FUNCTION_NOT_PERMITTED, f"the key does not allow {kind.value}")
-            if self.config.validate_key_cache_seconds > 0:
-                if len(self._validated) > 100_000:
-                    self._validated.clear()
-                self._validated[cache_key] = (now + self.config.validate_key_cache_seconds, key_type)
+        hit = self._validated.get((login.login_id, key, kind))
+        if hit is None or hit[0] <= time.monotonic():
+            return False
+        self._check_key_type(hit[1], info)
+        return True
+
+    @staticmethod
+    def _check_key_type(key_type: Any, info: MechanismInfo) -> None:
         if info.key_type is not None and key_type is not None and key_type != info.key_type:
             raise _err(RV.KEY_TYPE_INCONSISTENT, "the key type does not fit the mechanism")
+
+    async def _check_key(self, app: Application, key: int, kind: OpKind, info: MechanismInfo) -> None:
+        """UG:configure-sdk-5 validate-key-at-init: one round trip to check the key (callers
+        first try `_key_validated`)."""
+        login = app.require_login()
+        now = time.monotonic()
+        try:
+            res = await self.cluster.get_attributes(login, key, [A.KEY_TYPE, _USAGE[kind]])
+        except Pkcs11Error as exc:
+            if exc.rv in (RV.OBJECT_HANDLE_INVALID, RV.KEY_HANDLE_INVALID):
+                raise _err(RV.KEY_HANDLE_INVALID, "no such key") from None
+            raise
+        key_type, usage = res[0].value, res[1].value
+        if usage is False:
+            raise _err(RV.KEY_FUNCTION_NOT_PERMITTED, f"the key does not allow {kind.value}")
+        if self.config.validate_key_cache_seconds > 0:
+            if len(self._validated) > 100_000:
+                self._validated.clear()
+            self._validated[(login.login_id, key, kind)] = (
+                now + self.config.validate_key_cache_seconds, key_type)
+        self._check_key_type(key_type, info)
 
     def _forget_validated(self, *, handle: int | None = None, login_id: int | None = None) -> None:
         for k in [k for k in self._validated if k[1] == handle or k[0] == login_id]:
             del self._validated[k]
 
-    async def _init(self, app: Application, r: Reader, kind: OpKind) -> Reply:
+    def _init(self, app: Application, r: Reader, kind: OpKind) -> Reply | Awaitable[Reply]:
+        """Answered at once unless the key needs a validation round trip (then an awaitable:
+        the server runs it as a task). Saves a task and a loop pass per cached *Init."""
         s = app.session(r.u64())
         mech = decode_mechanism(r)
         key = r.u64() if kind != OpKind.DIGEST else 0
@@ -505,26 +520,34 @@ class Gateway:
             hasher = hashlib.new(info.hash)
         else:
             app.require_login()
-            await self._check_key(app, key, kind, info)
+            if not self._key_validated(app, key, kind, info):
+                return self._init_after_check(app, s, kind, mech, info, key)
             if info.hash:
                 hasher = hashlib.new(info.hash)
         s.ops[kind] = Operation(kind, mech, info, key, hasher)
         return OK, b""
 
-    async def op_EncryptInit(self, app: Application, r: Reader) -> Reply:
-        return await self._init(app, r, OpKind.ENCRYPT)
+    async def _init_after_check(self, app: Application, s: Session, kind: OpKind, mech: DecodedMechanism,
+                                info: MechanismInfo, key: int) -> Reply:
+        await self._check_key(app, key, kind, info)
+        hasher = hashlib.new(info.hash) if info.hash else None
+        s.ops[kind] = Operation(kind, mech, info, key, hasher)
+        return OK, b""
 
-    async def op_DecryptInit(self, app: Application, r: Reader) -> Reply:
-        return await self._init(app, r, OpKind.DECRYPT)
+    def op_EncryptInit(self, app: Application, r: Reader) -> Reply | Awaitable[Reply]:
+        return self._init(app, r, OpKind.ENCRYPT)
 
-    async def op_SignInit(self, app: Application, r: Reader) -> Reply:
-        return await self._init(app, r, OpKind.SIGN)
+    def op_DecryptInit(self, app: Application, r: Reader) -> Reply | Awaitable[Reply]:
+        return self._init(app, r, OpKind.DECRYPT)
 
-    async def op_VerifyInit(self, app: Application, r: Reader) -> Reply:
-        return await self._init(app, r, OpKind.VERIFY)
+    def op_SignInit(self, app: Application, r: Reader) -> Reply | Awaitable[Reply]:
+        return self._init(app, r, OpKind.SIGN)
 
-    async def op_DigestInit(self, app: Application, r: Reader) -> Reply:
-        return await self._init(app, r, OpKind.DIGEST)
+    def op_VerifyInit(self, app: Application, r: Reader) -> Reply | Awaitable[Reply]:
+        return self._init(app, r, OpKind.VERIFY)
+
+    def op_DigestInit(self, app: Application, r: Reader) -> Reply | Awaitable[Reply]:
+        return self._init(app, r, OpKind.DIGEST)
 
     # ---- the HSM side of each operation ------------------------------------------------------------
     def _limit(self, op: Operation, n: int) -> None:
