@@ -165,8 +165,26 @@ class CryptoOps(Ops):
             return await self.ks.in_hsm(self.ks.hsm.sign, mech, self.ks.soft_handle(r.handle), data)
         soft_mech, soft_data = self._softhsm_sign_mech(r, mech, data)
         await self._generic_key_for_hmac(r, mech)
+        if soft_mech.mechanism == M.ECDSA and r.cls == ObjectClass.PRIVATE_KEY:
+            signer = await self._ec_private(r)
+            if signer is not None:
+                sig = (signer.sign(soft_data) if signer.inline
+                       else await self.ks.in_hsm(signer.sign, soft_data))
+                if sig is not None:
+                    return sig
         return await self.ks.in_hsm(self.ks.hsm.sign, soft_mech, self.ks.soft_handle(r.handle),
                                     soft_data)
+
+    async def _ec_private(self, r: ObjectRecord) -> engine.EcSigner | None:
+        """The cached EC signer (loaded by unmasking), or None to leave the key to SoftHSM2."""
+        async def load() -> engine.EcSigner:
+            der = await self.ks.material(r)
+            return engine.EcSigner(der)
+        try:
+            ctx = await self.engine.get(r.handle, load)
+        except (Pkcs11Error, ValueError, TypeError):
+            return None  # e.g. a curve pyca does not load: SoftHSM2 signs
+        return ctx if isinstance(ctx, engine.EcSigner) else None
 
     async def verify(self, conn: Conn, f: Fields) -> None:
         login = self.cu_of(conn, f)
