@@ -151,10 +151,10 @@ class Daemon:
             kcfg = (resolve_section(kcfg_mod.KmsConfig, "kms", self.file_data, self.environ)
                     if kcfg_mod is not None else None)
             try:
-                self.services["kms"] = await kms.start_kms(self.cluster, kcfg, self.state.root)
-                host = getattr(kcfg, "host", "127.0.0.1")
-                port = getattr(kcfg, "port", 4599)
-                self.endpoints["kms"] = f"http://{host}:{port}"
+                svc = await kms.start_kms(self.cluster, kcfg, self.state.root)
+                self.services["kms"] = svc
+                # The server's own address: right even for `port = 0` (any free port).
+                self.endpoints["kms"] = str(svc.url)
             except Exception as exc:
                 log.exception("the KMS endpoint failed to start")
                 self.warnings.append(f"the KMS endpoint did not start: {exc} (choose another "
