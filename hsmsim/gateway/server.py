@@ -46,8 +46,15 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf
-        buf += data
         limit = self.gw.config.max_frame
+        if not buf and len(data) >= 4:  # the usual case: exactly one whole request
+            (n,) = P.LENGTH.unpack_from(data)
+            if len(data) == 4 + n and P.REQUEST_HEADER.size <= n <= limit:
+                self.pending.append(data[4:])
+                if not self.busy:
+                    self._pump()
+                return
+        buf += data
         while len(buf) >= 4:
             (n,) = P.LENGTH.unpack_from(buf)
             if n < P.REQUEST_HEADER.size or n > limit:
@@ -97,7 +104,10 @@ class Connection(asyncio.Protocol):
                 continue
             fn = self.gw.sync.get(op)
             if fn is not None:
-                reply = self._guard(lambda: fn(self.app, Reader(body)))
+                try:
+                    reply = fn(self.app, Reader(body))
+                except Exception as exc:  # noqa: BLE001 - translated once, here
+                    reply = self._translate(exc)
                 if type(reply) is not tuple:  # the handler needs the cluster after all
                     self.busy = True
                     self.server.spawn(self._finish(request_id, op, reply))
@@ -123,12 +133,6 @@ class Connection(asyncio.Protocol):
         finally:
             self.busy = False
             self._pump()
-
-    def _guard(self, call) -> Reply:  # type: ignore[no-untyped-def]
-        try:
-            return call()  # type: ignore[no-any-return]
-        except Exception as exc:  # noqa: BLE001 - translated once, here
-            return self._translate(exc)
 
     @staticmethod
     def _translate(exc: Exception) -> Reply:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -46,6 +47,9 @@ _USAGE = {OpKind.ENCRYPT: A.ENCRYPT, OpKind.DECRYPT: A.DECRYPT, OpKind.SIGN: A.S
 _FLAG = {OpKind.ENCRYPT: F.ENCRYPT, OpKind.DECRYPT: F.DECRYPT, OpKind.SIGN: F.SIGN,
          OpKind.VERIFY: F.VERIFY, OpKind.DIGEST: F.DIGEST}
 _BLOCK = {M.AES_CBC: 16, M.AES_ECB: 16, M.DES3_CBC: 8, M.DES3_ECB: 8}
+
+
+_SESSION_INFO = struct.Struct("<QQQQ")  # slot, state, flags, device error
 
 
 def _err(rv: RV, msg: str) -> Pkcs11Error:
@@ -235,7 +239,7 @@ class Gateway:
     def op_GetSessionInfo(self, app: Application, r: Reader) -> Reply:
         s = app.session(r.u64())
         r.end()
-        return OK, Writer().u64(self.config.slot_id).u64(app.state(s)).u64(s.flags).u64(0).done()
+        return OK, _SESSION_INFO.pack(self.config.slot_id, app.state(s), int(s.flags), 0)
 
     async def op_Login(self, app: Application, r: Reader) -> Reply:
         s_handle = r.u64()
