@@ -12,9 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from hsmsim.pkcs11.attributes import AttrValue, Template
+from hsmsim.pkcs11.attributes import Template
 from hsmsim.pkcs11.constants import UserType
 from hsmsim.pkcs11.params import MechanismSpec
+from hsmsim.pkcs11.values import AttributeResult as AttributeResult  # re-exported: part of the contract
+from hsmsim.pkcs11.values import EncryptResult as EncryptResult
 
 
 @dataclass(frozen=True)
@@ -24,24 +26,6 @@ class Login:
     login_id: int
     user_type: UserType
     username: str
-
-
-@dataclass(frozen=True)
-class AttributeResult:
-    """One C_GetAttributeValue slot: `value` is None with `rv` = CKR_ATTRIBUTE_SENSITIVE or
-    CKR_ATTRIBUTE_TYPE_INVALID when it cannot be returned."""
-
-    attr: int
-    value: AttrValue | None
-    rv: int = 0
-
-
-@dataclass(frozen=True)
-class EncryptResult:
-    """Ciphertext, and the IV the HSM generated (AES-GCM) or None."""
-
-    data: bytes
-    iv: bytes | None = None
 
 
 @dataclass(frozen=True)

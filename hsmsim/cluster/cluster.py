@@ -573,7 +573,7 @@ class Cluster:
                              attrs: Sequence[int]) -> list[AttributeResult]:
         slots = await self.run(login, (handle,), RV.OBJECT_HANDLE_INVALID,
                                lambda m, lid: m.client.get_attributes(lid, handle, attrs))  # type: ignore[union-attr, arg-type]
-        return [AttributeResult(s.attr, s.value, s.rv) for s in slots]
+        return list(slots)
 
     async def _apply_everywhere(self, login: Login, handle: int,
                                 fn: Callable[[Member, int], Awaitable[Any]]) -> None:
@@ -666,9 +666,10 @@ class Cluster:
 
     # -- ClusterClient: crypto ---------------------------------------------------------------------
     async def encrypt(self, login: Login, handle: int, mech: MechanismSpec, data: bytes) -> EncryptResult:
-        r = await self.run(login, (handle,), RV.KEY_HANDLE_INVALID,
-                           lambda m, lid: m.client.encrypt(lid, handle, mech, data))  # type: ignore[union-attr, arg-type]
-        return EncryptResult(r.data, r.iv)
+        r: EncryptResult = await self.run(
+            login, (handle,), RV.KEY_HANDLE_INVALID,
+            lambda m, lid: m.client.encrypt(lid, handle, mech, data))  # type: ignore[union-attr, arg-type]
+        return r
 
     async def decrypt(self, login: Login, handle: int, mech: MechanismSpec, data: bytes) -> bytes:
         return await self.run(login, (handle,), RV.KEY_HANDLE_INVALID,

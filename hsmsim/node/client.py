@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 from hsmsim import __version__
 from hsmsim.errors import HsmsimError
 from hsmsim.node import codec, protocol
-from hsmsim.node.values import (AttributeSlot, AuditRecord, Encrypted, Hello, InventoryEntry,
-                                LoginInfo, NodeStatus, NodeUser)
+from hsmsim.node.values import (AuditRecord, Hello, InventoryEntry, LoginInfo, NodeStatus,
+                                NodeUser)
+from hsmsim.pkcs11.values import AttributeResult, EncryptResult
 from hsmsim.pkcs11.attributes import Template
 from hsmsim.pkcs11.constants import RV, UserType
 from hsmsim.pkcs11.errors import ERRORS, Pkcs11Error
@@ -326,7 +327,7 @@ class NodeClient:
         await self.call("destroy_object", login_id=login_id, handle=handle)
 
     async def get_attributes(self, login_id: int, handle: int,
-                             attrs: Sequence[int]) -> list[AttributeSlot]:
+                             attrs: Sequence[int]) -> list[AttributeResult]:
         r = await self.call("get_attributes", login_id=login_id, handle=handle,
                             attrs=[int(a) for a in attrs])
         return codec.results_from_wire(r)
@@ -356,10 +357,10 @@ class NodeClient:
     # -- crypto ------------------------------------------------------------------------------------
 
     async def encrypt(self, login_id: int, handle: int, mech: MechanismSpec,
-                      data: bytes) -> Encrypted:
+                      data: bytes) -> EncryptResult:
         r = await self.call("encrypt", login_id=login_id, handle=handle,
                             mech=codec.mech_to_wire(mech), data=data)
-        return Encrypted(r["data"], r.get("iv"))
+        return EncryptResult(r["data"], r.get("iv"))
 
     async def decrypt(self, login_id: int, handle: int, mech: MechanismSpec, data: bytes) -> bytes:
         return bytes(await self.call("decrypt", login_id=login_id, handle=handle,

@@ -13,7 +13,7 @@ from typing import Any, TypeAlias
 from hsmsim.pkcs11.attributes import KINDS, AttrValue, Kind, Template
 from hsmsim.pkcs11.constants import RV
 from hsmsim.pkcs11.errors import Pkcs11Error
-from hsmsim.node.values import AttributeSlot
+from hsmsim.pkcs11.values import AttributeResult
 from hsmsim.pkcs11.params import (CtrParams, Ecdh1Params, GcmParams, MechanismSpec, OaepParams,
                                   Param, PssParams, RawParams)
 
@@ -72,11 +72,11 @@ def attrs_from_wire(raw: Any) -> list[int]:
     return list(raw)
 
 
-def results_to_wire(results: Sequence[AttributeSlot]) -> list[list[Any]]:
+def results_to_wire(results: Sequence[AttributeResult]) -> list[list[Any]]:
     return [[r.attr, r.value, r.rv] for r in results]
 
 
-def results_from_wire(raw: Any) -> list[AttributeSlot]:
+def results_from_wire(raw: Any) -> list[AttributeResult]:
     if not isinstance(raw, list):
         raise _bad("attribute results must be a list")
     out = []
@@ -84,7 +84,7 @@ def results_from_wire(raw: Any) -> list[AttributeSlot]:
         if not (isinstance(item, list) and len(item) == 3):
             raise _bad("attribute result must be [attr, value, rv]")
         attr, value, rv = item
-        out.append(AttributeSlot(int(attr), value, int(rv)))
+        out.append(AttributeResult(int(attr), value, int(rv)))
     return out
 
 

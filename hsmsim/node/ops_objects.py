@@ -16,7 +16,8 @@ from hsmsim.node.index import ObjectRecord
 from hsmsim.node.keystore import value_len
 from hsmsim.node.softhsm import raw_template
 from hsmsim.node.users import check_username
-from hsmsim.node.values import ROLE_CU, AttributeSlot
+from hsmsim.node.values import ROLE_CU
+from hsmsim.pkcs11.values import AttributeResult
 from hsmsim.pkcs11.attributes import Template
 from hsmsim.pkcs11.constants import RV, Attribute as A, KeyType, Mechanism as M, ObjectClass
 from hsmsim.pkcs11.errors import Pkcs11Error
@@ -197,24 +198,24 @@ class ObjectOps(Ops):
     async def get_attributes(self, conn: Conn, f: Fields) -> list[list[Any]]:
         login = self.login_of(conn, f)
         r = self.record(login, f.handle())
-        out: list[AttributeSlot] = []
+        out: list[AttributeResult] = []
         for a in f.attrs():
             out.append(await self._attribute(login, r, a))
         return results_to_wire(out)
 
-    async def _attribute(self, login: Login, r: ObjectRecord, a: int) -> AttributeSlot:
+    async def _attribute(self, login: Login, r: ObjectRecord, a: int) -> AttributeResult:
         secret = policy.SECRET_ATTRS.get(r.cls, frozenset())  # type: ignore[call-overload]
         if a in secret:
             if policy.is_sensitive_value(r.attrs) or not login.is_cu or r.owner != login.username:
-                return AttributeSlot(a, None, int(RV.ATTRIBUTE_SENSITIVE))
-            return AttributeSlot(a, await self._secret_attribute(r, a), 0)
+                return AttributeResult(a, None, int(RV.ATTRIBUTE_SENSITIVE))
+            return AttributeResult(a, await self._secret_attribute(r, a), 0)
         if a == A.VALUE and r.cls in (ObjectClass.DATA, ObjectClass.CERTIFICATE):
             value = await self.ks.in_hsm(self.ks.hsm.get_attribute,
                                          self.ks.soft_handle(r.handle), A.VALUE)
-            return AttributeSlot(a, value or b"", 0)
+            return AttributeResult(a, value or b"", 0)
         if a in r.attrs:
-            return AttributeSlot(a, r.attrs[a], 0)
-        return AttributeSlot(a, None, int(RV.ATTRIBUTE_TYPE_INVALID))
+            return AttributeResult(a, r.attrs[a], 0)
+        return AttributeResult(a, None, int(RV.ATTRIBUTE_TYPE_INVALID))
 
     async def _secret_attribute(self, r: ObjectRecord, a: int) -> bytes | None:
         """Secret material of a non-sensitive, extractable key: by unmasking."""

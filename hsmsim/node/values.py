@@ -6,29 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from hsmsim.pkcs11.attributes import AttrValue
 
 ROLE_CO = "admin"  # CloudHSM CLI role name of a crypto officer (PKCS#11 CKU_SO)
 ROLE_CU = "crypto-user"  # CloudHSM CLI role name of a crypto user (PKCS#11 CKU_USER)
 ROLES = (ROLE_CO, ROLE_CU)
-
-
-@dataclass(frozen=True)
-class AttributeSlot:
-    """One C_GetAttributeValue slot: value None with rv CKR_ATTRIBUTE_SENSITIVE or
-    CKR_ATTRIBUTE_TYPE_INVALID when it cannot be returned."""
-
-    attr: int
-    value: AttrValue | None
-    rv: int = 0
-
-
-@dataclass(frozen=True)
-class Encrypted:
-    """Ciphertext (for AES-GCM: ciphertext || tag) and the IV the HSM generated, if any."""
-
-    data: bytes
-    iv: bytes | None = None
 
 
 @dataclass(frozen=True)
