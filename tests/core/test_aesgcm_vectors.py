@@ -9,7 +9,7 @@ import pytest
 
 from hsmsim.core import AesGcmKey, InvalidTag
 
-from .vectors import load_rsp
+from vectorfiles import load_rsp
 
 FILES = [f"ciphers/AES/GCM/gcm{kind}{bits}.rsp" for kind in ("EncryptExtIV", "Decrypt")
          for bits in (128, 192, 256)]

@@ -18,7 +18,9 @@ from hsmsim.core import (
     RsaPublicKey,
 )
 
-from .vectors import HASH_NAMES, Pkcs1Key, load_pkcs1, load_rsp
+from vectorfiles import load_rsp
+
+from .vectors import HASH_NAMES, Pkcs1Key, load_pkcs1
 
 RSA = "asymmetric/RSA/"
 NIST = RSA + "FIPS_186-2/"

@@ -12,7 +12,7 @@ from hsmsim.pkcs11.errors import error_class
 from hsmsim.pkcs11.params import GcmParams, MechanismSpec as Spec, RawParams
 
 from .nodeproc import NodeProc, run
-from .vectors import hx, load
+from vectorfiles import hx, load_rsp as load
 
 SESSION = 77
 
