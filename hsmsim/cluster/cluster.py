@@ -62,6 +62,8 @@ class Cluster:
         self.handles = HandleAllocator(state.handles)
         self.journal = Journal(state.journal)
         self.objects: dict[int, Obj] = {}
+        # The HSM holding each application's session objects (login id -> HSM id).
+        self.session_homes: dict[int, str] = {}
         self._logins: dict[int, LoginRecord] = {}
         self._login_ids = itertools.count(1)
         self._rr = itertools.count()
@@ -207,6 +209,7 @@ class Cluster:
 
     async def logout(self, login: Login) -> None:
         rec = self._logins.pop(login.login_id, None)
+        self.session_homes.pop(login.login_id, None)
         if rec is None:
             raise Pkcs11Error(RV.USER_NOT_LOGGED_IN, "the application is not logged in")
         calls = []
@@ -337,6 +340,12 @@ class Cluster:
             # CloudHSM spreads work "based on each HSM's capacity": new objects go to the HSM
             # with the fewest requests in flight (ties keep the round-robin order).
             m = min(cands, key=lambda x: x.inflight)
+            if not all(token_flags):
+                # FIDELITY: where CloudHSM places session keys is not documented; an
+                # application's session objects stay on one HSM here, so that calls using two
+                # of them (wrap, unwrap, derive) find both.
+                home = self.session_homes.get(login.login_id)
+                m = next((c for c in cands if c.hsm_id == home), m)
             handles = self.handles.allocate(len(token_flags))
             try:
                 lid = await self.node_login(m, rec)
@@ -368,6 +377,8 @@ class Cluster:
         for h, tok in zip(handles, token_flags):
             self.objects[h] = Obj(tok, {m.hsm_id}, None if tok else login.login_id,
                                   None if tok else session)
+        if not all(token_flags):
+            self.session_homes[login.login_id] = m.hsm_id
         token_handles = [h for h, tok in zip(handles, token_flags) if tok]
         if token_handles:
             await self.replicate_new(m, token_handles)

@@ -5,6 +5,7 @@ everything else runs in SoftHSM2."""
 from __future__ import annotations
 
 import hashlib
+import hmac
 from dataclasses import replace
 from typing import Any
 
@@ -17,6 +18,7 @@ from hsmsim.node import engine, policy
 from hsmsim.node.codec import Fields
 from hsmsim.node.context import Conn, Ops
 from hsmsim.node.index import ObjectRecord
+from hsmsim.node.keystore import value_len
 from hsmsim.node.softhsm import raw_template
 from hsmsim.pkcs11.constants import RV, Attribute as A, KeyType, Mechanism as M, ObjectClass
 from hsmsim.pkcs11.errors import Pkcs11Error
@@ -31,7 +33,9 @@ AES_WRAPS = {M.AES_KEY_WRAP: M.AES_KEY_WRAP, M.AES_KEY_WRAP_PAD: M.AES_KEY_WRAP_
              M.CLOUDHSM_AES_KEY_WRAP_NO_PAD: M.AES_KEY_WRAP,
              M.CLOUDHSM_AES_KEY_WRAP_PKCS5_PAD: M.AES_KEY_WRAP_PAD}
 SOFTHSM_SYMMETRIC = frozenset({M.AES_CBC, M.AES_CBC_PAD, M.AES_ECB, M.AES_CTR})
-HMACS = frozenset({M.SHA_1_HMAC, M.SHA224_HMAC, M.SHA256_HMAC, M.SHA384_HMAC, M.SHA512_HMAC})
+HMAC_HASHES = {M.SHA_1_HMAC: "sha1", M.SHA224_HMAC: "sha224", M.SHA256_HMAC: "sha256",
+               M.SHA384_HMAC: "sha384", M.SHA512_HMAC: "sha512"}
+HMACS = frozenset(HMAC_HASHES)
 
 
 class CryptoOps(Ops):
@@ -133,8 +137,6 @@ class CryptoOps(Ops):
                         hashlib.new(ECDSA_HASH[m], data).digest())  # type: ignore[index]
             return mech, data
         if m in HMACS:
-            # FIDELITY: SoftHSM2 requires HMAC keys at least as long as the digest
-            # (CKR_KEY_SIZE_RANGE); CloudHSM's minimum is not documented.
             if r.cls != ObjectClass.SECRET_KEY:
                 raise Pkcs11Error(RV.KEY_TYPE_INCONSISTENT, "HMAC needs a secret key")
             return mech, data
@@ -144,11 +146,18 @@ class CryptoOps(Ops):
             return mech, data
         raise Pkcs11Error(RV.MECHANISM_INVALID, f"mechanism 0x{m:x} cannot sign")
 
-    async def _generic_key_for_hmac(self, r: ObjectRecord, mech: MechanismSpec) -> None:
-        if mech.mechanism in HMACS and r.key_type == KeyType.AES:
-            # FIDELITY: SoftHSM2 computes HMAC only with generic secret keys; CloudHSM also
-            # accepts AES keys. We refuse AES keys for HMAC.
-            raise Pkcs11Error(RV.KEY_TYPE_INCONSISTENT, "HMAC needs a generic secret key")
+    async def _own_hmac(self, r: ObjectRecord, mech: MechanismSpec, data: bytes) -> bytes | None:
+        """HMAC computed by the node on the key loaded by unmasking, where SoftHSM2 would refuse
+        a key CloudHSM takes: AES keys, and keys shorter than the digest (SoftHSM2 answers
+        CKR_KEY_SIZE_RANGE). None: SoftHSM2 computes it, as for every other HMAC key."""
+        name = HMAC_HASHES.get(mech.mechanism)  # type: ignore[call-overload]
+        if name is None or r.cls != ObjectClass.SECRET_KEY:
+            return None
+        short = (value_len(r) or 0) < hashlib.new(name).digest_size
+        if r.key_type != KeyType.AES and not short:
+            return None
+        key = await self.ks.material(r)
+        return hmac.new(key, data, name).digest()
 
     async def sign(self, conn: Conn, f: Fields) -> bytes:
         login = self.cu_of(conn, f)
@@ -164,7 +173,9 @@ class CryptoOps(Ops):
                 return await self.ks.in_hsm(engine.rsa_sign, priv, mech.mechanism, mech.param, data)
             return await self.ks.in_hsm(self.ks.hsm.sign, mech, self.ks.soft_handle(r.handle), data)
         soft_mech, soft_data = self._softhsm_sign_mech(r, mech, data)
-        await self._generic_key_for_hmac(r, mech)
+        mac = await self._own_hmac(r, mech, data)
+        if mac is not None:
+            return mac
         if soft_mech.mechanism == M.ECDSA and r.cls == ObjectClass.PRIVATE_KEY:
             signer = await self._ec_private(r)
             if signer is not None:
@@ -199,7 +210,11 @@ class CryptoOps(Ops):
             await self.ks.in_hsm(self.ks.hsm.verify, mech, self.ks.soft_handle(r.handle), data, sig)
             return
         soft_mech, soft_data = self._softhsm_sign_mech(r, mech, data)
-        await self._generic_key_for_hmac(r, mech)
+        mac = await self._own_hmac(r, mech, data)
+        if mac is not None:
+            if not hmac.compare_digest(mac, sig):
+                raise Pkcs11Error(RV.SIGNATURE_INVALID, "HMAC mismatch")
+            return
         await self.ks.in_hsm(self.ks.hsm.verify, soft_mech, self.ks.soft_handle(r.handle),
                              soft_data, sig)
 

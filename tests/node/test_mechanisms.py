@@ -305,7 +305,7 @@ def test_generate_sizes_and_ranges(node_a: NodeProc, handles) -> None:
 
 
 def test_hmac_cmac_digest_random(node_a: NodeProc, handles) -> None:
-    secret = os.urandom(64)  # SoftHSM2 requires HMAC keys at least as long as the digest
+    secret = os.urandom(64)
     aes = os.urandom(16)
 
     async def body() -> None:
@@ -333,6 +333,30 @@ def test_hmac_cmac_digest_random(node_a: NodeProc, handles) -> None:
         assert len(r1) == 64 and r1 != r2
         with pytest.raises(error_class(RV.ARGUMENTS_BAD)):
             await c.generate_random(0)
+        await c.close()
+    run(body)
+
+
+def test_hmac_with_short_and_aes_keys(node_a: NodeProc, handles) -> None:
+    """CloudHSM takes any secret key for HMAC; SoftHSM2 alone would refuse keys shorter than
+    the digest and AES keys, so the node computes those itself on the unmasked key."""
+    short, aes = os.urandom(20), os.urandom(16)
+
+    async def body() -> None:
+        c, lid = await node_a.login("alice")
+        hs = await c.create_object(lid, {A.CLASS: ObjectClass.SECRET_KEY,
+                                         A.KEY_TYPE: KeyType.GENERIC_SECRET, A.VALUE: short,
+                                         A.SIGN: True, A.VERIFY: True}, handle=handles(), session=1)
+        ha = await c.create_object(lid, {A.CLASS: ObjectClass.SECRET_KEY, A.KEY_TYPE: KeyType.AES,
+                                         A.VALUE: aes, A.SIGN: True, A.VERIFY: True},
+                                   handle=handles(), session=1)
+        for key, h in ((short, hs), (aes, ha)):
+            for name, mech in HMAC_MECH.items():
+                mac = await c.sign(lid, h, Spec(mech), b"hmac data")
+                assert mac == pyhmac.new(key, b"hmac data", name).digest()
+                await c.verify(lid, h, Spec(mech), b"hmac data", mac)
+                with pytest.raises(error_class(RV.SIGNATURE_INVALID)):
+                    await c.verify(lid, h, Spec(mech), b"hmac data", bytes(len(mac)))
         await c.close()
     run(body)
 

@@ -1,5 +1,5 @@
-"""Fixtures for the PKCS#11 module and gateway tests: a gateway over the in-process reference
-cluster (a separate process), and python-pkcs11 pointed at it."""
+"""Fixtures for the PKCS#11 module and gateway tests: real clusters (one with CloudHSM's quirks,
+one with every quirk switched off), and python-pkcs11 pointed at them."""
 
 from __future__ import annotations
 
@@ -7,31 +7,31 @@ from collections.abc import Iterator
 
 import pytest
 
-from p11helpers import REF_PIN, RefGateway, require_module, use_gateway
+from p11helpers import REF_PIN, ClusterGateway, require_module, use_gateway
 
 
 @pytest.fixture(scope="session")
-def ref_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RefGateway]:
+def ref_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterGateway]:
     require_module()
-    gw = RefGateway(tmp_path_factory.mktemp("refgw") / "gateway.sock", {})
+    gw = ClusterGateway(tmp_path_factory.mktemp("refgw") / "gateway.sock", {})
     yield gw
     gw.stop()
 
 
 @pytest.fixture(scope="session")
-def strict_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RefGateway]:
+def strict_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterGateway]:
     """A gateway with every CloudHSM quirk switched off (PKCS#11-standard behaviour)."""
     require_module()
     off = {k: "false" for k in ("quirk_ro_session_fails", "quirk_wrong_sequence_ok",
                                 "quirk_private_template_usage_false", "quirk_unsupported_api",
                                 "quirk_data_limits")}
-    gw = RefGateway(tmp_path_factory.mktemp("strictgw") / "gateway.sock", off)
+    gw = ClusterGateway(tmp_path_factory.mktemp("strictgw") / "gateway.sock", off)
     yield gw
     gw.stop()
 
 
 @pytest.fixture
-def ref_lib(ref_gateway: RefGateway):  # type: ignore[no-untyped-def]
+def ref_lib(ref_gateway: ClusterGateway):  # type: ignore[no-untyped-def]
     return use_gateway(ref_gateway.sock)
 
 
@@ -58,8 +58,8 @@ def raw(tmp_path):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def live(raw, ref_gateway: RefGateway, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    """`raw`, initialised against the reference gateway."""
+def live(raw, ref_gateway: ClusterGateway, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """`raw`, initialised against the quirky (CloudHSM-default) cluster."""
     monkeypatch.setenv("HSMSIM_SOCKET", str(ref_gateway.sock))
     assert raw.C_Initialize(None) == 0
     yield raw
@@ -67,7 +67,7 @@ def live(raw, ref_gateway: RefGateway, monkeypatch: pytest.MonkeyPatch):  # type
 
 
 @pytest.fixture
-def strict(tmp_path, strict_gateway: RefGateway, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+def strict(tmp_path, strict_gateway: ClusterGateway, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     """A private module copy initialised against the quirk-free gateway."""
     from p11helpers import copy_module
     from p11raw import Raw

@@ -1,5 +1,5 @@
-"""Shared helpers for the PKCS#11 tests: the reference gateway process, python-pkcs11 pointed at a
-gateway socket, child processes, and private module copies for ctypes."""
+"""Shared helpers for the PKCS#11 tests: real test clusters, python-pkcs11 pointed at a gateway
+socket, child processes, and private module copies for ctypes."""
 
 from __future__ import annotations
 
@@ -31,34 +31,41 @@ def require_module() -> Path:
     return MODULE
 
 
-class RefGateway:
-    """A gateway process serving the reference cluster on a Unix socket."""
+class ClusterGateway:
+    """A real cluster (node processes with SoftHSM2 tokens and the daemon) for the module and
+    gateway tests, with fixed passwords (REF_PIN, SO_PIN) and `settings` in its [gateway]
+    section. `sock` becomes a link to the daemon's gateway socket. Starting it again on the same
+    `sock` reopens the same cluster, as `hsmsim up` does after `hsmsim down`."""
 
     def __init__(self, sock: Path, settings: dict[str, str]) -> None:
+        from hsmsim.testing.cluster import free_port, run_cli
         self.sock = sock
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        args = [sys.executable, "-m", "tests.pkcs11.p11ref", str(sock),
-                *(f"{k}={v}" for k, v in settings.items())]
-        self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if line.strip() != "ready":
-            self.proc.kill()
-            raise RuntimeError(f"reference gateway did not start: {self.proc.stderr.read()}")  # type: ignore[union-attr]
+        self.state = sock.parent / f"{sock.stem}-cluster"
+        if (self.state / "cluster.json").exists():
+            r = run_cli(["up", "--detach", "--state", str(self.state)], timeout=120)
+        else:
+            self.state.mkdir(parents=True, exist_ok=True)
+            gateway = "".join(f'{k} = "{v}"\n' for k, v in settings.items())
+            (self.state / "hsmsim.toml").write_text(
+                f"[kms]\nport = {free_port()}\n[gateway]\n{gateway}")
+            r = run_cli(["up", "--detach", "--state", str(self.state), "--azs", "2",
+                         "--admin-password", SO_PIN.split(":", 1)[1],
+                         "--cu-password", REF_PIN.split(":", 1)[1]], timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"the test cluster did not start: {r.stderr}")
+        if not sock.is_symlink():
+            sock.symlink_to(self.state / "gateway.sock")
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        try:
+            os.kill(int((self.state / "daemon.pid").read_text()), 0)
+        except (OSError, ValueError):
+            return False
+        return True
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-
+        from hsmsim.testing.cluster import run_cli
+        run_cli(["down", "--state", str(self.state)], timeout=60)
 
 
 _current: dict[str, object] = {}

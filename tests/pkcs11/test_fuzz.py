@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hsmsim.gateway import protocol as P
-from p11helpers import RefGateway, use_gateway
+from p11helpers import ClusterGateway, use_gateway
 
 HELLO_BODY = P.Writer().u32(P.MAGIC).u16(1).u16(0).u32(P.MAX_FRAME).u64(os.getpid()).bytes(b"").done()
 
@@ -113,7 +113,7 @@ def run_fuzz(sock: Path, iterations: int, seed: int) -> None:
         fuzz_once(sock, rng)
 
 
-def test_oversized_and_truncated_frames(ref_gateway: RefGateway) -> None:
+def test_oversized_and_truncated_frames(ref_gateway: ClusterGateway) -> None:
     s = connect(ref_gateway.sock)
     s.sendall(frame(0, HELLO_BODY))
     assert read_reply(s)[1] == 0  # type: ignore[index]
@@ -140,7 +140,7 @@ def test_oversized_and_truncated_frames(ref_gateway: RefGateway) -> None:
     still_works(ref_gateway.sock)
 
 
-def test_fuzz_reference_gateway(ref_gateway: RefGateway) -> None:
+def test_fuzz_session_cluster(ref_gateway: ClusterGateway) -> None:
     run_fuzz(ref_gateway.sock, 300, seed=1234)
     assert ref_gateway.alive()
     still_works(ref_gateway.sock)
@@ -159,7 +159,7 @@ def test_fuzz_real_daemon(hsmsim_session_cluster) -> None:  # type: ignore[no-un
 
 
 @pytest.mark.soak
-def test_fuzz_soak(ref_gateway: RefGateway) -> None:
+def test_fuzz_soak(ref_gateway: ClusterGateway) -> None:
     end = time.monotonic() + 120
     seed = 0
     while time.monotonic() < end:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hsmsim.pkcs11.constants import RV, Attribute as A, Mechanism as M
-from p11helpers import REF_PIN, RefGateway, copy_module
+from p11helpers import REF_PIN, ClusterGateway, copy_module
 from p11raw import (CK_ATTRIBUTE, CK_C_INITIALIZE_ARGS, CK_GCM_PARAMS, CK_MECHANISM,
                               CK_SESSION_INFO, FUNCTION_NAMES, FunctionList, Raw)
 
@@ -50,7 +50,7 @@ def test_every_call_before_initialize_is_refused(raw: Raw) -> None:
     assert raw.C_Sign(U(1), None, U(0), None, None) == RV.CRYPTOKI_NOT_INITIALIZED
 
 
-def test_initialize_arguments(raw: Raw, ref_gateway: RefGateway, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_initialize_arguments(raw: Raw, ref_gateway: ClusterGateway, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HSMSIM_SOCKET", str(ref_gateway.sock))
     args = CK_C_INITIALIZE_ARGS()
     args.pReserved = 1
@@ -84,7 +84,7 @@ def test_no_daemon_is_a_device_error(raw: Raw, tmp_path: Path, monkeypatch: pyte
 
 
 @pytest.mark.parametrize("how", ["conf", "home", "cwd"])
-def test_socket_discovery(how: str, raw: Raw, ref_gateway: RefGateway, tmp_path: Path,
+def test_socket_discovery(how: str, raw: Raw, ref_gateway: ClusterGateway, tmp_path: Path,
                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HSMSIM_SOCKET", raising=False)
     monkeypatch.delenv("HSMSIM_CONF", raising=False)

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from hsmsim.pkcs11.constants import RV, SessionState
-from p11helpers import REF_PIN, RefGateway, copy_module
+from p11helpers import REF_PIN, ClusterGateway, copy_module
 from p11raw import Raw, open_session, state
 
 U = c_ulong
@@ -38,7 +38,7 @@ def _ca(tmp: Path, name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certific
 
 
 @pytest.fixture(scope="module")
-def tls_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RefGateway, int, Path]]:
+def tls_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ClusterGateway, int, Path]]:
     tmp = tmp_path_factory.mktemp("tlsgw")
     ca_key, ca = _ca(tmp, "ca")
     key = ec.generate_private_key(ec.SECP256R1())
@@ -57,7 +57,7 @@ def tls_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RefG
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    gw = RefGateway(tmp / "gateway.sock", {"tls_listen": f"127.0.0.1:{port}", "tls_cert": str(tmp / "server.pem"),
+    gw = ClusterGateway(tmp / "gateway.sock", {"tls_listen": f"127.0.0.1:{port}", "tls_cert": str(tmp / "server.pem"),
                                            "tls_key": str(tmp / "server.key")})
     yield gw, port, tmp
     gw.stop()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hsmsim.pkcs11.constants import RV, Attribute as A, Mechanism as M, SessionState
-from p11helpers import REF_PIN, SO_PIN, RefGateway, copy_module
+from p11helpers import REF_PIN, SO_PIN, ClusterGateway, copy_module
 from p11raw import Raw, login, mechanism, open_session, state, template
 
 U = c_ulong
@@ -79,7 +79,7 @@ def test_session_limit_1024(live: Raw) -> None:
     assert state(raw, handles[0]) == -RV.SESSION_HANDLE_INVALID
 
 
-def test_applications_are_independent(live: Raw, tmp_path: Path, ref_gateway: RefGateway) -> None:
+def test_applications_are_independent(live: Raw, tmp_path: Path, ref_gateway: ClusterGateway) -> None:
     other_dir = tmp_path / "other"
     other_dir.mkdir()
     other = Raw(copy_module(other_dir))
@@ -113,7 +113,7 @@ def test_session_objects_die_with_their_session(live: Raw) -> None:
 def test_stale_session_after_daemon_restart(raw: Raw, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     sock = tmp_path / "gw.sock"
-    gw = RefGateway(sock, {})
+    gw = ClusterGateway(sock, {})
     monkeypatch.setenv("HSMSIM_SOCKET", str(sock))
     try:
         assert raw.C_Initialize(None) == RV.OK
@@ -121,7 +121,7 @@ def test_stale_session_after_daemon_restart(raw: Raw, tmp_path: Path,
         gw.stop()
         n = U()
         assert raw.C_GetSlotList(c_ubyte(1), None, byref(n)) == RV.DEVICE_ERROR
-        gw = RefGateway(sock, {})
+        gw = ClusterGateway(sock, {})
         assert state(raw, old) == -RV.SESSION_HANDLE_INVALID
         new = open_session(raw)
         assert state(raw, new) == SessionState.RW_PUBLIC  # the new daemon: not logged in
