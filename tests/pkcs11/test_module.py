@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hsmsim.pkcs11.constants import RV, Attribute as A, Mechanism as M
-from p11helpers import REF_PIN, ClusterGateway, copy_module
+from p11helpers import REF_PIN, ClusterGateway
 from p11raw import (CK_ATTRIBUTE, CK_C_INITIALIZE_ARGS, CK_GCM_PARAMS, CK_MECHANISM,
                               CK_SESSION_INFO, FUNCTION_NAMES, FunctionList, Raw)
 
