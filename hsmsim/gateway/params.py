@@ -27,10 +27,13 @@ class DecodedMechanism:
         return self.spec.mechanism
 
 
+def _bad(mech: int) -> Pkcs11Error:
+    return Pkcs11Error(RV.MECHANISM_PARAM_INVALID, f"bad parameter for mechanism 0x{mech:x}")
+
+
 def decode_mechanism(r: Reader) -> DecodedMechanism:
     mech = r.u64()
     kind = r.u8()
-    bad = Pkcs11Error(RV.MECHANISM_PARAM_INVALID, f"bad parameter for mechanism 0x{mech:x}")
     if kind == ParamKind.NONE:
         return DecodedMechanism(MechanismSpec(mech))
     if kind == ParamKind.RAW:
@@ -46,7 +49,7 @@ def decode_mechanism(r: Reader) -> DecodedMechanism:
         hash_alg, mgf, source = r.u64(), r.u64(), r.u64()
         label = r.bytes()
         if source not in (0, CKZ_DATA_SPECIFIED) or (source == 0 and label):
-            raise bad
+            raise _bad(mech)
         return DecodedMechanism(MechanismSpec(mech, OaepParams(hash_alg, mgf, label)))
     if kind == ParamKind.PSS:
         return DecodedMechanism(MechanismSpec(mech, PssParams(r.u64(), r.u64(), r.u64())))
@@ -54,7 +57,7 @@ def decode_mechanism(r: Reader) -> DecodedMechanism:
         bits = r.u64()
         cb = r.bytes()
         if len(cb) != 16 or not 0 < bits <= 128:
-            raise bad
+            raise _bad(mech)
         return DecodedMechanism(MechanismSpec(mech, CtrParams(bits, cb)))
     if kind == ParamKind.ECDH1:
         kdf = r.u64()
@@ -69,4 +72,4 @@ def decode_mechanism(r: Reader) -> DecodedMechanism:
         for _ in range(n):
             w.u64(r.u64()).bytes(r.bytes())
         return DecodedMechanism(MechanismSpec(mech, RawParams(w.done())))
-    raise bad
+    raise _bad(mech)

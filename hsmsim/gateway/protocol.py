@@ -154,6 +154,16 @@ class Reader:
             raise Truncated(RV.ARGUMENTS_BAD, f"count {n} exceeds {limit}")
         return n
 
+    def tell(self) -> int:
+        return self._pos
+
+    def span(self, start: int, end: int | None) -> builtins.bytes:
+        """Bytes [start, end) of the body (negative end: from the end), without moving."""
+        return builtins.bytes(self._buf[start:end])
+
+    def skip(self, n: int) -> None:
+        self._take(n)
+
     def end(self) -> None:
         if self._pos != len(self._buf):
             raise Truncated(RV.ARGUMENTS_BAD, "request body has trailing bytes")

@@ -40,8 +40,8 @@ class Connection(asyncio.Protocol):
 
     # -- asyncio.Protocol --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # duck-typed, not isinstance(asyncio.Transport): uvloop's transports are not subclasses
+        self.transport = transport  # type: ignore[assignment]
         self.server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:

@@ -98,6 +98,7 @@ class Gateway:
         self.apps: dict[bytes, Application] = {}
         self.handles = HandleSource()
         self._validated: dict[tuple[int, int, OpKind], tuple[float, Any]] = {}
+        self._mechs: dict[tuple[OpKind, bytes], tuple[DecodedMechanism, MechanismInfo]] = {}
         self._serial = b"hsmsim"
         # sync handlers answer at once; a few (the *Init calls) may instead return an awaitable
         # when they need the cluster
@@ -510,14 +511,29 @@ class Gateway:
         """Answered at once unless the key needs a validation round trip (then an awaitable:
         the server runs it as a task). Saves a task and a loop pass per cached *Init."""
         s = app.session(r.u64())
-        mech = decode_mechanism(r)
+        # The same mechanism bytes decode and check the same way every time (they depend on
+        # nothing else): remember the decoded mechanism of those that passed.
+        start = r.tell()
+        raw = r.span(start, -8 if kind != OpKind.DIGEST else None)
+        known = self._mechs.get((kind, raw))
+        if known is not None:
+            r.skip(len(raw))
+            mech, info = known
+        else:
+            mech = decode_mechanism(r)
+            consumed = r.tell() - start
         key = r.u64() if kind != OpKind.DIGEST else 0
         r.end()
         active = s.ops.get(kind)
         if active is not None and not active.speculative:
             raise _err(RV.OPERATION_ACTIVE, f"a {kind.value} operation is already active")
-        info = self._mechanism(mech, kind)
-        self._check_params(mech, kind, info)
+        if known is None:
+            info = self._mechanism(mech, kind)
+            self._check_params(mech, kind, info)
+            if consumed == len(raw):
+                if len(self._mechs) >= 1024:
+                    self._mechs.clear()
+                self._mechs[(kind, raw)] = (mech, info)
         hasher = None
         if kind == OpKind.DIGEST:
             assert info.hash is not None
