@@ -32,7 +32,9 @@ ECDSA_HASH = {M.ECDSA_SHA1: "sha1", M.ECDSA_SHA224: "sha224", M.ECDSA_SHA256: "s
 AES_WRAPS = {M.AES_KEY_WRAP: M.AES_KEY_WRAP, M.AES_KEY_WRAP_PAD: M.AES_KEY_WRAP_PAD,
              M.CLOUDHSM_AES_KEY_WRAP_NO_PAD: M.AES_KEY_WRAP,
              M.CLOUDHSM_AES_KEY_WRAP_PKCS5_PAD: M.AES_KEY_WRAP_PAD}
-SOFTHSM_SYMMETRIC = frozenset({M.AES_CBC, M.AES_CBC_PAD, M.AES_ECB, M.AES_CTR})
+SOFTHSM_SYMMETRIC = {M.AES_CBC: KeyType.AES, M.AES_CBC_PAD: KeyType.AES, M.AES_ECB: KeyType.AES,
+                     M.AES_CTR: KeyType.AES, M.DES3_ECB: KeyType.DES3, M.DES3_CBC: KeyType.DES3,
+                     M.DES3_CBC_PAD: KeyType.DES3}
 HMAC_HASHES = {M.SHA_1_HMAC: "sha1", M.SHA224_HMAC: "sha224", M.SHA256_HMAC: "sha256",
                M.SHA384_HMAC: "sha384", M.SHA512_HMAC: "sha512"}
 HMACS = frozenset(HMAC_HASHES)
@@ -97,7 +99,7 @@ class CryptoOps(Ops):
                 return {"data": await self.ks.in_hsm(engine.rsa_encrypt, pub, m, mech.param, data),
                         "iv": None}
         elif m in SOFTHSM_SYMMETRIC:
-            self.check_key_type(r, ObjectClass.SECRET_KEY, KeyType.AES)
+            self.check_key_type(r, ObjectClass.SECRET_KEY, SOFTHSM_SYMMETRIC[m])  # type: ignore[index]
         else:
             raise Pkcs11Error(RV.MECHANISM_INVALID, f"mechanism 0x{m:x} cannot encrypt")
         out = await self.ks.in_hsm(self.ks.hsm.encrypt, mech, self.ks.soft_handle(r.handle), data)
@@ -120,7 +122,7 @@ class CryptoOps(Ops):
             if priv is not None:
                 return await self.ks.in_hsm(engine.rsa_decrypt, priv, m, mech.param, data)
         elif m in SOFTHSM_SYMMETRIC:
-            self.check_key_type(r, ObjectClass.SECRET_KEY, KeyType.AES)
+            self.check_key_type(r, ObjectClass.SECRET_KEY, SOFTHSM_SYMMETRIC[m])  # type: ignore[index]
         else:
             raise Pkcs11Error(RV.MECHANISM_INVALID, f"mechanism 0x{m:x} cannot decrypt")
         return await self.ks.in_hsm(self.ks.hsm.decrypt, mech, self.ks.soft_handle(r.handle), data)

@@ -14,7 +14,7 @@ KEY_CLASSES = (ObjectClass.SECRET_KEY, ObjectClass.PUBLIC_KEY, ObjectClass.PRIVA
 ASYMMETRIC_CLASSES = (ObjectClass.PUBLIC_KEY, ObjectClass.PRIVATE_KEY)
 SUPPORTED_CLASSES = (ObjectClass.DATA, ObjectClass.CERTIFICATE, *KEY_CLASSES)
 SUPPORTED_KEY_TYPES = {
-    ObjectClass.SECRET_KEY: (KeyType.AES, KeyType.GENERIC_SECRET),
+    ObjectClass.SECRET_KEY: (KeyType.AES, KeyType.GENERIC_SECRET, KeyType.DES3),
     ObjectClass.PUBLIC_KEY: (KeyType.RSA, KeyType.EC),
     ObjectClass.PRIVATE_KEY: (KeyType.RSA, KeyType.EC),
 }
@@ -52,6 +52,7 @@ PUBLIC_MATERIAL = {
 ULONG_MATERIAL: frozenset[int] = frozenset()
 
 AES_SIZES = (16, 24, 32)
+DES3_SIZE = 24  # three-key 3DES only (CloudHSM: "3DES keys are 192 bits")
 GENERIC_SECRET_RANGE = (1, 800)
 RSA_BITS = tuple(range(2048, 4096 + 1, 256))
 
@@ -182,7 +183,7 @@ def softhsm_template(cls: int, key_type: int | None, handle: int, token: bool,
     if cls == ObjectClass.SECRET_KEY:
         t.update({A.SENSITIVE: True, A.EXTRACTABLE: True, A.SIGN: True, A.VERIFY: True,
                   A.DERIVE: True})
-        if key_type == KeyType.AES:
+        if key_type in (KeyType.AES, KeyType.DES3):
             t.update({A.ENCRYPT: True, A.DECRYPT: True, A.WRAP: True, A.UNWRAP: True})
     elif cls == ObjectClass.PRIVATE_KEY:
         t.update({A.SENSITIVE: True, A.EXTRACTABLE: True, A.SIGN: True})
@@ -196,6 +197,8 @@ def softhsm_template(cls: int, key_type: int | None, handle: int, token: bool,
             t.update({A.ENCRYPT: True, A.WRAP: True})
     if extra:
         t.update(extra)
+    if key_type == KeyType.DES3:
+        t.pop(A.VALUE_LEN, None)  # SoftHSM2's DES3 objects have no CKA_VALUE_LEN
     return t
 
 
@@ -205,6 +208,8 @@ def gen_key_type(mech: int, template: Template) -> tuple[int, int]:
         kt = KeyType.AES
     elif mech == M.GENERIC_SECRET_KEY_GEN:
         kt = KeyType.GENERIC_SECRET
+    elif mech == M.DES3_KEY_GEN:
+        kt = KeyType.DES3
     else:
         raise Pkcs11Error(RV.MECHANISM_INVALID, f"mechanism 0x{mech:x} does not generate keys")
     given = template.get(A.KEY_TYPE, kt)
@@ -212,7 +217,8 @@ def gen_key_type(mech: int, template: Template) -> tuple[int, int]:
         raise Pkcs11Error(RV.TEMPLATE_INCONSISTENT, "CKA_KEY_TYPE does not match the mechanism")
     if template.get(A.CLASS, ObjectClass.SECRET_KEY) != ObjectClass.SECRET_KEY:
         raise Pkcs11Error(RV.TEMPLATE_INCONSISTENT, "CKA_CLASS must be CKO_SECRET_KEY")
-    length = template.get(A.VALUE_LEN)
+    # A DES3 key's length is fixed by its type (PKCS#11 gives it no CKA_VALUE_LEN to set).
+    length = template.get(A.VALUE_LEN, DES3_SIZE if kt == KeyType.DES3 else None)
     if not isinstance(length, int) or isinstance(length, bool):
         raise Pkcs11Error(RV.TEMPLATE_INCOMPLETE, "CKA_VALUE_LEN is required")
     check_secret_len(kt, length)
@@ -222,6 +228,8 @@ def gen_key_type(mech: int, template: Template) -> tuple[int, int]:
 def check_secret_len(kt: int, length: int) -> None:
     if kt == KeyType.AES and length not in AES_SIZES:
         raise Pkcs11Error(RV.KEY_SIZE_RANGE, "AES keys are 16, 24 or 32 bytes")
+    if kt == KeyType.DES3 and length != DES3_SIZE:
+        raise Pkcs11Error(RV.KEY_SIZE_RANGE, "DES3 keys are 24 bytes (three-key 3DES)")
     if kt == KeyType.GENERIC_SECRET and not (
             GENERIC_SECRET_RANGE[0] <= length <= GENERIC_SECRET_RANGE[1]):
         raise Pkcs11Error(RV.KEY_SIZE_RANGE, "generic secret keys are 1 to 800 bytes")
