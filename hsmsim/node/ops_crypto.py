@@ -22,7 +22,7 @@ from hsmsim.node.keystore import value_len
 from hsmsim.node.softhsm import raw_template
 from hsmsim.pkcs11.constants import RV, Attribute as A, KeyType, Mechanism as M, ObjectClass
 from hsmsim.pkcs11.errors import Pkcs11Error
-from hsmsim.pkcs11.params import MechanismSpec
+from hsmsim.pkcs11.params import GcmParams, MechanismSpec
 
 MAX_RANDOM = 64 * 1024
 DIGESTS = {M.SHA_1: "sha1", M.SHA224: "sha224", M.SHA256: "sha256", M.SHA384: "sha384",
@@ -257,6 +257,15 @@ class CryptoOps(Ops):
                 raise Pkcs11Error(RV.KEY_SIZE_RANGE, "AES key wrap without padding needs a "
                                   "multiple of 8 bytes (use CKM_AES_KEY_WRAP_PAD)")
             return aes_key_wrap(kek, material)
+        if m in engine.GCM_MECHS:
+            # AES-GCM over the key material (PKCS#8 DER for private keys) with an HSM-generated
+            # IV, as C_Encrypt; both mechanisms return IV || ciphertext || tag (the gateway
+            # writes the IV back into CK_GCM_PARAMS for CKM_AES_GCM).
+            self.check_key_type(wrapping, ObjectClass.SECRET_KEY, KeyType.AES)
+            gcm = await self._aes_ctx(wrapping)
+            material = await self.ks.material(key)
+            ct, iv = engine.gcm_encrypt(gcm, mech.param, material)
+            return iv + ct
         if m == M.RSA_PKCS_OAEP:
             self.check_key_type(wrapping, ObjectClass.PUBLIC_KEY, KeyType.RSA)
             if key.cls != ObjectClass.SECRET_KEY:
@@ -296,6 +305,21 @@ class CryptoOps(Ops):
                     material = aes_key_unwrap(kek, data)
             except (InvalidUnwrap, ValueError):
                 raise Pkcs11Error(RV.WRAPPED_KEY_INVALID, "wrapped key does not unwrap") from None
+        elif m in engine.GCM_MECHS:
+            # IV || ciphertext || tag, as wrap_key returns it.
+            self.check_key_type(unwrapping, ObjectClass.SECRET_KEY, KeyType.AES)
+            p = mech.param
+            if not isinstance(p, GcmParams) or len(data) < engine.GCM_IV_LEN:
+                raise Pkcs11Error(RV.MECHANISM_PARAM_INVALID if not isinstance(p, GcmParams)
+                                  else RV.WRAPPED_KEY_LEN_RANGE, "bad AES-GCM wrapped key")
+            gcm = await self._aes_ctx(unwrapping)
+            try:
+                material = engine.gcm_decrypt(gcm, replace(p, iv=data[:engine.GCM_IV_LEN]),
+                                              data[engine.GCM_IV_LEN:])
+            except Pkcs11Error as exc:
+                if exc.rv == RV.MECHANISM_PARAM_INVALID:
+                    raise
+                raise Pkcs11Error(RV.WRAPPED_KEY_INVALID, "wrapped key does not decrypt") from None
         elif m == M.RSA_PKCS_OAEP:
             self.check_key_type(unwrapping, ObjectClass.PRIVATE_KEY, KeyType.RSA)
             if cls != ObjectClass.SECRET_KEY:
