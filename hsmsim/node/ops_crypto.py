@@ -14,15 +14,16 @@ from cryptography.hazmat.primitives.keywrap import (InvalidUnwrap, aes_key_unwra
                                                     aes_key_wrap_with_padding)
 
 from hsmsim.core import AesGcmKey, RsaPrivateKey, RsaPublicKey
-from hsmsim.node import engine, policy
+from hsmsim.node import engine, kdf, policy
 from hsmsim.node.codec import Fields
 from hsmsim.node.context import Conn, Ops
 from hsmsim.node.index import ObjectRecord
 from hsmsim.node.keystore import value_len
 from hsmsim.node.softhsm import raw_template
-from hsmsim.pkcs11.constants import RV, Attribute as A, KeyType, Mechanism as M, ObjectClass
+from hsmsim.pkcs11.constants import (KDF, RV, Attribute as A, KeyType, Mechanism as M,
+                                     ObjectClass)
 from hsmsim.pkcs11.errors import Pkcs11Error
-from hsmsim.pkcs11.params import GcmParams, MechanismSpec
+from hsmsim.pkcs11.params import Ecdh1Params, GcmParams, MechanismSpec, RawParams
 
 MAX_RANDOM = 64 * 1024
 DIGESTS = {M.SHA_1: "sha1", M.SHA224: "sha224", M.SHA256: "sha256", M.SHA384: "sha384",
@@ -361,26 +362,65 @@ class CryptoOps(Ops):
             raise Pkcs11Error(RV.ACTION_PROHIBITED, "only the key's owner may derive from it")
         mech, template = f.mech(), f.template()
         handle, session = f.handle(), f.int("session", 0)
-        if mech.mechanism != M.ECDH1_DERIVE:
-            raise Pkcs11Error(RV.MECHANISM_INVALID, "derive supports CKM_ECDH1_DERIVE")
-        self.check_key_type(base, ObjectClass.PRIVATE_KEY, KeyType.EC)
+        m = mech.mechanism
+        if m == M.ECDH1_DERIVE:
+            self.check_key_type(base, ObjectClass.PRIVATE_KEY, KeyType.EC)
+            allowed: tuple[int, ...] = (KeyType.AES, KeyType.GENERIC_SECRET)
+        elif m == M.SP800_108_COUNTER_KDF:
+            if base.cls != ObjectClass.SECRET_KEY or \
+                    base.key_type not in (KeyType.AES, KeyType.GENERIC_SECRET):
+                raise Pkcs11Error(RV.KEY_TYPE_INCONSISTENT, "SP 800-108 needs an AES or generic "
+                                  "secret base key")
+            allowed = (KeyType.AES, KeyType.GENERIC_SECRET, KeyType.DES3)
+        else:
+            raise Pkcs11Error(RV.MECHANISM_INVALID, "derive supports CKM_ECDH1_DERIVE and "
+                              "CKM_SP800_108_COUNTER_KDF")
         policy.check_user_template(template, creating=True)
         kt = template.get(A.KEY_TYPE, KeyType.GENERIC_SECRET)
         if template.get(A.CLASS, ObjectClass.SECRET_KEY) != ObjectClass.SECRET_KEY or \
-                kt not in (KeyType.AES, KeyType.GENERIC_SECRET):
-            raise Pkcs11Error(RV.TEMPLATE_INCONSISTENT, "ECDH derives AES or generic secret keys")
-        length = template.get(A.VALUE_LEN)
+                kt not in allowed:
+            raise Pkcs11Error(RV.TEMPLATE_INCONSISTENT, "the mechanism cannot derive this key type")
+        length = template.get(A.VALUE_LEN, policy.DES3_SIZE if kt == KeyType.DES3 else None)
         if not isinstance(length, int) or isinstance(length, bool):
             raise Pkcs11Error(RV.TEMPLATE_INCOMPLETE, "CKA_VALUE_LEN is required")
         policy.check_secret_len(int(kt), length)
         attrs = policy.build_attrs(ObjectClass.SECRET_KEY, int(kt), template, local=False,
                                    gen_mech=None)
         attrs[A.VALUE_LEN] = length
+        p = mech.param
+        material: bytes | None = None
+        if m == M.SP800_108_COUNTER_KDF:
+            if not isinstance(p, RawParams):
+                raise Pkcs11Error(RV.MECHANISM_PARAM_INVALID, "SP 800-108 needs its parameters")
+            params = kdf.parse_counter_kdf(p.data)
+            if params.prf == M.AES_CMAC and base.key_type != KeyType.AES:
+                raise Pkcs11Error(RV.KEY_TYPE_INCONSISTENT, "the AES-CMAC PRF needs an AES key")
+            material = kdf.counter_kdf(params, await self.ks.material(base), length)
+        elif isinstance(p, Ecdh1Params) and p.kdf != KDF.NULL:
+            name = kdf.X963_HASHES.get(p.kdf)
+            if name is None:
+                raise Pkcs11Error(RV.MECHANISM_PARAM_INVALID, f"unsupported ECDH KDF 0x{p.kdf:x}")
+            z = await self.ks.in_hsm(kdf.ecdh_shared, await self.ks.material(base),
+                                     p.public_data)
+            material = kdf.x963(name, z, p.shared_data, length)
         rec = self.new_record(login, handle, attrs, session)
         soft_t = policy.softhsm_template(ObjectClass.SECRET_KEY, int(kt), handle, rec.token,
                                          {A.VALUE_LEN: length})
-        hsm, soft_b = self.ks.hsm, self.ks.soft_handle(base.handle)
-        await self.ks.create([rec], lambda: [hsm.derive_key(mech, soft_b,
-                                                            raw_template(soft_t.items()))])
+        hsm = self.ks.hsm
+        if material is None:  # ECDH with CKD_NULL: SoftHSM2 derives
+            soft_b = self.ks.soft_handle(base.handle)
+            await self.ks.create([rec], lambda: [hsm.derive_key(mech, soft_b,
+                                                                raw_template(soft_t.items()))])
+        else:
+            # Created from the material derived in this process, as an unwrapped key.
+            soft_t.pop(A.VALUE_LEN, None)  # computed by SoftHSM2 on creation
+            soft_t[A.VALUE] = material
+
+            def make() -> list[int]:
+                return [hsm.create_object(raw_template(soft_t.items()))]
+            try:
+                await self.ks.create([rec], make)
+            finally:
+                soft_t.clear()
         self.audit.record("key_derive", handle=handle, base=base.handle, owner=login.username)
         return handle

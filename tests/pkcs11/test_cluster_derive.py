@@ -159,3 +159,85 @@ def test_aes_gcm_wrap_unwrap_through_the_module(session: pkcs11.Session, raw: _R
     assert raw.value(u) == secret
     rv, _ = raw.unwrap(m, w.handle, wrapped[:-1] + bytes([wrapped[-1] ^ 1]), READABLE_AES)
     assert rv == 0x110  # CKR_WRAPPED_KEY_INVALID
+
+
+class CK_ECDH1_DERIVE_PARAMS(Structure):
+    _fields_ = [("kdf", c_ulong), ("ulSharedDataLen", c_ulong), ("pSharedData", c_void_p),
+                ("ulPublicDataLen", c_ulong), ("pPublicData", c_void_p)]
+
+
+class CK_PRF_DATA_PARAM(Structure):
+    _fields_ = [("type", c_ulong), ("pValue", c_void_p), ("ulValueLen", c_ulong)]
+
+
+class CK_SP800_108_KDF_PARAMS(Structure):
+    _fields_ = [("prftype", c_ulong), ("ulNumberOfDataParams", c_ulong),
+                ("pDataParams", POINTER(CK_PRF_DATA_PARAM))]
+
+
+# FIDELITY: CKD_CLOUDHSM_X963_* values are hsmsim's (VENDOR_DEFINED | 1..5), not verified
+# against CloudHSM's header (see hsmsim/pkcs11/constants.py).
+X963_KDFS = {0x80000001: "SHA1", 0x80000002: "SHA224", 0x80000003: "SHA256", 0x80000004: "SHA384",
+             0x80000005: "SHA512", 6: "SHA256"}  # 6 = standard CKD_SHA256_KDF
+
+
+def test_ecdh_x963_kdfs_through_the_module(session: pkcs11.Session, raw: _Raw) -> None:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.kdf.x963kdf import X963KDF
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+    from pkcs11.util.ec import encode_named_curve_parameters
+    params = session.create_domain_parameters(
+        KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True)
+    pub, priv = params.generate_keypair(store=False, capabilities=pkcs11.MechanismFlag.DERIVE)
+    point = pub[Attribute.EC_POINT]
+    pk = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point[2:])
+    peer = ec.generate_private_key(ec.SECP256R1())
+    peer_point = peer.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+    z = peer.exchange(ec.ECDH(), pk)
+    pbuf, info = create_string_buffer(peer_point, len(peer_point)), create_string_buffer(b"info", 4)
+    for kdf_type, hname in X963_KDFS.items():
+        p = CK_ECDH1_DERIVE_PARAMS(kdf_type, 4, ctypes.cast(info, c_void_p), len(peer_point),
+                                   ctypes.cast(pbuf, c_void_p))
+        m = CK_MECHANISM(Mechanism.ECDH1_DERIVE, ctypes.cast(byref(p), c_void_p), ctypes.sizeof(p))
+        rv, h = raw.derive(m, priv.handle, READABLE_AES + [(Attribute.VALUE_LEN, _ul(32))])
+        assert rv == 0, (hex(kdf_type), hex(rv))
+        assert raw.value(h) == X963KDF(getattr(hashes, hname)(), 32, b"info").derive(z)
+    p = CK_ECDH1_DERIVE_PARAMS(0x80000077, 0, None, len(peer_point), ctypes.cast(pbuf, c_void_p))
+    m = CK_MECHANISM(Mechanism.ECDH1_DERIVE, ctypes.cast(byref(p), c_void_p), ctypes.sizeof(p))
+    rv, _ = raw.derive(m, priv.handle, READABLE_AES + [(Attribute.VALUE_LEN, _ul(32))])
+    assert rv == 0x71  # CKR_MECHANISM_PARAM_INVALID
+
+
+def test_sp800_108_counter_kdf_through_the_module(session: pkcs11.Session, raw: _Raw) -> None:
+    """The AWS samples' hmac_kdf.c / aes_cmac_kdf.c parameter layouts, against pyca."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers import algorithms
+    from cryptography.hazmat.primitives.kdf.kbkdf import CounterLocation, KBKDFCMAC, KBKDFHMAC, Mode
+    key = os.urandom(32)
+    base = session.create_object({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
+                                  Attribute.VALUE: key, Attribute.DERIVE: True, Attribute.TOKEN: False})
+    label, context = b"\x01\xab\xe1", b"\x0c\x09\x7e\x07"
+    counter, dkm = (c_ulong * 1)(32), (c_ulong * 2)(1, 32)  # CK_SP800_108_COUNTER_FORMAT / DKM_LENGTH_FORMAT
+    lb, cb = create_string_buffer(label, 3), create_string_buffer(context, 4)
+
+    def run(prf: int, layout: list[tuple[int, object, int]]) -> bytes:
+        arr = (CK_PRF_DATA_PARAM * len(layout))(*[CK_PRF_DATA_PARAM(t, ctypes.cast(v, c_void_p), n)
+                                                  for t, v, n in layout])
+        p = CK_SP800_108_KDF_PARAMS(prf, len(layout), arr)
+        m = CK_MECHANISM(0x80000001, ctypes.cast(byref(p), c_void_p), ctypes.sizeof(p))
+        rv, h = raw.derive(m, base.handle, READABLE_AES + [(Attribute.VALUE_LEN, _ul(32))])
+        assert rv == 0, hex(rv)
+        return raw.value(h)
+
+    # aes_cmac_kdf.c: BYTE_ARRAY(label), ITERATION_VARIABLE, BYTE_ARRAY(context), DKM_LENGTH.
+    cmac_layout = [(3, lb, 3), (1, counter, ctypes.sizeof(counter)), (3, cb, 4), (2, dkm, ctypes.sizeof(dkm))]
+    fixed = label + context + (256).to_bytes(4, "big")
+    assert run(int(Mechanism.AES_CMAC), cmac_layout) == KBKDFCMAC(
+        algorithms.AES, Mode.CounterMode, 32, 4, None, CounterLocation.MiddleFixed, None, None, fixed,
+        break_location=3).derive(key)
+    # hmac_kdf.c (2017 header): COUNTER_FORMAT, DKM_FORMAT, PRF_LABEL, PRF_CONTEXT.
+    hmac_layout = [(4, counter, ctypes.sizeof(counter)), (7, dkm, ctypes.sizeof(dkm)), (5, lb, 3), (6, cb, 4)]
+    assert run(int(Mechanism.SHA512_HMAC), hmac_layout) == KBKDFHMAC(
+        hashes.SHA512(), Mode.CounterMode, 32, 4, 4, CounterLocation.BeforeFixed, label, context,
+        None).derive(key)
