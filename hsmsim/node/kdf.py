@@ -21,6 +21,9 @@ from hsmsim.pkcs11.constants import KDF, RV, Mechanism as M
 from hsmsim.pkcs11.errors import Pkcs11Error
 
 # CK_EC_KDF_TYPE -> hash: the standard X9.63 KDFs and CloudHSM's vendor ones compute the same.
+# FIDELITY: the CKD_CLOUDHSM_X963_*_KDF values (VENDOR_DEFINED | 1..5, hsmsim/pkcs11/
+# constants.py) are not verified: CloudHSM's installed header defines them, the public AWS
+# sample header does not. The standard CKD_SHA*_KDF values are accepted too.
 X963_HASHES: dict[int, str] = {
     KDF.SHA1_KDF: "sha1", KDF.SHA224_KDF: "sha224", KDF.SHA256_KDF: "sha256",
     KDF.SHA384_KDF: "sha384", KDF.SHA512_KDF: "sha512",
