@@ -860,8 +860,7 @@ class Gateway:
         (IV || ciphertext || tag); vendor AES wraps carry an explicit 8-byte IV."""
         m, p = mech.mechanism, mech.spec.param
         if m in _GCM:
-            # FIDELITY: AES-GCM key wrapping needs the nodes to implement it (they answer
-            # CKR_MECHANISM_INVALID today); the cluster gets the IV-prefixed vendor form.
+            # The cluster gets the IV-prefixed vendor form; the HSM generates the IV.
             assert isinstance(p, GcmParams)
             return MechanismSpec(M.CLOUDHSM_AES_GCM, GcmParams(b"", p.aad, p.tag_bits))
         if m in _VENDOR_WRAPS:
