@@ -108,7 +108,7 @@ class Connection(asyncio.Protocol):
                     reply = fn(self.app, Reader(body))
                 except Exception as exc:  # noqa: BLE001 - translated once, here
                     reply = self._translate(exc)
-                if type(reply) is not tuple:  # the handler needs the cluster after all
+                if not isinstance(reply, tuple):  # the handler needs the cluster after all
                     self.busy = True
                     self.server.spawn(self._finish(request_id, op, reply))
                     continue
