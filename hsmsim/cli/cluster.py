@@ -383,10 +383,7 @@ def cmd_hsm(args: argparse.Namespace) -> int:
         r = client.call("hsm.throttle", hsm_id=args.hsm_id, rps=args.rps)
     else:
         r = client.call(f"hsm.{op}", hsm_id=args.hsm_id)
-    if args.json:
-        emit(r, True)
-    else:
-        print(" ".join(f"{k}={v}" for k, v in r.items()))
+    emit(r if args.json else [r], args.json)
     return 0
 
 
@@ -456,10 +453,7 @@ def cmd_user(args: argparse.Namespace) -> int:
                         password=_password_ok(args.password, "--password"), **la)
     else:
         r = client.call("user.unlock", username=args.username, **la)
-    if args.json:
-        emit(r, True)
-    else:
-        print(" ".join(f"{k}={v}" for k, v in r.items()))
+    emit(r if args.json else [r], args.json)
     return 0
 
 
@@ -489,10 +483,7 @@ def cmd_key(args: argparse.Namespace) -> int:
         r = client.call("key.delete", handle=handle, **la)
     else:
         r = client.call(f"key.{args.key_cmd}", handle=handle, username=args.username, **la)
-    if args.json:
-        emit(r, True)
-    else:
-        print(" ".join(f"{k}={v}" for k, v in r.items()))
+    emit(r if args.json else [r], args.json)
     return 0
 
 
