@@ -67,6 +67,21 @@ class HsmsimCluster:
     def cu_password(self) -> str:
         return self.pin.split(":", 1)[1]
 
+    def pkcs11_lib(self) -> Any:
+        """python-pkcs11's `lib` for this cluster's module, initialised against this cluster.
+
+        python-pkcs11 keeps one library per process and the module reads HSMSIM_SOCKET at
+        C_Initialize, so a process that talks to several clusters in turn (one per test) must
+        re-initialise it: this sets the cluster's variables in os.environ and does that."""
+        import pkcs11
+
+        os.environ.update(self.env)
+        lib = pkcs11.lib(str(self.module_path))
+        if lib.initialized:
+            lib.finalize()
+        lib.initialize()
+        return lib
+
     # -- control -----------------------------------------------------------------------------------
     def control(self, op: str, timeout: float = 300.0, **args: Any) -> Any:
         from hsmsim.control.client import ControlClient

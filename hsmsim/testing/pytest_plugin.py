@@ -2,7 +2,7 @@
 a throw-away cluster for users' tests.
 
     def test_sign(hsmsim_cluster):
-        lib = pkcs11.lib(str(hsmsim_cluster.module_path))      # env: hsmsim_cluster.env
+        lib = hsmsim_cluster.pkcs11_lib()   # python-pkcs11, initialised against this cluster
         ...
         hsmsim_cluster.kill(hsmsim_cluster.hsm_ids[0])          # fault injection
 

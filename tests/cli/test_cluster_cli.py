@@ -300,7 +300,7 @@ def test_key_list_uri_for_a_key_made_through_pkcs11(cli_cluster: HsmsimCluster,
         pytest.skip("libhsmsim-pkcs11.so is not built (make build)")
     for k, v in c.env.items():
         monkeypatch.setenv(k, v)
-    lib = pkcs11.lib(str(c.module_path))
+    lib = c.pkcs11_lib()
     with lib.get_token().open(user_pin=c.pin, rw=True) as s:
         s.generate_key(pkcs11.KeyType.AES, 256, store=True, label="web key",
                        id=b"\x01\xab")

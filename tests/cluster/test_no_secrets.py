@@ -6,7 +6,6 @@ state directory outside secrets/ (the 0600 password files) and the SoftHSM2 toke
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pkcs11
@@ -24,8 +23,7 @@ def files_outside_secrets(state: Path) -> list[Path]:
 
 
 def test_secrets_stay_out_of_every_file(hsmsim_cluster) -> None:  # type: ignore[no-untyped-def]
-    os.environ.update(hsmsim_cluster.env)
-    lib = pkcs11.lib(str(hsmsim_cluster.module_path))
+    lib = hsmsim_cluster.pkcs11_lib()
     token = lib.get_token(token_label="hsm1")
     with pytest.raises(pkcs11.PinIncorrect):
         token.open(user_pin=f"crypto_user:{WRONG}", rw=True)
