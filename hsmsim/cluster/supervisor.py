@@ -476,15 +476,7 @@ class Supervisor:
             raise ClusterOpError(f"{hsm_id} is not paused")
         m.send_signal(signal.SIGCONT)
         m.paused = False
-        if not m.partitioned and not m.killed:
-            async with self.c.lock_for(hsm_id):
-                if not m.connected and not m.exited():
-                    try:
-                        await m.connect()
-                    except (HsmsimError, OSError) as exc:
-                        m.last_error = str(exc)
-            if m.usable:
-                self.c.spawn_bg(self.reconcile(m), "reconcile")
+        await self._rejoin(m)
 
     async def partition(self, hsm_id: str) -> None:
         m = self.member(hsm_id)
@@ -497,15 +489,20 @@ class Supervisor:
         if not m.partitioned:
             raise ClusterOpError(f"{hsm_id} is not partitioned")
         m.partitioned = False
-        if not m.paused and not m.killed:
-            async with self.c.lock_for(hsm_id):
-                if not m.connected and not m.exited():
-                    try:
-                        await m.connect()
-                    except (HsmsimError, OSError) as exc:
-                        m.last_error = str(exc)
-            if m.usable:
-                self.c.spawn_bg(self.reconcile(m), "reconcile")
+        await self._rejoin(m)
+
+    async def _rejoin(self, m: Member) -> None:
+        """Reconnect an HSM that is neither paused, partitioned nor killed, and catch it up."""
+        if m.paused or m.partitioned or m.killed:
+            return
+        async with self.c.lock_for(m.hsm_id):
+            if not m.connected and not m.exited():
+                try:
+                    await m.connect()
+                except (HsmsimError, OSError) as exc:
+                    m.last_error = str(exc)
+        if m.usable:
+            self.c.spawn_bg(self.reconcile(m), "reconcile")
 
     async def set_fault(self, hsm_id: str, **fields: Any) -> dict[str, Any]:
         m = self.member(hsm_id)
