@@ -368,11 +368,7 @@ def cmd_hsm(args: argparse.Namespace) -> int:
         if not AZ_RE.match(args.az):
             raise CliError(f"--az {args.az!r} is not an availability zone name like us-east-1a")
         with Progress(1, f"adding an HSM in {args.az}") as bar:
-            def prog(done: int, total: int, label: str) -> None:
-                bar.total = max(total, 1)
-                bar.done = 0
-                bar.advance(done)
-            r = client.call("hsm.add", progress=prog, az=args.az)
+            r = client.call("hsm.add", progress=bar.report, az=args.az)
     elif op == "latency":
         if args.ms < 0:
             raise CliError("--ms must be 0 or more")
@@ -397,15 +393,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
                                        "reason"])
         return 0
     with Progress(1, args.backup_cmd) as bar:
-        def prog(done: int, total: int, label: str) -> None:
-            bar.total = max(total, 1)
-            bar.done = 0
-            bar.advance(done)
         if args.backup_cmd == "create":
-            r = client.call("backup.create", progress=prog)
+            r = client.call("backup.create", progress=bar.report)
         else:
             target = Path(args.target).absolute()
-            r = client.call("backup.restore", progress=prog, backup_id=args.backup_id,
+            r = client.call("backup.restore", progress=bar.report, backup_id=args.backup_id,
                             target=str(target))
     if args.json:
         emit(r, True)

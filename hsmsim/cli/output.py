@@ -52,6 +52,12 @@ class Progress:
             self.stream.write(f"\r{self.label} [{bar:<30}] {self.done}/{self.total}")
             self.stream.flush()
 
+    def report(self, done: int, total: int, label: str = "") -> None:
+        """A progress callback (done of total), e.g. for the control API's streamed progress."""
+        self.total = max(total, 1)
+        self.done = 0
+        self.advance(done)
+
     def close(self) -> None:
         if self.enabled:
             self.stream.write("\n")
