@@ -14,13 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hsmsim import aio
 from hsmsim.cli.output import Progress, add_json_flag, emit, table
 from hsmsim.cluster.state import (StateDir, StateError, discard_new_cluster,
                                   prepare_new_cluster)
 from hsmsim.config import environ, state_dir
 from hsmsim.control.client import ControlClient
 from hsmsim.control.protocol import ControlError
-from hsmsim.errors import HsmsimError
+from hsmsim.errors import ConfigError, HsmsimError
 
 DEFAULT_AZS = ("us-east-1a", "us-east-1b", "us-east-1c")
 AZ_RE = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-\d[a-z]$")
@@ -229,8 +230,6 @@ def _spawn_detached(state: StateDir, config: str | None, overrides: list[str]) -
 
 def _run_foreground(state: StateDir, args: argparse.Namespace, overrides: list[str],
                     new: Any) -> int:
-    import asyncio
-
     from hsmsim.daemon.main import DaemonOptions, serve, setup_logging
     setup_logging(state.log_file)
     errors: list[str] = []
@@ -242,9 +241,12 @@ def _run_foreground(state: StateDir, args: argparse.Namespace, overrides: list[s
     ov = tuple((o.split("=", 1)[0], o.split("=", 1)[1]) for o in overrides)
     opts = DaemonOptions(state.root, Path(args.config).absolute() if args.config else None, ov)
     try:
-        code = asyncio.run(serve(opts, environ(), ready, errors.append))
+        code = aio.run(serve(opts, environ(), ready, errors.append))
     except KeyboardInterrupt:
         code = 0
+    except ConfigError as exc:  # e.g. a bad HSMSIM_EVENT_LOOP
+        errors.append(str(exc))
+        code = 2
     if errors:
         if new is not None:
             discard_new_cluster(state, new.created_root)

@@ -5,14 +5,15 @@ it could not start) as one JSON line on --ready-fd."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
 from pathlib import Path
 
+from hsmsim import aio
 from hsmsim.config import environ
 from hsmsim.daemon.main import DaemonOptions, serve, setup_logging
+from hsmsim.errors import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,9 +46,13 @@ def main(argv: list[str] | None = None) -> int:
 
     opts = DaemonOptions(state, Path(args.config).absolute() if args.config else None,
                          tuple(overrides))
-    return asyncio.run(serve(opts, environ(),
+    try:
+        return aio.run(serve(opts, environ(),
                              lambda info: report({"ok": True, **info}),
                              lambda err: report({"ok": False, "error": err})))
+    except ConfigError as exc:  # e.g. a bad HSMSIM_EVENT_LOOP
+        report({"ok": False, "error": str(exc)})
+        return 2
 
 
 if __name__ == "__main__":

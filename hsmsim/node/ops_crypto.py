@@ -5,6 +5,7 @@ everything else runs in SoftHSM2."""
 from __future__ import annotations
 
 import hashlib
+from functools import partial
 import hmac
 from dataclasses import replace
 from typing import Any
@@ -58,7 +59,8 @@ class CryptoOps(Ops):
 
         async def load() -> RsaPrivateKey:
             der = await self.ks.material(r)
-            return await self.ks.in_hsm(RsaPrivateKey.from_der, der)
+            return await self.ks.in_hsm(partial(RsaPrivateKey.from_der, der,
+                                                 batch_threads=engine.RSA_BATCH_THREADS))
         ctx = await self.engine.get(r.handle, load)
         assert isinstance(ctx, RsaPrivateKey)
         return ctx
@@ -77,7 +79,7 @@ class CryptoOps(Ops):
     def _batcher(self, handle: int, key: RsaPrivateKey) -> engine.SignBatcher:
         b = self.ctx.batchers.get(handle)
         if b is None or b.key is not key:
-            b = self.ctx.batchers[handle] = engine.SignBatcher(key, self.ks.in_hsm)
+            b = self.ctx.batchers[handle] = engine.SignBatcher(key)
         return b
 
     async def encrypt(self, conn: Conn, f: Fields) -> dict[str, Any]:

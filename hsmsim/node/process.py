@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from hsmsim import aio
 from hsmsim.errors import ConfigError, HsmsimError
 from hsmsim.node.audit import AuditLog
 from hsmsim.node.config import NodeConfig
@@ -183,7 +184,7 @@ def run(opts: NodeOptions, config: NodeConfig) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     node = Node(opts, config)
     try:
-        asyncio.run(node.serve())
+        aio.run(node.serve())
     finally:
         node.close()
     return 0
