@@ -258,6 +258,11 @@ class Cluster:
         usable = [m for m in members if m.usable and not (login_id is not None
                                                           and login_id in m.login_refused)]
         converged = [m for m in usable if m.converged]
+        if not handles:
+            # A search goes to an HSM with no key copies still queued for it, so a key whose
+            # creation was acknowledged is found at once (its last copies are asynchronous).
+            complete = [m for m in converged if m.pending_sync == 0]
+            return self._rotate(complete or converged or usable)
         return self._rotate(converged or usable)
 
     async def run(self, login: Login | None, handles: Sequence[int], invalid: RV,
@@ -426,7 +431,6 @@ class Cluster:
         async def background(m: Member) -> None:
             # Copies beyond the availability check queue behind a small per-HSM window so
             # that they do not crowd out the application's own requests.
-            m.pending_sync += 1
             try:
                 async with m.sync_window:
                     # Yield to the application's requests while the HSM is busy, for a
@@ -447,6 +451,7 @@ class Cluster:
             if await copy_to(m):
                 ok += 1
         for m in rest:
+            m.pending_sync += 1  # now, not when the task starts: searches avoid this HSM
             self.spawn_bg(background(m), "key sync")
         if ok < need:
             self._abandon(handles)

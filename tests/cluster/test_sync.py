@@ -48,6 +48,23 @@ def test_token_key_is_on_every_hsm_with_the_same_handle_and_attributes(cluster3:
     h.call(h.cluster.logout(login))
 
 
+def test_a_new_token_key_is_found_at_once(cluster3: Harness) -> None:
+    """The copy to the third HSM is asynchronous; a search right after the acknowledgement
+    must still find the key, whichever HSM round-robin would pick."""
+    h = cluster3
+    login = h.login()
+
+    async def create_then_find(i: int) -> tuple[int, list[int]]:
+        label = f"found-at-once-{i}"
+        handle = await h.cluster.generate_key(login, AES_GEN, aes_template(label=label), 1)
+        return handle, await h.cluster.find_objects(login, {int(Attribute.LABEL): label}, 1)
+
+    for i in range(6):
+        handle, found = h.call(create_then_find(i))
+        assert found == [handle], f"round {i}: key {handle} not found right after its creation"
+    h.call(h.cluster.logout(login))
+
+
 def test_session_key_lives_on_one_hsm_only(cluster3: Harness) -> None:
     h = cluster3
     login = h.login()
