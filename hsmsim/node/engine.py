@@ -6,6 +6,7 @@ arrives only through the `loader` callbacks the keystore gives (masked blob -> b
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from collections.abc import Awaitable, Callable
@@ -238,7 +239,6 @@ class ContextCache:
         ctx = self._ctx.get(handle)
         if ctx is not None:
             return ctx
-        import asyncio
         fut = self._loading.get(handle)
         if fut is not None:
             return await asyncio.shield(fut)
@@ -258,6 +258,10 @@ class ContextCache:
         if self._generation.get(handle, 0) == generation:  # not dropped while loading
             self._ctx[handle] = ctx
         return ctx
+
+    def cached(self, handle: int) -> Ctx | None:
+        """The loaded context, or None when it would have to be loaded first."""
+        return self._ctx.get(handle)
 
     def drop(self, handle: int) -> None:
         self._generation[handle] = self._generation.get(handle, 0) + 1
@@ -283,14 +287,13 @@ class SignBatcher:
 
     def __init__(self, key: RsaPrivateKey) -> None:
         self.key = key
-        self._queue: dict[str | None, list[tuple[bytes, Any]]] = {}
+        self._queue: dict[str | None, list[tuple[bytes, asyncio.Future[bytes]]]] = {}
         self._scheduled = False
 
-    def sign(self, data: bytes, hash: str | None) -> Any:
+    def sign(self, data: bytes, hash: str | None) -> "asyncio.Future[bytes]":
         """A future for the signature, resolved at the end of this loop pass."""
-        import asyncio
         loop = asyncio.get_running_loop()
-        fut = loop.create_future()
+        fut: asyncio.Future[bytes] = loop.create_future()
         self._queue.setdefault(hash, []).append((data, fut))
         if not self._scheduled:
             self._scheduled = True
@@ -304,7 +307,7 @@ class SignBatcher:
             for i in range(0, len(items), self.MAX_BATCH):
                 self._run(hash, items[i:i + self.MAX_BATCH])
 
-    def _run(self, hash: str | None, batch: list[tuple[bytes, Any]]) -> None:
+    def _run(self, hash: str | None, batch: list[tuple[bytes, asyncio.Future[bytes]]]) -> None:
         try:
             if len(batch) == 1:
                 sigs = [self.key.sign_pkcs1v15(batch[0][0], hash)]

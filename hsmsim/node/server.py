@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from hsmsim import __version__
@@ -16,6 +16,7 @@ from hsmsim.node.codec import Fields
 from hsmsim.node.faults import Faults
 from hsmsim.node.protocol import Principal, ProtocolError
 from hsmsim.node.context import Conn
+from hsmsim.node.ops_crypto import NOT_NOW
 from hsmsim.node.service import NodeService
 from hsmsim.pkcs11.constants import RV
 from hsmsim.pkcs11.errors import Pkcs11Error
@@ -35,6 +36,7 @@ class NodeServer:
         self._conn_ids = 0
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._connections: set[_Connection] = set()
         s, u, o, c, m = service, service.users, service.objects, service.crypto, service.masking
         self.handlers: dict[str, Handler] = {
             "ping": self._none(lambda c_, f: None),
@@ -82,6 +84,9 @@ class NodeServer:
                 for r in s.audit.read(f.int("since_seq", 0), f.int("limit", 1000, lo=1,
                                                                      hi=10000))]),
         }
+        # answered without a task when the key is loaded and no fault is set
+        self.fast: dict[str, Callable[[Conn, Fields], Any]] = {
+            "encrypt": c.encrypt_now, "decrypt": c.decrypt_now, "sign": c.sign_now}
         missing = set(protocol.OPS) - set(self.handlers) - {"hello", "auth_cluster"}
         assert not missing, f"ops without handler: {missing}"
 
@@ -109,6 +114,7 @@ class NodeServer:
         """Start serving on unix:PATH or tcp:HOST:PORT (port 0 picks one; `ssl`: mutual TLS,
         see hsmsim.node.tls); returns the bound address."""
         kind, where, port = _parse_listen(address)
+        loop = asyncio.get_running_loop()
         if kind == "unix":
             try:
                 os.unlink(where)
@@ -116,15 +122,13 @@ class NodeServer:
                 pass
             old = os.umask(0o177)
             try:
-                srv = await asyncio.start_unix_server(self._serve, where,
-                                                      limit=protocol.MAX_FRAME + 64)
+                srv = await loop.create_unix_server(lambda: _Connection(self), where)
             finally:
                 os.umask(old)
             os.chmod(where, 0o600)
             bound = f"unix:{where}"
         else:
-            srv = await asyncio.start_server(self._serve, where, port, ssl=ssl,
-                                             limit=protocol.MAX_FRAME + 64)
+            srv = await loop.create_server(lambda: _Connection(self), where, port, ssl=ssl)
             sock = srv.sockets[0].getsockname()
             bound = f"tcp:{sock[0]}:{sock[1]}"
         self._servers.append(srv)
@@ -133,66 +137,24 @@ class NodeServer:
     async def close(self) -> None:
         for srv in self._servers:
             srv.close()
+        for c in list(self._connections):
+            c.abort()
         for t in list(self._tasks):
             t.cancel()
         for srv in self._servers:
             await srv.wait_closed()
 
-    # -- one connection ----------------------------------------------------------------------------
+    # -- requests ----------------------------------------------------------------------------------
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        self._conn_ids += 1
-        conn = Conn(self._conn_ids, os.urandom(32))
-        self.service.connections += 1
-        inflight: set[asyncio.Task[None]] = set()
-        try:
-            if self.service.connections > self.max_connections:
-                await self._send(writer, _error(0, RV.SESSION_COUNT, "too many connections"))
-                return
-            while True:
-                try:
-                    payload = await protocol.read_frame(reader)
-                except ProtocolError as exc:
-                    await self._send(writer, _error(0, RV.ARGUMENTS_BAD, str(exc)))
-                    return
-                t = asyncio.get_running_loop().create_task(self._request(conn, writer, payload))
-                inflight.add(t)
-                t.add_done_callback(inflight.discard)
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
-            pass
-        except asyncio.CancelledError:
-            pass
-        finally:
-            for t in list(inflight):
-                t.cancel()
-            self.service.connections -= 1
-            self._tasks.discard(task)
-            try:
-                await self.service.disconnect(conn)
-            except asyncio.CancelledError:
-                pass  # shutting down: session objects die with the process anyway
-            except Exception:  # pragma: no cover - logged, never fatal
-                log.exception("cleaning up connection %d", conn.conn_id)
-            writer.close()
+        task.add_done_callback(self._tasks.discard)
+        return task
 
-    async def _send(self, writer: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
-        try:
-            frame = protocol.pack(msg)
-        except ProtocolError:
-            frame = protocol.pack(_error(msg.get("id", 0), RV.DATA_LEN_RANGE,
-                                         "response exceeds the frame limit"))
-        except (TypeError, ValueError):
-            frame = protocol.pack(_error(msg.get("id", 0), RV.GENERAL_ERROR, "unencodable result"))
-        try:
-            writer.write(frame)
-            await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-
-    async def _request(self, conn: Conn, writer: asyncio.StreamWriter, payload: bytes) -> None:
+    def handle(self, c: "_Connection", payload: bytes) -> None:
+        """One request frame. Cached-key crypto is answered at once (or when its batch
+        completes); everything else runs as its own task, so requests run concurrently."""
         rid: Any = 0
         try:
             try:
@@ -208,18 +170,67 @@ class NodeServer:
             op = msg.get("op")
             if not isinstance(op, str) or op not in protocol.OPS:
                 raise Pkcs11Error(RV.ARGUMENTS_BAD, f"unknown op {str(op)[:40]!r}")
-            result = await self._dispatch(conn, op, Fields(msg))
-            await self._send(writer, {"id": rid, "ok": True, "result": result})
-        except Throttled:
-            await self._send(writer, {"id": rid, "ok": False, "rv": int(RV.FUNCTION_FAILED),
-                                      "msg": "HSM is busy (throttled)", "throttled": True})
+            fast = self.fast.get(op)
+            if fast is not None and c.conn.hello and self.faults.idle:
+                f = Fields(msg)
+                self._check_principal(c.conn, op, f)
+                result = fast(c.conn, f)
+                if result is not NOT_NOW:
+                    if isinstance(result, asyncio.Future):
+                        result.add_done_callback(lambda fut: self._finish(c, rid, fut))
+                    else:
+                        c.send({"id": rid, "ok": True, "result": result})
+                    return
         except Pkcs11Error as exc:
-            await self._send(writer, _error(rid, exc.rv, str(exc)))
+            c.send(_error(rid, exc.rv, str(exc)))
+            return
+        except Exception:
+            log.exception("request failed")
+            c.send(_error(rid, RV.GENERAL_ERROR, "internal error in the HSM node"))
+            return
+        c.track(self.spawn(self._request(c, rid, op, msg)))
+
+    def _finish(self, c: "_Connection", rid: Any, fut: "asyncio.Future[Any]") -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is None:
+            c.send({"id": rid, "ok": True, "result": fut.result()})
+        elif isinstance(exc, Pkcs11Error):
+            c.send(_error(rid, exc.rv, str(exc)))
+        else:
+            log.error("request failed", exc_info=exc)
+            c.send(_error(rid, RV.GENERAL_ERROR, "internal error in the HSM node"))
+
+    async def _request(self, c: "_Connection", rid: Any, op: str, msg: dict[str, Any]) -> None:
+        try:
+            result = await self._dispatch(c.conn, op, Fields(msg))
+            c.send({"id": rid, "ok": True, "result": result})
+        except Throttled:
+            c.send({"id": rid, "ok": False, "rv": int(RV.FUNCTION_FAILED),
+                    "msg": "HSM is busy (throttled)", "throttled": True})
+        except Pkcs11Error as exc:
+            c.send(_error(rid, exc.rv, str(exc)))
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("request failed")
-            await self._send(writer, _error(rid, RV.GENERAL_ERROR, "internal error in the HSM node"))
+            c.send(_error(rid, RV.GENERAL_ERROR, "internal error in the HSM node"))
+
+    async def disconnect(self, conn: Conn) -> None:
+        try:
+            await self.service.disconnect(conn)
+        except asyncio.CancelledError:
+            pass  # shutting down: session objects die with the process anyway
+        except Exception:  # pragma: no cover - logged, never fatal
+            log.exception("cleaning up connection %d", conn.conn_id)
+
+    def _check_principal(self, conn: Conn, op: str, f: Fields) -> None:
+        who = protocol.OPS[op]
+        if who is Principal.CLUSTER and not conn.cluster:
+            raise Pkcs11Error(RV.USER_NOT_LOGGED_IN, f"{op} needs the cluster principal")
+        if who is Principal.USER_OR_CLUSTER and not conn.cluster and f.raw("login_id") is None:
+            raise Pkcs11Error(RV.USER_NOT_LOGGED_IN, f"{op} needs a login_id")
 
     async def _dispatch(self, conn: Conn, op: str, f: Fields) -> Any:
         if op not in protocol.CONTROL_OPS:
@@ -233,11 +244,7 @@ class NodeServer:
         if op == "auth_cluster":
             self.service.check_proof(conn, f.bytes("proof"))
             return None
-        who = protocol.OPS[op]
-        if who is Principal.CLUSTER and not conn.cluster:
-            raise Pkcs11Error(RV.USER_NOT_LOGGED_IN, f"{op} needs the cluster principal")
-        if who is Principal.USER_OR_CLUSTER and not conn.cluster and f.raw("login_id") is None:
-            raise Pkcs11Error(RV.USER_NOT_LOGGED_IN, f"{op} needs a login_id")
+        self._check_principal(conn, op, f)
         return await self.handlers[op](conn, f)
 
     def _hello(self, conn: Conn, f: Fields) -> dict[str, Any]:
@@ -252,6 +259,83 @@ class NodeServer:
         return {"version": max(common), "hsm_id": self.service.hsm_id, "az": self.service.az,
                 "server": f"hsmsim-node {__version__}", "max_frame": protocol.MAX_FRAME,
                 "nonce": conn.nonce}
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: splits the byte stream into frames for NodeServer.handle and
+    writes responses; its unfinished requests are cancelled when it closes."""
+
+    def __init__(self, server: NodeServer) -> None:
+        self.server = server
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.inflight: set[asyncio.Task[None]] = set()
+        self.closed = False
+        server._conn_ids += 1
+        self.conn = Conn(server._conn_ids, os.urandom(32))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        srv = self.server
+        srv._connections.add(self)
+        srv.service.connections += 1
+        if srv.service.connections > srv.max_connections:
+            self.send(_error(0, RV.SESSION_COUNT, "too many connections"))
+            self.close()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        size = protocol.HEADER.size
+        while len(buf) >= size and not self.closed:
+            (length,) = protocol.HEADER.unpack_from(buf)
+            if length == 0 or length > protocol.MAX_FRAME:
+                # the stream cannot be trusted after a bad length: answer once and close
+                self.send(_error(0, RV.ARGUMENTS_BAD,
+                                 f"frame length {length} outside 1..{protocol.MAX_FRAME}"))
+                self.close()
+                return
+            if len(buf) < size + length:
+                return
+            payload = bytes(buf[size:size + length])
+            del buf[:size + length]
+            self.server.handle(self, payload)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        srv = self.server
+        srv._connections.discard(self)
+        srv.service.connections -= 1
+        for t in list(self.inflight):
+            t.cancel()
+        self.buf.clear()
+        srv.spawn(srv.disconnect(self.conn))
+
+    def track(self, task: "asyncio.Task[None]") -> None:
+        self.inflight.add(task)
+        task.add_done_callback(self.inflight.discard)
+
+    def send(self, msg: dict[str, Any]) -> None:
+        if self.closed or self.transport is None:
+            return
+        try:
+            frame = protocol.pack(msg)
+        except ProtocolError:
+            frame = protocol.pack(_error(msg.get("id", 0), RV.DATA_LEN_RANGE,
+                                         "response exceeds the frame limit"))
+        except (TypeError, ValueError):
+            frame = protocol.pack(_error(msg.get("id", 0), RV.GENERAL_ERROR, "unencodable result"))
+        self.transport.write(frame)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
 
 
 class Throttled(Exception):
