@@ -695,6 +695,56 @@ class Cluster:
         return await self.run(login, (handle,), RV.KEY_HANDLE_INVALID,
                               lambda m, lid: m.client.sign(lid, handle, mech, data))  # type: ignore[union-attr, arg-type]
 
+    def submit(self, login: Login, handle: int, verb: str, mech: MechanismSpec, data: bytes,
+               done: Callable[[Any, BaseException | None], None]) -> bool:
+        """run()'s fast path for one key (api.ClusterClient.submit): taken when the key's next
+        HSM in the round-robin is connected, has no injected fault and already holds this
+        application's login. A lost or silent HSM is marked down as in run(); `done` then gets
+        NodeUnavailable and the caller retries on the slow path."""
+        rec = self._logins.get(login.login_id)
+        obj = self.objects.get(handle)
+        if rec is None or obj is None:
+            return False
+        if self.check_availability and obj.token and len(obj.holders & self.members.keys()) < 2:
+            return False
+        cands = self._candidates((handle,), RV.KEY_HANDLE_INVALID, set(), login.login_id)
+        if not cands:
+            return False
+        m = cands[0]
+        client, lid = m.client, m.logins.get(login.login_id)
+        if client is None or lid is None or m.latency_ms or m.throttle_rps:
+            return False
+        limit = self.config.request_timeout_s
+        finished = False
+
+        def finish(result: Any, exc: BaseException | None) -> None:
+            nonlocal finished
+            if finished:
+                return
+            finished = True
+            m.inflight -= 1
+            timer.cancel()
+            if isinstance(exc, NodeUnavailable):
+                m.mark_down(str(exc))
+                self._drop_session_objects(m)
+            done(result, exc)
+
+        def expire() -> None:
+            if not finished:
+                m.mark_down(f"no answer within {limit:.1f}s")
+                finish(None, NodeUnavailable(f"{m.hsm_id} did not answer in time"))
+
+        timer = asyncio.get_running_loop().call_later(limit, expire)
+        m.inflight += 1
+        try:
+            client.submit(verb, lid, handle, mech, data, finish)
+        except (NodeUnavailable, Pkcs11Error):
+            finished = True  # nothing sent: the slow path reports or retries
+            m.inflight -= 1
+            timer.cancel()
+            return False
+        return True
+
     async def verify(self, login: Login, handle: int, mech: MechanismSpec, data: bytes,
                      signature: bytes) -> None:
         await self.run(login, (handle,), RV.KEY_HANDLE_INVALID,

@@ -10,6 +10,7 @@ import os
 import ssl
 from collections import deque
 from collections.abc import Awaitable
+from functools import partial
 from pathlib import Path
 
 from hsmsim.cluster.api import ClusterClient
@@ -108,6 +109,10 @@ class Connection(asyncio.Protocol):
                     reply = fn(self.app, Reader(body))
                 except Exception as exc:  # noqa: BLE001 - translated once, here
                     reply = self._translate(exc)
+                if isinstance(reply, asyncio.Future):  # a cluster fast-path call in flight
+                    self.busy = True
+                    reply.add_done_callback(partial(self._answered, request_id, op))
+                    continue
                 if not isinstance(reply, tuple):  # the handler needs the cluster after all
                     self.busy = True
                     self.server.spawn(self._finish(request_id, op, reply))
@@ -122,6 +127,18 @@ class Connection(asyncio.Protocol):
                 continue
             self.busy = True
             self.server.spawn(self._finish(request_id, op, afn(self.app, Reader(body))))
+
+    def _answered(self, request_id: int, op: int, fut: "asyncio.Future[Reply]") -> None:
+        try:
+            if fut.cancelled():
+                reply: Reply = (int(RV.FUNCTION_FAILED), b"")
+            else:
+                exc = fut.exception()
+                reply = fut.result() if exc is None else self._translate(exc)  # type: ignore[arg-type]
+            self._send(request_id, op, reply)
+        finally:
+            self.busy = False
+            self._pump()
 
     async def _finish(self, request_id: int, op: int, pending: Awaitable[Reply]) -> None:
         try:

@@ -4,15 +4,16 @@ mechanism table, local hashing, GCM IV rules, data limits, output-length convent
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import inspect
 import logging
 import struct
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, NamedTuple
 
-from hsmsim.cluster.api import ClusterClient
+from hsmsim.cluster.api import ClusterClient, Login
 from hsmsim.gateway.config import GatewayConfig
 from hsmsim.gateway.params import DecodedMechanism, decode_mechanism
 from hsmsim.gateway.protocol import Op, Reader, Writer
@@ -54,6 +55,29 @@ _SESSION_INFO = struct.Struct("<QQQQ")  # slot, state, flags, device error
 
 def _err(rv: RV, msg: str) -> Pkcs11Error:
     return Pkcs11Error(rv, msg)
+
+
+def _with_iv(r: Any) -> tuple[bytes, bytes | None]:
+    return r.data, r.iv
+
+
+def _iv_first(r: Any) -> tuple[bytes, bytes | None]:
+    return (r.iv or b"") + r.data, None  # CKM_CLOUDHSM_AES_GCM: IV || ciphertext || tag
+
+
+def _as_output(r: Any) -> tuple[bytes, bytes | None]:
+    return bytes(r), None
+
+
+class HsmCall(NamedTuple):
+    """One call the cluster runs for an operation, and how its answer becomes the output.
+    (A NamedTuple, not a frozen dataclass: it is built on every Encrypt, Decrypt and Sign.)"""
+
+    verb: str  # "encrypt", "decrypt" or "sign"
+    login: Login
+    spec: MechanismSpec
+    data: bytes
+    output: Callable[[Any], tuple[bytes, bytes | None]]
 
 
 class OutSpec:
@@ -100,6 +124,7 @@ class Gateway:
         self._validated: dict[tuple[int, int, OpKind], tuple[float, Any]] = {}
         self._mechs: dict[tuple[OpKind, bytes], tuple[DecodedMechanism, MechanismInfo]] = {}
         self._serial = b"hsmsim"
+        self._pending: set[asyncio.Task[Reply]] = set()  # fast calls continuing on the slow path
         # sync handlers answer at once; a few (the *Init calls) may instead return an awaitable
         # when they need the cluster
         self.sync: dict[int, Callable[[Application, Reader], Reply | Awaitable[Reply]]] = {}
@@ -576,37 +601,45 @@ class Gateway:
             # we answer CKR_DATA_LEN_RANGE.
             raise _err(RV.DATA_LEN_RANGE, f"at most {op.info.max_data} bytes in the HSM")
 
-    async def _encrypt(self, app: Application, op: Operation, data: bytes) -> tuple[bytes, bytes | None]:
-        login = app.require_login()
-        self._limit(op, len(data))
-        m, p = op.mech.mechanism, op.mech.spec.param
-        if m in _GCM:
-            assert isinstance(p, GcmParams)
-            iv = b"" if (m == M.CLOUDHSM_AES_GCM or self.config.quirk_gcm_hsm_iv) else p.iv
-            spec = MechanismSpec(M.AES_GCM, GcmParams(iv, p.aad, p.tag_bits))
-            res = await self.cluster.encrypt(login, op.key, spec, data)
-            if m == M.CLOUDHSM_AES_GCM:
-                return (res.iv or b"") + res.data, None
-            return res.data, res.iv
-        res = await self.cluster.encrypt(login, op.key, op.mech.spec, data)
-        return res.data, res.iv
-
-    async def _decrypt(self, app: Application, op: Operation, data: bytes) -> bytes:
+    def _hsm_call(self, app: Application, op: Operation, data: bytes,
+                  digest: bytes | None = None) -> HsmCall:
+        """What the cluster must run for one Encrypt/Decrypt/Sign: the CloudHSM limits are
+        checked here, GCM and hash-and-sign are rewritten into what the HSM computes."""
         login = app.require_login()
         m, p = op.mech.mechanism, op.mech.spec.param
+        if op.kind == OpKind.SIGN:
+            spec, payload = self._prepared(op, data, digest)
+            return HsmCall("sign", login, spec, payload, _as_output)
+        if op.kind == OpKind.ENCRYPT:
+            self._limit(op, len(data))
+            if m in _GCM:
+                assert isinstance(p, GcmParams)
+                iv = b"" if (m == M.CLOUDHSM_AES_GCM or self.config.quirk_gcm_hsm_iv) else p.iv
+                spec = MechanismSpec(M.AES_GCM, GcmParams(iv, p.aad, p.tag_bits))
+                return HsmCall("encrypt", login, spec, data,
+                               _iv_first if m == M.CLOUDHSM_AES_GCM else _with_iv)
+            return HsmCall("encrypt", login, op.mech.spec, data, _with_iv)
         if m == M.CLOUDHSM_AES_GCM:
             assert isinstance(p, GcmParams)
             if len(data) < GCM_IV_LEN + p.tag_bits // 8:
                 raise _err(RV.ENCRYPTED_DATA_LEN_RANGE, "IV || ciphertext || tag expected")
             self._limit(op, len(data) - GCM_IV_LEN - p.tag_bits // 8)
             spec = MechanismSpec(M.AES_GCM, GcmParams(data[:GCM_IV_LEN], p.aad, p.tag_bits))
-            return await self.cluster.decrypt(login, op.key, spec, data[GCM_IV_LEN:])
+            return HsmCall("decrypt", login, spec, data[GCM_IV_LEN:], _as_output)
         if m == M.AES_GCM:
             assert isinstance(p, GcmParams)
             self._limit(op, max(0, len(data) - p.tag_bits // 8))
         else:
             self._limit(op, len(data))
-        return await self.cluster.decrypt(login, op.key, op.mech.spec, data)
+        return HsmCall("decrypt", login, op.mech.spec, data, _as_output)
+
+    async def _run(self, op: Operation, call: HsmCall) -> tuple[bytes, bytes | None]:
+        """The HSM's answer to `call` through the cluster (retries and failover included)."""
+        if call.verb == "encrypt":
+            return call.output(await self.cluster.encrypt(call.login, op.key, call.spec, call.data))
+        if call.verb == "decrypt":
+            return call.output(await self.cluster.decrypt(call.login, op.key, call.spec, call.data))
+        return call.output(await self.cluster.sign(call.login, op.key, call.spec, call.data))
 
     def _prepared(self, op: Operation, data: bytes, digest: bytes | None) -> tuple[MechanismSpec, bytes]:
         """Hash-and-sign: the local digest and the raw mechanism the HSM applies to it."""
@@ -621,10 +654,6 @@ class Gateway:
         if info.raw == M.RSA_PKCS_PSS:
             return MechanismSpec(M.RSA_PKCS_PSS, op.mech.spec.param), digest
         return MechanismSpec(M.ECDSA), digest
-
-    async def _sign(self, app: Application, op: Operation, data: bytes, digest: bytes | None) -> bytes:
-        spec, payload = self._prepared(op, data, digest)
-        return await self.cluster.sign(app.require_login(), op.key, spec, payload)
 
     # ---- single-part and multi-part calls ------------------------------------------------------------
     def _single_part_only(self, s: Session, op: Operation) -> None:
@@ -642,9 +671,19 @@ class Gateway:
             return True
         raise _err(RV.OPERATION_ACTIVE, "a multi-part operation is active")
 
+    def _answer(self, s: Session, op: Operation, out: OutSpec) -> Reply:
+        """The reply from the operation's result (kept for the follow-up call of a length query)."""
+        extra = (op.cached_iv or b"") if op.kind == OpKind.ENCRYPT else None
+        assert op.cached is not None
+        reply, delivered = out.reply(op.cached, extra)
+        if delivered:
+            s.ops.pop(op.kind, None)
+        elif out.speculative:
+            op.speculative = True
+        return reply
+
     async def _deliver(self, s: Session, op: Operation, key: bytes, out: OutSpec,
-                       compute: Callable[[], Awaitable[tuple[bytes, bytes | None]]],
-                       with_iv: bool) -> Reply:
+                       compute: Callable[[], Awaitable[tuple[bytes, bytes | None]]]) -> Reply:
         if op.cached is None or op.cached_input != key:
             try:
                 op.cached, op.cached_iv = await compute()
@@ -652,14 +691,9 @@ class Gateway:
             except Exception:
                 s.ops.pop(op.kind, None)
                 raise
-        reply, delivered = out.reply(op.cached, (op.cached_iv or b"") if with_iv else None)
-        if delivered:
-            s.ops.pop(op.kind, None)
-        elif out.speculative:
-            op.speculative = True
-        return reply
+        return self._answer(s, op, out)
 
-    async def _single(self, app: Application, r: Reader, kind: OpKind) -> Reply:
+    def _single(self, app: Application, r: Reader, kind: OpKind) -> Reply | Awaitable[Reply]:
         s = app.session(r.u64())
         data = r.bytes()
         # A speculative result leaves the operation open here while the module may finish it
@@ -671,21 +705,65 @@ class Gateway:
         if self._wrong_sequence(s, op):
             op.updated = False
             op.buffer.clear()
-        if kind == OpKind.ENCRYPT:
-            return await self._deliver(s, op, data, out, lambda: self._encrypt(app, op, data), True)
-        if kind == OpKind.DECRYPT:
-            async def dec() -> tuple[bytes, bytes | None]:
-                return await self._decrypt(app, op, data), None
-            return await self._deliver(s, op, data, out, dec, False)
-        if kind == OpKind.SIGN:
-            async def sign() -> tuple[bytes, bytes | None]:
-                return await self._sign(app, op, data, None), None
-            return await self._deliver(s, op, data, out, sign, False)
-        assert op.info.hash is not None
+        if op.cached is not None and op.cached_input == data:
+            return self._answer(s, op, out)
+        if kind == OpKind.DIGEST:
+            assert op.info.hash is not None
+            op.cached, op.cached_iv = hashlib.new(op.info.hash, data).digest(), None
+            op.cached_input = data
+            return self._answer(s, op, out)
+        try:
+            call = self._hsm_call(app, op, data)
+        except Exception:
+            s.ops.pop(op.kind, None)
+            raise
+        return self._submit(s, op, data, out, call)
 
-        async def digest() -> tuple[bytes, bytes | None]:
-            return hashlib.new(op.info.hash or "", data).digest(), None
-        return await self._deliver(s, op, data, out, digest, False)
+    def _submit(self, s: Session, op: Operation, data: bytes, out: OutSpec,
+                call: HsmCall) -> Awaitable[Reply]:
+        """Runs `call` on the cluster's fast path when it can take it (no task: the node's
+        answer completes the reply), else as a coroutine that retries and fails over. A fast
+        attempt that meets a lost or throttled HSM continues on the slow path."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Reply] = loop.create_future()
+
+        def slow() -> Coroutine[Any, Any, Reply]:
+            return self._deliver(s, op, data, out, lambda: self._run(op, call))
+
+        def done(result: Any, exc: BaseException | None) -> None:
+            if fut.done():
+                return
+            try:
+                if exc is None:
+                    op.cached, op.cached_iv = call.output(result)
+                    op.cached_input = data
+                    fut.set_result(self._answer(s, op, out))
+                elif isinstance(exc, Pkcs11Error) and not getattr(exc, "throttled", False):
+                    s.ops.pop(op.kind, None)
+                    fut.set_exception(exc)
+                else:  # an HSM lost or busy on the first try: the slow path retries elsewhere
+                    task = loop.create_task(slow())
+                    self._pending.add(task)
+                    task.add_done_callback(lambda t: self._copy_to(t, fut))
+            except Exception as e:  # noqa: BLE001 - reported to the caller, never raised into the cluster
+                if not fut.done():
+                    fut.set_exception(e)
+
+        if self.cluster.submit(call.login, op.key, call.verb, call.spec, call.data, done):
+            return fut
+        return slow()
+
+    def _copy_to(self, task: "asyncio.Task[Reply]", fut: "asyncio.Future[Reply]") -> None:
+        self._pending.discard(task)
+        if fut.done() or task.cancelled():
+            if not fut.done():
+                fut.cancel()
+            return
+        exc = task.exception()
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(task.result())
 
     async def _update(self, app: Application, r: Reader, kind: OpKind, with_out: bool) -> Reply:
         s = app.session(r.u64())
@@ -717,25 +795,19 @@ class Gateway:
         op = s.op(kind)
         self._single_part_only(s, op)
         data = bytes(op.buffer)
-        if kind == OpKind.ENCRYPT:
-            return await self._deliver(s, op, b"", out, lambda: self._encrypt(app, op, data), True)
-        if kind == OpKind.DECRYPT:
-            async def dec() -> tuple[bytes, bytes | None]:
-                return await self._decrypt(app, op, data), None
-            return await self._deliver(s, op, b"", out, dec, False)
-        if kind == OpKind.SIGN:
-            digest = op.hasher.copy().digest() if op.hasher is not None else None
+        if kind == OpKind.DIGEST:
+            async def dig() -> tuple[bytes, bytes | None]:
+                assert op.hasher is not None
+                return op.hasher.copy().digest(), None
+            return await self._deliver(s, op, b"", out, dig)
+        digest = op.hasher.copy().digest() if kind == OpKind.SIGN and op.hasher is not None else None
 
-            async def sign() -> tuple[bytes, bytes | None]:
-                return await self._sign(app, op, data, digest), None
-            return await self._deliver(s, op, b"", out, sign, False)
+        async def compute() -> tuple[bytes, bytes | None]:
+            return await self._run(op, self._hsm_call(app, op, data, digest))
+        return await self._deliver(s, op, b"", out, compute)
 
-        async def dig() -> tuple[bytes, bytes | None]:
-            return op.hasher.copy().digest(), None
-        return await self._deliver(s, op, b"", out, dig, False)
-
-    async def op_Encrypt(self, app: Application, r: Reader) -> Reply:
-        return await self._single(app, r, OpKind.ENCRYPT)
+    def op_Encrypt(self, app: Application, r: Reader) -> Reply | Awaitable[Reply]:
+        return self._single(app, r, OpKind.ENCRYPT)
 
     async def op_EncryptUpdate(self, app: Application, r: Reader) -> Reply:
         return await self._update(app, r, OpKind.ENCRYPT, True)
@@ -743,8 +815,8 @@ class Gateway:
     async def op_EncryptFinal(self, app: Application, r: Reader) -> Reply:
         return await self._final(app, r, OpKind.ENCRYPT)
 
-    async def op_Decrypt(self, app: Application, r: Reader) -> Reply:
-        return await self._single(app, r, OpKind.DECRYPT)
+    def op_Decrypt(self, app: Application, r: Reader) -> Reply | Awaitable[Reply]:
+        return self._single(app, r, OpKind.DECRYPT)
 
     async def op_DecryptUpdate(self, app: Application, r: Reader) -> Reply:
         return await self._update(app, r, OpKind.DECRYPT, True)
@@ -752,8 +824,8 @@ class Gateway:
     async def op_DecryptFinal(self, app: Application, r: Reader) -> Reply:
         return await self._final(app, r, OpKind.DECRYPT)
 
-    async def op_Digest(self, app: Application, r: Reader) -> Reply:
-        return await self._single(app, r, OpKind.DIGEST)
+    def op_Digest(self, app: Application, r: Reader) -> Reply | Awaitable[Reply]:
+        return self._single(app, r, OpKind.DIGEST)
 
     async def op_DigestUpdate(self, app: Application, r: Reader) -> Reply:
         return await self._update(app, r, OpKind.DIGEST, False)
@@ -761,8 +833,8 @@ class Gateway:
     async def op_DigestFinal(self, app: Application, r: Reader) -> Reply:
         return await self._final(app, r, OpKind.DIGEST)
 
-    async def op_Sign(self, app: Application, r: Reader) -> Reply:
-        return await self._single(app, r, OpKind.SIGN)
+    def op_Sign(self, app: Application, r: Reader) -> Reply | Awaitable[Reply]:
+        return self._single(app, r, OpKind.SIGN)
 
     async def op_SignUpdate(self, app: Application, r: Reader) -> Reply:
         return await self._update(app, r, OpKind.SIGN, False)

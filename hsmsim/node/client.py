@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import hmac
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hsmsim import __version__
@@ -98,13 +98,24 @@ class _Responses(asyncio.streams.FlowControlMixin, asyncio.Protocol):
         return self._closed
 
 
+Waiter = Callable[[Any, "BaseException | None"], None]
+
+
+def _encrypt_result(r: Any) -> EncryptResult:
+    return EncryptResult(r["data"], r.get("iv"))
+
+
+# How submit() decodes each key operation's result (the same as the awaiting methods).
+_DECODE: dict[str, Callable[[Any], Any]] = {"encrypt": _encrypt_result, "decrypt": bytes, "sign": bytes}
+
+
 class NodeClient:
     """A connection to one node. Create with `await NodeClient.connect(address)`."""
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self._writer = writer
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._pending: dict[int, asyncio.Future[Any] | Waiter] = {}
         self._closed: BaseException | None = None
         self.hello: Hello | None = None
 
@@ -169,9 +180,12 @@ class NodeClient:
         if self._closed is None:
             self._closed = exc
         pending, self._pending = self._pending, {}
-        for fut in pending.values():
-            if not fut.done():
-                fut.set_exception(exc)
+        for waiter in pending.values():
+            if isinstance(waiter, asyncio.Future):
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            else:
+                waiter(None, exc)
 
     def _on_payload(self, payload: bytes) -> bool:
         """One response frame (called by `_Responses`); False once the connection is unusable."""
@@ -180,13 +194,15 @@ class NodeClient:
             if not isinstance(msg, dict):
                 raise protocol.ProtocolError("response is not a map")
             rid = msg.get("id")
-            fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
-            if fut is None:
+            waiter = self._pending.pop(rid, None) if isinstance(rid, int) else None
+            if waiter is None:
                 if rid == 0 and msg.get("ok") is False:  # connection-level error
                     raise NodeUnavailable(f"node closed the connection: {msg.get('msg')}")
                 return True
-            if not fut.done():
-                fut.set_result(msg)
+            if not isinstance(waiter, asyncio.Future):
+                waiter(msg, None)
+            elif not waiter.done():
+                waiter.set_result(msg)
             return True
         except protocol.ProtocolError as exc:
             self._fail_all(NodeUnavailable(f"node protocol error: {exc}"))
@@ -196,30 +212,28 @@ class NodeClient:
             self._fail_all(NodeUnavailable(f"bad frame from node: {exc}"))
         return False
 
-    async def call(self, op: str, **fields: Any) -> Any:
-        """Send one request and wait for its result (raises on an error response)."""
+    def _send(self, op: str, fields: dict[str, Any], waiter: "asyncio.Future[Any] | Waiter") -> int:
+        """Write one request whose response goes to `waiter`; returns its request id."""
         if self._closed is not None:
             raise NodeUnavailable(str(self._closed))
         rid = next(self._ids)
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = fut
+        fields["id"], fields["op"] = rid, op
         try:
-            frame = protocol.pack({"id": rid, "op": op, **fields})
+            frame = protocol.pack(fields)
         except protocol.ProtocolError:
-            del self._pending[rid]
             raise Pkcs11Error(RV.DATA_LEN_RANGE, "request exceeds the node's frame limit") from None
+        self._pending[rid] = waiter
         try:
             self._writer.write(frame)
-            if self._writer.transport.get_write_buffer_size() > 4 * protocol.MAX_FRAME:
-                await self._writer.drain()
         except (ConnectionError, OSError) as exc:
             self._pending.pop(rid, None)
             self._fail_all(NodeUnavailable(f"connection to node lost: {exc}"))
             raise NodeUnavailable(f"connection to node lost: {exc}") from None
-        try:
-            msg = await fut
-        finally:
-            self._pending.pop(rid, None)
+        return rid
+
+    @staticmethod
+    def result_of(msg: dict[str, Any]) -> Any:
+        """The result of a response map, or its error raised."""
         if msg.get("ok") is True:
             return msg.get("result")
         rv = msg.get("rv", int(RV.GENERAL_ERROR))
@@ -227,6 +241,41 @@ class NodeClient:
         if msg.get("throttled"):
             raise NodeThrottled(RV.FUNCTION_FAILED, text or "HSM is throttling requests")
         raise Pkcs11Error(int(rv) if isinstance(rv, int) else int(RV.GENERAL_ERROR), text)
+
+    async def call(self, op: str, **fields: Any) -> Any:
+        """Send one request and wait for its result (raises on an error response)."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        rid = self._send(op, fields, fut)
+        try:
+            if self._writer.transport.get_write_buffer_size() > 4 * protocol.MAX_FRAME:
+                await self._writer.drain()
+            msg = await fut
+        except (ConnectionError, OSError) as exc:
+            self._fail_all(NodeUnavailable(f"connection to node lost: {exc}"))
+            raise NodeUnavailable(f"connection to node lost: {exc}") from None
+        finally:
+            self._pending.pop(rid, None)
+        return self.result_of(msg)
+
+    def submit(self, op: str, login_id: int, handle: int, mech: MechanismSpec, data: bytes,
+               done: "Waiter") -> None:
+        """Send one key operation ("encrypt", "decrypt" or "sign") now, without a task: `done`
+        is called with its decoded result (EncryptResult or bytes) and None, or with None and
+        the error (Pkcs11Error, NodeThrottled, NodeUnavailable), from the event loop. Raises
+        as `call` does when nothing could be sent."""
+        decode = _DECODE[op]
+        fields = {"login_id": login_id, "handle": handle, "mech": codec.mech_to_wire(mech),
+                  "data": data}
+
+        def answer(msg: dict[str, Any] | None, exc: BaseException | None) -> None:
+            if msg is not None:
+                try:
+                    done(decode(self.result_of(msg)), None)
+                    return
+                except (Pkcs11Error, KeyError, TypeError) as e:
+                    exc = e if isinstance(e, Pkcs11Error) else NodeUnavailable(f"bad answer from node: {e}")
+            done(None, exc)
+        self._send(op, fields, answer)
 
     async def _hello(self) -> Hello:
         r = await self.call("hello", versions=list(protocol.SUPPORTED_VERSIONS),
@@ -358,9 +407,8 @@ class NodeClient:
 
     async def encrypt(self, login_id: int, handle: int, mech: MechanismSpec,
                       data: bytes) -> EncryptResult:
-        r = await self.call("encrypt", login_id=login_id, handle=handle,
-                            mech=codec.mech_to_wire(mech), data=data)
-        return EncryptResult(r["data"], r.get("iv"))
+        return _encrypt_result(await self.call("encrypt", login_id=login_id, handle=handle,
+                                               mech=codec.mech_to_wire(mech), data=data))
 
     async def decrypt(self, login_id: int, handle: int, mech: MechanismSpec, data: bytes) -> bytes:
         return bytes(await self.call("decrypt", login_id=login_id, handle=handle,
