@@ -12,6 +12,8 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Any, Union
 
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
 from hsmsim.core import (AesGcmKey, DecryptionFailed, InvalidSignature, InvalidTag,
                          RsaPrivateKey, RsaPublicKey)
 from hsmsim.pkcs11.constants import MGF, RV, Mechanism as M
@@ -59,13 +61,10 @@ class EcSigner:
     def sign(self, digest: bytes) -> bytes | None:
         """Raw r||s over `digest` as CKM_ECDSA computes it (OpenSSL truncates a longer input to
         the order), or None for an input length that is no hash (left to SoftHSM2)."""
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.hazmat.primitives.asymmetric.utils import (Prehashed,
-                                                                     decode_dss_signature)
-        h = _PREHASHED.get(len(digest))
-        if h is None or self._key is None:
+        algorithm = _PREHASHED.get(len(digest))
+        if algorithm is None or self._key is None:
             return None
-        r, s = decode_dss_signature(self._key.sign(digest, ec.ECDSA(Prehashed(h))))
+        r, s = decode_dss_signature(self._key.sign(digest, algorithm))
         return r.to_bytes(self.size, "big") + s.to_bytes(self.size, "big")
 
     def close(self) -> None:
@@ -73,9 +72,13 @@ class EcSigner:
 
 
 def _prehashed() -> dict[int, Any]:
+    """ECDSA over a ready digest, by digest length (built once: ECDSA runs on the hot path)."""
     from cryptography.hazmat.primitives import hashes
-    return {20: hashes.SHA1(), 28: hashes.SHA224(), 32: hashes.SHA256(), 48: hashes.SHA384(),
-            64: hashes.SHA512()}
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+    return {n: ec.ECDSA(Prehashed(h)) for n, h in
+            ((20, hashes.SHA1()), (28, hashes.SHA224()), (32, hashes.SHA256()),
+             (48, hashes.SHA384()), (64, hashes.SHA512()))}
 
 
 _PREHASHED = _prehashed()
