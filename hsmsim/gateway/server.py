@@ -109,17 +109,16 @@ class Connection(asyncio.Protocol):
                     reply = fn(self.app, Reader(body))
                 except Exception as exc:  # noqa: BLE001 - translated once, here
                     reply = self._translate(exc)
+                if type(reply) is tuple:  # answered at once (most calls)
+                    self._send(request_id, op, reply)
+                    if op == Op.Finalize:
+                        self._finalize()
+                    continue
+                self.busy = True
                 if isinstance(reply, asyncio.Future):  # a cluster fast-path call in flight
-                    self.busy = True
                     reply.add_done_callback(partial(self._answered, request_id, op))
-                    continue
-                if not isinstance(reply, tuple):  # the handler needs the cluster after all
-                    self.busy = True
-                    self.server.spawn(self._finish(request_id, op, reply))
-                    continue
-                self._send(request_id, op, reply)
-                if op == Op.Finalize:
-                    self._finalize()
+                else:  # the handler needs the cluster after all
+                    self.server.spawn(self._finish(request_id, op, reply))  # type: ignore[arg-type]
                 continue
             afn = self.gw.async_.get(op)
             if afn is None:
