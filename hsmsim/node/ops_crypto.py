@@ -87,30 +87,28 @@ class CryptoOps(Ops):
     # The server calls these before the general handlers; NOT_NOW sends the request down the
     # general path (which applies the same checks again and loads what is missing).
 
-    def encrypt_now(self, conn: Conn, f: Fields) -> Any:
+    def _cached_gcm(self, conn: Conn, f: Fields, usage: int) -> tuple[AesGcmKey, Any, bytes] | None:
+        """(key, GCM parameters, data) when the request is AES-GCM on a loaded key, small
+        enough for the loop; None otherwise. Access is checked either way."""
         login = self.cu_of(conn, f)
         mech, data = f.mech(), f.bytes("data")
-        r = self.usable(login, f.handle(), A.ENCRYPT, mech.mechanism)
+        r = self.usable(login, f.handle(), usage, mech.mechanism)
         if mech.mechanism not in engine.GCM_MECHS or len(data) > engine.INLINE_LIMIT:
-            return NOT_NOW
+            return None
         self.check_key_type(r, ObjectClass.SECRET_KEY, KeyType.AES)
         key = self.engine.cached(r.handle)
-        if not isinstance(key, AesGcmKey):
+        return (key, mech.param, data) if isinstance(key, AesGcmKey) else None
+
+    def encrypt_now(self, conn: Conn, f: Fields) -> Any:
+        found = self._cached_gcm(conn, f, A.ENCRYPT)
+        if found is None:
             return NOT_NOW
-        ct, iv = engine.gcm_encrypt(key, mech.param, data)
+        ct, iv = engine.gcm_encrypt(*found)
         return {"data": ct, "iv": iv}
 
     def decrypt_now(self, conn: Conn, f: Fields) -> Any:
-        login = self.cu_of(conn, f)
-        mech, data = f.mech(), f.bytes("data")
-        r = self.usable(login, f.handle(), A.DECRYPT, mech.mechanism)
-        if mech.mechanism not in engine.GCM_MECHS or len(data) > engine.INLINE_LIMIT:
-            return NOT_NOW
-        self.check_key_type(r, ObjectClass.SECRET_KEY, KeyType.AES)
-        key = self.engine.cached(r.handle)
-        if not isinstance(key, AesGcmKey):
-            return NOT_NOW
-        return engine.gcm_decrypt(key, mech.param, data)
+        found = self._cached_gcm(conn, f, A.DECRYPT)
+        return NOT_NOW if found is None else engine.gcm_decrypt(*found)
 
     def sign_now(self, conn: Conn, f: Fields) -> Any:
         """A signature, or a future of one (RSA PKCS#1 v1.5, batched), or NOT_NOW. RSA runs on
