@@ -268,13 +268,13 @@ class NodeClient:
                   "data": data}
 
         def answer(msg: dict[str, Any] | None, exc: BaseException | None) -> None:
+            result = None
             if msg is not None:
                 try:
-                    done(decode(self.result_of(msg)), None)
-                    return
+                    result = decode(self.result_of(msg))
                 except (Pkcs11Error, KeyError, TypeError) as e:
                     exc = e if isinstance(e, Pkcs11Error) else NodeUnavailable(f"bad answer from node: {e}")
-            done(None, exc)
+            done(result, exc)
         self._send(op, fields, answer)
 
     async def _hello(self) -> Hello:
