@@ -40,5 +40,10 @@ def loop_factory(environ: dict[str, str] | None = None) -> Callable[[], asyncio.
 
 def run(main: Coroutine[Any, Any, T]) -> T:
     """asyncio.run on the configured event loop."""
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+    try:
+        factory = loop_factory()
+    except ConfigError:
+        main.close()  # never started: no "coroutine was never awaited" warning
+        raise
+    with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main)

@@ -35,3 +35,18 @@ def test_run_returns_the_coroutine_result(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.delenv(aio.ENV)
     if aio.loop_factory() is not None:
         assert aio.run(main()).startswith("uvloop")
+
+
+def test_a_bad_choice_closes_the_coroutine_unstarted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No "coroutine was never awaited" warning when the daemon cannot start its loop."""
+    started = []
+
+    async def main() -> None:
+        started.append(True)
+
+    monkeypatch.setenv(aio.ENV, "tokio")
+    coro = main()
+    with pytest.raises(ConfigError):
+        aio.run(coro)
+    assert coro.cr_frame is None, "the coroutine was left open"
+    assert started == []
