@@ -705,8 +705,10 @@ class Cluster:
         obj = self.objects.get(handle)
         if rec is None or obj is None:
             return False
-        if self.check_availability and obj.token and len(obj.holders & self.members.keys()) < 2:
-            return False
+        try:
+            self._check_available(handle, obj)
+        except Pkcs11Error:
+            return False  # the slow path reports it
         cands = self._candidates((handle,), RV.KEY_HANDLE_INVALID, set(), login.login_id)
         if not cands:
             return False
