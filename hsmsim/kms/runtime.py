@@ -14,7 +14,7 @@ from pathlib import Path
 from hsmsim.cluster.api import ClusterClient
 from hsmsim.kms import errors as e
 from hsmsim.kms import model, policy
-from hsmsim.kms.clock import Clock
+from hsmsim.kms.clock import Clock, stored_offset
 from hsmsim.kms.config import KmsConfig
 from hsmsim.kms.keystores import KeyStores
 from hsmsim.kms.material import ClusterKeys, Fleet
@@ -32,8 +32,7 @@ class Kms:
         self.config = config
         self.state_dir = state_dir
         self.store = store
-        offset = store.get_meta("clock_offset")
-        self.clock = Clock(float(offset) if offset else 0.0)
+        self.clock = Clock(stored_offset(store.get_meta("clock_offset")))
         self.fleet = Fleet(cluster, state_dir)
         self.cluster_keys = ClusterKeys(cluster)
         self.keystores = KeyStores(cluster, store, self.fleet)

@@ -19,6 +19,7 @@ from hsmsim.cluster.api import ClusterClient
 from hsmsim.kms import errors as e
 from hsmsim.kms import wire
 from hsmsim.kms.audit import AuditLog
+from hsmsim.kms.clock import ClockError
 from hsmsim.kms.config import KmsConfig
 from hsmsim.kms.runtime import Kms
 from hsmsim.kms.service import HttpRequest, KmsService
@@ -92,23 +93,39 @@ def make_app(service: KmsService) -> web.Application:
         return _response(result.status, result.body, request_id)
 
     async def clock(request: web.Request) -> web.Response:
-        """Test control: {"advance_seconds": N} moves the KMS clock forward, then sweeps."""
+        """Test control: {"advance_seconds": N} moves the KMS clock forward, then sweeps.
+        Authenticated like every KMS call (SigV4; verified in strict mode)."""
         request_id = str(uuid.uuid4())
         try:
-            data = json.loads(await request.read() or b"{}")
-            seconds = float(data.get("advance_seconds", 0))
-            service.kms.clock.advance(seconds)
-        except (ValueError, TypeError, AttributeError) as exc:
-            return _response(400, json.dumps({"__type": "ValidationException", "message": str(exc)}).encode(),
-                             request_id)
+            body = await request.read()
+            service.authenticate(HttpRequest(
+                method=request.method, path=request.raw_path.split("?", 1)[0],
+                query=request.query_string, headers=dict(request.headers), body=body,
+                source_ip=request.remote or "", request_id=request_id))
+            data = wire.parse_json(body or b"{}")
+            if not isinstance(data, dict):
+                raise e.Malformed("Expected a JSON object")
+            try:
+                service.kms.clock.advance(data.get("advance_seconds", 0))
+            except ClockError as exc:
+                raise e.Invalid(str(exc)) from None
+        except e.KmsError as exc:
+            err = wire.to_wire(exc)
+            return _response(err.status, err.body(), request_id)
         service.kms.store.set_meta("clock_offset", repr(service.kms.clock.offset))
         await service.sweep()
         return _response(200, json.dumps({"now": service.kms.clock.now(),
                                           "offset": service.kms.clock.offset}).encode(), request_id)
 
+    async def refused(request: web.Request) -> web.Response:
+        err = wire.WireError("NotFoundException", 404, "No such endpoint: the hsmsim test endpoint "
+                             "is POST /_hsmsim/clock, served while [kms] clock_control is on")
+        return _response(err.status, err.body(), str(uuid.uuid4()))
+
     app = web.Application(client_max_size=max_size)
     if service.kms.config.clock_control:
         app.router.add_post("/_hsmsim/clock", clock)
+    app.router.add_route("*", "/_hsmsim/{tail:.*}", refused)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
 

@@ -105,6 +105,11 @@ class KmsService:
         if store_id:
             self.quotas.check_store(store_id)
 
+    def authenticate(self, req: HttpRequest) -> str:
+        """The access key of a signed request (the test endpoints use it too); AuthMissing,
+        AuthIncomplete or a signature error otherwise."""
+        return self._authenticate(req, {k.lower(): v for k, v in req.headers.items()})
+
     def _authenticate(self, req: HttpRequest, lower: Mapping[str, str]) -> str:
         cred = sigv4.parse_authorization(lower.get("authorization"))
         if cred is None:

@@ -215,14 +215,42 @@ class _Decoder:
                           f"Member must have length less than or equal to {shape['max']}")
 
 
+# No KMS input nests deeper than 5 (Tags -> tag -> member); a document deeper than this is
+# refused before parsing, so that neither the JSON parser nor the decoder recurses on it.
+MAX_DEPTH = 32
+_NESTING = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _depth(body: bytes) -> int:
+    """The deepest nesting of arrays and objects in a JSON text (brackets in strings ignored)."""
+    depth = deepest = 0
+    for m in _NESTING.finditer(body):
+        c = m.group()
+        if c in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in (b"]", b"}"):
+            depth -= 1
+    return deepest
+
+
+def parse_json(body: bytes) -> Any:
+    """A request body as JSON; Malformed (SerializationException) for anything that is not a
+    JSON text or nests deeper than MAX_DEPTH. Never a RecursionError."""
+    # Only a body with many brackets is scanned (bytes.count is cheap; the scan is not).
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _depth(body) > MAX_DEPTH:
+        raise e.Malformed(f"Request body nests deeper than {MAX_DEPTH} levels")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise e.Malformed("Request body is not valid JSON") from None
+
+
 def decode_request(op: str, body: bytes) -> dict[str, Any]:
     """An operation's validated input, blobs decoded to bytes and timestamps to epoch floats."""
     if not body.strip():
         body = b"{}"  # FIDELITY: an empty body is read as {} (botocore always sends a body)
-    try:
-        raw = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise e.Malformed("Request body is not valid JSON") from None
+    raw = parse_json(body)
     shape = OPERATIONS[op]["input"]
     if shape is None:
         return {}
@@ -248,4 +276,6 @@ def _encode(value: Any) -> Any:
 
 def encode_response(output: Mapping[str, Any]) -> bytes:
     """A JSON 1.1 response body: bytes as base64, None members left out."""
-    return json.dumps(_encode(dict(output)), separators=(",", ":")).encode()
+    # allow_nan=False: a NaN or infinite date is a bug, answered as a 500, never sent as JSON
+    # that no client parses.
+    return json.dumps(_encode(dict(output)), separators=(",", ":"), allow_nan=False).encode()

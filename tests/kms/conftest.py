@@ -146,8 +146,15 @@ def advance_clock(ep: KmsEndpoint, seconds: float) -> float:
     """Moves the endpoint's KMS clock forward; returns its new time (epoch seconds)."""
     import json
     import urllib.request
-    req = urllib.request.Request(ep.url + "/_hsmsim/clock", method="POST",
-                                 data=json.dumps({"advance_seconds": seconds}).encode())
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+    data = json.dumps({"advance_seconds": seconds}).encode()
+    signed = AWSRequest(method="POST", url=ep.url + "/_hsmsim/clock", data=data,
+                        headers={"Content-Type": "application/json"})
+    SigV4Auth(Credentials("AKIDEXAMPLE", "secret"), "kms", ep.region).add_auth(signed)
+    req = urllib.request.Request(ep.url + "/_hsmsim/clock", method="POST", data=data,
+                                 headers=dict(signed.headers.items()))
     with urllib.request.urlopen(req, timeout=30) as r:
         assert r.status == 200
         return float(json.loads(r.read())["now"])
