@@ -4,22 +4,43 @@ states), and searched in memory so that SoftHSM2's linear C_FindObjects is never
 
 Rows: handle, state ('pending' | 'committed' | 'deleting'), and a msgpack record. Only token
 objects are persisted; session objects live in memory only. The persistent half is used from
-one thread (the node's store thread)."""
+one thread (the node's store thread).
+
+A write that fails for want of disk space raises CKR_DEVICE_MEMORY (the caller's transaction
+is rolled back by SQLite), so a full disk is never mistaken for a broken HSM."""
 
 from __future__ import annotations
 
+import functools
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
+from hsmsim import files
 from hsmsim.pkcs11.attributes import AttrValue, Template
-from hsmsim.pkcs11.constants import Attribute as A, ObjectClass
+from hsmsim.pkcs11.constants import RV, Attribute as A, ObjectClass
+from hsmsim.pkcs11.errors import Pkcs11Error
 
 PENDING, COMMITTED, DELETING = "pending", "committed", "deleting"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _space_checked(fn: F) -> F:
+    """SQLITE_FULL (or an I/O error on a full disk) -> CKR_DEVICE_MEMORY."""
+    @functools.wraps(fn)
+    def wrapper(self: "IndexStore", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            if files.is_no_space(exc, self.path.parent):
+                raise Pkcs11Error(RV.DEVICE_MEMORY, "the HSM has no space left for objects "
+                                  "(its disk is full)") from None
+            raise
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -81,6 +102,8 @@ class IndexStore:
     """The SQLite half: WAL journal (a kill -9 loses no committed transaction)."""
 
     def __init__(self, path: Path) -> None:
+        self.path = path
+        files.touch_private(path)  # 0600 whatever the umask (SQLite copies it to -wal, -shm)
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -91,22 +114,26 @@ class IndexStore:
     def rows(self) -> Iterator[tuple[int, str, bytes]]:
         yield from self._db.execute("SELECT handle, state, record FROM objects")
 
+    @_space_checked
     def put(self, record: ObjectRecord, state: str) -> None:
         self._db.execute("INSERT OR REPLACE INTO objects VALUES (?, ?, ?)",
                          (record.handle, state, encode_record(record)))
 
+    @_space_checked
     def put_many(self, records: Iterable[ObjectRecord], state: str) -> None:
         with self._db:
             self._db.execute("BEGIN")
             self._db.executemany("INSERT OR REPLACE INTO objects VALUES (?, ?, ?)",
                                  [(r.handle, state, encode_record(r)) for r in records])
 
+    @_space_checked
     def set_state(self, handles: Iterable[int], state: str) -> None:
         with self._db:
             self._db.execute("BEGIN")
             self._db.executemany("UPDATE objects SET state = ? WHERE handle = ?",
                                  [(state, h) for h in handles])
 
+    @_space_checked
     def delete(self, handles: Iterable[int]) -> None:
         with self._db:
             self._db.execute("BEGIN")
@@ -116,6 +143,7 @@ class IndexStore:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return bytes(row[0]) if row else None
 
+    @_space_checked
     def set_meta(self, key: str, value: bytes) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 

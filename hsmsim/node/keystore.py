@@ -4,18 +4,29 @@ handles and SoftHSM2 handles, kept consistent across crashes; plus the masking k
 Threads: every index write and every SoftHSM2 create/destroy runs on one store thread, in
 the order pending -> SoftHSM2 -> committed; SoftHSM2 crypto runs on a small pool (SoftHSM2
 is initialised with OS locking). The in-memory catalog and handle map are changed only on the
-event loop thread, so lookups need no locks."""
+event loop thread, so lookups need no locks.
+
+A creation runs to its end as its own task, whatever happens to the request that asked for it
+(an executor job cannot be stopped half-way); if that request was cancelled (its connection
+closed, e.g. the daemon died), the finished creation is destroyed again, so that nothing the
+client was never told about survives. Start-up recovery removes what no committed index row
+names: 0-byte SoftHSM2 object files, token objects without a row, rows without an object.
+
+A full disk is told apart from a broken HSM: creations that fail for want of space answer
+CKR_DEVICE_MEMORY."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from hsmsim import files
 from hsmsim.node import policy
 from hsmsim.node.index import (COMMITTED, DELETING, PENDING, Catalog, IndexStore, ObjectRecord,
                                decode_record)
@@ -44,8 +55,10 @@ def tag(handle: int) -> str:
 
 
 class Keystore:
-    def __init__(self, hsm: SoftHsm, index: IndexStore, crypto_threads: int, quotas: Quotas) -> None:
+    def __init__(self, hsm: SoftHsm, index: IndexStore, crypto_threads: int, quotas: Quotas,
+                 disk: Path | None = None) -> None:
         self.hsm = hsm
+        self.disk = disk  # where the token and index live (to tell a full disk on failures)
         self.index = index
         self.quotas = quotas
         self.catalog = Catalog()
@@ -55,6 +68,7 @@ class Keystore:
         self._masking_soft: int | None = None
         self._store = ThreadPoolExecutor(1, thread_name_prefix="node-store")
         self._crypto = ThreadPoolExecutor(max(1, crypto_threads), thread_name_prefix="node-hsm")
+        self._jobs: set[asyncio.Task[Any]] = set()  # creations and their undoing, in flight
 
     # -- threads -----------------------------------------------------------------------------------
 
@@ -63,6 +77,16 @@ class Keystore:
 
     async def in_hsm(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._crypto, fn, *args)
+
+    async def drain(self) -> None:
+        """Wait for creations in flight (and the undoing of cancelled ones) to finish: called
+        on shutdown before the loop stops, so none is left half-done."""
+        while self._jobs:
+            await asyncio.gather(*list(self._jobs), return_exceptions=True)
+
+    def _track(self, task: "asyncio.Task[Any]") -> None:
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
 
     def close(self) -> None:
         self._store.shutdown(wait=True)
@@ -195,10 +219,36 @@ class Keystore:
                      replacing: bool = False) -> list[ObjectRecord]:
         """Create objects: reserve, then on the store thread write pending index rows (token
         objects), let `make` create the SoftHSM2 objects, read their public material, commit.
-        Returns the final records (with material-derived public attributes)."""
+        Returns the final records (with material-derived public attributes).
+
+        The work runs as its own task: cancelling the caller does not stop it half-way (its
+        executor jobs would run on regardless). A cancelled creation is undone once it has
+        finished, except a replacement (a reconciliation copy of an object the cluster already
+        has), which is kept."""
         self.reserve(records, replacing)
+        job = asyncio.get_running_loop().create_task(
+            self._create_job(list(records), make))
+        self._track(job)
         try:
-            finals, softs = await self._create_phases(list(records), make)
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            if not replacing:
+                self._track(asyncio.get_running_loop().create_task(self._undo(job)))
+            raise
+
+    async def _undo(self, job: "asyncio.Task[list[ObjectRecord]]") -> None:
+        try:
+            finals = await job
+        except BaseException:
+            return  # a failed creation has removed what it made
+        log.info("creation of %s was cancelled by its caller; destroying it again",
+                 [r.handle for r in finals])
+        await self.destroy([r.handle for r in finals])
+
+    async def _create_job(self, records: list[ObjectRecord], make: Callable[[], Sequence[int]]
+                          ) -> list[ObjectRecord]:
+        try:
+            finals, softs = await self._create_phases(records, make)
         finally:
             self.reserved.difference_update(r.handle for r in records)
         for r, s in zip(finals, softs):
@@ -221,7 +271,11 @@ class Keystore:
             finals, softs = await self.in_hsm(self._make_sync, records, make)
         except BaseException:
             if token:
-                await self.in_store(self.index.delete, [r.handle for r in token])
+                try:
+                    await self.in_store(self.index.delete, [r.handle for r in token])
+                except Pkcs11Error:  # no space even to delete: start-up drops pending rows
+                    log.warning("could not remove pending index rows %s",
+                                [r.handle for r in token])
             raise
         try:
             if token:
@@ -238,9 +292,16 @@ class Keystore:
         try:
             softs = list(make())
             return [self._with_public(r, s) for r, s in zip(records, softs)], softs
-        except BaseException:
+        except BaseException as exc:
             for s in softs:
                 self._destroy_soft_quiet(s)
+            if (isinstance(exc, Pkcs11Error) and exc.rv != RV.DEVICE_MEMORY
+                    and self.disk is not None and files.no_space(self.disk)):
+                # SoftHSM2 answers a failed object-file write with a generic error; the disk
+                # says why. FIDELITY: CloudHSM's answer for a full HSM is not documented; a
+                # full disk is CKR_DEVICE_MEMORY, as the per-HSM key quota.
+                raise Pkcs11Error(RV.DEVICE_MEMORY, "the HSM has no space left for objects "
+                                  "(its disk is full)") from None
             raise
 
     def _with_public(self, r: ObjectRecord, soft: int) -> ObjectRecord:
@@ -325,5 +386,43 @@ def value_len(record: ObjectRecord) -> int | None:
 
 
 def ensure_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
+    return files.make_dir(path)
+
+
+def remove_debris(tokens: Path) -> int:
+    """Before SoftHSM2 opens the token (never while it runs): remove object files a kill left
+    empty (SoftHSM2 creates `<uuid>.object` and `<uuid>.lock`, then writes the object; an
+    empty object file is never a valid object and SoftHSM2 skips it for ever) and lock files
+    whose object file is gone. The token's own files (token.object, token.lock, generation)
+    are kept. Returns the number of files removed."""
+    removed = 0
+    if not tokens.is_dir():
+        return 0
+    for tdir in (p for p in tokens.iterdir() if p.is_dir()):
+        for obj in tdir.glob("*.object"):
+            if obj.name == "token.object":
+                continue
+            try:
+                if obj.stat().st_size == 0:
+                    obj.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass
+        for lock in tdir.glob("*.lock"):
+            if lock.name == "token.lock" or lock.with_suffix(".object").exists():
+                continue
+            try:
+                lock.unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+    if removed:
+        log.warning("removed %d empty or orphaned SoftHSM2 object files (a crash mid-write)",
+                    removed)
+        for tdir in (p for p in tokens.iterdir() if p.is_dir()):
+            fd = os.open(tdir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    return removed

@@ -2,7 +2,9 @@
 SOFTHSM2_CONF at it (this process only), opens or initialises the token, recovers the
 index, and serves the node protocol until SIGTERM/SIGINT.
 
-Prints `READY <address>` on stdout once it accepts connections."""
+Prints `READY <address>` on stdout once it accepts connections. Exits with status
+`files.EXIT_NO_SPACE` when it cannot start because its disk is full (the daemon then waits for
+space instead of replacing the HSM as damaged)."""
 
 from __future__ import annotations
 
@@ -14,16 +16,17 @@ import logging
 import os
 import re
 import signal
+import sqlite3
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from hsmsim import aio
+from hsmsim import aio, files
 from hsmsim.errors import ConfigError, HsmsimError
 from hsmsim.node.audit import AuditLog
 from hsmsim.node.config import NodeConfig
 from hsmsim.node.index import IndexStore
-from hsmsim.node.keystore import Keystore, Quotas
+from hsmsim.node.keystore import Keystore, Quotas, remove_debris
 from hsmsim.node.server import NodeServer
 from hsmsim.node.service import NodeService
 from hsmsim.node.softhsm import SoftHsm
@@ -65,14 +68,18 @@ def token_pins(secret: bytes, hsm_id: str) -> tuple[bytes, bytes]:
 
 
 def render_softhsm_conf(ndir: Path, level: str) -> Path:
-    tokens = ndir / "tokens"
-    tokens.mkdir(mode=0o700, exist_ok=True)
+    tokens = files.make_dir(ndir / "tokens", parents=False)
     text = softhsm_template().read_text()
     text = text.replace("@TOKENDIR@", str(tokens)).replace("@LOGLEVEL@", level)
     conf = ndir / "softhsm2.conf"
+    try:
+        if conf.read_text() == text:
+            os.chmod(conf, files.PRIVATE_FILE)
+            return conf  # unchanged: no write needed (a node must start on a full disk)
+    except (OSError, UnicodeDecodeError):
+        pass
     tmp = conf.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.chmod(tmp, 0o600)
+    files.write_private(tmp, text)
     os.replace(tmp, conf)
     return conf
 
@@ -107,13 +114,11 @@ class Node:
 
     def __init__(self, opts: NodeOptions, config: NodeConfig) -> None:
         validate(opts)
-        os.umask(0o077)  # every file the node writes (index, audit, token) is private
+        files.private_umask()  # defence in depth: SoftHSM2's token files are private too
         self.opts = opts
         self.config = config
-        self.dir = node_dir(opts.state, opts.hsm_id)
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.dir, 0o700)
-        self._lock_fd = os.open(self.dir / "node.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        self.dir = files.make_dir(node_dir(opts.state, opts.hsm_id))
+        self._lock_fd = files.open_fd(self.dir / "node.lock", os.O_RDWR)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -126,6 +131,7 @@ class Node:
         # SoftHSM2 reads SOFTHSM2_CONF once, at C_Initialize, in this process only.
         os.environ["SOFTHSM2_CONF"] = str(conf)
         so_pin, user_pin = token_pins(secret, opts.hsm_id)
+        debris = remove_debris(self.dir / "tokens")  # before SoftHSM2 reads the token
         index = IndexStore(self.dir / "index.sqlite")
         first_start = index.get_meta("init") is None
         if first_start and opts.init is None:
@@ -141,8 +147,10 @@ class Node:
                               "(wrong cluster secret?)") from None
         self.audit = AuditLog(self.dir / "audit.jsonl", opts.hsm_id)
         self.keystore = Keystore(hsm, index, config.softhsm_threads,
-                                 Quotas(config.max_keys, config.max_asymmetric_keys))
+                                 Quotas(config.max_keys, config.max_asymmetric_keys),
+                                 disk=self.dir)
         stats = self.keystore.recover()
+        stats["debris_files"] = debris
         if first_start:
             self.audit.record("init_token", mode=opts.init)
             if opts.init == "new" and self.keystore.masking is None:
@@ -171,6 +179,7 @@ class Node:
             ready.set()
         await stop.wait()
         await self.server.close()
+        await self.keystore.drain()  # creations in flight end (or are undone) before exit
 
     def close(self) -> None:
         self.keystore.close()
@@ -182,7 +191,14 @@ class Node:
 def run(opts: NodeOptions, config: NodeConfig) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    node = Node(opts, config)
+    try:
+        node = Node(opts, config)
+    except (OSError, sqlite3.Error, Pkcs11Error, HsmsimError) as exc:
+        if files.is_no_space(exc, node_dir(opts.state, opts.hsm_id)):
+            log.error("node %s cannot start: no space left on the disk of %s (%s)", opts.hsm_id,
+                      node_dir(opts.state, opts.hsm_id), exc)
+            return files.EXIT_NO_SPACE
+        raise
     try:
         aio.run(node.serve())
     finally:
