@@ -25,6 +25,8 @@ from hsmsim.errors import ConfigError
 T = TypeVar("T")
 
 CONFIG_FILE = "hsmsim.toml"
+# The sections a config file may have: one per component that declares a config dataclass.
+SECTIONS = ("cluster", "node", "gateway", "kms")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -35,14 +37,20 @@ def state_dir(flag: str | None, environ: Mapping[str, str]) -> Path:
 
 
 def load_file(path: Path | None) -> dict[str, Any]:
-    """The parsed TOML config file, or {} when there is none."""
+    """The parsed TOML config file, or {} when there is none. A section that no component
+    declares (a misspelled `[gatway]`) is an error naming it, as an unknown key is."""
     if path is None or not path.exists():
         return {}
     try:
         with path.open("rb") as f:
-            return tomllib.load(f)
+            data = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown section(s) {', '.join(unknown)}; "
+                          f"the sections are {', '.join(SECTIONS)}")
+    return data
 
 
 def _convert(name: str, raw: Any, typ: Any) -> Any:

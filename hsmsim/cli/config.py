@@ -10,13 +10,15 @@ from typing import Any
 
 from hsmsim.cli.output import add_json_flag, emit
 from hsmsim.cluster.config import ClusterConfig
-from hsmsim.config import CONFIG_FILE, environ, load_file, resolve_section, state_dir
+from hsmsim.config import CONFIG_FILE, SECTIONS as SECTION_NAMES
+from hsmsim.config import environ, load_file, resolve_section, state_dir
 from hsmsim.gateway.config import GatewayConfig
 from hsmsim.kms.config import KmsConfig
 from hsmsim.node.config import NodeConfig
 
-SECTIONS: tuple[tuple[str, type[Any]], ...] = (
-    ("cluster", ClusterConfig), ("node", NodeConfig), ("gateway", GatewayConfig), ("kms", KmsConfig))
+_CLASSES: dict[str, type[Any]] = {
+    "cluster": ClusterConfig, "node": NodeConfig, "gateway": GatewayConfig, "kms": KmsConfig}
+SECTIONS: tuple[tuple[str, type[Any]], ...] = tuple((name, _CLASSES[name]) for name in SECTION_NAMES)
 
 
 def settings(config_file: Path, env: dict[str, str]) -> list[dict[str, Any]]:

@@ -41,6 +41,13 @@ def test_bad_settings_are_named(tmp_path: Path) -> None:
     (tmp_path / "hsmsim.toml").write_text("[kms]\nport = 1\n")
     out = run("config", "--state", str(tmp_path), env={"HSMSIM_KMS_STRICT_SIGV4": "maybe"})
     assert out.returncode == 1 and "HSMSIM_KMS_STRICT_SIGV4 must be true or false" in out.stderr
+    # A misspelled section is refused as a misspelled key is, in `config` and in `up`.
+    (tmp_path / "hsmsim.toml").write_text("[gatway]\nquirk_ro_session_fails = false\n")
+    out = run("config", "--state", str(tmp_path))
+    assert out.returncode == 1 and "unknown section(s) gatway" in out.stderr, out.stderr
+    out = run("up", "--state", str(tmp_path), "--detach")
+    assert out.returncode != 0 and "unknown section(s) gatway" in out.stderr, out.stderr
+    assert not (tmp_path / "cluster.json").exists()
     (tmp_path / "hsmsim.toml").write_text("[kms\n")
     out = run("config", "--state", str(tmp_path))
     assert out.returncode == 1 and "hsmsim.toml" in out.stderr
