@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from hsmsim import __version__
@@ -39,15 +40,28 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # that area is not built yet
             raise
         mod.register(sub)
+    _mark_parsers(parser)
     return parser
+
+
+def _mark_parsers(parser: argparse.ArgumentParser) -> None:
+    """Each (sub)command's parser records itself, so that a bad flag is reported with the usage
+    of the command it was given to, not the top level's."""
+    parser.set_defaults(_parser=parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in set(action.choices.values()):
+                _mark_parsers(child)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # exits 2 with the usage of the sub-command that got the bad flag
+        args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
     func = getattr(args, "func", None)
     if func is None:
-        parser.print_help()
+        args._parser.print_help()
         return 0
     try:
         return int(func(args) or 0)
@@ -56,3 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`hsmsim status | head -1`): stop quietly, as shell tools do.
+        # stdout is pointed at /dev/null so that the interpreter's final flush fails silently.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
