@@ -9,7 +9,7 @@ from hsmsim.gateway.protocol import ParamKind, Reader, Writer
 from hsmsim.pkcs11.constants import RV
 from hsmsim.pkcs11.errors import Pkcs11Error
 from hsmsim.pkcs11.params import (CtrParams, Ecdh1Params, GcmParams, MechanismSpec, OaepParams,
-                                  PssParams, RawParams)
+                                  PssParams, RawParams, RsaAesKeyWrapParams)
 
 CKZ_DATA_SPECIFIED = 1
 
@@ -31,6 +31,14 @@ def _bad(mech: int) -> Pkcs11Error:
     return Pkcs11Error(RV.MECHANISM_PARAM_INVALID, f"bad parameter for mechanism 0x{mech:x}")
 
 
+def _oaep(r: Reader, mech: int) -> OaepParams:
+    hash_alg, mgf, source = r.u64(), r.u64(), r.u64()
+    label = r.bytes()
+    if source not in (0, CKZ_DATA_SPECIFIED) or (source == 0 and label):
+        raise _bad(mech)
+    return OaepParams(hash_alg, mgf, label)
+
+
 def decode_mechanism(r: Reader) -> DecodedMechanism:
     mech = r.u64()
     kind = r.u8()
@@ -46,11 +54,11 @@ def decode_mechanism(r: Reader) -> DecodedMechanism:
         tag_bits = r.u64()
         return DecodedMechanism(MechanismSpec(mech, GcmParams(iv, aad, tag_bits)), present)
     if kind == ParamKind.OAEP:
-        hash_alg, mgf, source = r.u64(), r.u64(), r.u64()
-        label = r.bytes()
-        if source not in (0, CKZ_DATA_SPECIFIED) or (source == 0 and label):
-            raise _bad(mech)
-        return DecodedMechanism(MechanismSpec(mech, OaepParams(hash_alg, mgf, label)))
+        return DecodedMechanism(MechanismSpec(mech, _oaep(r, mech)))
+    if kind == ParamKind.RSA_AES:
+        # CK_RSA_AES_KEY_WRAP_PARAMS: ulAESKeyBits, then the OAEP parameters (never NULL).
+        bits = r.u64()
+        return DecodedMechanism(MechanismSpec(mech, RsaAesKeyWrapParams(bits, _oaep(r, mech))))
     if kind == ParamKind.PSS:
         return DecodedMechanism(MechanismSpec(mech, PssParams(r.u64(), r.u64(), r.u64())))
     if kind == ParamKind.CTR:

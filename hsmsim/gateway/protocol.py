@@ -110,6 +110,7 @@ class ParamKind(IntEnum):
     CTR = 5
     ECDH1 = 6
     KDF108 = 7
+    RSA_AES = 8
 
 
 class Truncated(Pkcs11Error):

@@ -26,7 +26,8 @@ from hsmsim.pkcs11.constants import (RV, UNAVAILABLE_INFORMATION, Attribute as A
 from hsmsim.pkcs11.errors import Pkcs11Error
 from hsmsim.pkcs11.mechanisms import (DIGEST_INFO, FIPS_DISALLOWED, FIPS_DISALLOWED_ENCRYPT,
                                       HASH_OF_MECHANISM, MECHANISMS, MGF_OF_HASH, MechanismInfo)
-from hsmsim.pkcs11.params import GcmParams, MechanismSpec, OaepParams, PssParams, RawParams
+from hsmsim.pkcs11.params import (GcmParams, MechanismSpec, OaepParams, PssParams, RawParams,
+                                  RsaAesKeyWrapParams)
 
 log = logging.getLogger(__name__)
 
@@ -923,9 +924,24 @@ class Gateway:
             # UG:ki-pkcs11-sdk items 1-2: a NULL or exactly 8-byte IV; default A6A6A6A6A6A6A6A6.
             if p is not None and not (isinstance(p, RawParams) and len(p.data) in (0, 8)):
                 raise _err(RV.MECHANISM_PARAM_INVALID, "the AES key wrap IV is NULL or 8 bytes")
+        elif mech.mechanism == M.RSA_AES_KEY_WRAP:
+            self._check_rsa_aes(p)
         else:
             self._check_params(mech, OpKind.ENCRYPT if encrypting else OpKind.DECRYPT, info)
         return info
+
+    @staticmethod
+    def _check_rsa_aes(p: object) -> None:
+        """CK_RSA_AES_KEY_WRAP_PARAMS (PKCS#11 2.40 §2.1.21): a 128-, 192- or 256-bit ephemeral
+        AES key, wrapped with RSA-OAEP whose hash and MGF1 match (UG:pkcs11-mechanisms fn 4)."""
+        bad = RV.MECHANISM_PARAM_INVALID
+        if not isinstance(p, RsaAesKeyWrapParams):
+            raise _err(bad, "CKM_RSA_AES_KEY_WRAP needs CK_RSA_AES_KEY_WRAP_PARAMS")
+        if p.aes_key_bits not in (128, 192, 256):
+            raise _err(bad, "ulAESKeyBits must be 128, 192 or 256")
+        name = HASH_OF_MECHANISM.get(p.oaep.hash_alg)
+        if name is None or MGF_OF_HASH[name] != p.oaep.mgf:
+            raise _err(bad, "OAEP hash and MGF1 must match (SHA-1/224/256/384/512)")
 
     def _wrap_spec(self, mech: DecodedMechanism) -> MechanismSpec:
         """The mechanism sent to the cluster. Both GCM wraps go as CKM_CLOUDHSM_AES_GCM

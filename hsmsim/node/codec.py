@@ -15,7 +15,7 @@ from hsmsim.pkcs11.constants import RV
 from hsmsim.pkcs11.errors import Pkcs11Error
 from hsmsim.pkcs11.values import AttributeResult
 from hsmsim.pkcs11.params import (CtrParams, Ecdh1Params, GcmParams, MechanismSpec, OaepParams,
-                                  Param, PssParams, RawParams)
+                                  Param, PssParams, RawParams, RsaAesKeyWrapParams)
 
 MAX_ULONG = (1 << 64) - 1
 
@@ -97,6 +97,10 @@ def _param_to_wire(param: Param) -> dict[str, Any] | None:
         return {"t": "gcm", "iv": param.iv, "aad": param.aad, "tag_bits": param.tag_bits}
     if isinstance(param, OaepParams):
         return {"t": "oaep", "hash": param.hash_alg, "mgf": param.mgf, "label": param.label}
+    if isinstance(param, RsaAesKeyWrapParams):
+        o = param.oaep
+        return {"t": "rsa_aes", "aes_key_bits": param.aes_key_bits, "hash": o.hash_alg,
+                "mgf": o.mgf, "label": o.label}
     if isinstance(param, PssParams):
         return {"t": "pss", "hash": param.hash_alg, "mgf": param.mgf, "salt_len": param.salt_len}
     if isinstance(param, CtrParams):
@@ -137,6 +141,10 @@ def _param_from_wire(raw: Any) -> Param:
     if kind == "oaep":
         return OaepParams(_field(raw, "hash", int), _field(raw, "mgf", int),
                           _field(raw, "label", bytes, b""))
+    if kind == "rsa_aes":
+        return RsaAesKeyWrapParams(_field(raw, "aes_key_bits", int),
+                                   OaepParams(_field(raw, "hash", int), _field(raw, "mgf", int),
+                                              _field(raw, "label", bytes, b"")))
     if kind == "pss":
         return PssParams(_field(raw, "hash", int), _field(raw, "mgf", int),
                          _field(raw, "salt_len", int))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 from functools import partial
 import hmac
+import secrets
 from dataclasses import replace
 from typing import Any
 
@@ -24,7 +25,7 @@ from hsmsim.node.softhsm import raw_template
 from hsmsim.pkcs11.constants import (KDF, RV, Attribute as A, KeyType, Mechanism as M,
                                      ObjectClass)
 from hsmsim.pkcs11.errors import Pkcs11Error
-from hsmsim.pkcs11.params import Ecdh1Params, GcmParams, MechanismSpec, RawParams
+from hsmsim.pkcs11.params import Ecdh1Params, GcmParams, MechanismSpec, RawParams, RsaAesKeyWrapParams
 
 MAX_RANDOM = 64 * 1024
 DIGESTS = {M.SHA_1: "sha1", M.SHA224: "sha224", M.SHA256: "sha256", M.SHA384: "sha384",
@@ -41,6 +42,58 @@ HMAC_HASHES = {M.SHA_1_HMAC: "sha1", M.SHA224_HMAC: "sha224", M.SHA256_HMAC: "sh
                M.SHA384_HMAC: "sha384", M.SHA512_HMAC: "sha512"}
 HMACS = frozenset(HMAC_HASHES)
 NOT_NOW = object()  # a fast handler's answer: take the general (awaiting) path
+RSA_WRAPS = frozenset({M.RSA_PKCS_OAEP, M.RSA_PKCS, M.RSA_AES_KEY_WRAP})
+RSA_AES_KEY_BITS = (128, 192, 256)
+
+
+def _wrapping_key_type(r: ObjectRecord, cls: int, kt: int, *, unwrap: bool = False) -> None:
+    """PKCS#11 2.40 C_WrapKey/C_UnwrapKey: a (un)wrapping key of the wrong class or type is
+    CKR_(UN)WRAPPING_KEY_TYPE_INCONSISTENT (SoftHSM2 answers the same)."""
+    if r.cls != cls or r.key_type != kt:
+        if unwrap:
+            raise Pkcs11Error(RV.UNWRAPPING_KEY_TYPE_INCONSISTENT,
+                              "unwrapping key does not fit the mechanism")
+        raise Pkcs11Error(RV.WRAPPING_KEY_TYPE_INCONSISTENT, "wrapping key does not fit the mechanism")
+
+
+def _rsa_aes_params(p: object) -> RsaAesKeyWrapParams:
+    if not isinstance(p, RsaAesKeyWrapParams) or p.aes_key_bits not in RSA_AES_KEY_BITS:
+        raise Pkcs11Error(RV.MECHANISM_PARAM_INVALID,
+                          "CKM_RSA_AES_KEY_WRAP needs CK_RSA_AES_KEY_WRAP_PARAMS with 128/192/256 bits")
+    return p
+
+
+def rsa_aes_wrap(pub: RsaPublicKey, param: object, material: bytes) -> bytes:
+    """CKM_RSA_AES_KEY_WRAP (PKCS#11 2.40 §2.1.21): a fresh AES key of ulAESKeyBits, RSA-OAEP
+    encrypted, followed by the key material wrapped under it with RFC 5649 (CKM_AES_KEY_WRAP_PAD).
+    The ephemeral key exists only inside this call, in the node."""
+    p = _rsa_aes_params(param)
+    ephemeral = secrets.token_bytes(p.aes_key_bits // 8)
+    head = engine.rsa_encrypt(pub, M.RSA_PKCS_OAEP, p.oaep, ephemeral)
+    return head + aes_key_wrap_with_padding(ephemeral, material)
+
+
+def rsa_aes_unwrap(priv: RsaPrivateKey, param: object, data: bytes) -> bytes:
+    """The reverse of `rsa_aes_wrap`: the first modulus-length bytes give the ephemeral AES key
+    (RSA-OAEP), the rest the key material (RFC 5649). Every failure after the parameter check
+    is CKR_WRAPPED_KEY_INVALID (or _LEN_RANGE for a blob that cannot hold both parts)."""
+    p = _rsa_aes_params(param)
+    k = priv.key_size // 8
+    if len(data) < k + 16 or (len(data) - k) % 8:
+        raise Pkcs11Error(RV.WRAPPED_KEY_LEN_RANGE, "wrapped key is too short or misaligned")
+    try:
+        ephemeral = engine.rsa_decrypt(priv, M.RSA_PKCS_OAEP, p.oaep, data[:k])
+    except Pkcs11Error as exc:
+        if exc.rv == RV.MECHANISM_PARAM_INVALID:
+            raise
+        raise Pkcs11Error(RV.WRAPPED_KEY_INVALID, "wrapped AES key does not decrypt") from None
+    # PKCS#11 does not tie the recovered key's length to ulAESKeyBits on unwrap; any AES size does.
+    if len(ephemeral) * 8 not in RSA_AES_KEY_BITS:
+        raise Pkcs11Error(RV.WRAPPED_KEY_INVALID, "wrapped AES key has no AES key size")
+    try:
+        return aes_key_unwrap_with_padding(ephemeral, data[k:])
+    except (InvalidUnwrap, ValueError):
+        raise Pkcs11Error(RV.WRAPPED_KEY_INVALID, "wrapped key does not unwrap") from None
 
 
 class CryptoOps(Ops):
@@ -302,7 +355,7 @@ class CryptoOps(Ops):
             raise Pkcs11Error(RV.KEY_NOT_WRAPPABLE, "key may be wrapped only with a trusted key")
         m = mech.mechanism
         if m in AES_WRAPS:
-            self.check_key_type(wrapping, ObjectClass.SECRET_KEY, KeyType.AES)
+            _wrapping_key_type(wrapping, ObjectClass.SECRET_KEY, KeyType.AES)
             # SoftHSM 2.6.1 zero-pads keys to a multiple of 8 before RFC 5649 wrapping (output
             # no other implementation unwraps), so the node wraps: both keys are unmasked
             # inside this process and the result is RFC 3394/5649 exact.
@@ -318,20 +371,33 @@ class CryptoOps(Ops):
             # AES-GCM over the key material (PKCS#8 DER for private keys) with an HSM-generated
             # IV, as C_Encrypt; both mechanisms return IV || ciphertext || tag (the gateway
             # writes the IV back into CK_GCM_PARAMS for CKM_AES_GCM).
-            self.check_key_type(wrapping, ObjectClass.SECRET_KEY, KeyType.AES)
+            _wrapping_key_type(wrapping, ObjectClass.SECRET_KEY, KeyType.AES)
             gcm = await self._aes_ctx(wrapping)
             material = await self.ks.material(key)
             ct, iv = engine.gcm_encrypt(gcm, mech.param, material)
             return iv + ct
-        if m == M.RSA_PKCS_OAEP:
-            self.check_key_type(wrapping, ObjectClass.PUBLIC_KEY, KeyType.RSA)
-            if key.cls != ObjectClass.SECRET_KEY:
-                raise Pkcs11Error(RV.KEY_NOT_WRAPPABLE, "RSA-OAEP wraps secret keys only")
+        if m in RSA_WRAPS:
+            _wrapping_key_type(wrapping, ObjectClass.PUBLIC_KEY, KeyType.RSA)
+            if m == M.RSA_AES_KEY_WRAP:
+                _rsa_aes_params(mech.param)
+            elif key.cls != ObjectClass.SECRET_KEY:
+                # PKCS#11 2.40 §2.1.6/§2.1.8: RSA PKCS #1 v1.5 and OAEP wrap secret keys only.
+                raise Pkcs11Error(RV.KEY_NOT_WRAPPABLE,
+                                  "RSA-OAEP and RSA PKCS #1 v1.5 wrap secret keys only")
             pub = await self._rsa_public(wrapping)
             if pub is None:
                 raise Pkcs11Error(RV.WRAPPING_KEY_SIZE_RANGE, "wrapping key must be RSA 2048..4096")
             material = await self.ks.material(key)
-            return await self.ks.in_hsm(engine.rsa_encrypt, pub, m, mech.param, material)
+            if m == M.RSA_AES_KEY_WRAP:
+                # Secret key value or PKCS#8 DER of a private key, as CloudHSM's import path expects.
+                return await self.ks.in_hsm(rsa_aes_wrap, pub, mech.param, material)
+            try:
+                return await self.ks.in_hsm(engine.rsa_encrypt, pub, m, mech.param, material)
+            except Pkcs11Error as exc:
+                if exc.rv == RV.DATA_LEN_RANGE:
+                    raise Pkcs11Error(RV.KEY_SIZE_RANGE,
+                                      "the key is too long for this wrapping key") from None
+                raise
         raise Pkcs11Error(RV.MECHANISM_INVALID, f"mechanism 0x{m:x} cannot wrap")
 
     async def unwrap_key(self, conn: Conn, f: Fields) -> int:
@@ -351,7 +417,7 @@ class CryptoOps(Ops):
         m = mech.mechanism
         hsm = self.ks.hsm
         if m in AES_WRAPS:
-            self.check_key_type(unwrapping, ObjectClass.SECRET_KEY, KeyType.AES)
+            _wrapping_key_type(unwrapping, ObjectClass.SECRET_KEY, KeyType.AES, unwrap=True)
             # Unwrapped in the node (SoftHSM 2.6.1 loses CKA_VALUE_LEN on unwrap); the KEK is
             # unmasked inside this process only.
             kek = await self.ks.material(unwrapping)
@@ -364,7 +430,7 @@ class CryptoOps(Ops):
                 raise Pkcs11Error(RV.WRAPPED_KEY_INVALID, "wrapped key does not unwrap") from None
         elif m in engine.GCM_MECHS:
             # IV || ciphertext || tag, as wrap_key returns it.
-            self.check_key_type(unwrapping, ObjectClass.SECRET_KEY, KeyType.AES)
+            _wrapping_key_type(unwrapping, ObjectClass.SECRET_KEY, KeyType.AES, unwrap=True)
             p = mech.param
             if not isinstance(p, GcmParams) or len(data) < engine.GCM_IV_LEN:
                 raise Pkcs11Error(RV.MECHANISM_PARAM_INVALID if not isinstance(p, GcmParams)
@@ -377,17 +443,28 @@ class CryptoOps(Ops):
                 if exc.rv == RV.MECHANISM_PARAM_INVALID:
                     raise
                 raise Pkcs11Error(RV.WRAPPED_KEY_INVALID, "wrapped key does not decrypt") from None
-        elif m == M.RSA_PKCS_OAEP:
-            self.check_key_type(unwrapping, ObjectClass.PRIVATE_KEY, KeyType.RSA)
-            if cls != ObjectClass.SECRET_KEY:
-                raise Pkcs11Error(RV.TEMPLATE_INCONSISTENT, "RSA-OAEP unwraps secret keys only")
+        elif m in RSA_WRAPS:
+            _wrapping_key_type(unwrapping, ObjectClass.PRIVATE_KEY, KeyType.RSA, unwrap=True)
+            if m == M.RSA_AES_KEY_WRAP:
+                _rsa_aes_params(mech.param)
+            elif cls != ObjectClass.SECRET_KEY:
+                raise Pkcs11Error(RV.TEMPLATE_INCONSISTENT,
+                                  "RSA-OAEP and RSA PKCS #1 v1.5 unwrap secret keys only")
             priv = await self._rsa_private(unwrapping)
             if priv is None:
                 raise Pkcs11Error(RV.UNWRAPPING_KEY_SIZE_RANGE, "unwrapping key must be RSA 2048..4096")
-            try:
-                material = await self.ks.in_hsm(engine.rsa_decrypt, priv, m, mech.param, data)
-            except Pkcs11Error:
-                raise Pkcs11Error(RV.WRAPPED_KEY_INVALID, "wrapped key does not decrypt") from None
+            if m == M.RSA_AES_KEY_WRAP:
+                material = await self.ks.in_hsm(rsa_aes_unwrap, priv, mech.param, data)
+            else:
+                if len(data) != priv.key_size // 8:
+                    raise Pkcs11Error(RV.WRAPPED_KEY_LEN_RANGE,
+                                      "wrapped key length differs from the modulus")
+                try:
+                    material = await self.ks.in_hsm(engine.rsa_decrypt, priv, m, mech.param, data)
+                except Pkcs11Error as exc:
+                    if exc.rv == RV.MECHANISM_PARAM_INVALID:
+                        raise
+                    raise Pkcs11Error(RV.WRAPPED_KEY_INVALID, "wrapped key does not decrypt") from None
         else:
             raise Pkcs11Error(RV.MECHANISM_INVALID, f"mechanism 0x{m:x} cannot unwrap")
         if cls == ObjectClass.SECRET_KEY:

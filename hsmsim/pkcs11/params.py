@@ -26,6 +26,15 @@ class OaepParams:
 
 
 @dataclass(frozen=True)
+class RsaAesKeyWrapParams:
+    """CK_RSA_AES_KEY_WRAP_PARAMS: the ephemeral AES key's size and the RSA-OAEP parameters it
+    is wrapped with (pOAEPParams may not be NULL)."""
+
+    aes_key_bits: int
+    oaep: OaepParams
+
+
+@dataclass(frozen=True)
 class PssParams:
     """CK_RSA_PKCS_PSS_PARAMS."""
 
@@ -58,7 +67,8 @@ class RawParams:
     data: bytes
 
 
-Param = Union[GcmParams, OaepParams, PssParams, CtrParams, Ecdh1Params, RawParams, None]
+Param = Union[GcmParams, OaepParams, RsaAesKeyWrapParams, PssParams, CtrParams, Ecdh1Params,
+              RawParams, None]
 
 
 @dataclass(frozen=True)

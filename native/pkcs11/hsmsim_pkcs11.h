@@ -136,6 +136,11 @@ typedef struct CK_RSA_PKCS_OAEP_PARAMS {
     CK_ULONG ulSourceDataLen;
 } CK_RSA_PKCS_OAEP_PARAMS;
 
+typedef struct CK_RSA_AES_KEY_WRAP_PARAMS {
+    CK_ULONG ulAESKeyBits;
+    CK_RSA_PKCS_OAEP_PARAMS *pOAEPParams;
+} CK_RSA_AES_KEY_WRAP_PARAMS;
+
 typedef struct CK_RSA_PKCS_PSS_PARAMS {
     CK_MECHANISM_TYPE hashAlg;
     CK_RSA_PKCS_MGF_TYPE mgf;
@@ -214,6 +219,7 @@ typedef CK_RV (*CK_NOTIFY)(CK_SESSION_HANDLE, CK_NOTIFICATION, CK_VOID_PTR);
 #define CKM_SHA512_RSA_PKCS_PSS 0x0045UL
 #define CKM_SHA224_RSA_PKCS_PSS 0x0047UL
 #define CKM_ECDH1_DERIVE 0x1050UL
+#define CKM_RSA_AES_KEY_WRAP 0x1054UL
 #define CKM_ECDH1_COFACTOR_DERIVE 0x1051UL
 #define CKM_AES_CTR 0x1086UL
 #define CKM_AES_GCM 0x1087UL
@@ -323,7 +329,8 @@ enum {
 };
 
 /* Mechanism parameter encodings (kind byte). */
-enum { PK_NONE = 0, PK_RAW = 1, PK_GCM = 2, PK_OAEP = 3, PK_PSS = 4, PK_CTR = 5, PK_ECDH1 = 6, PK_KDF108 = 7 };
+enum { PK_NONE = 0, PK_RAW = 1, PK_GCM = 2, PK_OAEP = 3, PK_PSS = 4, PK_CTR = 5, PK_ECDH1 = 6, PK_KDF108 = 7,
+       PK_RSA_AES = 8 };
 
 typedef struct {
     uint8_t *p;

@@ -269,6 +269,20 @@ static CK_RV enc_mechanism(hs_wbuf *w, CK_MECHANISM_PTR m) {
         hs_w_u64(w, p->mgf);
         hs_w_u64(w, p->source);
         hs_w_bytes(w, p->pSourceData, p->ulSourceDataLen);
+    } else if (m->mechanism == CKM_RSA_AES_KEY_WRAP) {
+        /* ulAESKeyBits, then the nested OAEP parameters (a NULL pOAEPParams is refused here;
+         * the daemon checks the values). */
+        PARAM_AS(CK_RSA_AES_KEY_WRAP_PARAMS);
+        const CK_RSA_PKCS_OAEP_PARAMS *o = p->pOAEPParams;
+        if (!o) return CKR_MECHANISM_PARAM_INVALID;
+        if (!o->pSourceData && o->ulSourceDataLen) return CKR_MECHANISM_PARAM_INVALID;
+        if (o->ulSourceDataLen > 65536) return CKR_MECHANISM_PARAM_INVALID;
+        hs_w_u8(w, PK_RSA_AES);
+        hs_w_u64(w, p->ulAESKeyBits);
+        hs_w_u64(w, o->hashAlg);
+        hs_w_u64(w, o->mgf);
+        hs_w_u64(w, o->source);
+        hs_w_bytes(w, o->pSourceData, o->ulSourceDataLen);
     } else if (is_pss(m->mechanism)) {
         PARAM_AS(CK_RSA_PKCS_PSS_PARAMS);
         hs_w_u8(w, PK_PSS);
