@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 from hsmsim.cluster.api import ClusterClient, Login
 from hsmsim.gateway.config import GatewayConfig
+from hsmsim.gateway.multipart import MAX_BUFFERED, PIECE, CipherStream, streams
 from hsmsim.gateway.params import DecodedMechanism, decode_mechanism
 from hsmsim.gateway.protocol import Op, Reader, Writer
 from hsmsim.gateway.state import Application, HandleSource, Operation, OpKind, Session
@@ -706,6 +707,7 @@ class Gateway:
         if self._wrong_sequence(s, op):
             op.updated = False
             op.buffer.clear()
+            op.stream, op.total = None, 0
         if op.cached is not None and op.cached_input == data:
             return self._answer(s, op, out)
         if kind == OpKind.DIGEST:
@@ -718,6 +720,9 @@ class Gateway:
         except Exception:
             s.ops.pop(op.kind, None)
             raise
+        if len(data) > PIECE and call.verb != "sign" and streams(op.mech.mechanism):
+            # More than one node request carries: streamed in pieces, as multi-part input is.
+            return self._deliver(s, op, data, out, lambda: self._stream_all(app, op, data))
         return self._submit(s, op, data, out, call)
 
     def _submit(self, s: Session, op: Operation, data: bytes, out: OutSpec,
@@ -774,20 +779,90 @@ class Gateway:
         op = s.op(kind)
         self._single_part_only(s, op)
         op.updated = True
+        if out is not None and streams(op.mech.mechanism):
+            return await self._stream_update(app, s, op, data, out)
         if op.hasher is not None:
             op.hasher.update(data)
         else:
-            op.buffer += data
-            if self.config.quirk_data_limits and op.info.max_data is not None \
-                    and len(op.buffer) > op.info.max_data:
+            # HMAC, CMAC and raw RSA go to the HSM whole at Final: the limits are checked here,
+            # as the data arrives, so nothing is buffered past them (issue 17 item 5). Input
+            # larger than a node request can carry would fail at Final anyway.
+            op.total += len(data)
+            try:
+                self._limit(op, op.total)
+                if op.total > MAX_BUFFERED:
+                    raise _err(RV.DATA_LEN_RANGE, "more data than one HSM request carries")
+            except Pkcs11Error:
                 del s.ops[kind]
-                raise _err(RV.DATA_LEN_RANGE, f"at most {op.info.max_data} bytes in the HSM")
+                raise
+            op.buffer += data
         if out is None:
             return OK, b""
-        # FIDELITY: multi-part encryption/decryption buffers its input and returns everything at
-        # C_*Final (Update outputs 0 bytes); the HSM limits apply to the whole message.
         reply, _ = out.reply(b"")
         return reply
+
+    @staticmethod
+    def _sized(out: OutSpec, kind: OpKind, n: int) -> Reply | None:
+        """The reply to a length query or a too-small buffer for `n` output bytes, else None
+        (the caller computes the output). Neither consumes input nor ends the operation."""
+        if out.present and out.capacity >= n:
+            return None
+        rv = OK if not out.present else int(RV.BUFFER_TOO_SMALL)
+        w = Writer().u64(n).u8(0).bytes(b"")
+        if kind == OpKind.ENCRYPT:
+            w.bytes(b"")  # no HSM-generated IV
+        return rv, w.done()
+
+    async def _stream_update(self, app: Application, s: Session, op: Operation, data: bytes,
+                             out: OutSpec) -> Reply:
+        """Encrypt/DecryptUpdate for the streamed modes (hsmsim.gateway.multipart): every complete
+        block goes to the HSMs now and comes back in this reply."""
+        try:
+            login = app.require_login()
+            if op.stream is None:
+                op.stream = CipherStream.start(op.mech.spec, op.kind == OpKind.ENCRYPT)
+            # CloudHSM's documented limits count the whole message, checked as it arrives.
+            self._limit(op, op.total + len(data))
+            n = op.stream.update_size(len(data))
+            sized = self._sized(out, op.kind, n)
+            if sized is not None:
+                return sized
+            result = await op.stream.update(self.cluster, login, op.key, data)
+            op.total += len(data)
+        except Exception:
+            s.ops.pop(op.kind, None)  # PKCS#11 §5.2: an error other than BUFFER_TOO_SMALL ends it
+            raise
+        reply, _ = out.reply(result, b"" if op.kind == OpKind.ENCRYPT else None)
+        return reply
+
+    async def _stream_all(self, app: Application, op: Operation, data: bytes) -> tuple[bytes, bytes | None]:
+        """A single-part Encrypt/Decrypt too large for one node request, in pieces."""
+        login = app.require_login()
+        stream = CipherStream.start(op.mech.spec, op.kind == OpKind.ENCRYPT)
+        head = await stream.update(self.cluster, login, op.key, data)
+        return head + await stream.final(self.cluster, login, op.key), None
+
+    async def _stream_final(self, app: Application, s: Session, op: Operation, out: OutSpec) -> Reply:
+        stream = op.stream
+        if stream is None:  # Final with no Update
+            stream = op.stream = CipherStream.start(op.mech.spec, op.kind == OpKind.ENCRYPT)
+        size = stream.final_size()
+        if size is not None and op.cached is None:
+            try:
+                stream.check_final()
+            except Pkcs11Error:
+                s.ops.pop(op.kind, None)
+                raise
+            sized = self._sized(out, op.kind, size)
+            if sized is not None:
+                return sized
+        login = app.require_login()
+
+        async def compute() -> tuple[bytes, bytes | None]:
+            return await stream.final(self.cluster, login, op.key), None
+        # CBC-PAD decryption: the length query runs the last block (the result is kept for the
+        # follow-up call), so the answer is exact.
+        return await self._deliver(s, op, b"", out, compute)
 
     async def _final(self, app: Application, r: Reader, kind: OpKind) -> Reply:
         s = app.session(r.u64())
@@ -795,6 +870,8 @@ class Gateway:
         r.end()
         op = s.op(kind)
         self._single_part_only(s, op)
+        if kind in (OpKind.ENCRYPT, OpKind.DECRYPT) and streams(op.mech.mechanism):
+            return await self._stream_final(app, s, op, out)
         data = bytes(op.buffer)
         if kind == OpKind.DIGEST:
             async def dig() -> tuple[bytes, bytes | None]:

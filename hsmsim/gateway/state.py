@@ -9,6 +9,7 @@ from enum import Enum
 from typing import Any
 
 from hsmsim.cluster.api import Login
+from hsmsim.gateway.multipart import CipherStream
 from hsmsim.gateway.params import DecodedMechanism
 from hsmsim.pkcs11.constants import RV, SessionFlag, SessionState, UserType
 from hsmsim.pkcs11.errors import Pkcs11Error
@@ -25,9 +26,11 @@ class OpKind(Enum):
 
 @dataclass
 class Operation:
-    """One active cryptographic operation. Multi-part input is hashed (hash-and-sign, digests) or
-    buffered; a computed result is cached until the caller has fetched it, so a length query and
-    the follow-up call see the same bytes (same signature, same HSM-generated IV)."""
+    """One active cryptographic operation. Multi-part input is hashed (hash-and-sign, digests),
+    streamed to the HSMs (`stream`: AES/DES3 ECB, CBC, CBC-PAD, CTR) or buffered (HMAC, CMAC,
+    raw RSA: bounded as it arrives); `total` counts the input so far, for the data limits. A
+    computed result is cached until the caller has fetched it, so a length query and the
+    follow-up call see the same bytes (same signature, same HSM-generated IV)."""
 
     kind: OpKind
     mech: DecodedMechanism
@@ -35,6 +38,8 @@ class Operation:
     key: int
     hasher: Any = None
     buffer: bytearray = field(default_factory=bytearray)
+    stream: CipherStream | None = None
+    total: int = 0
     updated: bool = False
     cached_input: bytes | None = None
     cached: bytes | None = None
