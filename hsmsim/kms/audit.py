@@ -78,6 +78,25 @@ class AuditLog:
                resources: list[str], error: tuple[str, str] | None, when: float,
                response: Mapping[str, Any] | None = None,
                additional: Mapping[str, Any] | None = None) -> str:
+        """Renders and appends one record; returns its event id."""
+        event_id, line = self.render(
+            op=op, caller_arn=caller_arn, account=account, access_key=access_key, region=region,
+            source_ip=source_ip, user_agent=user_agent, request_id=request_id, params=params,
+            resources=resources, error=error, when=when, response=response, additional=additional)
+        self.append(line)
+        return event_id
+
+    def append(self, line: str) -> None:
+        """Appends one rendered record (OSError when it cannot be written)."""
+        self._write(line)
+
+    def render(self, *, op: str, caller_arn: str, account: str, access_key: str, region: str,
+               source_ip: str, user_agent: str, request_id: str, params: Mapping[str, Any],
+               resources: list[str], error: tuple[str, str] | None, when: float,
+               response: Mapping[str, Any] | None = None,
+               additional: Mapping[str, Any] | None = None) -> tuple[str, str]:
+        """(event id, JSON line) of one record, not yet written (so that a request can write it
+        in the same step as its store changes)."""
         h = os.urandom(16).hex()
         event_id = f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:32]}"
         rec: dict[str, Any] = {
@@ -105,8 +124,7 @@ class AuditLog:
             rec["additionalEventData"] = dict(additional)
         if error is not None:
             rec["errorCode"], rec["errorMessage"] = error
-        self._write(json.dumps(rec, separators=(",", ":")) + "\n")
-        return event_id
+        return event_id, json.dumps(rec, separators=(",", ":"), allow_nan=False) + "\n"
 
     def close(self) -> None:
         self.flush()

@@ -18,6 +18,7 @@ from hsmsim.kms.ops.common import Call
 from hsmsim.kms.ops.sweep import sweep
 from hsmsim.kms.quotas import CRYPTO_OPS, Quotas
 from hsmsim.kms.runtime import Kms
+from hsmsim.kms.store import Unit
 
 log = logging.getLogger("hsmsim.kms")
 
@@ -52,10 +53,16 @@ class KmsService:
         self._sweep_lock = asyncio.Lock()  # the periodic sweep and a clock move never overlap
 
     async def handle(self, req: HttpRequest) -> HttpResponse:
+        """One request, all or nothing: the handler's store writes are held back and committed
+        together with the audit record once the response is ready; any failure before that
+        (in the handler, in rendering the audit record or the response, in writing them)
+        discards the writes, undoes what the handler did outside the store (`Call.undo`) and
+        answers the error (audited on its own)."""
         op = "Unknown"
         params: dict[str, Any] = {}
         call: Call | None = None
         access_key = ""
+        unit = self.kms.store.begin()
         try:
             lower = {k.lower(): v for k, v in req.headers.items()}
             op = wire.operation_name(lower.get("x-amz-target"))
@@ -77,21 +84,52 @@ class KmsService:
                 if op in CRYPTO_OPS:
                     self._store_quota(params)
             output = await handler(self.kms, call, params)
+            body = wire.encode_response(output)
+            event_id, line = self._render(req, op, params, call, access_key, None)
+            writes = bool(unit.writes)
+
+            def append_audit() -> None:
+                try:
+                    self.audit.append(line)
+                except OSError:
+                    if writes:
+                        raise  # no change without its audit record
+                    log.error("KMS audit record could not be written (request %s)", req.request_id)
+
+            self.kms.store.commit(unit, append_audit)
         except e.KmsError as exc:
+            await self._undo(unit, call, req)
             err = wire.to_wire(exc)
             self._audit(req, op, params, call, access_key, (err.code, err.message))
             return HttpResponse(err.status, err.body())
         except Exception:  # a bug: never leak details, always answer
+            await self._undo(unit, call, req)
             log.exception("KMS %s failed (request %s)", op, req.request_id)
             err = wire.WireError("KMSInternalException", 500, "")
             self._audit(req, op, params, call, access_key, (err.code, "internal error"))
             return HttpResponse(err.status, err.body())
-        event_id = self._audit(req, op, params, call, access_key, None)
+        except BaseException:  # cancelled: the client went away before an answer
+            self.kms.store.discard(unit)
+            if call is not None and call.undo:
+                asyncio.get_running_loop().create_task(self._undo(unit, call, req))
+            raise
         if op in TRACKED and call is not None:
             when = self.kms.clock.now()
             for arn in call.resources:
-                self.kms.used(arn.rsplit("/", 1)[1], op, when, event_id or "", req.request_id)
-        return HttpResponse(200, wire.encode_response(output))
+                self.kms.used(arn.rsplit("/", 1)[1], op, when, event_id, req.request_id)
+        return HttpResponse(200, body)
+
+    async def _undo(self, unit: Unit, call: Call | None, req: HttpRequest) -> None:
+        self.kms.store.discard(unit)
+        if call is None:
+            return
+        undo, call.undo = call.undo, []
+        for step in reversed(undo):
+            try:
+                await step()
+            except Exception:
+                # Best effort, as for a deleted key: an orphan may stay in the cluster.
+                log.error("KMS could not undo part of a failed request (request %s)", req.request_id)
 
     def _store_quota(self, params: Mapping[str, Any]) -> None:
         assert self.quotas is not None
@@ -124,20 +162,24 @@ class KmsService:
         sigv4.verify(cred, entry[1], req.method, req.path, req.query, req.headers, req.body)
         return cred.access_key
 
-    def _audit(self, req: HttpRequest, op: str, params: Mapping[str, Any], call: Call | None,
-               access_key: str, error: tuple[str, str] | None) -> str | None:
+    def _render(self, req: HttpRequest, op: str, params: Mapping[str, Any], call: Call | None,
+                access_key: str, error: tuple[str, str] | None) -> tuple[str, str]:
         caller = call.caller if call is not None else self.kms.caller_for(None)
+        return self.audit.render(
+            op=op, caller_arn=caller.arn, account=caller.account, access_key=access_key,
+            region=self.kms.region, source_ip=req.source_ip,
+            user_agent=req.headers.get("User-Agent", ""), request_id=req.request_id,
+            params=params, resources=call.resources if call else [], error=error,
+            when=self.kms.clock.now(), response=call.response_elements if call else None,
+            additional=call.additional if call else None)
+
+    def _audit(self, req: HttpRequest, op: str, params: Mapping[str, Any], call: Call | None,
+               access_key: str, error: tuple[str, str]) -> None:
+        """The record of a failed request; a failure to write it is logged, never raised."""
         try:
-            return self.audit.record(
-                op=op, caller_arn=caller.arn, account=caller.account, access_key=access_key,
-                region=self.kms.region, source_ip=req.source_ip,
-                user_agent=req.headers.get("User-Agent", ""), request_id=req.request_id,
-                params=params, resources=call.resources if call else [], error=error,
-                when=self.kms.clock.now(), response=call.response_elements if call else None,
-                additional=call.additional if call else None)
-        except OSError:
+            self.audit.append(self._render(req, op, params, call, access_key, error)[1])
+        except Exception:
             log.error("KMS audit record could not be written (request %s)", req.request_id)
-            return None
 
     async def sweep(self) -> None:
         async with self._sweep_lock:

@@ -160,3 +160,90 @@ def test_deeply_nested_json_is_a_serialization_error(kms_double: KmsEndpoint, bo
     status, _, parsed = send(kms_double, body, target="TrentService.CreateKey")
     assert status == 400 and parsed["__type"] == "SerializationException", parsed
     assert send(kms_double, b"{}")[0] == 200
+
+
+# -- 17.3: a request that fails changes nothing --------------------------------------------------
+def _audit_lines(ep: KmsEndpoint) -> list[dict[str, Any]]:
+    path = ep.state_dir / "kms" / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _db_rows(ep: KmsEndpoint, table: str) -> int:
+    import sqlite3
+    db = sqlite3.connect(str(ep.state_dir / "kms" / "kms.sqlite3"))
+    try:
+        return int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+    finally:
+        db.close()
+
+
+def _fail_success_records(monkeypatch: pytest.MonkeyPatch, ep: KmsEndpoint, op: str) -> None:
+    """The audit write of `op`'s success record raises (the last step of a request); failure
+    records are still written."""
+    assert ep.server is not None
+    audit = ep.server.service.audit
+    real = audit._write
+
+    def write(line: str) -> None:
+        rec = json.loads(line)
+        if rec["eventName"] == op and "errorCode" not in rec:
+            raise ValueError("injected: cannot write the record")  # as time.gmtime(NaN) did
+        real(line)
+    monkeypatch.setattr(audit, "_write", write)
+
+
+def test_a_failed_create_key_changes_nothing(fresh: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from botocore.exceptions import ClientError
+    ep = fresh()
+    c = ep.client()  # boto3's default retries: the 500 is tried 3 times (3 keys before the fix)
+    c.create_key(Description="before")
+    keys_before = sorted(k["KeyId"] for k in c.list_keys()["Keys"])
+    rows_before = (_db_rows(ep, "keys"), _db_rows(ep, "materials"))
+    _fail_success_records(monkeypatch, ep, "CreateKey")
+    with pytest.raises(ClientError) as exc:
+        c.create_key(Description="doomed")
+    assert exc.value.response["Error"]["Code"] == "KMSInternalException"
+    assert exc.value.response["ResponseMetadata"]["HTTPStatusCode"] == 500
+    assert sorted(k["KeyId"] for k in c.list_keys()["Keys"]) == keys_before
+    assert (_db_rows(ep, "keys"), _db_rows(ep, "materials")) == rows_before
+    records = [r for r in _audit_lines(ep) if r["eventName"] == "CreateKey"]
+    assert [r.get("errorCode") for r in records][1:] == ["KMSInternalException"] * (len(records) - 1)
+    assert len(records) >= 2  # the failures are on record
+    monkeypatch.undo()
+    healthy(fresh())  # and nothing half-done comes back after a restart
+    assert _db_rows(ep, "keys") == rows_before[0] + 1
+
+
+def test_a_failed_alias_and_tag_change_nothing(fresh: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from botocore.exceptions import ClientError
+    ep = fresh()
+    c = ep.client()
+    key = c.create_key()["KeyMetadata"]["KeyId"]
+    for op, call in (("CreateAlias", lambda: c.create_alias(AliasName="alias/doomed", TargetKeyId=key)),
+                     ("TagResource", lambda: c.tag_resource(KeyId=key, Tags=[{"TagKey": "t", "TagValue": "v"}]))):
+        _fail_success_records(monkeypatch, ep, op)
+        with pytest.raises(ClientError) as exc:
+            call()
+        assert exc.value.response["Error"]["Code"] == "KMSInternalException"
+        monkeypatch.undo()
+    assert c.list_aliases(KeyId=key)["Aliases"] == []
+    assert c.list_resource_tags(KeyId=key)["Tags"] == []
+    assert _db_rows(ep, "aliases") == 0
+
+
+def test_a_failed_custom_key_store_create_key_removes_its_cluster_key(
+        fresh: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
+    from .conftest import connected_store
+    ep = fresh()
+    c = ep.client(config=Config(retries={"total_max_attempts": 1}))
+    store = connected_store(ep, c)
+    assert ep.double is not None
+    objects_before = set(ep.double.objects)
+    _fail_success_records(monkeypatch, ep, "CreateKey")
+    with pytest.raises(ClientError) as exc:
+        c.create_key(Origin="AWS_CLOUDHSM", CustomKeyStoreId=store)
+    assert exc.value.response["Error"]["Code"] == "KMSInternalException"
+    assert set(ep.double.objects) == objects_before  # the backing key was destroyed again
+    assert c.list_keys()["Keys"] == []

@@ -27,6 +27,9 @@ class Call:
     resources: list[str] = field(default_factory=list)
     additional: dict[str, Any] | None = None
     response_elements: dict[str, Any] | None = None
+    # What to undo outside the KMS store (a key created in a CloudHSM cluster) if the request
+    # fails after the handler did it: the request is all-or-nothing.
+    undo: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     def touch(self, key: KeyRecord) -> None:
         if key.arn not in self.resources:

@@ -107,6 +107,10 @@ async def create_key(kms: Kms, call: Call, req: Request) -> Response:
             handle = await kms.cluster_keys.create(login, key.arn)
         except ClusterFailure:
             raise e.Internal("KMS could not create the key material in the CloudHSM cluster.") from None
+
+        async def destroy_backing_key() -> None:
+            await kms.cluster_keys.destroy(login, handle)
+        call.undo.append(destroy_backing_key)
         key = replace(key, custom_key_store_id=store_id, cluster_id=store.cluster_id, backing_handle=handle)
     elif origin == model.AWS_KMS:
         mat = await new_material(kms, key, 0)
