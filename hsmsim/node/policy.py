@@ -6,7 +6,7 @@ Pure functions over templates; no I/O."""
 
 from __future__ import annotations
 
-from hsmsim.pkcs11.attributes import AttrValue, Template
+from hsmsim.pkcs11.attributes import UNSUPPORTED, AttrValue, Template
 from hsmsim.pkcs11.constants import RV, Attribute as A, KeyType, Mechanism as M, ObjectClass
 from hsmsim.pkcs11.errors import Pkcs11Error
 
@@ -23,6 +23,19 @@ USAGE = (A.ENCRYPT, A.DECRYPT, A.SIGN, A.VERIFY, A.WRAP, A.UNWRAP, A.DERIVE)
 # Attributes the node sets and users may not give (PKCS#11 "read-only"/computed).
 READ_ONLY = frozenset({A.LOCAL, A.ALWAYS_SENSITIVE, A.NEVER_EXTRACTABLE, A.KEY_GEN_MECHANISM,
                        A.CHECK_VALUE})
+# Attributes CloudHSM accepts only at their default value (UG:pkcs11-attributes-interpreting,
+# footnote 1: "partially supported by the firmware and must be explicitly set only to the default
+# value"): CKA_PRIVATE is true on every key class, public keys included (the SDK 5 tables mark
+# it for EC/RSA public keys too; pkcs11-tool's CKA_PRIVATE=false public template fails on
+# CloudHSM, OpenSC#2747), and false on certificates (UG:pkcs11-certificate-storage-attributes).
+# Another value gives CKR_ATTRIBUTE_VALUE_INVALID, as CloudHSM answers such templates
+# (py-hsm#7, vaultplugin-hsmpki#25). FIDELITY: the code is community-observed, not documented.
+FIXED_VALUES: dict[int, dict[int, AttrValue]] = {
+    ObjectClass.SECRET_KEY: {A.PRIVATE: True},
+    ObjectClass.PUBLIC_KEY: {A.PRIVATE: True},
+    ObjectClass.PRIVATE_KEY: {A.PRIVATE: True},
+    ObjectClass.CERTIFICATE: {A.PRIVATE: False},
+}
 # FIDELITY: CloudHSM's modifiable list (UG:modify-attr); CKA_TOKEN may change only false->true,
 # CKA_SENSITIVE only false->true, CKA_EXTRACTABLE only true->false, CKA_WRAP_WITH_TRUSTED only
 # false->true (PKCS#11 one-way rules). CKA_ID is also accepted (PKCS#11 allows it; tools set it).
@@ -100,11 +113,11 @@ def _bool(t: Template, a: int, default: bool) -> bool:
 
 
 def common_defaults(cls: int, token: bool) -> Template:
-    """CloudHSM defaults (UG:pkcs11-attributes): token false, private true, modifiable true,
-    destroyable true, copyable true, label/id empty."""
-    d: Template = {A.CLASS: cls, A.TOKEN: token, A.PRIVATE: cls != ObjectClass.PUBLIC_KEY
-                   and cls != ObjectClass.CERTIFICATE, A.MODIFIABLE: True, A.DESTROYABLE: True,
-                   A.COPYABLE: True, A.LABEL: "", }
+    """CloudHSM defaults (UG:pkcs11-attributes): token false, private true (on public keys too;
+    false on certificates), modifiable true, destroyable true, copyable true, label/id empty.
+    CKA_ALWAYS_AUTHENTICATE is UNSUPPORTED, so private keys do not have it."""
+    d: Template = {A.CLASS: cls, A.TOKEN: token, A.PRIVATE: cls != ObjectClass.CERTIFICATE,
+                   A.MODIFIABLE: True, A.DESTROYABLE: True, A.COPYABLE: True, A.LABEL: "", }
     if cls in KEY_CLASSES:
         d.update({A.ID: b"", A.DERIVE: False, A.LOCAL: False, A.START_DATE: b"",
                   A.END_DATE: b"", A.KEY_GEN_MECHANISM: (1 << 64) - 1})
@@ -114,8 +127,7 @@ def common_defaults(cls: int, token: bool) -> Template:
                   A.TRUSTED: False, A.WRAP_WITH_TRUSTED: False})
     elif cls == ObjectClass.PRIVATE_KEY:
         d.update({A.SENSITIVE: True, A.EXTRACTABLE: True, A.DECRYPT: False, A.SIGN: False,
-                  A.UNWRAP: False, A.SUBJECT: b"", A.WRAP_WITH_TRUSTED: False,
-                  A.ALWAYS_AUTHENTICATE: False})
+                  A.UNWRAP: False, A.SUBJECT: b"", A.WRAP_WITH_TRUSTED: False})
     elif cls == ObjectClass.PUBLIC_KEY:
         d.update({A.ENCRYPT: False, A.VERIFY: False, A.WRAP: False, A.TRUSTED: False,
                   A.SUBJECT: b""})
@@ -128,16 +140,29 @@ def common_defaults(cls: int, token: bool) -> Template:
 
 
 def check_user_template(t: Template, *, creating: bool) -> None:
-    """Reject attributes a user may never give (read-only ones)."""
+    """Reject attributes a user may never give: types CloudHSM does not support
+    (CKR_ATTRIBUTE_TYPE_INVALID) and read-only ones (CKR_ATTRIBUTE_READ_ONLY)."""
     for a in t:
+        if a in UNSUPPORTED:
+            raise Pkcs11Error(RV.ATTRIBUTE_TYPE_INVALID, f"attribute 0x{a:x} is not supported")
         if a in READ_ONLY:
             raise Pkcs11Error(RV.ATTRIBUTE_READ_ONLY, f"attribute 0x{a:x} is read-only")
+
+
+def check_fixed_values(cls: int, t: Template) -> None:
+    """Reject a template that sets an attribute of FIXED_VALUES to anything but its default."""
+    for a, want in FIXED_VALUES.get(cls, {}).items():
+        if a in t and t[a] != want:
+            raise Pkcs11Error(RV.ATTRIBUTE_VALUE_INVALID,
+                              f"attribute 0x{a:x} may only be {want!r} on this object class")
 
 
 def build_attrs(cls: int, key_type: int | None, template: Template, *, local: bool,
                 gen_mech: int | None) -> Template:
     """The full user-visible attribute set of a new object: defaults, then the template
-    (material removed), then the computed attributes."""
+    (material removed), then the computed attributes. Every creating call (generate, create,
+    unwrap, derive) comes through here, so FIXED_VALUES are checked here."""
+    check_fixed_values(cls, template)
     token = _bool(template, A.TOKEN, False)
     attrs = common_defaults(cls, token)
     for a, v in template.items():

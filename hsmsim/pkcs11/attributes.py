@@ -46,14 +46,22 @@ KINDS: dict[int, Kind] = {
     A.ALLOWED_MECHANISMS: Kind.MECHANISMS,
 }
 
+# Attribute types CloudHSM does not support: absent from every table of UG:pkcs11-attributes-
+# interpreting, so a template that carries one is refused with CKR_ATTRIBUTE_TYPE_INVALID (the
+# PKCS#11 2.40 code for an attribute the token does not know), whatever its value. KINDS keeps
+# their value types so stored objects and node messages still decode.
+# FIDELITY: CloudHSM's own code for CKA_ALWAYS_AUTHENTICATE is not documented; with the
+# attribute refused, no key demands C_Login(CKU_CONTEXT_SPECIFIC), which hsmsim refuses too.
+UNSUPPORTED: frozenset[int] = frozenset({A.ALWAYS_AUTHENTICATE})
+
 ULONG = struct.Struct("<Q")
 
 
 def decode(attr: int, raw: bytes) -> AttrValue:
     """Raw attribute bytes from a module -> typed value; CKR_ATTRIBUTE_VALUE_INVALID if malformed,
-    CKR_ATTRIBUTE_TYPE_INVALID if the attribute is unknown."""
+    CKR_ATTRIBUTE_TYPE_INVALID if the attribute is unknown or UNSUPPORTED."""
     kind = KINDS.get(attr)
-    if kind is None:
+    if kind is None or attr in UNSUPPORTED:
         raise Pkcs11Error(RV.ATTRIBUTE_TYPE_INVALID, f"attribute 0x{attr:x} is not supported")
     if kind is Kind.BOOL:
         if len(raw) != 1:

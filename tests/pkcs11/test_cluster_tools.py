@@ -54,9 +54,10 @@ def tool(env: dict[str, str], *args: str, check: bool = True) -> subprocess.Comp
 
 @pytest.fixture(scope="module")
 def keys(env: dict[str, str]) -> dict[str, str]:
-    """An RSA and an EC key pair made by pkcs11-tool --keypairgen; id per kind."""
-    tool(env, "--login", "--pin", PIN, "--keypairgen", "--key-type", "rsa:2048", "--label", "p11t-rsa", "--id", "a1")
-    tool(env, "--login", "--pin", PIN, "--keypairgen", "--key-type", "EC:prime256v1", "--label", "p11t-ec",
+    """An RSA and an EC key pair made by pkcs11-tool --keypairgen; id per kind. CloudHSM takes
+    only CKA_PRIVATE=true and pkcs11-tool sets false on the public key unless --private."""
+    tool(env, "--login", "--pin", PIN, "--private", "--keypairgen", "--key-type", "rsa:2048", "--label", "p11t-rsa", "--id", "a1")
+    tool(env, "--login", "--pin", PIN, "--private", "--keypairgen", "--key-type", "EC:prime256v1", "--label", "p11t-ec",
          "--id", "a2")
     return {"rsa": "a1", "ec": "a2"}
 
@@ -115,8 +116,8 @@ def tls_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
         r = c.cli("user", "create", "--username", USER, "--role", "crypto-user", "--password", PASSWORD)
         assert r.returncode == 0, r.stderr
         e = dict(os.environ, HSMSIM_SOCKET=str(c.socket_path))
-        tool(e, "--login", "--pin", PIN, "--keypairgen", "--key-type", "rsa:2048", "--label", "p11t-rsa", "--id", "a1")
-        tool(e, "--login", "--pin", PIN, "--keypairgen", "--key-type", "EC:prime256v1", "--label", "p11t-ec",
+        tool(e, "--login", "--pin", PIN, "--private", "--keypairgen", "--key-type", "rsa:2048", "--label", "p11t-rsa", "--id", "a1")
+        tool(e, "--login", "--pin", PIN, "--private", "--keypairgen", "--key-type", "EC:prime256v1", "--label", "p11t-ec",
              "--id", "a2")
         yield e
     finally:
