@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from hsmsim import files
 from hsmsim.cluster.cluster import Cluster, Obj
 from hsmsim.cluster.members import ACTIVE, CREATE_IN_PROGRESS, DELETE_IN_PROGRESS, Member, MemberDown
 from hsmsim.cluster.state import HsmSpec, new_id
@@ -26,6 +27,7 @@ log = logging.getLogger("hsmsim.cluster")
 
 ProgressFn = Callable[[int, int, str], Awaitable[None]]
 REPLACE_AFTER = 3  # consecutive failed starts before an HSM is replaced
+SPACE_RETRY_S = 5.0  # a node that could not start for want of disk space is tried this often
 MAX_HSMS = 28  # CloudHSM: HSMs per cluster (not adjustable)
 AZ_RE = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-\d[a-z]$")
 
@@ -40,6 +42,7 @@ class Supervisor:
         self._task: asyncio.Task[None] | None = None
         self._anti_entropy_at = 0.0
         self.last_converged: float | None = None
+        self.space_retry_at: dict[str, float] = {}  # HSM id -> next start try (disk full)
 
     # -- start -----------------------------------------------------------------------------------
     async def bootstrap_new(self, admin_password: str, cu_password: str) -> None:
@@ -312,6 +315,8 @@ class Supervisor:
                     c._drop_session_objects(m)
                     m.restarts += 1
                     log.warning("%s: %s; restarting", m.hsm_id, why)
+                if time.monotonic() < self.space_retry_at.get(m.hsm_id, 0.0):
+                    return
                 if m.start_failures >= REPLACE_AFTER:
                     await self._replace(m)
                     return
@@ -319,8 +324,16 @@ class Supervisor:
                     await m.spawn(None, c.config.node_start_timeout_s)
                     c._drop_session_objects(m)
                     m.start_failures = 0
+                    self.space_retry_at.pop(m.hsm_id, None)
                 except (HsmsimError, OSError) as exc:
                     m.last_error = str(exc)
+                    if self._no_space(m, exc):
+                        # A full disk is not a damaged HSM: wait for space, never replace.
+                        m.last_error = (f"no space left on the disk of {m.dir}; the HSM starts "
+                                        "again once there is space (it is not replaced)")
+                        log.warning("%s: cannot start: %s", m.hsm_id, m.last_error)
+                        self.space_retry_at[m.hsm_id] = time.monotonic() + SPACE_RETRY_S
+                        return
                     # Only a node that fails on its own counts (not one killed while starting).
                     if m.proc is None or m.proc.returncode is None or m.proc.returncode > 0:
                         m.start_failures += 1
@@ -334,12 +347,13 @@ class Supervisor:
                     return
             else:
                 try:
-                    await asyncio.wait_for(m.client.ping(), max(2.0, c.config.health_interval_s * 4))  # type: ignore[union-attr]
+                    await asyncio.wait_for(m.client.ping(), c.liveness_window())  # type: ignore[union-attr]
                     m.ping_failures = 0
                 except asyncio.TimeoutError:
-                    # A slow answer on a busy machine is not a failure yet: two in a row are.
+                    # A slow answer on a busy machine is not a failure yet: two in a row are,
+                    # unless the node still answers other requests (it is loaded, not dead).
                     m.ping_failures += 1
-                    if m.ping_failures >= 2:
+                    if m.ping_failures >= 2 and not m.answering(c.liveness_window()):
                         m.mark_down("health check: no answer")
                         c._drop_session_objects(m)
                     return
@@ -350,6 +364,14 @@ class Supervisor:
         if m.usable and not m.converged:
             await self.reconcile(m)
 
+    @staticmethod
+    def _no_space(m: Member, exc: BaseException) -> bool:
+        """Whether a failed start was for want of disk space: the node's own exit status, the
+        error itself, or a full disk under the node's directory."""
+        if m.proc is not None and m.proc.returncode == files.EXIT_NO_SPACE:
+            return True
+        return files.is_no_space(exc, m.dir if m.dir.exists() else m.state.root)
+
     async def _replace(self, m: Member) -> None:
         """An HSM whose node cannot start any more (e.g. its token was damaged by a kill -9
         mid-write) is replaced: its directory is set aside and a fresh node is cloned from a
@@ -357,6 +379,12 @@ class Supervisor:
         one with a new HSM id; here the replacement keeps the id so that scripts and tests can
         keep addressing it (the old state is kept in nodes/.replaced-<id>-<time>)."""
         c = self.c
+        if files.no_space(m.dir if m.dir.exists() else c.state.root):
+            # A copy needs space the disk does not have, and a full disk damages nothing.
+            m.last_error = f"cannot start and the disk of {m.dir} is full: not replacing it"
+            m.start_failures = 0
+            self.space_retry_at[m.hsm_id] = time.monotonic() + SPACE_RETRY_S
+            return
         sources = [x for x in c.routable() if x is not m] or [x for x in c.usable() if x is not m]
         if not sources:
             m.last_error = "cannot start and no healthy HSM to replace it from"
@@ -378,6 +406,13 @@ class Supervisor:
         except (HsmsimError, OSError) as exc:
             m.last_error = f"replacement failed: {exc}"
             await m.terminate()
+            # Leave no dead copy behind: the set-aside directory goes back in place (the next
+            # attempt sets it aside again).
+            shutil.rmtree(m.dir, ignore_errors=True)
+            try:
+                aside.rename(m.dir)
+            except OSError as back:
+                log.error("%s: cannot put %s back: %s", m.hsm_id, aside, back)
             return
         m.start_failures = 0
         m.replacements += 1
