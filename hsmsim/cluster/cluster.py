@@ -19,7 +19,8 @@ from hsmsim.cluster.config import ClusterConfig
 from hsmsim.cluster.journal import HandleAllocator, Journal
 from hsmsim.cluster.members import ACTIVE, DEGRADED, Member
 from hsmsim.cluster.state import ClusterSpec, StateDir
-from hsmsim.node.client import NodeThrottled, NodeUnavailable
+from hsmsim.node.client import NodeBusy, NodeClient, NodeThrottled, NodeUnavailable
+from hsmsim.node.values import LoginInfo
 from hsmsim.pkcs11.attributes import Template
 from hsmsim.pkcs11.constants import RV, Attribute, UserType
 from hsmsim.pkcs11.errors import Pkcs11Error
@@ -100,10 +101,25 @@ class Cluster:
             async with asyncio.timeout(limit):
                 return await aw
         except asyncio.TimeoutError:
-            member.mark_down(f"no answer within {limit:.1f}s")
-            raise NodeUnavailable(f"{member.hsm_id} did not answer in time") from None
+            raise self._timed_out(member, limit) from None
         finally:
             member.inflight -= 1
+
+    def liveness_window(self) -> float:
+        """How recently a node must have answered something to count as alive (two health
+        checks' worth)."""
+        return max(2.0, self.config.health_interval_s * 4)
+
+    def _timed_out(self, member: Member, limit: float) -> Exception:
+        """The error for a request that got no answer within `limit`. A node that keeps
+        answering (health checks, other requests) is busy with slow expected work, not dead:
+        NodeBusy (retried like a throttled request), and nothing is marked down. Only a silent
+        node is marked down, so load alone never takes every HSM out of the cluster."""
+        if member.answering(self.liveness_window()):
+            return NodeBusy(RV.FUNCTION_FAILED, f"{member.hsm_id} is busy: no answer within "
+                            f"{limit:.1f}s")
+        member.mark_down(f"no answer within {limit:.1f}s")
+        return NodeUnavailable(f"{member.hsm_id} did not answer in time")
 
     def usable(self) -> list[Member]:
         return [m for m in self.members.values() if m.usable]
@@ -146,8 +162,8 @@ class Cluster:
         member.login_pending[rec.login.login_id] = fut
         try:
             try:
-                info = await self.timed(member, client.login(rec.login.user_type,
-                                                             rec.login.username, rec.password))
+                info = await self._login_on(member, client, rec.login.user_type,
+                                            rec.login.username, rec.password)
             except Pkcs11Error as exc:
                 if not isinstance(exc, NodeThrottled):
                     # Do not try again on this HSM until it reconnects: a stale password
@@ -167,6 +183,18 @@ class Cluster:
         finally:
             member.login_pending.pop(rec.login.login_id, None)
 
+    async def _login_on(self, m: Member, client: NodeClient, user_type: UserType | int,
+                        username: str, password: str) -> LoginInfo:
+        """One login on one HSM. Logins queue in the daemon per HSM (Member.login_window) and
+        the wait is not timed; the login itself gets the creation timeout, as a password hash
+        on a busy HSM is slow expected work (and a late answer from an HSM that keeps
+        answering is NodeBusy, never a reason to mark it down: see _timed_out)."""
+        async with m.login_window:
+            if client.closed:
+                raise NodeUnavailable(f"{m.hsm_id} is not connected")
+            return await self.timed(m, client.login(user_type, username, password),
+                                    timeout=max(30.0, self.config.request_timeout_s))
+
     def _rec(self, login: Login) -> LoginRecord:
         rec = self._logins.get(login.login_id)
         if rec is None:
@@ -178,7 +206,7 @@ class Cluster:
         if not members:
             raise Pkcs11Error(RV.DEVICE_ERROR, "no HSM of the cluster is reachable")
         results = await asyncio.gather(
-            *(self.timed(m, m.client.login(user_type, username, password))  # type: ignore[union-attr]
+            *(self._login_on(m, m.client, user_type, username, password)  # type: ignore[arg-type]
               for m in members), return_exceptions=True)
         ok: list[tuple[Member, int]] = []
         errors: list[Pkcs11Error] = []
@@ -359,6 +387,12 @@ class Cluster:
                 break
             except NodeThrottled as exc:
                 last = exc
+                if isinstance(exc, NodeBusy):
+                    # The slow HSM may still create the objects: make sure they die there
+                    # (reconciliation destroys tombstoned handles) and try elsewhere.
+                    self.journal.tombstone(*handles)
+                    m.converged = False
+                    tried.add(m.hsm_id)
             except NodeUnavailable as exc:
                 last = exc
                 # The HSM may have created the objects before it was lost: make sure they die.
@@ -733,8 +767,9 @@ class Cluster:
 
         def expire() -> None:
             if not finished:
-                m.mark_down(f"no answer within {limit:.1f}s")
-                finish(None, NodeUnavailable(f"{m.hsm_id} did not answer in time"))
+                # NodeBusy (alive, slow: the caller retries on the slow path) or, for a silent
+                # node, NodeUnavailable after marking it down (see _timed_out)
+                finish(None, self._timed_out(m, limit))
 
         timer = asyncio.get_running_loop().call_later(limit, expire)
         m.inflight += 1

@@ -27,6 +27,11 @@ DELETE_IN_PROGRESS = "DELETE_IN_PROGRESS"
 DELETED = "DELETED"
 
 
+# Logins sent to one HSM at a time (each costs a slow password hash on the node; the node
+# hashes HASH_THREADS at a time, hsmsim.node.ops_users).
+LOGIN_WINDOW = 4
+
+
 class MemberDown(HsmsimError):
     """The member cannot take requests now (stopped, paused, partitioned, unreachable)."""
 
@@ -66,6 +71,9 @@ class Member:
         self.ping_failures = 0
         self.inflight = 0  # node requests awaiting an answer (load-aware placement)
         self.sync_window = asyncio.Semaphore(2)  # background key-sync copies in flight
+        # Logins in flight to this HSM: the rest queue here, not on the node, so that a storm
+        # of logins waits its turn instead of running into the request timeout there.
+        self.login_window = asyncio.Semaphore(LOGIN_WINDOW)
         self.pending_sync = 0  # background copies queued or running
         self.replacements = 0
         self.latency_ms = 0
@@ -113,6 +121,14 @@ class Member:
     def routable(self) -> bool:
         """May take new work (creation, finds): usable and caught up."""
         return self.usable and self.converged
+
+    def answering(self, within: float) -> bool:
+        """The node answered something (a health check, another request) on the current
+        connection in the last `within` seconds: a slow request there is slow work, not a
+        dead HSM."""
+        client = self.client
+        return (client is not None and not client.closed
+                and time.monotonic() - client.last_heard < within)
 
     def condition(self) -> str:
         if self.removing:

@@ -2,7 +2,8 @@
 
 One connection multiplexes many requests: each call gets a request id, many may be in flight
 and responses may arrive out of order. Error responses raise `Pkcs11Error(rv, msg)`;
-a throttled node raises `NodeThrottled` (a CKR_FUNCTION_FAILED error with `.throttled`);
+a throttled node raises `NodeThrottled` (a CKR_FUNCTION_FAILED error with `.throttled`; the
+daemon raises its subclass `NodeBusy` for a slow answer from a node that is alive);
 a lost connection raises `NodeUnavailable` from every pending and later call."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import hashlib
 import hmac
 import itertools
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +40,13 @@ class NodeThrottled(ERRORS[int(RV.FUNCTION_FAILED)]):  # type: ignore[misc]
     0xBB, surfaced by SDK 5 as CKR_FUNCTION_FAILED). Safe to retry: nothing was changed."""
 
     throttled = True
+
+
+class NodeBusy(NodeThrottled):
+    """The node did not answer this request in time but keeps answering others (health checks,
+    other requests): slow expected work (a queue of password hashes, a large key generation),
+    not a dead HSM. Retried like a throttled request; unlike one, the request may still
+    complete on the node."""
 
 
 def cluster_proof(secret: bytes, nonce: bytes, hsm_id: str) -> bytes:
@@ -118,6 +127,9 @@ class NodeClient:
         self._pending: dict[int, asyncio.Future[Any] | Waiter] = {}
         self._closed: BaseException | None = None
         self.hello: Hello | None = None
+        # When the node last answered anything on this connection (time.monotonic()): a node
+        # that keeps answering is alive even while one slow request is outstanding.
+        self.last_heard = time.monotonic()
 
     # -- connection ------------------------------------------------------------------------------
 
@@ -194,6 +206,7 @@ class NodeClient:
             if not isinstance(msg, dict):
                 raise protocol.ProtocolError("response is not a map")
             rid = msg.get("id")
+            self.last_heard = time.monotonic()
             waiter = self._pending.pop(rid, None) if isinstance(rid, int) else None
             if waiter is None:
                 if rid == 0 and msg.get("ok") is False:  # connection-level error

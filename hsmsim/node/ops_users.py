@@ -3,11 +3,13 @@ management by a CO, and masked export/import of user records for sync."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Any
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NoReturn, TypeVar
 
 from hsmsim.node.codec import Fields
-from hsmsim.node.context import Conn, Login, Ops
+from hsmsim.node.context import Conn, Login, NodeContext, Ops
 from hsmsim.node.masking import USERS_KIND
 from hsmsim.node.users import (UserRecord, check_password, check_role, check_username,
                                decode_user, encode_user, hash_password, role_of, verify_password)
@@ -19,50 +21,137 @@ from hsmsim.pkcs11.errors import Pkcs11Error
 # allow more attempts in total (as CloudHSM documents). FIDELITY: besides a password reset by
 # an admin (CloudHSM's way), an admin may also unlock a user without changing its password.
 LOCKOUT_AFTER = 5
+# Password hashes (scrypt, slow on purpose) run in their own small pool, so that a burst of
+# logins queues there and never in front of key operations (the crypto pool), health checks
+# or other traffic. FIDELITY: CloudHSM does not document how an HSM schedules logins.
+HASH_THREADS = 2
+T = TypeVar("T")
+
+
+class _Gate:
+    """Login attempts of one user on this node: `pending` verifications in flight. An attempt
+    is admitted only while failures so far plus attempts in flight stay below LOCKOUT_AFTER,
+    so even if every one of them fails, no more than LOCKOUT_AFTER failures are ever verified;
+    the others wait, then find the user locked (or not) as a sequential attempt would."""
+
+    __slots__ = ("pending", "users", "changed")
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.users = 0  # attempts holding this gate (it is dropped when none does)
+        self.changed = asyncio.Condition()
+
+
+def _retrieved(task: "asyncio.Future[Any]") -> None:
+    """An attempt whose caller went away still ends in an answer nobody reads: no warning."""
+    if not task.cancelled():
+        task.exception()
 
 
 class UserOps(Ops):
+    def __init__(self, ctx: NodeContext) -> None:
+        super().__init__(ctx)
+        self._hashing = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="node-kdf")
+        self._gates: dict[str, _Gate] = {}
+
+    async def _hash(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._hashing, fn, *args)
+
     async def login(self, conn: Conn, f: Fields) -> dict[str, Any]:
         user_type = f.int("user_type")
         role = role_of(user_type)
         username = check_username(f.str("username"))
         password = f.str("password")
-        u = self.users.get(username)
-        if u is not None and u.locked:
-            self.audit.record("login_failed", username=username, role=role, reason="locked")
-            raise Pkcs11Error(RV.PIN_LOCKED, "user is locked out; an admin must unlock it")
-        ok = False
-        if u is not None and 0 < len(password) <= 256:
-            ok = await self.ks.in_hsm(verify_password, u, password)
-            ok = ok and u.role == role
-        if u is None:
-            # Same cost and answer as a wrong password: no user enumeration.
-            await self.ks.in_hsm(hash_password, password[:256])
-            self.audit.record("login_failed", username=username, role=role, reason="unknown")
-            raise Pkcs11Error(RV.PIN_INCORRECT, "wrong username or password")
-        fresh = self.users.get(username)  # the record may have changed while hashing
-        if fresh is None:
-            raise Pkcs11Error(RV.PIN_INCORRECT, "wrong username or password")
-        if fresh.pw_hash != u.pw_hash:
-            ok = False  # the password changed meanwhile: the old one no longer counts
-        u = fresh
-        if not ok:
-            failed = u.failed + 1
-            changed = self.users.bump(u, failed=failed, locked=failed >= LOCKOUT_AFTER)
-            await self.ks.in_store(self.users.put, changed)
-            self.audit.record("login_failed", username=username, role=role, failed=failed,
-                              locked=changed.locked)
-            raise Pkcs11Error(RV.PIN_INCORRECT, "wrong username or password")
-        if u.locked:
-            raise Pkcs11Error(RV.PIN_LOCKED, "user is locked out; an admin must unlock it")
-        if u.failed:
-            await self.ks.in_store(self.users.put, replace(u, failed=0))
+        if self.users.get(username) is None:
+            await self._unknown(username, role, password)
+        # Check the lock, verify and count as one step per user (see _Gate); shielded so that a
+        # client that hangs up mid-hash cannot take its attempt back uncounted.
+        attempt = asyncio.ensure_future(self._attempt(username, role, password))
+        attempt.add_done_callback(_retrieved)
+        u = await asyncio.shield(attempt)
         lid = next(self.ctx.login_ids)
         login = Login(lid, username, u.role)
         conn.logins[lid] = login
         self.ctx.logins[lid] = login
         self.audit.record("login", username=username, role=u.role, login_id=lid)
         return {"login_id": lid, "user_type": user_type, "username": username}
+
+    async def _unknown(self, username: str, role: str, password: str) -> NoReturn:
+        # Same cost and answer as a wrong password: no user enumeration.
+        await self._hash(hash_password, password[:256])
+        self.audit.record("login_failed", username=username, role=role, reason="unknown")
+        raise Pkcs11Error(RV.PIN_INCORRECT, "wrong username or password")
+
+    async def _attempt(self, username: str, role: str, password: str) -> UserRecord:
+        """One login attempt: the user's record once the password is verified, or PIN_LOCKED /
+        PIN_INCORRECT. Once locked, every attempt gets PIN_LOCKED without hashing, whatever the
+        password, so the answer after the lock says nothing about the password."""
+        gate = self._gates.setdefault(username, _Gate())
+        gate.users += 1
+        try:
+            async with gate.changed:
+                while True:
+                    u = self.users.get(username)
+                    if u is None:
+                        break
+                    if u.locked:
+                        self.audit.record("login_failed", username=username, role=role,
+                                          reason="locked")
+                        raise Pkcs11Error(RV.PIN_LOCKED,
+                                          "user is locked out; an admin must unlock it")
+                    if u.failed + gate.pending < LOCKOUT_AFTER:
+                        gate.pending += 1
+                        break
+                    await gate.changed.wait()
+            if u is None:  # deleted while this attempt waited
+                await self._unknown(username, role, password)
+            return await self._verify(gate, u, role, password)
+        finally:
+            gate.users -= 1
+            if gate.users == 0:
+                self._gates.pop(username, None)
+
+    async def _verify(self, gate: _Gate, u: UserRecord, role: str, password: str) -> UserRecord:
+        """Verify an admitted attempt and count its outcome (see _attempt)."""
+        username = u.username
+        verified = False
+        try:
+            ok = 0 < len(password) <= 256 and await self._hash(verify_password, u, password)
+            verified = True
+        finally:
+            async with gate.changed:
+                gate.pending -= 1
+                gate.changed.notify_all()
+                # Counted from the record as it is now and staged in the same step (no await
+                # in between), so concurrent failures never overwrite each other's count.
+                fresh = self.users.get(username)
+                changed: UserRecord | None = None
+                if verified and fresh is not None and not fresh.locked:
+                    if fresh.pw_hash != u.pw_hash:
+                        ok = False  # the password changed meanwhile: the old one no longer counts
+                    ok = ok and fresh.role == role
+                    if not ok:
+                        failed = fresh.failed + 1
+                        changed = self.users.bump(fresh, failed=failed,
+                                                  locked=failed >= LOCKOUT_AFTER)
+                    elif fresh.failed:
+                        changed = self.users.bump(fresh, failed=0)
+                    if changed is not None:
+                        self.users.stage(changed)
+        # Persisted in staging order: the store thread runs one job at a time, in order.
+        if changed is not None:
+            await self.ks.in_store(self.users.put, changed)
+        if fresh is None:  # deleted meanwhile
+            raise Pkcs11Error(RV.PIN_INCORRECT, "wrong username or password")
+        if fresh.locked:  # locked meanwhile by an import (cluster sync)
+            self.audit.record("login_failed", username=username, role=role, reason="locked")
+            raise Pkcs11Error(RV.PIN_LOCKED, "user is locked out; an admin must unlock it")
+        if not ok:
+            assert changed is not None
+            self.audit.record("login_failed", username=username, role=role,
+                              failed=changed.failed, locked=changed.locked)
+            raise Pkcs11Error(RV.PIN_INCORRECT, "wrong username or password")
+        return changed or fresh
 
     async def logout(self, conn: Conn, f: Fields) -> None:
         login = self.login_of(conn, f)
@@ -75,7 +164,7 @@ class UserOps(Ops):
         self.audit.record("logout", username=login.username, login_id=login.login_id)
 
     async def _new_user(self, username: str, role: str, password: str) -> UserRecord:
-        salt, digest = await self.ks.in_hsm(hash_password, password)
+        salt, digest = await self._hash(hash_password, password)
         return UserRecord(username, role, salt, digest)
 
     async def initialize_users(self, conn: Conn, f: Fields) -> None:
@@ -140,17 +229,19 @@ class UserOps(Ops):
         if login.username != username and login.role != ROLE_CO:
             raise Pkcs11Error(RV.USER_TYPE_INVALID, "only an admin may change another user's password")
         u = self._user(username)
-        salt, digest = await self.ks.in_hsm(hash_password, password)
-        u = self._user(username)
-        await self.ks.in_store(self.users.put, self.users.bump(u, salt=salt, pw_hash=digest,
-                                                               failed=0, locked=False))
+        salt, digest = await self._hash(hash_password, password)
+        u = self.users.bump(self._user(username), salt=salt, pw_hash=digest, failed=0,
+                            locked=False)
+        self.users.stage(u)
+        await self.ks.in_store(self.users.put, u)
         self.audit.record("user_password", username=username, by=login.username)
 
     async def unlock_user(self, conn: Conn, f: Fields) -> None:
         co = self.co_of(conn, f)
         username = check_username(f.str("username"))
-        u = self._user(username)
-        await self.ks.in_store(self.users.put, self.users.bump(u, failed=0, locked=False))
+        u = self.users.bump(self._user(username), failed=0, locked=False)
+        self.users.stage(u)
+        await self.ks.in_store(self.users.put, u)
         self.audit.record("user_unlock", username=username, by=co.username)
 
     def list_users(self, conn: Conn, f: Fields) -> list[dict[str, Any]]:
@@ -175,6 +266,7 @@ class UserOps(Ops):
             if have is None and len(self.users.users) >= self.ctx.max_users:
                 raise Pkcs11Error(RV.DEVICE_MEMORY, f"user quota reached ({self.ctx.max_users})")
             if have is None or u.version > have.version:
+                self.users.stage(u)
                 await self.ks.in_store(self.users.put, u)
                 changed += 1
         if changed:

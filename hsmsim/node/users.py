@@ -2,7 +2,8 @@
 consecutive-failure counting and lockout, persisted in the node's SQLite file.
 
 Passwords are never stored, logged or returned; only (salt, scrypt hash) are kept. Hashing
-is slow on purpose, so callers run `hash_password`/`verify` in a worker thread."""
+is slow on purpose, so callers run `hash_password`/`verify_password` in a worker thread (the
+node's bounded password-hashing pool, hsmsim.node.ops_users)."""
 
 from __future__ import annotations
 
@@ -123,8 +124,17 @@ class UserStore:
         return self.users.get(username)
 
     def put(self, u: UserRecord) -> None:
+        """Persist `u` (store thread). The record in memory only moves forward: a change staged
+        on the event loop since (`stage`) is newer and stays."""
         self._db.execute("INSERT OR REPLACE INTO users VALUES (?, ?)",
                          (u.username, msgpack.packb(encode_user(u), use_bin_type=True)))
+        have = self.users.get(u.username)
+        if have is None or have.version <= u.version:
+            self.users[u.username] = u
+
+    def stage(self, u: UserRecord) -> None:
+        """Make `u` the record in memory now (event loop), before its `put` is persisted, so
+        that the next request reads it: login failures are counted with no lost increments."""
         self.users[u.username] = u
 
     def delete(self, username: str) -> None:
