@@ -995,6 +995,9 @@ class Gateway:
         if info is None or not info.flags & flag:
             raise _err(RV.MECHANISM_INVALID, f"mechanism 0x{mech.mechanism:x} cannot wrap/unwrap")
         if self.config.fips_mode and mech.mechanism in FIPS_DISALLOWED_ENCRYPT:
+            # UG:pkcs11-mechanisms fn 5: CKM_RSA_PKCS wrapping is disallowed in FIPS mode.
+            # FIDELITY: unwrap is refused too; the footnote names wrap only, and what a FIPS
+            # cluster does with a CKM_RSA_PKCS unwrap is undocumented.
             raise _err(RV.MECHANISM_INVALID, "disallowed in FIPS mode")
         p = mech.spec.param
         if mech.mechanism in _VENDOR_WRAPS:

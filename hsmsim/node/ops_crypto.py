@@ -48,7 +48,8 @@ RSA_AES_KEY_BITS = (128, 192, 256)
 
 def _wrapping_key_type(r: ObjectRecord, cls: int, kt: int, *, unwrap: bool = False) -> None:
     """PKCS#11 2.40 C_WrapKey/C_UnwrapKey: a (un)wrapping key of the wrong class or type is
-    CKR_(UN)WRAPPING_KEY_TYPE_INCONSISTENT (SoftHSM2 answers the same)."""
+    CKR_(UN)WRAPPING_KEY_TYPE_INCONSISTENT (SoftHSM2 answers the same).
+    FIDELITY: CloudHSM's codes for wrong wrapping keys are undocumented; these are PKCS#11's."""
     if r.cls != cls or r.key_type != kt:
         if unwrap:
             raise Pkcs11Error(RV.UNWRAPPING_KEY_TYPE_INCONSISTENT,
