@@ -192,7 +192,8 @@ def _spawn_detached(state: StateDir, config: str | None, overrides: list[str]) -
         cmd += ["--config", str(Path(config).absolute())]
     for o in overrides:
         cmd += ["--set", o]
-    with open(state.log_file, "ab") as log:
+    from hsmsim import files
+    with files.open_append(state.log_file) as log:  # 0600 whatever the umask
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 pass_fds=(w,), start_new_session=True, close_fds=True)
     os.close(w)

@@ -14,6 +14,7 @@ from typing import Any
 import msgpack
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from hsmsim import files
 from hsmsim.cluster.cluster import Cluster
 from hsmsim.cluster.journal import HandleAllocator
 from hsmsim.cluster.members import Member
@@ -74,7 +75,7 @@ async def create_backup(c: Cluster, state: StateDir, reason: str,
     nonce = os.urandom(12)
     ct = AESGCM(_key(state)).encrypt(nonce, payload, backup_id.encode())
     data_path, meta_path = _paths(state, backup_id)
-    state.backups.mkdir(mode=0o700, exist_ok=True)
+    files.make_dir(state.backups, parents=False)
     atomic_write(data_path, MAGIC + nonce + ct, mode=0o600)
     atomic_write(meta_path, (json.dumps(meta, indent=2) + "\n").encode(), mode=0o600)
     return meta

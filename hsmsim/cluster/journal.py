@@ -9,6 +9,7 @@ import os
 import threading
 from pathlib import Path
 
+from hsmsim import files
 from hsmsim.cluster.state import StateError, atomic_write
 
 HANDLE_BLOCK = 4096  # handles reserved on disk ahead of use
@@ -61,7 +62,7 @@ class Journal:
         self.path = path
         self.tombstones: set[int] = set()
         self.user_tombstones: set[str] = set()
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        files.make_dir(path.parent)
         if path.exists():
             raw = path.read_bytes()
             if raw and not raw.endswith(b"\n"):
@@ -79,7 +80,8 @@ class Journal:
                     raise StateError(f"{path} line {n} is corrupt; deleted keys could come "
                                      "back, so the daemon will not start (restore the state "
                                      "directory)") from None
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._fd = files.open_fd(path, os.O_WRONLY | os.O_APPEND)
+        self._size = os.fstat(self._fd).st_size
         self._lock = threading.Lock()
 
     def _apply(self, rec: dict[str, object]) -> None:
@@ -98,7 +100,9 @@ class Journal:
             return
         data = b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in records)
         with self._lock:
-            os.write(self._fd, data)
+            # Whole records or nothing (a full disk must not leave a torn line that the next
+            # append would join).
+            self._size = files.append_all(self._fd, data, self._size)
             os.fsync(self._fd)
             for r in records:
                 self._apply(r)

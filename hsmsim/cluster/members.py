@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hsmsim import files
 from hsmsim.cluster.state import StateDir
 from hsmsim.errors import HsmsimError
 from hsmsim.node.client import NodeClient
@@ -171,7 +172,7 @@ class Member:
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         sock = self.state.node_socket(self.hsm_id)
         sock.unlink(missing_ok=True)
-        logf = open(self.dir / "node.log", "ab")
+        logf = files.open_append(self.dir / "node.log")  # 0600 whatever the umask
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *self._command(init), stdin=asyncio.subprocess.DEVNULL, stdout=logf,
@@ -179,7 +180,7 @@ class Member:
         finally:
             logf.close()
         self.adopted_pid = None
-        self.pid_file.write_text(f"{self.proc.pid}\n")
+        files.write_private(self.pid_file, f"{self.proc.pid}\n")
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.returncode is not None:

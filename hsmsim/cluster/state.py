@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from hsmsim import files
 from hsmsim.errors import HsmsimError
 
 FORMAT_VERSION = 1
@@ -37,10 +38,12 @@ def new_password() -> str:
     return _secrets.token_urlsafe(15)  # 20 characters: "crypto_user:" + 20 fits libp11's 32-character PIN limit
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+def atomic_write(path: Path, data: bytes, mode: int = files.PRIVATE_FILE) -> None:
     """Write `data` to `path` so that a crash leaves either the old or the new file: temp file,
-    fsync, rename, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    fsync, rename, fsync the directory. Private (0600) unless `mode` says otherwise; a missing
+    parent directory is made 0700."""
+    if not path.parent.is_dir():
+        files.make_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.fchmod(fd, mode)
@@ -212,8 +215,7 @@ class StateDir:
 
 
 def write_secret(path: Path, value: str | bytes) -> None:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
+    files.make_dir(path.parent)
     data = value.encode() if isinstance(value, str) else value
     atomic_write(path, data, mode=0o600)
 
@@ -249,11 +251,14 @@ def make_ca(state: StateDir, cluster_id: str) -> None:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
                            critical=False)
             .sign(key, hashes.SHA384()))
-    state.ca.mkdir(mode=0o755, parents=True, exist_ok=True)
+    files.make_dir(state.ca)
     atomic_write(state.ca_key, key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()), mode=0o600)
-    atomic_write(state.ca_cert, cert.public_bytes(serialization.Encoding.PEM))
+    # The certificate is public by nature: the one 0644 file of the state directory (its
+    # directories are 0700, so only the owner reaches it anyway).
+    atomic_write(state.ca_cert, cert.public_bytes(serialization.Encoding.PEM),
+                 mode=files.PUBLIC_FILE)
 
 
 @dataclass(frozen=True)
@@ -282,7 +287,7 @@ def prepare_new_cluster(state: StateDir, azs: Sequence[str], hsms_per_az: int,
                              "--state or remove it")
         if state.init_marker.exists():
             discard_new_cluster(state, created_root=False)
-    state.root.mkdir(parents=True, exist_ok=True)
+    files.make_dir(state.root)  # 0700 whatever the umask (another user must not plant files)
     spec = ClusterSpec(
         cluster_id=new_id("cluster-"),
         hsms=tuple(HsmSpec(new_id("hsm-"), az) for az in azs for _ in range(hsms_per_az)),
@@ -297,7 +302,7 @@ def prepare_new_cluster(state: StateDir, azs: Sequence[str], hsms_per_az: int,
     write_secret(state.backup_key, _secrets.token_bytes(32).hex())
     make_ca(state, spec.cluster_id)
     for d in (state.nodes, state.backups, state.kms, state.journal.parent):
-        d.mkdir(mode=0o700, exist_ok=True)
+        files.make_dir(d, parents=False)
     return NewCluster(spec, admin, cu, created_root)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hsmsim import files
 from hsmsim.cluster.api import Service
 from hsmsim.cluster.cluster import Cluster
 from hsmsim.cluster.config import ClusterConfig, load_cluster_config
@@ -104,7 +105,8 @@ class Daemon:
                                   "run `hsmsim up` again to recreate it") from None
         else:
             spec = state.load_spec()
-        state.pid_file.write_text(f"{os.getpid()}\n")
+        files.make_dir(state.root)  # 0700 even if an older version (or a umask) made it wider
+        files.write_private(state.pid_file, f"{os.getpid()}\n")
         self.cluster = Cluster(state, spec, self.config)
         self.supervisor = Supervisor(self.cluster)
         if new:
@@ -197,6 +199,7 @@ async def serve(opts: DaemonOptions, environ: Mapping[str, str],
                 on_ready: Callable[[dict[str, Any]], None],
                 on_error: Callable[[str], None]) -> int:
     """Run the daemon until SIGTERM/SIGINT or a `shutdown` control request."""
+    files.private_umask()  # defence in depth: whatever is created without a mode is private
     try:
         daemon = Daemon(opts, environ)
     except HsmsimError as exc:
