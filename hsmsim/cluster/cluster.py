@@ -114,7 +114,8 @@ class Cluster:
         """The error for a request that got no answer within `limit`. A node that keeps
         answering (health checks, other requests) is busy with slow expected work, not dead:
         NodeBusy (retried like a throttled request), and nothing is marked down. Only a silent
-        node is marked down, so load alone never takes every HSM out of the cluster."""
+        node is marked down, so load alone never takes every HSM out of the cluster.
+        FIDELITY: how CloudHSM's client tells a busy HSM from a failed one is not documented."""
         if member.answering(self.liveness_window()):
             return NodeBusy(RV.FUNCTION_FAILED, f"{member.hsm_id} is busy: no answer within "
                             f"{limit:.1f}s")

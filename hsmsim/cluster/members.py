@@ -29,7 +29,8 @@ DELETED = "DELETED"
 
 
 # Logins sent to one HSM at a time (each costs a slow password hash on the node; the node
-# hashes HASH_THREADS at a time, hsmsim.node.ops_users).
+# hashes HASH_THREADS at a time, hsmsim.node.ops_users). FIDELITY: how CloudHSM's client paces
+# logins is not documented.
 LOGIN_WINDOW = 4
 
 

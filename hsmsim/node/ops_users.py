@@ -99,7 +99,7 @@ class UserOps(Ops):
                                           reason="locked")
                         raise Pkcs11Error(RV.PIN_LOCKED,
                                           "user is locked out; an admin must unlock it")
-                    if u.failed + gate.pending < LOCKOUT_AFTER:
+                    if gate.pending == 0 or u.failed + gate.pending < LOCKOUT_AFTER:
                         gate.pending += 1
                         break
                     await gate.changed.wait()
