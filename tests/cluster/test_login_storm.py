@@ -83,7 +83,7 @@ class Rig:
         self.h = Harness(root / "state", overrides=overrides)
         self.sock = root / "gateway.sock"
         self.gw = self.h.call(start_gateway(self.h.cluster, GatewayConfig(), self.sock))
-        os.environ["HSMSIM_SOCKET"] = str(self.sock)
+        assert os.environ.get("HSMSIM_SOCKET") == str(self.sock)  # read by C_Initialize
         self.module = pkcs11_module()
         self.apps = root / "apps"
         self.apps.mkdir()
@@ -122,9 +122,10 @@ class Rig:
 
 
 @pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
+def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rig]:
     # A short request timeout makes a short storm reach it (the storm of 100 reached
     # the default 3 s); the storm must still not look like dead HSMs.
+    monkeypatch.setenv("HSMSIM_SOCKET", str(tmp_path / "gateway.sock"))
     r = Rig(tmp_path, (("request_timeout_s", 1.0),))
     try:
         yield r
@@ -133,7 +134,8 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
 
 
 @pytest.fixture
-def rig_default(tmp_path: Path) -> Iterator[Rig]:
+def rig_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rig]:
+    monkeypatch.setenv("HSMSIM_SOCKET", str(tmp_path / "gateway.sock"))
     r = Rig(tmp_path, ())
     try:
         yield r
