@@ -138,6 +138,16 @@ class CipherStream:
         return b"".join(out)
 
     async def _piece(self, hsm: Crypto, login: Login, key: int, chunk: bytes) -> bytes:
+        if self.encrypting and self.last_mech is not None:
+            # CBC-PAD encryption runs as itself (a key's CKA_ALLOWED_MECHANISMS may list only
+            # CBC-PAD), dropping the padding block that whole blocks get: the rest is plain CBC.
+            spec = MechanismSpec(self.last_mech, RawParams(self.chain))
+            out = (await hsm.encrypt(login, key, spec, chunk)).data[:len(chunk)]
+            self.chain = out[-self.block:]
+            return out
+        # FIDELITY: CBC-PAD decryption runs its pieces as plain CBC, which a key whose
+        # CKA_ALLOWED_MECHANISMS lists CBC-PAD alone refuses (SoftHSM2 enforces the attribute):
+        # such a key decrypts single-part messages of up to PIECE bytes only.
         spec = MechanismSpec(self.piece_mech, RawParams(self.chain) if self.chain else None)
         if self.encrypting:
             out = (await hsm.encrypt(login, key, spec, chunk)).data

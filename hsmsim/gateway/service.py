@@ -787,6 +787,7 @@ class Gateway:
             # HMAC, CMAC and raw RSA go to the HSM whole at Final: the limits are checked here,
             # as the data arrives, so nothing is buffered past them (issue 17 item 5). Input
             # larger than a node request can carry would fail at Final anyway.
+            # FIDELITY: so CMAC, raw RSA and (quirk_data_limits off) HMAC take at most 1 MiB.
             op.total += len(data)
             try:
                 self._limit(op, op.total)

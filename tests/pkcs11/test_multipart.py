@@ -8,6 +8,7 @@ result is checked against pyca/cryptography."""
 from __future__ import annotations
 
 import os
+import struct
 import shutil
 import subprocess
 from ctypes import Structure, byref, c_ubyte, c_ulong, create_string_buffer
@@ -158,6 +159,41 @@ def test_update_emits_every_complete_block(strict: Raw, mech_type: int) -> None:
         assert b"".join(out) == want
         if encrypting:
             assert len(out[-1]) == (16 if mech_type == M.AES_CBC_PAD else 0)
+
+
+@pytest.mark.parametrize("mech_type", [M.DES3_ECB, M.DES3_CBC, M.DES3_CBC_PAD], ids=["ECB", "CBC", "CBC-PAD"])
+def test_des3_multipart_equals_single_part(strict: Raw, mech_type: int) -> None:
+    """3DES streams with 8-byte blocks; each result equals SoftHSM2's own single-part one."""
+    h = open_session(strict, REF_PIN)
+    key = U()
+    t, _keep = template((A.CLASS, 4), (A.KEY_TYPE, 0x15), (A.VALUE, bytes(range(1, 25))),
+                        (A.ENCRYPT, True), (A.DECRYPT, True))
+    assert strict.C_CreateObject(U(h), t, U(5), byref(key)) == RV.OK
+    plain = os.urandom(69 if mech_type == M.DES3_CBC_PAD else 72)
+    mech, _m = mechanism(mech_type, None if mech_type == M.DES3_ECB else IV[:8])
+    single: dict[bool, bytes] = {}
+    for encrypting in (True, False):
+        data = plain if encrypting else single[True]
+        fn_init = strict.C_EncryptInit if encrypting else strict.C_DecryptInit
+        fn = strict.C_Encrypt if encrypting else strict.C_Decrypt
+        assert fn_init(U(h), byref(mech), key) == RV.OK
+        out, n = create_string_buffer(128), U(128)
+        assert fn(U(h), data, U(len(data)), out, byref(n)) == RV.OK
+        single[encrypting] = out.raw[:n.value]
+        assert fn_init(U(h), byref(mech), key) == RV.OK
+        upd = strict.C_EncryptUpdate if encrypting else strict.C_DecryptUpdate
+        got, held = b"", 0
+        for i in range(0, len(data), 13):
+            p = data[i:i + 13]
+            total = held + len(p)
+            want = ((total - 1) // 8 * 8) if (mech_type == M.DES3_CBC_PAD and not encrypting) else total // 8 * 8
+            n = U(128)
+            assert upd(U(h), p, U(len(p)), out, byref(n)) == RV.OK and n.value == want
+            got += out.raw[:n.value]
+            held = total - want
+        got += final(strict, h, encrypting)
+        assert got == single[encrypting]
+    assert single[False] == plain
 
 
 def test_python_pkcs11_streaming_equals_single_part(ref_session) -> None:  # type: ignore[no-untyped-def]
@@ -316,3 +352,64 @@ def test_pkcs11_tool_encrypts_3000_bytes(ref_gateway: ClusterGateway, tmp_path: 
     assert len(ct.read_bytes()) == 3008
     tool("--decrypt", "-m", "AES-CBC-PAD", "--id", "c3c3", "--iv", iv, "-i", str(ct), "-o", str(back))
     assert back.read_bytes() == data.read_bytes()
+
+
+def test_key_allowed_only_cbc_pad(strict: Raw) -> None:
+    """FIDELITY (README departures): a key whose CKA_ALLOWED_MECHANISMS lists CBC-PAD but not
+    CBC takes single-part CBC-PAD up to a node request and multi-part encryption (its pieces
+    run as CBC-PAD), but multi-part decryption, whose pieces run as plain CBC, is refused by
+    SoftHSM2 with CKR_MECHANISM_INVALID, which ends the operation."""
+    h = open_session(strict, REF_PIN)
+    key = U()
+    t, _keep = template((A.CLASS, 4), (A.KEY_TYPE, 0x1F), (A.VALUE, KEY), (A.ENCRYPT, True),
+                        (A.DECRYPT, True), (A.ALLOWED_MECHANISMS, struct.pack("<Q", M.AES_CBC_PAD)))
+    assert strict.C_CreateObject(U(h), t, U(6), byref(key)) == RV.OK
+    plain = os.urandom(100)
+    _k = init(strict, h, M.AES_CBC_PAD, key.value, True)
+    first = part(strict, h, True, plain[:40], 32)
+    second = part(strict, h, True, plain[40:], update_size(M.AES_CBC_PAD, True, 8, 60))
+    ct = first + second + final(strict, h, True)
+    assert ct == reference(M.AES_CBC_PAD, True, plain)
+    mech, _m = mechanism(M.AES_CBC_PAD, IV)
+    assert strict.C_DecryptInit(U(h), byref(mech), key) == RV.OK
+    out, n = create_string_buffer(len(ct)), U(len(ct))
+    assert strict.C_Decrypt(U(h), ct, U(len(ct)), out, byref(n)) == RV.OK and out.raw[:n.value] == plain
+    _k = init(strict, h, M.AES_CBC_PAD, key.value, False)
+    n = U(len(ct))
+    assert strict.C_DecryptUpdate(U(h), ct, U(len(ct)), out, byref(n)) == RV.MECHANISM_INVALID
+    assert strict.C_DecryptUpdate(U(h), ct, U(len(ct)), out, byref(n)) == RV.OPERATION_NOT_INITIALIZED
+
+
+def test_an_hsm_lost_mid_operation_costs_nothing(hsmsim_session_cluster, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each part is a request of its own: with an HSM killed (behind the daemon's back) before
+    each Update in turn, the operation goes on on the others and the result is exact."""
+    from p11helpers import copy_module
+    c = hsmsim_session_cluster
+    raw = Raw(copy_module(tmp_path))
+    monkeypatch.setenv("HSMSIM_SOCKET", str(c.socket_path))
+    assert raw.C_Initialize(None) == RV.OK
+    try:
+        h = open_session(raw, c.pin)
+        key = U()
+        t, _keep = template((A.CLASS, 4), (A.KEY_TYPE, 0x1F), (A.VALUE, KEY), (A.ENCRYPT, True),
+                            (A.DECRYPT, True), (A.TOKEN, True))
+        assert raw.C_CreateObject(U(h), t, U(6), byref(key)) == RV.OK
+        c.wait_converged(60)
+        plain = os.urandom(len(c.hsm_ids) * 1000 + 7)
+        _k = init(raw, h, M.AES_CBC_PAD, key.value, True)
+        out, held = [], 0
+        for i, hsm_id in enumerate(c.hsm_ids):
+            c.crash(hsm_id)
+            p = plain[i * 1000:(i + 1) * 1000]
+            expect = update_size(M.AES_CBC_PAD, True, held, len(p))
+            out.append(part(raw, h, True, p, expect))
+            held += len(p) - expect
+            c.wait_converged(60)
+        tail = plain[len(c.hsm_ids) * 1000:]
+        out.append(part(raw, h, True, tail, update_size(M.AES_CBC_PAD, True, held, len(tail))))
+        out.append(final(raw, h, True))
+        assert b"".join(out) == reference(M.AES_CBC_PAD, True, plain)
+        assert raw.C_DestroyObject(U(h), key) == RV.OK
+    finally:
+        raw.C_Finalize(None)
