@@ -68,12 +68,10 @@ class UserOps(Ops):
         # client that hangs up mid-hash cannot take its attempt back uncounted.
         attempt = asyncio.ensure_future(self._attempt(username, role, password))
         attempt.add_done_callback(_retrieved)
-        u = await asyncio.shield(attempt)
-        lid = next(self.ctx.login_ids)
+        u, lid = await asyncio.shield(attempt)
         login = Login(lid, username, u.role)
         conn.logins[lid] = login
         self.ctx.logins[lid] = login
-        self.audit.record("login", username=username, role=u.role, login_id=lid)
         return {"login_id": lid, "user_type": user_type, "username": username}
 
     async def _unknown(self, username: str, role: str, password: str) -> NoReturn:
@@ -82,8 +80,10 @@ class UserOps(Ops):
         self.audit.record("login_failed", username=username, role=role, reason="unknown")
         raise Pkcs11Error(RV.PIN_INCORRECT, "wrong username or password")
 
-    async def _attempt(self, username: str, role: str, password: str) -> UserRecord:
-        """One login attempt: the user's record once the password is verified, or PIN_LOCKED /
+    async def _attempt(self, username: str, role: str,
+                       password: str) -> tuple[UserRecord, int]:
+        """One login attempt: the user's record and a new login id once the password is
+        verified (audited as `login`), or PIN_LOCKED /
         PIN_INCORRECT. Once locked, every attempt gets PIN_LOCKED without hashing, whatever the
         password, so the answer after the lock says nothing about the password."""
         gate = self._gates.setdefault(username, _Gate())
@@ -111,10 +111,12 @@ class UserOps(Ops):
             if gate.users == 0:
                 self._gates.pop(username, None)
 
-    async def _verify(self, gate: _Gate, u: UserRecord, role: str, password: str) -> UserRecord:
+    async def _verify(self, gate: _Gate, u: UserRecord, role: str,
+                      password: str) -> tuple[UserRecord, int]:
         """Verify an admitted attempt and count its outcome (see _attempt)."""
         username = u.username
         verified = False
+        lid = 0
         try:
             ok = 0 < len(password) <= 256 and await self._hash(verify_password, u, password)
             verified = True
@@ -122,8 +124,9 @@ class UserOps(Ops):
             async with gate.changed:
                 gate.pending -= 1
                 gate.changed.notify_all()
-                # Counted from the record as it is now and staged in the same step (no await
-                # in between), so concurrent failures never overwrite each other's count.
+                # Counted from the record as it is now, staged and audited in the same step (no
+                # await in between): concurrent failures never overwrite each other's count,
+                # and the audit log shows the count in the order it moved.
                 fresh = self.users.get(username)
                 changed: UserRecord | None = None
                 if verified and fresh is not None and not fresh.locked:
@@ -134,8 +137,14 @@ class UserOps(Ops):
                         failed = fresh.failed + 1
                         changed = self.users.bump(fresh, failed=failed,
                                                   locked=failed >= LOCKOUT_AFTER)
-                    elif fresh.failed:
-                        changed = self.users.bump(fresh, failed=0)
+                        self.audit.record("login_failed", username=username, role=role,
+                                          failed=changed.failed, locked=changed.locked)
+                    else:
+                        if fresh.failed:
+                            changed = self.users.bump(fresh, failed=0)
+                        lid = next(self.ctx.login_ids)
+                        self.audit.record("login", username=username, role=fresh.role,
+                                          login_id=lid)
                     if changed is not None:
                         self.users.stage(changed)
         # Persisted in staging order: the store thread runs one job at a time, in order.
@@ -147,11 +156,8 @@ class UserOps(Ops):
             self.audit.record("login_failed", username=username, role=role, reason="locked")
             raise Pkcs11Error(RV.PIN_LOCKED, "user is locked out; an admin must unlock it")
         if not ok:
-            assert changed is not None
-            self.audit.record("login_failed", username=username, role=role,
-                              failed=changed.failed, locked=changed.locked)
             raise Pkcs11Error(RV.PIN_INCORRECT, "wrong username or password")
-        return changed or fresh
+        return changed or fresh, lid
 
     async def logout(self, conn: Conn, f: Fields) -> None:
         login = self.login_of(conn, f)
