@@ -13,7 +13,8 @@ from hsmsim.pkcs11.errors import Pkcs11Error
 
 MAGIC = 0x4D495348  # b"HSIM" read as a little-endian u32
 MAJOR = 1
-MINOR = 1  # 1.1: outspec 2 (length query that also returns the result)
+# 1.1: outspec 2 (a length query that also returns the result); 1.2: EncryptInit returns the GCM IV
+MINOR = 2
 MAX_FRAME = 64 * 1024 * 1024
 APP_TOKEN_LEN = 16
 REQUEST_HEADER = struct.Struct("<IHH")  # request id, opcode, flags (after the u32 length)

@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import inspect
 import logging
+import os
 import struct
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -69,6 +70,16 @@ def _iv_first(r: Any) -> tuple[bytes, bytes | None]:
 
 def _as_output(r: Any) -> tuple[bytes, bytes | None]:
     return bytes(r), None
+
+
+def _with_chosen_iv(iv: bytes) -> Callable[[Any], tuple[bytes, bytes | None]]:
+    """CKM_AES_GCM encryption: the node's answer, which must use the IV chosen at C_EncryptInit
+    (the application already holds it in pIv)."""
+    def output(r: Any) -> tuple[bytes, bytes | None]:
+        if r.iv != iv:
+            raise _err(RV.DEVICE_ERROR, "the HSM did not use the IV chosen at C_EncryptInit")
+        return r.data, r.iv
+    return output
 
 
 class HsmCall(NamedTuple):
@@ -571,15 +582,37 @@ class Gateway:
                 return self._init_after_check(app, s, kind, mech, info, key)
             if info.hash:
                 hasher = hashlib.new(info.hash)
-        s.ops[kind] = Operation(kind, mech, info, key, hasher)
-        return OK, b""
+        return self._start(s, kind, mech, info, key, hasher)
 
     async def _init_after_check(self, app: Application, s: Session, kind: OpKind, mech: DecodedMechanism,
                                 info: MechanismInfo, key: int) -> Reply:
         await self._check_key(app, key, kind, info)
         hasher = hashlib.new(info.hash) if info.hash else None
+        return self._start(s, kind, mech, info, key, hasher)
+
+    @staticmethod
+    def _start(s: Session, kind: OpKind, mech: DecodedMechanism, info: MechanismInfo, key: int,
+               hasher: Any) -> Reply:
+        """Makes the session's operation. The EncryptInit reply (protocol 1.2) carries `bytes iv`:
+        for CKM_AES_GCM the IV of this encryption, else empty."""
+        if kind != OpKind.ENCRYPT:
+            s.ops[kind] = Operation(kind, mech, info, key, hasher)
+            return OK, b""
+        iv = b""
+        if mech.mechanism == M.AES_GCM:
+            # FIDELITY: CloudHSM's HSM draws the IV at C_Encrypt and the library writes it into
+            # pIv then. We draw it here, on the daemon's side (never from the application), and
+            # the module writes it into pIv before C_EncryptInit returns: a module that wrote
+            # through pIv at C_Encrypt would write into memory the caller may have freed (Java's
+            # SunPKCS11 does). The node encrypts with this IV (GcmParams.iv_chosen); one
+            # EncryptInit gives one IV, and only one ciphertext under it reaches the application.
+            p = mech.spec.param
+            assert isinstance(p, GcmParams)
+            iv = os.urandom(GCM_IV_LEN)
+            chosen = GcmParams(iv, p.aad, p.tag_bits, iv_chosen=True)
+            mech = DecodedMechanism(MechanismSpec(M.AES_GCM, chosen), mech.iv_present)
         s.ops[kind] = Operation(kind, mech, info, key, hasher)
-        return OK, b""
+        return OK, Writer().bytes(iv).done()
 
     def op_EncryptInit(self, app: Application, r: Reader) -> Reply | Awaitable[Reply]:
         return self._init(app, r, OpKind.ENCRYPT)
@@ -614,12 +647,14 @@ class Gateway:
             return HsmCall("sign", login, spec, payload, _as_output)
         if op.kind == OpKind.ENCRYPT:
             self._limit(op, len(data))
-            if m in _GCM:
+            if m == M.AES_GCM:
+                # The IV chosen at C_EncryptInit (`_start`), whatever quirk_gcm_hsm_iv says.
+                assert isinstance(p, GcmParams) and p.iv_chosen
+                return HsmCall("encrypt", login, op.mech.spec, data, _with_chosen_iv(p.iv))
+            if m == M.CLOUDHSM_AES_GCM:
                 assert isinstance(p, GcmParams)
-                iv = b"" if (m == M.CLOUDHSM_AES_GCM or self.config.quirk_gcm_hsm_iv) else p.iv
-                spec = MechanismSpec(M.AES_GCM, GcmParams(iv, p.aad, p.tag_bits))
-                return HsmCall("encrypt", login, spec, data,
-                               _iv_first if m == M.CLOUDHSM_AES_GCM else _with_iv)
+                spec = MechanismSpec(M.AES_GCM, GcmParams(b"", p.aad, p.tag_bits))
+                return HsmCall("encrypt", login, spec, data, _iv_first)
             return HsmCall("encrypt", login, op.mech.spec, data, _with_iv)
         if m == M.CLOUDHSM_AES_GCM:
             assert isinstance(p, GcmParams)

@@ -94,7 +94,10 @@ def _param_to_wire(param: Param) -> dict[str, Any] | None:
     if param is None:
         return None
     if isinstance(param, GcmParams):
-        return {"t": "gcm", "iv": param.iv, "aad": param.aad, "tag_bits": param.tag_bits}
+        gcm: dict[str, Any] = {"t": "gcm", "iv": param.iv, "aad": param.aad, "tag_bits": param.tag_bits}
+        if param.iv_chosen:
+            gcm["iv_chosen"] = True  # the daemon's IV for this encryption (GcmParams)
+        return gcm
     if isinstance(param, OaepParams):
         return {"t": "oaep", "hash": param.hash_alg, "mgf": param.mgf, "label": param.label}
     if isinstance(param, RsaAesKeyWrapParams):
@@ -137,7 +140,7 @@ def _param_from_wire(raw: Any) -> Param:
     kind = raw.get("t")
     if kind == "gcm":
         return GcmParams(_field(raw, "iv", bytes, b""), _field(raw, "aad", bytes, b""),
-                         _field(raw, "tag_bits", int, 128))
+                         _field(raw, "tag_bits", int, 128), _field(raw, "iv_chosen", bool, False))
     if kind == "oaep":
         return OaepParams(_field(raw, "hash", int), _field(raw, "mgf", int),
                           _field(raw, "label", bytes, b""))

@@ -106,7 +106,13 @@ def _gcm_param(param: object, encrypting: bool) -> tuple[bytes, bytes, int]:
         raise Pkcs11Error(RV.MECHANISM_PARAM_INVALID, "AES-GCM needs GCM parameters")
     if param.tag_bits % 8 or not 32 <= param.tag_bits <= 128:
         raise Pkcs11Error(RV.MECHANISM_PARAM_INVALID, "GCM tag must be 32..128 bits, whole bytes")
-    if encrypting:
+    if encrypting and param.iv_chosen:
+        # The IV the daemon generated at C_EncryptInit (and already handed to the application
+        # in pIv): the cluster's side of the HSM chose it, so the node encrypts with it.
+        iv = param.iv
+        if len(iv) != GCM_IV_LEN:
+            raise Pkcs11Error(RV.MECHANISM_PARAM_INVALID, "a chosen GCM IV is 12 bytes")
+    elif encrypting:
         # FIDELITY: as CloudHSM, the HSM generates the 12-byte IV for encryption and returns
         # it; a caller-supplied IV is ignored.
         iv = os.urandom(GCM_IV_LEN)

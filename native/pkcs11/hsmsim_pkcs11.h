@@ -316,7 +316,7 @@ struct CK_FUNCTION_LIST {
 /* ---- wire protocol (docs/gateway-protocol.md) ------------------------------------------- */
 #define HSMSIM_PROTO_MAGIC 0x4D495348u /* "HSIM" little-endian */
 #define HSMSIM_PROTO_MAJOR 1
-#define HSMSIM_PROTO_MINOR 1
+#define HSMSIM_PROTO_MINOR 2
 #define HSMSIM_MAX_FRAME (64u * 1024u * 1024u)
 #define HSMSIM_APP_TOKEN_LEN 16
 

@@ -24,50 +24,12 @@ static int ready(void) { return g_init && g_pid == getpid(); }
 
 #define CHECK_INIT() do { if (!ready()) return CKR_CRYPTOKI_NOT_INITIALIZED; } while (0)
 
-/* ---- AES-GCM IV write-back: CloudHSM writes the HSM-generated IV into the caller's pIv ---- */
-#define IV_SLOTS 1024
-static struct { CK_SESSION_HANDLE s; CK_BYTE_PTR p; CK_ULONG n; } g_iv[IV_SLOTS];
-static pthread_mutex_t g_iv_lock = PTHREAD_MUTEX_INITIALIZER;
-
-static void iv_forget(CK_SESSION_HANDLE s) {
-    pthread_mutex_lock(&g_iv_lock);
-    for (int i = 0; i < IV_SLOTS; i++)
-        if (g_iv[i].p && g_iv[i].s == s) g_iv[i].p = NULL;
-    pthread_mutex_unlock(&g_iv_lock);
-}
-
-static void iv_remember(CK_SESSION_HANDLE s, CK_BYTE_PTR p, CK_ULONG n) {
-    pthread_mutex_lock(&g_iv_lock);
-    int free_i = -1;
-    for (int i = 0; i < IV_SLOTS; i++) {
-        if (g_iv[i].p && g_iv[i].s == s) g_iv[i].p = NULL;
-        if (!g_iv[i].p && free_i < 0) free_i = i;
-    }
-    if (free_i >= 0) {
-        g_iv[free_i].s = s;
-        g_iv[free_i].p = p;
-        g_iv[free_i].n = n;
-    }
-    pthread_mutex_unlock(&g_iv_lock);
-}
-
-static void iv_write(CK_SESSION_HANDLE s, const uint8_t *iv, size_t n) {
-    if (!n) return;
-    pthread_mutex_lock(&g_iv_lock);
-    for (int i = 0; i < IV_SLOTS; i++) {
-        if (g_iv[i].p && g_iv[i].s == s) {
-            memcpy(g_iv[i].p, iv, n < g_iv[i].n ? n : g_iv[i].n);
-            break;
-        }
-    }
-    pthread_mutex_unlock(&g_iv_lock);
-}
-
-static void iv_clear_all(void) {
-    pthread_mutex_lock(&g_iv_lock);
-    memset(g_iv, 0, sizeof g_iv);
-    pthread_mutex_unlock(&g_iv_lock);
-}
+/* ---- caller pointers ----------------------------------------------------------------------
+ * No pointer a caller passes is kept past the call that passed it: every argument is copied
+ * into the request, and every result is written before the call returns. In particular the
+ * HSM-generated AES-GCM IV, which CloudHSM hands back in CK_GCM_PARAMS.pIv, is drawn by the
+ * daemon at C_EncryptInit and written into pIv then (protocol 1.2), not at C_Encrypt: hosts
+ * such as Java's SunPKCS11 free the parameter as soon as C_EncryptInit returns. */
 
 /* ---- speculative results (protocol 1.1) -------------------------------------------------
  * Hosts ask for the output length first (NULL buffer), then call again with a buffer. For the
@@ -80,10 +42,8 @@ typedef struct {
     int done; /* answered locally: the operation is over until the next Init */
     CK_SESSION_HANDLE s;
     uint16_t op;
-    uint8_t *in, *out;
+    uint8_t *in, *out; /* the module's own copies */
     size_t inlen, outlen;
-    uint8_t iv[64];
-    size_t ivlen;
 } spec_t;
 static spec_t g_spec[SPEC_SLOTS];
 static pthread_mutex_t g_spec_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -117,23 +77,23 @@ static void spec_clear_all(void) {
 }
 
 static void spec_store(CK_SESSION_HANDLE s, uint16_t op, const uint8_t *in, size_t inlen, const uint8_t *out,
-                       size_t outlen, const uint8_t *iv, size_t ivlen) {
+                       size_t outlen) {
     pthread_mutex_lock(&g_spec_lock);
     spec_t *slot = NULL;
     for (int i = 0; i < SPEC_SLOTS; i++) {
         if (g_spec[i].used && g_spec[i].s == s && g_spec[i].op == op) spec_drop(&g_spec[i]);
         if (!g_spec[i].used && !slot) slot = &g_spec[i];
     }
-    if (slot && ivlen <= sizeof slot->iv) {
+    /* A full table only costs the round trip the cache would have saved: the gateway keeps the
+     * result too and answers the follow-up call itself. */
+    if (slot) {
         slot->in = malloc(inlen ? inlen : 1);
         slot->out = malloc(outlen ? outlen : 1);
         if (slot->in && slot->out) {
             if (inlen) memcpy(slot->in, in, inlen);
             if (outlen) memcpy(slot->out, out, outlen);
-            if (ivlen) memcpy(slot->iv, iv, ivlen);
             slot->inlen = inlen;
             slot->outlen = outlen;
-            slot->ivlen = ivlen;
             slot->s = s;
             slot->op = op;
             slot->used = 1;
@@ -146,9 +106,9 @@ static void spec_store(CK_SESSION_HANDLE s, uint16_t op, const uint8_t *in, size
     pthread_mutex_unlock(&g_spec_lock);
 }
 
-/* 1 when the call was answered from the stored result (*rv set); its IV copied to iv/ivlen. */
+/* 1 when the call was answered from the stored result (*rv set). */
 static int spec_serve(CK_SESSION_HANDLE s, uint16_t op, const uint8_t *in, size_t inlen, uint8_t *out,
-                      CK_ULONG_PTR outlen, CK_RV *rv, uint8_t *iv, size_t *ivlen) {
+                      CK_ULONG_PTR outlen, CK_RV *rv) {
     int handled = 0;
     pthread_mutex_lock(&g_spec_lock);
     for (int i = 0; i < SPEC_SLOTS; i++) {
@@ -166,8 +126,6 @@ static int spec_serve(CK_SESSION_HANDLE s, uint16_t op, const uint8_t *in, size_
         }
         if (e->outlen) memcpy(out, e->out, e->outlen);
         *outlen = e->outlen;
-        memcpy(iv, e->iv, e->ivlen);
-        *ivlen = e->ivlen;
         *rv = CKR_OK;
         spec_drop(e);
         e->used = e->done = 1; /* the slot now only records that the operation ended */
@@ -205,7 +163,6 @@ static int spec_done(CK_SESSION_HANDLE s, uint16_t op) {
 /* A child forked while another thread held one of these locks must not inherit it held. */
 static void module_atfork_child(void) {
     pthread_mutex_init(&g_state, NULL);
-    pthread_mutex_init(&g_iv_lock, NULL);
     pthread_mutex_init(&g_spec_lock, NULL);
 }
 
@@ -396,7 +353,6 @@ CK_RV C_Initialize(CK_VOID_PTR pInitArgs) {
     }
     if (g_init) { /* a forked child: its own connection, never the parent's */
         hs_forget_after_fork();
-        iv_clear_all();
         spec_clear_all();
         g_init = 0;
     }
@@ -417,7 +373,6 @@ CK_RV C_Finalize(CK_VOID_PTR pReserved) {
          * after fork): drop the inherited connections without a word to the daemon, so the
          * parent's application lives on. */
         hs_forget_after_fork();
-        iv_clear_all();
         spec_clear_all();
         g_init = 0;
         pthread_mutex_unlock(&g_state);
@@ -429,7 +384,6 @@ CK_RV C_Finalize(CK_VOID_PTR pReserved) {
     }
     g_init = 0;
     hs_disconnect_all(1);
-    iv_clear_all();
     spec_clear_all();
     pthread_mutex_unlock(&g_state);
     return CKR_OK;
@@ -618,20 +572,14 @@ CK_RV C_OpenSession(CK_SLOT_ID slotID, CK_FLAGS flags, CK_VOID_PTR pApplication,
 CK_RV C_CloseSession(CK_SESSION_HANDLE hSession) {
     CHECK_INIT();
     CK_RV rv = simple_session_call(OP_C_CloseSession, hSession);
-    if (rv == CKR_OK) {
-        iv_forget(hSession);
-        spec_forget(hSession, 0);
-    }
+    if (rv == CKR_OK) spec_forget(hSession, 0);
     return rv;
 }
 
 CK_RV C_CloseAllSessions(CK_SLOT_ID slotID) {
     CHECK_INIT();
     CK_RV rv = simple_session_call(OP_C_CloseAllSessions, slotID);
-    if (rv == CKR_OK) {
-        iv_clear_all();
-        spec_clear_all();
-    }
+    if (rv == CKR_OK) spec_clear_all();
     return rv;
 }
 
@@ -842,7 +790,10 @@ CK_RV C_FindObjectsFinal(CK_SESSION_HANDLE hSession) {
 }
 
 /* ---- crypto: shared shapes ----------------------------------------------------------------- */
-static CK_RV init_call(uint16_t op, CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, int with_key, CK_OBJECT_HANDLE key) {
+/* A *Init call. With `iv` (C_EncryptInit, protocol 1.2) the reply's `bytes iv` is copied into
+ * iv[0..ivcap) before returning: the only moment the module may write through the caller's pIv. */
+static CK_RV init_call_iv(uint16_t op, CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, int with_key, CK_OBJECT_HANDLE key,
+                          CK_BYTE_PTR iv, CK_ULONG ivcap) {
     CHECK_INIT();
     hs_wbuf w;
     req_begin(&w);
@@ -850,11 +801,22 @@ static CK_RV init_call(uint16_t op, CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, int
     ENC(enc_mechanism(&w, m));
     if (with_key) hs_w_u64(&w, key);
     CALL(op, w, r, mem, rv);
+    if (rv == CKR_OK && iv) {
+        size_t n = 0;
+        const uint8_t *d = hs_r_bytes(&r, &n);
+        if (r.err || !n) rv = CKR_DEVICE_ERROR; /* the gateway draws an IV for every CKM_AES_GCM */
+        else memcpy(iv, d, n < ivcap ? n : ivcap);
+    }
     hs_release(mem, &r);
     return rv;
 }
 
-/* data in, output buffer out; `iv` says the reply also carries an HSM-generated IV. */
+static CK_RV init_call(uint16_t op, CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, int with_key, CK_OBJECT_HANDLE key) {
+    return init_call_iv(op, h, m, with_key, key, NULL, 0);
+}
+
+/* data in, output buffer out; `iv` says the reply also carries an HSM-generated IV (ignored: for
+ * CKM_AES_GCM it reached the caller's pIv at C_EncryptInit; nothing is written through pIv now). */
 static CK_RV data_out_call(uint16_t op, CK_SESSION_HANDLE h, int with_data, CK_BYTE_PTR in, CK_ULONG inlen,
                            CK_BYTE_PTR out, CK_ULONG_PTR outlen, int iv) {
     CHECK_INIT();
@@ -867,12 +829,7 @@ static CK_RV data_out_call(uint16_t op, CK_SESSION_HANDLE h, int with_data, CK_B
     int single = op == OP_C_Encrypt || op == OP_C_Decrypt || op == OP_C_Sign || op == OP_C_Digest;
     if (single && out) {
         CK_RV rv = CKR_OK;
-        uint8_t ivbuf[64];
-        size_t ivlen = 0;
-        if (spec_serve(h, op, in, inlen, out, outlen, &rv, ivbuf, &ivlen)) {
-            if (iv && rv == CKR_OK) iv_write(h, ivbuf, ivlen);
-            return rv;
-        }
+        if (spec_serve(h, op, in, inlen, out, outlen, &rv)) return rv;
     }
     int speculate = single && !out && inlen <= SPEC_MAX && hs_peer_minor() >= 1;
     hs_wbuf w;
@@ -887,24 +844,17 @@ static CK_RV data_out_call(uint16_t op, CK_SESSION_HANDLE h, int with_data, CK_B
         uint8_t has = hs_r_u8(&r);
         size_t n = 0, ivn = 0;
         const uint8_t *d = hs_r_bytes(&r, &n);
-        const uint8_t *ivd = iv ? hs_r_bytes(&r, &ivn) : NULL;
+        if (iv) (void)hs_r_bytes(&r, &ivn);
         if (r.err) {
             rv = CKR_DEVICE_ERROR;
         } else {
-            if (has && n == needed && n <= SPEC_MAX) spec_store(h, op, in, inlen, d, n, ivd, ivn);
-            if (iv) iv_write(h, ivd, ivn);
+            if (has && n == needed && n <= SPEC_MAX) spec_store(h, op, in, inlen, d, n);
             *outlen = (CK_ULONG)needed;
         }
         hs_release(mem, &r);
         return rv;
     }
-    CK_RV orig = rv;
     rv = dec_output(&r, rv, out, outlen);
-    if (iv && orig == CKR_OK) {
-        size_t n = 0;
-        const uint8_t *d = hs_r_bytes(&r, &n);
-        if (!r.err) iv_write(h, d, n);
-    }
     hs_release(mem, &r);
     return rv;
 }
@@ -928,13 +878,21 @@ static CK_RV data_in_call(uint16_t op, CK_SESSION_HANDLE h, CK_BYTE_PTR in, CK_U
 
 /* ---- encrypt / decrypt ------------------------------------------------------------------ */
 CK_RV C_EncryptInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey) {
+    CHECK_INIT();
     spec_forget(hSession, OP_C_Encrypt);
-    CK_RV rv = init_call(OP_C_EncryptInit, hSession, pMechanism, 1, hKey);
-    if (rv == CKR_OK && pMechanism->mechanism == CKM_AES_GCM) {
+    CK_BYTE_PTR iv = NULL;
+    CK_ULONG ivcap = 0;
+    if (pMechanism && pMechanism->mechanism == CKM_AES_GCM && pMechanism->pParameter &&
+        pMechanism->ulParameterLen == sizeof(CK_GCM_PARAMS)) {
+        /* FIDELITY: CloudHSM writes the HSM's IV into pIv at C_Encrypt; here it is written now,
+         * before C_EncryptInit returns (the daemon draws it at Init), so that no caller pointer
+         * is used after its call. A 1.1 daemon only sends the IV at C_Encrypt: refused. */
+        if (hs_peer_minor() < 2) return CKR_DEVICE_ERROR;
         const CK_GCM_PARAMS *p = (const CK_GCM_PARAMS *)pMechanism->pParameter;
-        if (p->pIv) iv_remember(hSession, p->pIv, p->ulIvLen);
+        iv = p->pIv;
+        ivcap = p->ulIvLen;
     }
-    return rv;
+    return init_call_iv(OP_C_EncryptInit, hSession, pMechanism, 1, hKey, iv, ivcap);
 }
 CK_RV C_Encrypt(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen, CK_BYTE_PTR pEncryptedData,
                 CK_ULONG_PTR pulEncryptedDataLen) {
