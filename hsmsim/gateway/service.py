@@ -838,14 +838,15 @@ class Gateway:
         return reply
 
     @staticmethod
-    def _sized(out: OutSpec, kind: OpKind, n: int) -> Reply | None:
-        """The reply to a length query or a too-small buffer for `n` output bytes, else None
-        (the caller computes the output). Neither consumes input nor ends the operation."""
+    def _sized(out: OutSpec, n: int, iv: bool) -> Reply | None:
+        """The reply to a length query or a too-small buffer for `n` output bytes (`iv`: with
+        EncryptFinal's empty IV), else None (the caller computes the output). Neither consumes
+        input nor ends the operation."""
         if out.present and out.capacity >= n:
             return None
         rv = OK if not out.present else int(RV.BUFFER_TOO_SMALL)
         w = Writer().u64(n).u8(0).bytes(b"")
-        if kind == OpKind.ENCRYPT:
+        if iv:
             w.bytes(b"")  # no HSM-generated IV
         return rv, w.done()
 
@@ -860,15 +861,15 @@ class Gateway:
             # CloudHSM's documented limits count the whole message, checked as it arrives.
             self._limit(op, op.total + len(data))
             n = op.stream.update_size(len(data))
-            sized = self._sized(out, op.kind, n)
+            sized = self._sized(out, n, False)
             if sized is not None:
                 return sized
             result = await op.stream.update(self.cluster, login, op.key, data)
             op.total += len(data)
-        except Exception:
+        except BaseException:  # cancelled too: the chaining state may be half-way
             s.ops.pop(op.kind, None)  # PKCS#11 §5.2: an error other than BUFFER_TOO_SMALL ends it
             raise
-        reply, _ = out.reply(result, b"" if op.kind == OpKind.ENCRYPT else None)
+        reply, _ = out.reply(result)
         return reply
 
     async def _stream_all(self, app: Application, op: Operation, data: bytes) -> tuple[bytes, bytes | None]:
@@ -889,7 +890,7 @@ class Gateway:
             except Pkcs11Error:
                 s.ops.pop(op.kind, None)
                 raise
-            sized = self._sized(out, op.kind, size)
+            sized = self._sized(out, size, op.kind == OpKind.ENCRYPT)
             if sized is not None:
                 return sized
         login = app.require_login()
