@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "hsmsim.cli.pkcs11",  # module-path
     "hsmsim.cli.tls",  # tls init, tls bench
     "hsmsim.cli.config",  # config
+    "hsmsim.cli.logs",  # logs
 )
 
 

@@ -284,7 +284,10 @@ def _print_ready(state: StateDir, cluster_id: str, endpoints: dict[str, Any], ne
     if len(spec.hsms) < 2:
         print("  note: CloudHSM's key availability check needs 2 HSMs; token keys cannot be "
               "created in this cluster unless you start it with --disable-key-availability-check")
-    print(_exports(env), flush=True)
+    print(_exports(env))
+    state_flag = "" if state.root == Path(".hsmsim").absolute() else f" --state {shlex.quote(str(state.root))}"
+    print(f"# in another shell: source .venv/bin/activate && eval \"$(hsmsim env{state_flag})\"",
+          flush=True)
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -308,6 +311,34 @@ def cmd_down(args: argparse.Namespace) -> int:
     else:
         raise CliError("the daemon did not stop within 30s")
     print(f"hsmsim: stopped the cluster in {state.root}")
+    return 0
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    """Start over: stop the daemon and its nodes, then delete the cluster's state directory
+    (keys, users, KMS state, backups, logs). Asks first unless --yes."""
+    import shutil
+    state = _state(args)
+    if not state.root.exists():
+        print(f"hsmsim: nothing to reset: {state.root} does not exist", file=sys.stderr)
+        return 0
+    if not (state.cluster_json.exists() or state.init_marker.exists()):
+        raise CliError(f"{state.root} does not look like an hsmsim state directory (no "
+                       "cluster.json); not deleting it")
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise CliError(f"reset deletes every key and user in {state.root}; pass --yes to "
+                           "confirm when not at a terminal")
+        answer = input(f"Delete the cluster in {state.root}, with all its keys, users and KMS "
+                       "state? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("hsmsim: reset cancelled", file=sys.stderr)
+            return 1
+    down = argparse.Namespace(**{**vars(args), "func": cmd_down})
+    cmd_down(down)
+    _stop_orphan_nodes(state)
+    shutil.rmtree(state.root)
+    print(f"hsmsim: deleted the cluster in {state.root}; `hsmsim up` creates a new one")
     return 0
 
 
@@ -356,10 +387,43 @@ def cmd_status(args: argparse.Namespace) -> int:
     conv = " (converging)" if st["converging"] else ""
     print(f"cluster {st['cluster_id']}  state {st['state']}{conv}  token objects "
           f"{st['objects']}  daemon pid {st['daemon_pid']}")
-    table([{"hsm": h["hsm_id"], "az": h["az"], "state": h["state"],
-            "condition": h["condition"], "keys": h["keys"], "sync_lag": h["sync_lag"],
-            "pid": h["pid"], "last_error": h["last_error"]} for h in st["hsms"]])
+    kms = (st.get("endpoints") or {}).get("kms")
+    print(f"KMS endpoint {kms}" if kms else "KMS endpoint: not running (see the warnings)")
+    for w in st.get("warnings") or ():
+        print(f"warning: {w}")
+    table(_hsm_rows(st))
     return 0
+
+
+def _faults(h: dict[str, Any]) -> str:
+    """The faults injected into one HSM, as `hsmsim hsm` would set them."""
+    out = [h["condition"]] if h["condition"] in ("paused", "partitioned", "killed") else []
+    if h.get("latency_ms"):
+        out.append(f"latency {h['latency_ms']} ms")
+    if h.get("throttle_rps"):
+        out.append(f"throttle {h['throttle_rps']} rps")
+    return ", ".join(out) or "-"
+
+
+def _hsm_rows(st: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"hsm": h["hsm_id"], "az": h["az"], "state": h["state"],
+             "condition": h["condition"], "faults": _faults(h), "keys": h["keys"],
+             "sync_lag": h["sync_lag"], "pid": h["pid"], "last_error": h["last_error"]}
+            for h in st["hsms"]]
+
+
+def resolve_hsm(hsms: list[dict[str, Any]], ref: str) -> str:
+    """An HSM named by its id or by its availability zone (`us-east-1a`), as people name them.
+    An AZ that holds several HSMs is ambiguous and the error lists their ids."""
+    if any(h["hsm_id"] == ref for h in hsms):
+        return ref
+    in_az = [h["hsm_id"] for h in hsms if h["az"] == ref]
+    if len(in_az) == 1:
+        return str(in_az[0])
+    if in_az:
+        raise CliError(f"{ref} holds {len(in_az)} HSMs ({', '.join(in_az)}): name one by its id")
+    known = ", ".join(f"{h['hsm_id']} ({h['az']})" for h in hsms)
+    raise CliError(f"no HSM {ref!r} in this cluster; it has {known}")
 
 
 # -- hsm -----------------------------------------------------------------------------------------
@@ -367,6 +431,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_hsm(args: argparse.Namespace) -> int:
     client = _client(args, timeout=3600)
     op = args.hsm_cmd
+    if op == "list":
+        st = client.call("status")
+        emit(st["hsms"], args.json, rows=_hsm_rows(st))
+        return 0
+    if getattr(args, "hsm_id", None) is not None:
+        args.hsm_id = resolve_hsm(client.call("status")["hsms"], args.hsm_id)
     if op == "add":
         if not AZ_RE.match(args.az):
             raise CliError(f"--az {args.az!r} is not an availability zone name like us-east-1a")
@@ -550,6 +620,9 @@ def _fmt_kms(line: str) -> str:
 
 # -- registration --------------------------------------------------------------------------------
 
+_HSM_HELP = "an HSM id (hsm-...) or its availability zone (us-east-1a)"
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("up", help="create (first run) or reopen the cluster and start its daemon",
                        description="Start the cluster's daemon: on the first run it creates the "
@@ -575,6 +648,13 @@ def register(sub: Any) -> None:
     _add_state(p)
     p.set_defaults(func=cmd_down)
 
+    p = sub.add_parser("reset", help="stop the cluster and delete its state (start over)",
+                       description="Stops the daemon and its HSM nodes, then deletes the state "
+                       "directory: every key, user, backup, log and the KMS state.")
+    _add_state(p)
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(func=cmd_reset)
+
     p = sub.add_parser("env", help="print export lines for PKCS#11 and KMS clients",
                        description="Use as: eval \"$(hsmsim env)\"")
     _add_state(p)
@@ -588,6 +668,7 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("hsm", help="add or remove HSMs; inject faults")
     hs = p.add_subparsers(dest="hsm_cmd", metavar="ACTION", required=True)
+    hs.add_parser("list", help="the cluster's HSMs: id, AZ, state, faults, keys")
     q = hs.add_parser("add", help="clone a new HSM into the cluster")
     q.add_argument("--az", required=True, help="availability zone, e.g. us-east-1d")
     for name, helptext in (("remove", "delete an HSM"), ("kill", "SIGKILL an HSM's node process"),
@@ -596,12 +677,12 @@ def register(sub: Any) -> None:
                            ("partition", "cut the daemon off from an HSM"),
                            ("heal", "end a partition")):
         q = hs.add_parser(name, help=helptext)
-        q.add_argument("hsm_id", metavar="HSM_ID")
+        q.add_argument("hsm_id", metavar="HSM", help=_HSM_HELP)
     q = hs.add_parser("latency", help="add latency to every request of an HSM")
-    q.add_argument("hsm_id", metavar="HSM_ID")
+    q.add_argument("hsm_id", metavar="HSM", help=_HSM_HELP)
     q.add_argument("--ms", type=int, required=True, help="milliseconds (0 = off)")
     q = hs.add_parser("throttle", help="limit an HSM's request rate (CloudHSM busy errors)")
-    q.add_argument("hsm_id", metavar="HSM_ID")
+    q.add_argument("hsm_id", metavar="HSM", help=_HSM_HELP)
     q.add_argument("--rps", type=int, required=True, help="requests per second (0 = off)")
     for q in hs.choices.values():
         _add_state(q)

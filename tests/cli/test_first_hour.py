@@ -1,0 +1,65 @@
+"""What a new user reaches for first: HSMs named by AZ, `hsm list`, a status table that shows
+the KMS endpoint and injected faults, `logs` from disk, and `reset` to start over."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hsmsim.testing.cluster import HsmsimCluster, run_cli, start_cluster
+
+
+def test_hsm_named_by_az_and_listed(cli_cluster: HsmsimCluster) -> None:
+    hsms = json.loads(cli_cluster.cli("hsm", "list", "--json").stdout)
+    by_az = {h["az"]: h["hsm_id"] for h in hsms}
+    assert set(by_az) == {"us-east-1a", "us-east-1b", "us-east-1c"}
+    r = cli_cluster.cli("hsm", "latency", "us-east-1b", "--ms", "7", "--json")
+    assert r.returncode == 0, r.stderr
+    try:
+        assert cli_cluster.hsm(by_az["us-east-1b"])["latency_ms"] == 7
+        assert cli_cluster.hsm(by_az["us-east-1a"])["latency_ms"] == 0
+        # The table on a terminal (and in a pipe) shows the fault and the KMS endpoint.
+        table = cli_cluster.cli("hsm", "list").stdout
+        assert "latency 7 ms" in table and by_az["us-east-1b"] in table
+        status = cli_cluster.cli("status").stdout
+        assert f"KMS endpoint {cli_cluster.kms_endpoint}" in status
+        assert "latency 7 ms" in status
+    finally:
+        cli_cluster.cli("hsm", "latency", "us-east-1b", "--ms", "0")
+    r = cli_cluster.cli("hsm", "latency", "eu-west-9z", "--ms", "1")
+    assert r.returncode == 1 and "no HSM 'eu-west-9z' in this cluster" in r.stderr
+    assert "us-east-1a" in r.stderr
+
+
+def test_logs_are_read_from_disk(cli_cluster: HsmsimCluster) -> None:
+    r = cli_cluster.cli("logs", "-n", "5")
+    assert r.returncode == 0 and 0 < len(r.stdout.splitlines()) <= 5, r.stderr
+    r = cli_cluster.cli("logs", "--az", "us-east-1c")
+    assert r.returncode == 0, r.stderr
+    hsm_c = next(h for h in cli_cluster.status()["hsms"] if h["az"] == "us-east-1c")["hsm_id"]
+    node_log = cli_cluster.state_dir / "nodes" / hsm_c / "node.log"
+    assert r.stdout == node_log.read_text()
+    r = cli_cluster.cli("logs", "--hsm", "hsm-nonesuch")
+    assert r.returncode == 1 and "no HSM 'hsm-nonesuch'" in r.stderr
+
+
+def test_reset_needs_a_yes_then_deletes_everything(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    c = start_cluster(state, azs=1, extra_args=["--disable-key-availability-check"])
+    try:
+        r = run_cli(["reset", "--state", str(state)])  # no terminal and no --yes: refused
+        assert r.returncode == 1 and "--yes" in r.stderr
+        assert c.daemon_pid is not None and (state / "cluster.json").exists()
+        r = run_cli(["reset", "--yes", "--state", str(state)])
+        assert r.returncode == 0, r.stderr
+        assert not state.exists()
+        assert run_cli(["status", "--state", str(state)]).returncode != 0
+    finally:
+        if state.exists():
+            c.down()
+    # A directory that is not a cluster's is never deleted.
+    other = tmp_path / "precious"
+    other.mkdir()
+    (other / "file").write_text("keep me")
+    r = run_cli(["reset", "--yes", "--state", str(other)])
+    assert r.returncode == 1 and (other / "file").exists()
