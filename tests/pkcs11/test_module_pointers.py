@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from p11raw import CK_GCM_PARAMS, Raw, mechanism, open_session, template
 U = c_ulong
 KEY = bytes(range(32))
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 
 
 def aes_key(raw: Raw, h: int) -> int:
@@ -168,6 +170,82 @@ def test_the_node_encrypts_with_the_daemons_iv_only_when_it_is_marked_chosen() -
     assert e.value.rv == RV.MECHANISM_PARAM_INVALID
 
 
+# The same sequence as SunPKCS11 runs it, from C, with the module's sources compiled in under
+# AddressSanitizer: the parameter (IV buffer included) is freed right after C_EncryptInit.
+_ASAN_HARNESS = r"""
+#include "hsmsim_pkcs11.h"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+int main(int argc, char **argv) {
+    CK_SESSION_HANDLE h;
+    CK_OBJECT_HANDLE k;
+    CK_ULONG cls = 4, kt = 0x1F;
+    CK_BBOOL t = 1;
+    CK_BYTE key[32];
+    for (int i = 0; i < 32; i++) key[i] = (CK_BYTE)i;
+    CK_ATTRIBUTE tmpl[] = {{0, &cls, 8}, {0x100, &kt, 8}, {0x11, key, 32}, {0x104, &t, 1}, {0x105, &t, 1}};
+    if (C_Initialize(NULL) || C_OpenSession(1, 6, NULL, NULL, &h)) return 10;
+    if (C_Login(h, 1, (CK_UTF8CHAR_PTR)argv[1], strlen(argv[1])) || C_CreateObject(h, tmpl, 5, &k)) return 11;
+    for (int i = 0; i < 20; i++) {
+        CK_GCM_PARAMS *p = calloc(1, sizeof *p);
+        CK_MECHANISM *m = calloc(1, sizeof *m);
+        p->pIv = calloc(1, 12);
+        p->ulIvLen = 12;
+        p->ulIvBits = 96;
+        p->ulTagBits = 128;
+        m->mechanism = CKM_AES_GCM;
+        m->pParameter = p;
+        m->ulParameterLen = sizeof *p;
+        if (C_EncryptInit(h, m, k)) return 12;
+        CK_BYTE iv[12], out[64];
+        memcpy(iv, p->pIv, 12);
+        free(p->pIv);
+        free(p);
+        free(m);
+        CK_ULONG n = 0;
+        if (C_Encrypt(h, (CK_BYTE_PTR)"hello", 5, NULL, &n) || n != 21) return 13;
+        if (C_Encrypt(h, (CK_BYTE_PTR)"hello", 5, out, &n) || n != 21) return 14;
+        printf("%s ", i ? "" : "first");
+        for (int j = 0; j < 12; j++) printf("%02x", iv[j]);
+        printf(" ");
+        for (CK_ULONG j = 0; j < n; j++) printf("%02x", out[j]);
+        printf("\n");
+    }
+    if (C_CloseSession(h) || C_Finalize(NULL)) return 15;
+    return 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on PATH")
+def test_freeing_the_gcm_parameter_after_encrypt_init_is_clean_under_asan(ref_gateway: ClusterGateway,
+                                                                           tmp_path: Path) -> None:
+    src, exe = tmp_path / "harness.c", tmp_path / "harness"
+    src.write_text(_ASAN_HARNESS)
+    built = subprocess.run(
+        ["cc", "-g", "-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+         "-fno-omit-frame-pointer", f"-I{ROOT / 'native' / 'pkcs11'}", str(src),
+         *(str(c) for c in sorted((ROOT / "native" / "pkcs11").glob("*.c"))),
+         "-lssl", "-lcrypto", "-lpthread", "-o", str(exe)], capture_output=True, text=True)
+    if built.returncode and "asan" in built.stderr.lower():
+        pytest.skip(f"sanitizer runtime not available: {built.stderr[-300:]}")
+    assert built.returncode == 0, built.stderr
+    env = dict(os.environ, HSMSIM_SOCKET=str(ref_gateway.sock),
+               ASAN_OPTIONS="detect_leaks=1:abort_on_error=0", UBSAN_OPTIONS="print_stacktrace=1")
+    env.pop("LD_PRELOAD", None)
+    run = subprocess.run([str(exe), REF_PIN], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    lines = [line.split() for line in run.stdout.splitlines()]
+    assert len(lines) == 20
+    ivs = set()
+    for fields in lines:
+        iv, ct = bytes.fromhex(fields[-2]), bytes.fromhex(fields[-1])
+        assert AESGCM(KEY).decrypt(iv, ct, None) == b"hello"
+        ivs.add(iv)
+    assert len(ivs) == 20 and bytes(12) not in ivs
+
+
 # ---- many sessions, each with a pending AES-GCM encryption ----------------------------------------
 MANY = 1100  # more than the 1,024 entries of the module's former global IV table
 
@@ -203,11 +281,18 @@ def test_many_sessions_with_pending_gcm_inits_each_get_their_iv(roomy_gateway: C
         assert bytes(12) not in chosen and len(set(chosen)) == MANY
         for iv in ivs:
             iv.raw = bytes(12)  # the buffers are the application's again
+        # Every session asks for its length first: more pending results than the module's
+        # cache of them holds (256), which the gateway then answers itself.
+        for i, h in enumerate(sessions):
+            n = U()
+            assert raw.C_Encrypt(U(h), i.to_bytes(4, "big") * 4, U(16), None, byref(n)) == RV.OK
+            assert n.value == 32
         for i, h in enumerate(sessions):
             data = i.to_bytes(4, "big") * 4
-            out, n = create_string_buffer(64), U(64)
+            out, n = create_string_buffer(32), U(32)
             assert raw.C_Encrypt(U(h), data, U(len(data)), out, byref(n)) == RV.OK
             assert AESGCM(KEY).decrypt(chosen[i], out.raw[:n.value], None) == data
+            assert raw.C_Encrypt(U(h), data, U(len(data)), out, byref(n)) == RV.OPERATION_NOT_INITIALIZED
         assert all(iv.raw[:12] == bytes(12) for iv in ivs)
         assert raw.C_CloseAllSessions(U(1)) == RV.OK
     finally:
