@@ -543,13 +543,44 @@ def cmd_key(args: argparse.Namespace) -> int:
         emit(rows, args.json, columns=["key_reference", "class", "key_type", "label", "coverage",
                                        "uri"])
         return 0
-    handle = _handle(args.handle)
+    handle = _key_ref(client, args.handle, la)
     if args.key_cmd == "delete":
         r = client.call("key.delete", handle=handle, **la)
     else:
         r = client.call(f"key.{args.key_cmd}", handle=handle, username=args.username, **la)
     emit(r if args.json else [r], args.json)
     return 0
+
+
+def _key_ref(client: ControlClient, text: str, la: dict[str, Any]) -> int:
+    """A key named as `key list` shows it: its reference (0x...), its label, or its PKCS#11
+    URI (RFC 7512: the object, id, type and token it gives must all match). A name that fits
+    several keys (a key pair shares its label) is refused with each candidate's URI."""
+    if re.fullmatch(r"(0x[0-9a-fA-F]+|[0-9]+)", text):
+        return _handle(text)
+    from hsmsim.tls.errors import TlsError
+    from hsmsim.tls.uri import Pkcs11Uri
+    rows = client.call("key.list", **la)
+    if text.startswith("pkcs11:"):
+        try:
+            want = Pkcs11Uri.parse(text)
+        except TlsError as exc:
+            raise CliError(f"{text!r} is not a PKCS#11 URI: {exc}") from None
+
+        def fits(row: dict[str, Any]) -> bool:
+            have = Pkcs11Uri.parse(row["uri"])
+            return all(getattr(want, a) is None or getattr(want, a) == getattr(have, a)
+                       for a in ("token", "object", "id", "type"))
+        found = [r for r in rows if fits(r)]
+    else:
+        found = [r for r in rows if r["label"] == text]
+    if len(found) == 1:
+        return int(found[0]["handle"])
+    if not found:
+        raise CliError(f"no key {text!r} among the {len(rows)} keys this user can see "
+                       "(`hsmsim key list` shows them)")
+    raise CliError(f"{text!r} names {len(found)} keys; name one by its URI or reference: "
+                   + ", ".join(f"{r['key_reference']} {r['uri']}" for r in found))
 
 
 def _handle(text: str) -> int:
@@ -621,6 +652,7 @@ def _fmt_kms(line: str) -> str:
 # -- registration --------------------------------------------------------------------------------
 
 _HSM_HELP = "an HSM id (hsm-...) or its availability zone (us-east-1a)"
+_KEY_HELP = "the key's reference (0x...), label or PKCS#11 URI, as `hsmsim key list` shows them"
 
 
 def register(sub: Any) -> None:
@@ -729,10 +761,10 @@ def register(sub: Any) -> None:
     q.add_argument("--user", help="list as this crypto user (default: crypto_user)")
     for name in ("share", "unshare"):
         q = ks.add_parser(name, help=f"{name} a key with a crypto user")
-        q.add_argument("handle", metavar="KEY_REFERENCE")
+        q.add_argument("handle", metavar="KEY", help=_KEY_HELP)
         q.add_argument("--username", required=True)
     q = ks.add_parser("delete", help="delete a key")
-    q.add_argument("handle", metavar="KEY_REFERENCE")
+    q.add_argument("handle", metavar="KEY", help=_KEY_HELP)
     for q in ks.choices.values():
         _add_state(q)
         add_json_flag(q)

@@ -6,7 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from hsmsim.testing.cluster import HsmsimCluster, run_cli, start_cluster
+
+_P256 = bytes.fromhex("06082a8648ce3d030107")  # the OID of secp256r1, DER
 
 
 def test_hsm_named_by_az_and_listed(cli_cluster: HsmsimCluster) -> None:
@@ -63,3 +67,29 @@ def test_reset_needs_a_yes_then_deletes_everything(tmp_path: Path) -> None:
     (other / "file").write_text("keep me")
     r = run_cli(["reset", "--yes", "--state", str(other)])
     assert r.returncode == 1 and (other / "file").exists()
+
+
+def test_keys_named_by_label_or_uri(cli_cluster: HsmsimCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    pkcs11 = pytest.importorskip("pkcs11", reason="python-pkcs11 is not installed")
+    c = cli_cluster
+    for k, v in c.env.items():
+        monkeypatch.setenv(k, v)
+    with c.pkcs11_lib().get_token().open(user_pin=c.pin, rw=True) as s:
+        s.generate_keypair(pkcs11.KeyType.EC, 256, store=True, label="pair", id=b"\x07",
+                           public_template={pkcs11.Attribute.EC_PARAMS: _P256},
+                           private_template={pkcs11.Attribute.SIGN: True})
+        s.generate_key(pkcs11.KeyType.AES, 128, store=True, label="single")
+    # A label that names a key pair is ambiguous: the error offers each URI.
+    r = c.cli("key", "delete", "pair")
+    assert r.returncode == 1 and "names 2 keys" in r.stderr
+    assert "pkcs11:token=hsm1;object=pair;id=%07;type=private" in r.stderr
+    r = c.cli("key", "share", "pkcs11:object=pair;type=private", "--username", "admin")
+    assert r.returncode == 1 and "no key" not in r.stderr  # found; sharing with an admin is refused
+    r = c.cli("key", "delete", "pkcs11:token=hsm1;object=pair;type=public", "--json")
+    assert r.returncode == 0, r.stderr
+    r = c.cli("key", "delete", "single", "--json")
+    assert r.returncode == 0, r.stderr
+    left = json.loads(c.cli("key", "list", "--json").stdout)
+    assert {(k["label"], k["class"]) for k in left if k["label"] in ("pair", "single")} == {
+        ("pair", "PRIVATE_KEY")}
+    assert c.cli("key", "delete", "pair").returncode == 0
