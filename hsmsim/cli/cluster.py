@@ -158,6 +158,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             st = client.call("status")
             print(f"hsmsim: the daemon for {state.root} is already running "
                   f"(pid {st['daemon_pid']})", file=sys.stderr)
+            _warn_stale_settings(state, args, st)
             _print_ready(state, st["cluster_id"], st.get("endpoints", {}), None, args)
             return 0
         new = None
@@ -182,6 +183,22 @@ def cmd_up(args: argparse.Namespace) -> int:
         _print_ready(state, info["cluster_id"], info, new, args)
         return 0
     return _run_foreground(state, args, overrides, new)
+
+
+def _warn_stale_settings(state: StateDir, args: argparse.Namespace, st: dict[str, Any]) -> None:
+    """The running daemon read its config at start: say which settings of the file (or this
+    shell's HSMSIM_* environment) it does not apply, and how to apply them."""
+    from hsmsim.cli.config import running_differences
+    from hsmsim.config import load_file
+    from hsmsim.daemon.settings import settings
+    running = st.get("settings")
+    if not isinstance(running, list):
+        return
+    path = Path(args.config) if args.config else state.config_file
+    for d in running_differences(settings(load_file(path), environ()), running):
+        print(f"hsmsim: warning: [{d['section']}] {d['setting']} = {d['value']!r} "
+              f"({d['source']}) is not applied: the running daemon uses {d['running']!r}; "
+              "run `hsmsim down && hsmsim up` to apply it", file=sys.stderr)
 
 
 def _spawn_detached(state: StateDir, config: str | None, overrides: list[str]) -> dict[str, Any]:

@@ -1,53 +1,60 @@
-"""`hsmsim config`: every setting of every section with its effective value and where that value
-came from (default, config file or HSMSIM_* environment), as a table or JSON."""
+"""`hsmsim config`: every setting of every section with the value the running daemon uses (or,
+with no daemon, the value the next `hsmsim up` would use) and where it came from (default,
+config file or HSMSIM_* environment), as a table or JSON. A setting whose file value differs
+from the running one is flagged: the daemon reads its file only at start."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 from hsmsim.cli.output import add_json_flag, emit
-from hsmsim.cluster.config import ClusterConfig
-from hsmsim.config import CONFIG_FILE, SECTIONS as SECTION_NAMES
-from hsmsim.config import environ, load_file, resolve_section, state_dir
-from hsmsim.gateway.config import GatewayConfig
-from hsmsim.kms.config import KmsConfig
-from hsmsim.node.config import NodeConfig
+from hsmsim.config import CONFIG_FILE, environ, load_file, state_dir
+from hsmsim.control.client import ControlClient
+from hsmsim.control.protocol import ControlError
+from hsmsim.daemon.settings import SECTION_CLASSES as SECTIONS
+from hsmsim.daemon.settings import settings
 
-_CLASSES: dict[str, type[Any]] = {
-    "cluster": ClusterConfig, "node": NodeConfig, "gateway": GatewayConfig, "kms": KmsConfig}
-SECTIONS: tuple[tuple[str, type[Any]], ...] = tuple((name, _CLASSES[name]) for name in SECTION_NAMES)
+__all__ = ["SECTIONS", "settings", "running_differences"]
 
 
-def settings(config_file: Path, env: dict[str, str]) -> list[dict[str, Any]]:
-    """One row per setting: section, name, value, default, source, env variable."""
-    file_data = load_file(config_file)
-    rows = []
-    for section, cls in SECTIONS:
-        effective = resolve_section(cls, section, file_data, env)
-        defaults = cls()
-        for field in dataclasses.fields(cls):
-            env_name = f"HSMSIM_{section}_{field.name}".upper()
-            source = ("environment" if env_name in env else
-                      "file" if field.name in file_data.get(section, {}) else "default")
-            rows.append({"section": section, "setting": field.name,
-                         "value": _show(getattr(effective, field.name)),
-                         "default": _show(getattr(defaults, field.name)),
-                         "source": source, "env": env_name})
-    return rows
+def running_settings(control_sock: Path) -> list[dict[str, Any]] | None:
+    """The rows the running daemon resolved at its start, or None when no daemon runs."""
+    try:
+        st = ControlClient(control_sock, timeout=3).call("status")
+    except ControlError:
+        return None
+    rows = st.get("settings")
+    return rows if isinstance(rows, list) else None
 
 
-def _show(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+def running_differences(now: list[dict[str, Any]],
+                        running: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of `now` (file + this environment) whose value differs from the running daemon's,
+    each with `running` set to the daemon's value."""
+    run = {(r["section"], r["setting"]): r["value"] for r in running}
+    return [{**r, "running": run[(r["section"], r["setting"])]} for r in now
+            if (r["section"], r["setting"]) in run and run[(r["section"], r["setting"])] != r["value"]]
 
 
 def _run(args: argparse.Namespace) -> int:
     env = environ()
-    path = Path(args.config) if args.config else state_dir(args.state, env) / CONFIG_FILE
-    rows = settings(path, env)
-    emit(rows, args.json, columns=("section", "setting", "value", "source", "env"))
+    root = state_dir(args.state, env)
+    path = Path(args.config) if args.config else root / CONFIG_FILE
+    rows = settings(load_file(path), env)
+    running = running_settings(root / "control.sock")
+    if running is not None:
+        stale = {(d["section"], d["setting"]): d for d in running_differences(rows, running)}
+        by_key = {(r["section"], r["setting"]): r for r in running}
+        for r in rows:
+            key = (r["section"], r["setting"])
+            r["file_value"] = r["value"]
+            r["value"] = by_key[key]["value"] if key in by_key else r["value"]
+            r["note"] = (f"{path.name}/environment now say {stale[key]['value']!r}: not "
+                         "applied until `hsmsim down && hsmsim up`") if key in stale else ""
+    emit(rows, args.json, columns=("section", "setting", "value", "source", "env")
+         + (("note",) if running is not None else ()))
     return 0
 
 
@@ -55,7 +62,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser("config", help="show every setting, its value and where it came from",
                        description="Settings are resolved from built-in defaults, then the config "
                        "file (STATE/hsmsim.toml or --config), then HSMSIM_<SECTION>_<NAME> "
-                       "environment variables, then command-line flags.")
+                       "environment variables, then command-line flags. With a daemon running, "
+                       "`value` is what it runs with, and settings edited since its start are "
+                       "flagged.")
     p.add_argument("--state", metavar="DIR",
                    help="the cluster's state directory (default: $HSMSIM_HOME or ./.hsmsim)")
     p.add_argument("--config", metavar="FILE", help="config file (default: STATE/hsmsim.toml)")

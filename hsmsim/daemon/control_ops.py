@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from hsmsim.cluster.api import Login
 from hsmsim.control.protocol import ControlError
+from hsmsim.daemon.settings import config_environ, settings
 from hsmsim.pkcs11.constants import Attribute, KeyType, ObjectClass, UserType
 
 if TYPE_CHECKING:
@@ -86,6 +87,8 @@ def handlers(d: "Daemon") -> dict[str, Handler]:
                 "converging": sup.converging(), "objects": len(c.live_token_handles()),
                 "hsms": hsms, "daemon_pid": os.getpid(), "endpoints": d.endpoints,
                 "warnings": d.warnings,
+                "settings": settings(d.file_data, config_environ(d.environ),
+                                     {"cluster": dict(d.opts.cluster_overrides)}),
                 "key_availability_check": c.check_availability,
                 "retry_mode": c.config.default_retry_mode}
 

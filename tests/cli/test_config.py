@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from hsmsim.cli.config import SECTIONS, settings
+from hsmsim.testing.cluster import HsmsimCluster
 
 ROOT = Path(__file__).resolve().parents[2]
 HSMSIM = [sys.executable, "-m", "hsmsim"]
@@ -55,7 +56,27 @@ def test_bad_settings_are_named(tmp_path: Path) -> None:
 
 def test_readme_documents_every_setting(tmp_path: Path) -> None:
     readme = (ROOT / "README.md").read_text()
-    missing = [f"[{r['section']}] {r['setting']}" for r in settings(tmp_path / "none.toml", {})
+    missing = [f"[{r['section']}] {r['setting']}" for r in settings({}, {})
                if f"`{r['setting']}`" not in readme.split("## Configuration")[1]]
     assert not missing, f"README's configuration reference lacks: {missing}"
     assert {s for s, _ in SECTIONS} == {"cluster", "node", "gateway", "kms"}
+
+
+def test_running_daemon_settings_and_edits_not_applied(cli_cluster: HsmsimCluster) -> None:
+    toml = cli_cluster.state_dir / "hsmsim.toml"
+    before = toml.read_text()
+    try:
+        toml.write_text(before + "\n[gateway]\nquirk_ro_session_fails = false\n")
+        r = cli_cluster.cli("up", "--detach")
+        assert r.returncode == 0, r.stderr
+        assert ("[gateway] quirk_ro_session_fails = False (file) is not applied: the running "
+                "daemon uses True; run `hsmsim down && hsmsim up`") in r.stderr, r.stderr
+        rows = {(x["section"], x["setting"]): x for x in json.loads(cli_cluster.cli("config", "--json").stdout)}
+        row = rows[("gateway", "quirk_ro_session_fails")]
+        assert row["value"] is True and row["file_value"] is False
+        assert "not applied until `hsmsim down && hsmsim up`" in row["note"]
+        assert rows[("kms", "port")]["note"] == ""
+    finally:
+        toml.write_text(before)
+    r = cli_cluster.cli("up", "--detach")
+    assert r.returncode == 0 and "is not applied" not in r.stderr, r.stderr
