@@ -9,6 +9,7 @@ import importlib
 import json
 import logging
 import os
+import resource
 import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -28,6 +29,35 @@ from hsmsim.errors import HsmsimError
 log = logging.getLogger("hsmsim.daemon")
 
 KMS_DEFAULT = "http://127.0.0.1:4599"
+
+# File descriptors kept back from the gateway's and the KMS's connection caps: the control
+# socket and its clients (`hsmsim status`), the node processes' connections and pipes (and
+# those of a node being restarted), the logs, the KMS store and audit file.
+RESERVED_FDS = 192
+# The soft RLIMIT_NOFILE is raised towards the hard limit at start, up to this many.
+FD_TARGET = 65536
+
+
+def raise_fd_limit() -> int:
+    """Raises the soft RLIMIT_NOFILE to the hard limit (at most FD_TARGET) where allowed;
+    returns the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = FD_TARGET if hard == resource.RLIM_INFINITY else min(hard, FD_TARGET)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return FD_TARGET if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def connection_caps(limit: int) -> tuple[int, int]:
+    """(KMS, gateway) connection caps for a limit of `limit` descriptors: what RESERVED_FDS
+    leaves, one third to the KMS endpoint and two thirds to the gateway (at least 8 each)."""
+    spare = max(0, limit - RESERVED_FDS)
+    kms = max(8, spare // 3)
+    return kms, max(8, spare - kms)
 
 
 class DaemonError(HsmsimError):
@@ -133,6 +163,10 @@ class Daemon:
 
     async def _start_services(self) -> None:
         assert self.cluster is not None
+        fd_limit = raise_fd_limit()
+        kms_cap, gateway_cap = connection_caps(fd_limit)
+        log.info("file descriptors: limit %d; connection caps: KMS %d, gateway %d",
+                 fd_limit, kms_cap, gateway_cap)
         gw = _optional("hsmsim.gateway.server")
         if gw is not None:
             gcfg = _optional("hsmsim.gateway.config")
@@ -141,7 +175,8 @@ class Daemon:
                       if gcfg is not None else None)
             try:
                 self.services["gateway"] = await gw.start_gateway(self.cluster, config,
-                                                                  self.state.gateway_sock)
+                                                                  self.state.gateway_sock,
+                                                                  max_connections=gateway_cap)
                 self.endpoints["gateway"] = str(self.state.gateway_sock)
             except Exception as exc:
                 log.exception("the PKCS#11 gateway failed to start")
@@ -152,11 +187,18 @@ class Daemon:
             from hsmsim.config import resolve_section
             kcfg = (resolve_section(kcfg_mod.KmsConfig, "kms", self.file_data, self.environ)
                     if kcfg_mod is not None else None)
+            if kcfg is not None and kcfg_mod is not None:  # the first `up`'s port is kept
+                kcfg, moved = kcfg_mod.settle_port(kcfg, self.state.root,
+                                                   kcfg_mod.port_given(self.file_data, self.environ))
+                if moved:
+                    self.warnings.append(moved)
             try:
-                svc = await kms.start_kms(self.cluster, kcfg, self.state.root)
+                svc = await kms.start_kms(self.cluster, kcfg, self.state.root, max_connections=kms_cap)
                 self.services["kms"] = svc
                 # The server's own address: right even for `port = 0` (any free port).
                 self.endpoints["kms"] = str(svc.url)
+                if kcfg_mod is not None:
+                    kcfg_mod.remember_port(self.state.root, int(svc.port))
             except Exception as exc:
                 log.exception("the KMS endpoint failed to start")
                 self.warnings.append(f"the KMS endpoint did not start: {exc} (choose another "
@@ -188,6 +230,13 @@ class Daemon:
 def setup_logging(path: Path | None, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers.clear()
+    if path is not None:
+        # 0600 whatever the umask or whoever created it: the log names clients and requests.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
     handler: logging.Handler = (logging.FileHandler(path) if path is not None
                                 else logging.StreamHandler())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

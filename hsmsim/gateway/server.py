@@ -43,6 +43,13 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # duck-typed, not isinstance(asyncio.Transport): uvloop's transports are not subclasses
         self.transport = transport  # type: ignore[assignment]
+        cap = self.server.max_connections
+        if cap is not None and len(self.server.connections) >= cap:
+            # Over the daemon's descriptor budget for the gateway: closed at once (the module
+            # answers CKR_DEVICE_ERROR), so the control socket and the nodes keep theirs.
+            self.closed = True
+            transport.close()
+            return
         self.server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -200,6 +207,7 @@ class GatewayServer:
         self._server: asyncio.AbstractServer | None = None
         self._tls_server: asyncio.AbstractServer | None = None
         self.tls_address: tuple[str, int] | None = None
+        self.max_connections: int | None = None  # None: no cap
 
     def spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
         task = asyncio.get_running_loop().create_task(coro)
@@ -252,10 +260,13 @@ class GatewayServer:
             pass
 
 
-async def start_gateway(cluster: ClusterClient, config: GatewayConfig, socket_path: Path) -> GatewayServer:
-    """Serves the PKCS#11 module on `socket_path` (created 0600) until `close()`."""
+async def start_gateway(cluster: ClusterClient, config: GatewayConfig, socket_path: Path,
+                        max_connections: int | None = None) -> GatewayServer:
+    """Serves the PKCS#11 module on `socket_path` (created 0600) until `close()`, with at most
+    `max_connections` module connections open at once (None: no cap)."""
     gateway = Gateway(cluster, config)
     await gateway.prepare()
     server = GatewayServer(gateway, Path(socket_path))
+    server.max_connections = max_connections
     await server.start()
     return server

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from hsmsim.config import resolve_section
@@ -22,7 +25,12 @@ class KmsConfig:
     `enforce_policies` evaluates key policies and grants on every operation (on by default:
     with unmapped access keys acting as the account root and the default policy allowing the
     root, only keys with a restrictive policy refuse anything). `clock_control` exposes `POST /_hsmsim/clock` so tests can
-    move the KMS clock forward (scheduled deletions, automatic rotation).
+    move the KMS clock forward (scheduled deletions, automatic rotation); off, `/_hsmsim/*`
+    answers 404. `max_connections` caps the endpoint's open connections (the daemon lowers it
+    further to fit its file-descriptor limit); a connection over the cap gets a 503 and is
+    closed. `idle_timeout_seconds` closes a connection that has not sent a whole request header
+    within that time (idle keep-alive connections too) and answers 408 to a body that does not
+    arrive within it.
 
     FIDELITY: with strict_sigv4 off (the default) any well-formed SigV4 Authorization header is
     accepted without checking the signature; a request without one is still refused
@@ -39,6 +47,8 @@ class KmsConfig:
     max_request_bytes: int = 65536
     clock_control: bool = True
     rotation_check_seconds: float = 5.0
+    max_connections: int = 1024
+    idle_timeout_seconds: float = 30.0
 
     def __post_init__(self) -> None:
         if not (self.account_id.isdigit() and len(self.account_id) == 12):
@@ -47,6 +57,10 @@ class KmsConfig:
             raise ConfigError(f"kms.port must be 0..65535, not {self.port}")
         if not self.rotation_check_seconds > 0:
             raise ConfigError("kms.rotation_check_seconds must be positive")
+        if self.max_connections < 1:
+            raise ConfigError("kms.max_connections must be at least 1")
+        if not 0 < self.idle_timeout_seconds <= 3600:
+            raise ConfigError("kms.idle_timeout_seconds must be more than 0 and at most 3600")
         if self.max_request_bytes < 1024:
             raise ConfigError("kms.max_request_bytes must be at least 1024")
         for entry in self.principals:
@@ -75,3 +89,51 @@ def resolve(file_data: Mapping[str, Any], environ: Mapping[str, str],
             overrides: Mapping[str, Any] | None = None) -> KmsConfig:
     """The `[kms]` section from defaults, file, HSMSIM_KMS_* environment and flags."""
     return resolve_section(KmsConfig, "kms", file_data, environ, overrides)
+
+
+# The KMS port clients were given at the cluster's first `up` (AWS_ENDPOINT_URL_KMS), kept with
+# the cluster so that a later `up` without the same flag or environment serves the same URL.
+PORT_FILE = Path("kms") / "endpoint.json"
+
+
+def port_given(file_data: Mapping[str, Any], environ: Mapping[str, str]) -> bool:
+    """Whether the port was chosen explicitly (hsmsim.toml [kms] port or HSMSIM_KMS_PORT)."""
+    section = file_data.get("kms", {})
+    return (isinstance(section, Mapping) and "port" in section) or "HSMSIM_KMS_PORT" in environ
+
+
+def stored_port(state_dir: Path) -> int | None:
+    try:
+        port = json.loads((state_dir / PORT_FILE).read_text())["port"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return port if isinstance(port, int) and 0 < port <= 65535 else None
+
+
+def settle_port(config: KmsConfig, state_dir: Path, given: bool) -> tuple[KmsConfig, str | None]:
+    """The config to serve with and a warning, if any. The port stored at the first `up` is
+    used unless a port other than 0 is given explicitly; an explicit port that differs from the
+    stored one wins (it is stored once the endpoint runs) and the warning says that the endpoint
+    moved."""
+    stored = stored_port(state_dir)
+    if stored is None or stored == config.port:
+        return config, None
+    if not given or config.port == 0:  # port 0 ("any free port") keeps the one it got first
+        return replace(config, port=stored), None
+    return config, (f"the KMS endpoint moved from port {stored} to {config.port} (as configured); "
+                    "clients using the old AWS_ENDPOINT_URL_KMS must be updated")
+
+
+def remember_port(state_dir: Path, port: int) -> None:
+    """Stores the port the endpoint serves on (0600, written atomically)."""
+    path = state_dir / PORT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, json.dumps({"port": port}).encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)

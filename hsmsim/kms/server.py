@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from hsmsim.cluster.api import ClusterClient
 from hsmsim.kms import errors as e
@@ -28,14 +29,64 @@ from hsmsim.kms.store import Store
 log = logging.getLogger("hsmsim.kms")
 
 
+# aiohttp's own log of a request it could not parse quotes the offending bytes (a header line
+# with a secret in it, say). Its records go through this logger, which keeps the reason only.
+http_log = logging.getLogger("hsmsim.kms.http")
+
+
+class _Redact(logging.Filter):
+    """Rewrites aiohttp's "Error handling request" records for unparsable requests: the reason
+    (e.g. "Invalid header token") and the peer, never the request's bytes or a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            reason = str(exc.message).split(":", 1)[0].strip() if exc.message else ""
+            args = record.args if isinstance(record.args, tuple) else ()
+            peer = args[0] if len(args) == 1 and isinstance(args[0], str) else "?"
+            record.msg = "bad HTTP request from %s (%d %s: %s)"
+            record.args = (peer, exc.code, type(exc).__name__, reason[:80] or "unparsable")
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+http_log.addFilter(_Redact())
+
+_REFUSED_BODY = json.dumps({"__type": "ServiceUnavailableException",
+                            "message": "Too many open connections to the KMS endpoint"}).encode()
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over the endpoint's cap: answered 503 and closed at once, so that it holds
+    no descriptor the daemon needs for its gateway, control and node connections."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # duck-typed, not isinstance(asyncio.WriteTransport): uvloop's transports are not subclasses
+        transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: " + wire.CONTENT_TYPE.encode()  # type: ignore[attr-defined]
+                        + b"\r\nContent-Length: " + str(len(_REFUSED_BODY)).encode()
+                        + b"\r\nConnection: close\r\n\r\n" + _REFUSED_BODY)
+        transport.close()
+
+
 class KmsServer:
     """The running endpoint; `close()` stops it and releases the store and cluster logins."""
 
-    def __init__(self, service: KmsService, runner: web.AppRunner, url: str) -> None:
+    def __init__(self, service: KmsService, runner: web.AppRunner, url: str,
+                 listener: asyncio.AbstractServer | None = None) -> None:
         self.service = service
         self._runner = runner
+        self._listener = listener
         self.url = url
+        self.max_connections = 0  # the cap in force (set by start_kms)
         self._sweeper: asyncio.Task[None] | None = None
+
+    @property
+    def open_connections(self) -> int:
+        """HTTP connections being served now (refused ones are not counted)."""
+        http = self._runner.server
+        return len(http.connections) if http is not None else 0
 
     @property
     def port(self) -> int:
@@ -56,6 +107,8 @@ class KmsServer:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        if self._listener is not None:
+            self._listener.close()
         await self._runner.cleanup()
         kms = self.service.kms
         kms.flush_usage()
@@ -72,6 +125,7 @@ def _response(status: int, body: bytes, request_id: str) -> web.Response:
 
 def make_app(service: KmsService) -> web.Application:
     max_size = service.kms.config.max_request_bytes
+    idle_timeout = service.kms.config.idle_timeout_seconds
 
     async def handle(request: web.Request) -> web.Response:
         request_id = str(uuid.uuid4())
@@ -82,10 +136,19 @@ def make_app(service: KmsService) -> web.Application:
             err = wire.to_wire(e.TooLarge(f"Request body exceeds {max_size} bytes"))
             return _response(err.status, err.body(), request_id)
         try:
-            body = await request.read()
+            async with asyncio.timeout(idle_timeout):
+                body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             err = wire.to_wire(e.TooLarge(f"Request body exceeds {max_size} bytes"))
             return _response(err.status, err.body(), request_id)
+        except TimeoutError:
+            # FIDELITY: AWS's front end answers a body that stalls with a bare 408; ours has a
+            # JSON body (RequestTimeoutException) and closes the connection.
+            resp = _response(408, json.dumps({"__type": "RequestTimeoutException", "message":
+                             f"The request body did not arrive within {idle_timeout:g} seconds"}).encode(),
+                             request_id)
+            resp.force_close()
+            return resp
         result = await service.handle(HttpRequest(
             method=request.method, path=request.raw_path.split("?", 1)[0], query=request.query_string,
             headers=dict(request.headers), body=body, source_ip=request.remote or "",
@@ -130,26 +193,41 @@ def make_app(service: KmsService) -> web.Application:
     return app
 
 
-async def start_kms(cluster: ClusterClient, config: KmsConfig, state_dir: Path) -> KmsServer:
+async def start_kms(cluster: ClusterClient, config: KmsConfig, state_dir: Path,
+                    max_connections: int | None = None) -> KmsServer:
     """Opens the store in `state_dir/kms/`, reconnects custom key stores that were connected,
-    and serves the endpoint on config.host:config.port (port 0 picks a free port)."""
+    and serves the endpoint on config.host:config.port (port 0 picks a free port), with at most
+    min(config.max_connections, max_connections) connections open at once."""
     store = Store(state_dir / "kms" / "kms.sqlite3")
     kms = Kms(cluster, config, state_dir, store)
     service = KmsService(kms, AuditLog(state_dir))
-    # Keep-alive clients must not hold the daemon's shutdown for long.
-    runner = web.AppRunner(make_app(service), access_log=None, handle_signals=False, shutdown_timeout=2.0)
+    # Keep-alive clients must not hold the daemon's shutdown for long. keepalive_timeout also
+    # bounds how long a connection may take to send a whole request header (aiohttp closes a
+    # connection that has no complete request when it expires): slow clients are closed.
+    runner = web.AppRunner(make_app(service), access_log=None, handle_signals=False, shutdown_timeout=2.0,
+                           keepalive_timeout=config.idle_timeout_seconds, logger=http_log)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+    http = runner.server
+    assert http is not None
+    cap = min(config.max_connections, max_connections or config.max_connections)
+
+    def protocol() -> asyncio.BaseProtocol:
+        if len(http.connections) >= cap:
+            return _Refused()
+        return http()
+
     try:
-        await site.start()
+        listener = await asyncio.get_running_loop().create_server(
+            protocol, config.host, config.port, reuse_address=True)
     except OSError:
         await runner.cleanup()
         store.close()
         raise
     port = config.port
-    for sock in getattr(site._server, "sockets", None) or ():
+    for sock in listener.sockets or ():
         port = int(sock.getsockname()[1])
-    server = KmsServer(service, runner, f"http://{config.host}:{port}")
+    server = KmsServer(service, runner, f"http://{config.host}:{port}", listener)
+    server.max_connections = cap
     await kms.keystores.resume()
     try:
         await service.sweep()

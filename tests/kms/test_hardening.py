@@ -247,3 +247,220 @@ def test_a_failed_custom_key_store_create_key_removes_its_cluster_key(
     assert exc.value.response["Error"]["Code"] == "KMSInternalException"
     assert set(ep.double.objects) == objects_before  # the backing key was destroyed again
     assert c.list_keys()["Keys"] == []
+
+
+# -- 17.4 and the stored port: slow clients against a daemon with few descriptors ---------------
+APP = r"""
+import os, pkcs11
+from pkcs11.mechanisms import GCMParams
+lib = pkcs11.lib(os.environ["HSMSIM_PKCS11_MODULE"])
+token = lib.get_token(token_label="hsm1")
+with token.open(rw=True, user_pin=os.environ["HSMSIM_PIN"]) as s:
+    key = s.generate_key(pkcs11.KeyType.AES, 256)
+    nonce = bytes(12)
+    ct = key.encrypt(b"x" * 16, mechanism=pkcs11.Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, b"", 128))
+    print(len(ct))
+"""
+
+
+def _up_with_fd_limit(cluster: Any, limit: int, env: dict[str, str]) -> dict[str, Any]:
+    """`hsmsim up --detach` on the cluster's state under RLIMIT_NOFILE = limit (soft and hard,
+    so the daemon cannot raise it); the CLI's JSON answer."""
+    import os
+    import shutil
+    import subprocess
+    from hsmsim.testing.cluster import CLI
+    prlimit = shutil.which("prlimit")
+    if prlimit is None:
+        pytest.skip("prlimit (util-linux) is not installed")
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**env, "PYTHONPATH": root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")}
+    r = subprocess.run([prlimit, f"--nofile={limit}:{limit}", *CLI, "up", "--detach", "--json", "--state",
+                        str(cluster.state_dir)], capture_output=True, text=True, env=env, timeout=180)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def _slow_clients(port: int, n: int) -> list[Any]:
+    """n connections that each send half a request header and then nothing."""
+    import socket
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s.sendall(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Amz-Target: TrentService.ListKeys\r\nContent-Le")
+        socks.append(s)
+    return socks
+
+
+def _closed_by_server(s: Any) -> bool:
+    import select
+    if not select.select([s], [], [], 0)[0]:
+        return False
+    try:
+        data = s.recv(65536)
+    except OSError:
+        return True
+    return data == b"" or data.startswith(b"HTTP/1.1 503")
+
+
+def _flood(tmp_path: Path, limit: int, n: int) -> None:
+    import os
+    import resource
+    import subprocess
+    import sys
+    import time
+    from .conftest import free_port, start_real
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < n + 256:
+        want = n + 256 if hard == resource.RLIM_INFINITY else min(hard, n + 256)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        if want < n + 256:
+            pytest.skip(f"this process may open only {want} files")
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "hsmsim.toml").write_text("[kms]\nidle_timeout_seconds = 2\n")  # no port: it comes from the env
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "HSMSIM_KMS_PORT"}
+    ep = start_real(state, {"HSMSIM_KMS_PORT": str(port)})
+    cluster = ep.extra
+    socks: list[Any] = []
+    try:
+        cluster.down()
+        out = _up_with_fd_limit(cluster, limit, env)  # HSMSIM_KMS_PORT not set this time
+        # The port given at the first `up` is kept with the cluster.
+        assert out["env"]["AWS_ENDPOINT_URL_KMS"] == f"http://127.0.0.1:{port}"
+        socks = _slow_clients(port, n)
+        app_env = {**os.environ, **cluster.env}
+        r = subprocess.run([sys.executable, "-c", APP], env=app_env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.strip() == "32", r.stderr  # a new PKCS#11 application works
+        assert cluster.status()["cluster_id"] == cluster.cluster_id  # `hsmsim status` works
+        victim = cluster.hsm_ids[0]
+        old_pid = cluster.hsm(victim)["pid"]
+        cluster.crash(victim)  # a killed node comes back
+        deadline = time.monotonic() + 120
+        while (h := cluster.hsm(victim))["pid"] in (None, old_pid) or h["state"] != "ACTIVE":
+            assert time.monotonic() < deadline, h
+            time.sleep(0.2)
+        # Every slow client is closed: over the cap at once (503), the others after the timeout.
+        open_socks = list(socks)
+        deadline = time.monotonic() + 120
+        while open_socks:
+            assert time.monotonic() < deadline, f"{len(open_socks)} slow connections still open"
+            open_socks = [s for s in open_socks if not _closed_by_server(s)]
+            time.sleep(0.1)
+        c = KmsEndpoint(f"http://127.0.0.1:{port}", state, "real", cluster.cluster_id, "").client()
+        assert "Keys" in c.list_keys()  # and the endpoint serves again
+    finally:
+        for s in socks:
+            s.close()
+        cluster.down()
+
+
+def test_slow_clients_do_not_starve_the_daemon(tmp_path: Path) -> None:
+    _flood(tmp_path, limit=400, n=500)
+
+
+@pytest.mark.soak
+def test_slow_clients_do_not_starve_the_daemon_soak(tmp_path: Path) -> None:
+    _flood(tmp_path, limit=1024, n=1100)
+
+
+# -- 17.10: malformed request text never reaches the log -----------------------------------------
+BAD_REQUESTS = [
+    b"POST / HTTP/1.1\r\nHost: x\r\nAuthorization SECRET-%s\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: x\r\nX-Api-Key: a\x01SECRET-%s\r\n\r\n",
+    b"GET /SECRET-%s\x00 HTTP/1.1\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"SECRET-%s" * 1500 + b"\r\n\r\n",
+]
+
+
+def test_malformed_header_lines_are_not_logged(kms_real: KmsEndpoint) -> None:
+    import os
+    import socket
+    import stat
+    import time
+    log = kms_real.state_dir / "daemon.log"
+    marker = os.urandom(6).hex()
+    port = int(kms_real.url.rsplit(":", 1)[1])
+    for template in BAD_REQUESTS:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(template.replace(b"%s", marker.encode()))
+            assert s.recv(65536).startswith(b"HTTP/1.")  # answered 400
+    deadline = time.monotonic() + 30
+    def logged() -> int:  # aiohttp's own message, or ours
+        text = log.read_text(errors="replace")
+        return text.count("bad HTTP request from 127.0.0.1") + text.count("Error handling request")
+    while logged() < len(BAD_REQUESTS):
+        assert time.monotonic() < deadline, "the bad requests were not logged"
+        time.sleep(0.05)
+    text = log.read_text(errors="replace")
+    assert marker not in text
+    assert text.count("bad HTTP request from 127.0.0.1") >= len(BAD_REQUESTS)
+    assert "Invalid header token" in text  # the reason is there
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
+
+
+def test_the_stored_kms_port_and_an_explicit_one(tmp_path: Path) -> None:
+    from hsmsim.kms.config import port_given, remember_port, settle_port, stored_port
+    assert stored_port(tmp_path) is None
+    cfg = KmsConfig()
+    assert settle_port(cfg, tmp_path, False) == (cfg, None)  # first up: as configured
+    remember_port(tmp_path, 45111)
+    assert oct((tmp_path / "kms" / "endpoint.json").stat().st_mode & 0o777) == "0o600"
+    assert settle_port(cfg, tmp_path, False) == (KmsConfig(port=45111), None)  # later ups: the stored one
+    assert settle_port(KmsConfig(port=0), tmp_path, True) == (KmsConfig(port=45111), None)
+    moved, warning = settle_port(KmsConfig(port=45222), tmp_path, True)  # an explicit other port wins
+    assert moved.port == 45222 and warning is not None and "45111 to 45222" in warning
+    assert port_given({"kms": {"port": 1}}, {}) and port_given({}, {"HSMSIM_KMS_PORT": "1"})
+    assert not port_given({"kms": {"host": "127.0.0.1"}}, {})
+
+
+def _read_all(s: Any) -> bytes:
+    chunks = []
+    while True:
+        data = s.recv(65536)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+
+
+def test_a_stalled_body_is_answered_408_and_closed(fresh: Any) -> None:
+    import socket
+    ep = fresh(KmsConfig(port=0, idle_timeout_seconds=1))
+    port = int(ep.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nX-Amz-Target: TrentService.ListKeys\r\n"
+                  b"Content-Type: application/x-amz-json-1.1\r\nContent-Length: 100\r\n\r\n{\"Li")
+        answer = _read_all(s)  # the server answers and closes; recv returns b"" at the end
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["__type"] == "RequestTimeoutException"
+    assert send(ep, b"{}")[0] == 200
+
+
+def test_connections_over_the_cap_are_refused_at_once(fresh: Any) -> None:
+    import socket
+    import time
+    ep = fresh(KmsConfig(port=0, max_connections=5, idle_timeout_seconds=3))
+    server = ep.server
+    assert server is not None and server.max_connections == 5
+    port = int(ep.url.rsplit(":", 1)[1])
+    held = _slow_clients(port, 5)
+    try:
+        deadline = time.monotonic() + 30
+        while server.open_connections < 5:  # accepted by the server's loop
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+            answer = _read_all(s)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503") and json.loads(body)["__type"] == "ServiceUnavailableException"
+        for s in held:  # the half-sent requests are closed after the idle timeout
+            s.settimeout(60)
+            assert _read_all(s) == b""
+        while server.open_connections:  # and forgotten by the server
+            assert time.monotonic() < deadline + 60
+            time.sleep(0.01)
+    finally:
+        for s in held:
+            s.close()
+    assert send(ep, b"{}")[0] == 200  # room again
