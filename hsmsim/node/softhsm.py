@@ -3,7 +3,8 @@
 It initialises the library with CKF_OS_LOCKING_OK (python-pkcs11's C_Initialize(NULL) turns
 SoftHSM2's locking off), initialises or opens the token, logs in once as the token user, and
 gives each calling thread its own read-write session. Calls release the GIL. Every CK_RV other
-than CKR_OK becomes a Pkcs11Error with that return value; messages never carry data.
+than CKR_OK becomes a Pkcs11Error with the return value hsmsim.node.softhsm_rv's table gives
+it (the one place SoftHSM2's codes are translated); messages never carry data.
 
 SOFTHSM2_CONF must be set before `SoftHsm.load` (SoftHSM2 reads it once, at C_Initialize)."""
 
@@ -17,6 +18,7 @@ from ctypes import (Structure, byref, c_char, c_char_p, c_ubyte, c_ulong, c_void
 from pathlib import Path
 from typing import Any
 
+from hsmsim.node.softhsm_rv import check_input, client_rv
 from hsmsim.pkcs11.constants import RV, UserType
 from hsmsim.pkcs11.errors import Pkcs11Error
 from hsmsim.pkcs11.params import (CtrParams, Ecdh1Params, GcmParams, MechanismSpec, OaepParams,
@@ -168,9 +170,12 @@ class _Args:
         return mech
 
 
-def _check(rv: int, what: str) -> None:
+def _check(rv: int, what: str, mechanism: int | None = None) -> None:
+    """Raise for a SoftHSM2 failure of `what` (a PKCS#11 function name), with the return value
+    the client gets: translated by the one table in hsmsim.node.softhsm_rv."""
     if rv != 0:
-        raise Pkcs11Error(rv, f"SoftHSM2 {what} failed")
+        raise Pkcs11Error(client_rv(what, mechanism, rv),
+                          f"SoftHSM2 {what} failed (SoftHSM2 CK_RV 0x{rv:x})")
 
 
 class SoftHsm:
@@ -343,14 +348,15 @@ class SoftHsm:
 
     def _single(self, init: str, call: str, mech: MechanismSpec, key: int | None, data: bytes,
                 out_len: int) -> bytes:
+        check_input(call, mech.mechanism, len(data))  # before Init: no operation left active
         a = _Args()
         m = a.mechanism(mech)
         s = CK_ULONG(self.session())
         init_fn = getattr(self._lib, init)
         if key is None:
-            _check(init_fn(s, byref(m)), init)
+            _check(init_fn(s, byref(m)), init, mech.mechanism)
         else:
-            _check(init_fn(s, byref(m), CK_ULONG(key)), init)
+            _check(init_fn(s, byref(m), CK_ULONG(key)), init, mech.mechanism)
         fn = getattr(self._lib, call)
         inp = a.bytes_(data)
         n = CK_ULONG(out_len)
@@ -359,7 +365,7 @@ class SoftHsm:
         if rv == int(RV.BUFFER_TOO_SMALL):
             out = create_string_buffer(int(n.value))
             rv = fn(s, inp, CK_ULONG(len(data)), out, byref(n))
-        _check(rv, call)
+        _check(rv, call, mech.mechanism)
         result = out.raw[: n.value]
         ctypes.memset(out, 0, len(out))
         return result
@@ -380,9 +386,9 @@ class SoftHsm:
         a = _Args()
         m = a.mechanism(mech)
         s = CK_ULONG(self.session())
-        _check(self._lib.C_VerifyInit(s, byref(m), CK_ULONG(key)), "C_VerifyInit")
+        _check(self._lib.C_VerifyInit(s, byref(m), CK_ULONG(key)), "C_VerifyInit", mech.mechanism)
         _check(self._lib.C_Verify(s, a.bytes_(data), CK_ULONG(len(data)), a.bytes_(signature),
-                                  CK_ULONG(len(signature))), "C_Verify")
+                                  CK_ULONG(len(signature))), "C_Verify", mech.mechanism)
 
     def wrap_key(self, mech: MechanismSpec, wrapping: int, key: int) -> bytes:
         a = _Args()
