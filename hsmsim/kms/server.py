@@ -60,7 +60,10 @@ _REFUSED_BODY = json.dumps({"__type": "ServiceUnavailableException",
 
 class _Refused(asyncio.Protocol):
     """A connection over the endpoint's cap: answered 503 and closed at once, so that it holds
-    no descriptor the daemon needs for its gateway, control and node connections."""
+    no descriptor the daemon needs for its gateway, control and node connections.
+
+    FIDELITY: AWS's front-end connection limits are undocumented; ours answers 503
+    ServiceUnavailableException (which SDKs retry)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # duck-typed, not isinstance(asyncio.WriteTransport): uvloop's transports are not subclasses

@@ -57,7 +57,11 @@ class KmsService:
         together with the audit record once the response is ready; any failure before that
         (in the handler, in rendering the audit record or the response, in writing them)
         discards the writes, undoes what the handler did outside the store (`Call.undo`) and
-        answers the error (audited on its own)."""
+        answers the error (audited on its own).
+
+        FIDELITY: AWS does not document this; a change that is not on the audit trail, or half
+        a change, must not happen here. A request with store changes whose audit record cannot
+        be written answers KMSInternalException; one without changes still succeeds (logged)."""
         op = "Unknown"
         params: dict[str, Any] = {}
         call: Call | None = None

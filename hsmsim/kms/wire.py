@@ -217,6 +217,8 @@ class _Decoder:
 
 # No KMS input nests deeper than 5 (Tags -> tag -> member); a document deeper than this is
 # refused before parsing, so that neither the JSON parser nor the decoder recurses on it.
+# FIDELITY: AWS's nesting limit is undocumented; beyond ours the answer is 400
+# SerializationException, as AWS gives for deeply nested JSON.
 MAX_DEPTH = 32
 _NESTING = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 
