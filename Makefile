@@ -9,7 +9,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 STAMP  := $(VENV)/.hsmsim-installed
-DEBS   := softhsm2 opensc libengine-pkcs11-openssl nginx-light libssl-dev libffi-dev gcc make
+DEBS   := softhsm2 opensc libengine-pkcs11-openssl nginx-light libssl-dev libffi-dev gcc make patch
+# tests/clients: the JDK (SunPKCS11), Go with Debian's crypto11 (GOPATH mode) and g++ for
+# pkcs11js's node-gyp build; node and npm come with the machine, pkcs11js from npm at test time
+DEBS   += default-jdk-headless golang-go golang-github-thalesignite-crypto11-dev g++
 NATIVE_SRC := $(shell find native softhsm-config -type f 2>/dev/null) setup.py pyproject.toml
 PYTEST_ARGS ?=
 
