@@ -13,7 +13,9 @@ Nothing below the CLI and daemon entry points reads os.environ."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -121,3 +123,61 @@ def resolve_section(
 def environ() -> dict[str, str]:
     """A snapshot of the process environment, taken once at an entry point."""
     return dict(os.environ)
+
+
+def _toml_literal(name: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{name} must be a finite number")
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_literal(name, v) for v in value) + "]"
+    raise ConfigError(f"{name} cannot be written to the config file")
+
+
+def set_in_file(path: Path, cls: type[Any], section: str, name: str, raw: str) -> Any:
+    """Write `name = raw` into `[section]` of the TOML file at `path` (created 0600 if missing),
+    checked as `resolve_section` checks it. Only that line changes: the rest of the file, its
+    comments included, is kept. The result is parsed and resolved before it replaces the file,
+    so a bad value or a file this cannot edit is an error and the file stays as it was.
+    Returns the value as the daemon will read it."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if name not in fields:
+        raise ConfigError(f"[{section}] has no setting {name!r}; it has {', '.join(sorted(fields))}")
+    hint = typing.get_type_hints(cls)[name]
+    value = _convert(f"{section}.{name}", raw, hint)
+    line = f"{name} = {_toml_literal(f'{section}.{name}', value)}"
+    lines = path.read_text().splitlines() if path.exists() else []
+    header = re.compile(r"^\s*\[\s*([A-Za-z0-9_.-]+)\s*\]\s*(#.*)?$")
+    start = next((i for i, text in enumerate(lines)
+                  if (m := header.match(text)) and m.group(1) == section), None)
+    if start is None:
+        lines += ([""] if lines and lines[-1].strip() else []) + [f"[{section}]", line]
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if header.match(lines[i])
+                    or lines[i].lstrip().startswith("[")), len(lines))
+        key = re.compile(rf"^\s*{re.escape(name)}\s*=")
+        at = next((i for i in range(start + 1, end) if key.match(lines[i])), None)
+        if at is not None:
+            lines[at] = line
+        else:
+            last = max([i for i in range(start, end) if lines[i].strip()], default=start)
+            lines.insert(last + 1, line)
+    text = "\n".join(lines) + "\n"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: cannot set {section}.{name} in it ({exc})") from None
+    resolve_section(cls, section, data, {})
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return value

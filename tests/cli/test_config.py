@@ -80,3 +80,25 @@ def test_running_daemon_settings_and_edits_not_applied(cli_cluster: HsmsimCluste
         toml.write_text(before)
     r = cli_cluster.cli("up", "--detach")
     assert r.returncode == 0 and "is not applied" not in r.stderr, r.stderr
+
+
+def test_config_set_edits_one_line_and_checks_it(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    r = run("config", "set", "gateway.quirk_ro_session_fails", "false", "--state", str(state))
+    assert r.returncode == 0, r.stderr
+    toml = state / "hsmsim.toml"
+    assert toml.read_text() == "[gateway]\nquirk_ro_session_fails = false\n"
+    assert (toml.stat().st_mode & 0o777, state.stat().st_mode & 0o777) == (0o600, 0o700)
+    toml.write_text("# mine\n[kms]\nport = 4700  # the port\n\n[gateway]\nquirk_ro_session_fails = false\n")
+    for _ in range(2):  # setting it again changes nothing else
+        assert run("config", "set", "kms.port", "4800", "--state", str(state)).returncode == 0
+    assert toml.read_text() == "# mine\n[kms]\nport = 4800\n\n[gateway]\nquirk_ro_session_fails = false\n"
+    before = toml.read_text()
+    for args, why in ((("gateway.nope", "1"), "[gateway] has no setting 'nope'"),
+                      (("kms.port", "abc"), "kms.port must be a number"),
+                      (("bogus", "1"), "is not SECTION.NAME")):
+        r = run("config", "set", *args, "--state", str(state))
+        assert r.returncode == 1 and why in r.stderr, r.stderr
+    assert toml.read_text() == before
+    rows = {(x["section"], x["setting"]): x for x in json.loads(run("config", "--json", "--state", str(state)).stdout)}
+    assert rows[("kms", "port")]["value"] == 4800 and rows[("kms", "port")]["source"] == "file"

@@ -73,8 +73,8 @@ def workdir(tmp_path: Path) -> Iterator[Workdir]:
 
 
 def test_every_tutorial_block_is_known() -> None:
-    assert set(tutorials()) == {"pkcs11", "pkcs11-python", "faults", "pytest", "tls", "kms",
-                                "kms-python"}
+    assert set(tutorials()) == {"pkcs11", "pkcs11-python", "faults", "pytest", "tls",
+                                "tls-serve", "kms", "kms-python"}
 
 
 def test_pkcs11_tutorial(workdir: Workdir) -> None:
@@ -96,6 +96,14 @@ def test_tls_tutorial(workdir: Workdir) -> None:
     kit = workdir.path / "tls-localhost"
     for name in ("cert.pem", "chain.pem", "openssl.cnf", "s-server.sh"):
         assert (kit / name).is_file(), name
+    out = workdir.run("tls-serve")
+    assert "Protocol" in out and "hsmsim TLS offload: localhost" in out, out
+    # The config line can be pasted again without breaking the next start (`>>` did).
+    lang, body = tutorials()["tls"]
+    again = "\n".join(body.splitlines()[:2])
+    subprocess.run(["bash", "-euo", "pipefail", "-c", again], cwd=workdir.path, env=workdir.env,
+                   check=True, capture_output=True, timeout=120)
+    assert (workdir.path / ".hsmsim" / "hsmsim.toml").read_text().count("quirk_ro_session_fails") == 1
 
 
 def test_kms_tutorial(workdir: Workdir) -> None:

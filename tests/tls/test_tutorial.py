@@ -25,7 +25,7 @@ trap 'hsmsim down >/dev/null 2>&1 || true; [ -n "${SPID:-}" ] && kill "$SPID" 2>
 hsmsim up --detach --state ./.hsmsim > up.out
 hsmsim tls init --cn localhost --out ./strict-kit > strict.out 2> strict.err
 
-printf '\n[gateway]\nquirk_ro_session_fails = false\n' >> .hsmsim/hsmsim.toml
+hsmsim config set gateway.quirk_ro_session_fails false
 hsmsim down && hsmsim up --detach > /dev/null
 
 hsmsim tls init --cn localhost --out ./tls-localhost > init.out 2> init.err
@@ -52,7 +52,7 @@ def test_quick_start_commands(tmp_path: Path) -> None:
         pytest.skip(f"hsmsim module not built: {exc}")
     doc = DOC.read_text()
     for line in ("hsmsim up --detach --state ./.hsmsim",
-                 "printf '\\n[gateway]\\nquirk_ro_session_fails = false\\n' >> .hsmsim/hsmsim.toml",
+                 "hsmsim config set gateway.quirk_ro_session_fails false",
                  "hsmsim down && hsmsim up --detach",
                  "hsmsim tls init --cn localhost --out ./tls-localhost",
                  "./tls-localhost/s-server.sh",
