@@ -59,6 +59,12 @@ def test_readme_documents_every_setting(tmp_path: Path) -> None:
     missing = [f"[{r['section']}] {r['setting']}" for r in settings({}, {})
                if f"`{r['setting']}`" not in readme.split("## Configuration")[1]]
     assert not missing, f"README's configuration reference lacks: {missing}"
+    # ... and names no setting that does not exist (a `[kms] enabled` row did).
+    import re
+    known = {(r["section"], r["setting"]) for r in settings({}, {})}
+    rows = set(re.findall(r"^\| (\w+) \| `(\w+)` \|", readme.split("## Configuration")[1], re.M))
+    assert rows and rows <= known, f"README documents settings that do not exist: {rows - known}"
+    assert "../shared" not in readme, "the README points outside the repository"
     assert {s for s, _ in SECTIONS} == {"cluster", "node", "gateway", "kms"}
 
 
