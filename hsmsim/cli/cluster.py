@@ -73,12 +73,55 @@ def client_env(state: StateDir, endpoints: dict[str, str] | None = None,
         "HSMSIM_PIN": f"crypto_user:{pw}",
         "AWS_ENDPOINT_URL_KMS": kms,
     }
+    sunpkcs11 = _sunpkcs11_config(state, module)
+    if sunpkcs11 is not None:
+        env["HSMSIM_SUNPKCS11_CONFIG"] = str(sunpkcs11)
     for k, v in (("AWS_ACCESS_KEY_ID", "hsmsimAKIAEXAMPLE"),
                  ("AWS_SECRET_ACCESS_KEY", "hsmsim-secret-not-checked"),
                  ("AWS_DEFAULT_REGION", "us-east-1")):
         if not base.get(k):
             env[k] = v
     return env
+
+
+# Java's SunPKCS11 (JDK 17: no `tokenLabel`, so the slot by index). CloudHSM's usage attributes
+# default to false, so generated keys get the ones their type can use; secret and private keys
+# must be CKA_PRIVATE. The module reads HSMSIM_SOCKET from the JVM's environment.
+_SUNPKCS11 = """name = hsmsim
+library = {module}
+slotListIndex = 0
+attributes(generate, CKO_PRIVATE_KEY, *) = {{
+  CKA_PRIVATE = true
+  CKA_SIGN = true
+}}
+attributes(generate, CKO_PRIVATE_KEY, CKK_RSA) = {{
+  CKA_DECRYPT = true
+}}
+attributes(generate, CKO_PUBLIC_KEY, *) = {{
+  CKA_VERIFY = true
+}}
+attributes(generate, CKO_PUBLIC_KEY, CKK_RSA) = {{
+  CKA_ENCRYPT = true
+}}
+attributes(generate, CKO_SECRET_KEY, *) = {{
+  CKA_PRIVATE = true
+  CKA_ENCRYPT = true
+  CKA_DECRYPT = true
+}}
+"""
+
+
+def _sunpkcs11_config(state: StateDir, module: str) -> Path | None:
+    """STATE/sunpkcs11.cfg for `Security.getProvider("SunPKCS11").configure(path)` and keytool's
+    `-providerArg`; None if the state directory cannot be written."""
+    path = state.root / "sunpkcs11.cfg"
+    text = _SUNPKCS11.format(module=module)
+    try:
+        if not path.is_file() or path.read_text() != text:
+            path.write_text(text)
+    except OSError:
+        return None
+    return path
 
 
 def _kms_endpoint(state: StateDir) -> str:
