@@ -46,6 +46,12 @@ DIFFERENCES: dict[str, Difference] = {d.what: d for d in (
                "CKR_FUNCTION_NOT_SUPPORTED", "CKR_MECHANISM_INVALID",
                "§1.4 Encrypt/decrypt 'single-part only', with the code §1.4 'No multipart AES-GCM' "
                "gives for Update (checklist 11, 13)"),
+    Difference("C_SignUpdate with a single-part-only mechanism (CKM_RSA_PKCS, CKM_RSA_PKCS_PSS, "
+               "CKM_ECDSA)", "CKR_OPERATION_NOT_INITIALIZED", "CKR_MECHANISM_INVALID",
+               "§1.4 Sign/verify 'single-part only', with the code §1.4 'No multipart AES-GCM' "
+               "gives for Update (checklist 13)"),
+    Difference("C_SignUpdate with CKM_RSA_X_509", "CKR_OPERATION_NOT_INITIALIZED", "CKR_OK",
+               "§1.4 Sign/verify: CKM_RSA_X_509 is listed without 'single-part only' (checklist 13)"),
 )}
 
 
