@@ -75,39 +75,57 @@ def workdir(tmp_path: Path) -> Iterator[Workdir]:
 def test_every_tutorial_block_is_known() -> None:
     assert set(tutorials()) == {"pkcs11", "pkcs11-python", "faults", "pytest", "tls",
                                 "tls-serve", "kms", "kms-python"}
+    assert "../shared" not in README.read_text()
 
 
-def test_pkcs11_tutorial(workdir: Workdir) -> None:
-    out = workdir.run("pkcs11")
+def one_shell_script() -> str:
+    """Every tutorial block in README order, as a user pastes them into one terminal: shell
+    blocks as they are; a Python block into `python3` in that shell; the pytest example saved as
+    test_example.py and run with pytest. Each block announces itself on stderr."""
+    parts = ["set -euo pipefail"]
+    for name, lang, body in BLOCK.findall(README.read_text()):
+        parts.append(f"echo '### block {name}' >&2")
+        if lang == "sh":
+            parts.append(body)
+        elif name == "pytest":
+            parts.append(f"cat > test_example.py <<'__README_PY__'\n{body}__README_PY__\n"
+                         "python3 -m pytest -q -p no:cacheprovider test_example.py")
+        else:
+            parts.append(f"python3 - <<'__README_PY__'\n{body}__README_PY__")
+    parts.append("echo \"SCRATCH=$PWD\"")
+    return "\n".join(parts) + "\n"
+
+
+def test_every_block_runs_as_pasted_in_order_in_one_shell(workdir: Workdir) -> None:
+    """A fresh shell in a clone: the venv on PATH and nothing else of hsmsim's in the
+    environment. The tutorials keep the cluster in ./.hsmsim and write their own files into a
+    scratch folder, not the clone."""
+    env = {k: v for k, v in workdir.env.items() if k != "HSMSIM_HOME"}
+    proc = subprocess.run(["bash", "-c", one_shell_script()], cwd=workdir.path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    blocks = re.findall(r"^### block (\S+)$", proc.stderr, re.M)
+    assert proc.returncode == 0, (f"the README failed in block {blocks[-1] if blocks else '?'}:"
+                                  f"\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    assert blocks == [name for name, _, _ in BLOCK.findall(README.read_text())]
+    out = proc.stdout
+    scratch = Path(re.findall(r"^SCRATCH=(.*)$", out, re.M)[-1])
+    assert scratch != workdir.path and not (workdir.path / "message.sig").exists()
+    # Tutorial 1
     assert "token label        : hsm1" in out
     assert "pkcs11:token=hsm1;object=demo-rsa;id=%01;type=private" in out
-    assert (workdir.path / "message.sig").stat().st_size == 256
-    assert "PSS signature: 256 bytes" in workdir.run("pkcs11-python")
-    workdir.run("faults")
-    assert (workdir.path / "message2.sig").stat().st_size == 256
-
-
-def test_pytest_fixture_tutorial(workdir: Workdir) -> None:
-    assert "1 passed" in workdir.run("pytest", timeout=300)
-
-
-def test_tls_tutorial(workdir: Workdir) -> None:
-    workdir.run("tls")
-    kit = workdir.path / "tls-localhost"
+    assert (scratch / "message.sig").stat().st_size == 256
+    assert (scratch / "message2.sig").stat().st_size == 256
+    assert "PSS signature: 256 bytes" in out
+    assert "1 passed" in out
+    # Tutorial 2
     for name in ("cert.pem", "chain.pem", "openssl.cnf", "s-server.sh"):
-        assert (kit / name).is_file(), name
-    out = workdir.run("tls-serve")
-    assert "Protocol" in out and "hsmsim TLS offload: localhost" in out, out
-    # The config line can be pasted again without breaking the next start (`>>` did).
-    lang, body = tutorials()["tls"]
-    again = "\n".join(body.splitlines()[:2])
-    subprocess.run(["bash", "-euo", "pipefail", "-c", again], cwd=workdir.path, env=workdir.env,
-                   check=True, capture_output=True, timeout=120)
-    assert (workdir.path / ".hsmsim" / "hsmsim.toml").read_text().count("quirk_ro_session_fails") == 1
-
-
-def test_kms_tutorial(workdir: Workdir) -> None:
-    out = workdir.run("kms")
+        assert (scratch / "tls-localhost" / name).is_file(), name
+    assert "Protocol" in out and "hsmsim TLS offload: localhost" in out
+    # Tutorial 3
     assert "top secret" in out
     assert re.search(r"arn:aws:kms:us-east-1:\d{12}:key/\S+\s+AWS_CLOUDHSM\s+Enabled", out), out
-    workdir.run("kms-python")
+    # The config line of Tutorial 2 can be pasted again without breaking the next start.
+    again = tutorials()["tls"][1].splitlines()[0]
+    subprocess.run(["bash", "-euo", "pipefail", "-c", again], cwd=workdir.path, env=env,
+                   check=True, capture_output=True, timeout=120)
+    assert (workdir.path / ".hsmsim" / "hsmsim.toml").read_text().count("quirk_ro_session_fails") == 1
