@@ -1,5 +1,5 @@
-"""Java 17's SunPKCS11 provider, configured by `hsmsim env`'s HSMSIM_SUNPKCS11_CONFIG: EC and RSA
-signatures verified by the JDK's default provider (and here by pyca), AES-CBC, and what AES/GCM
+"""Java 17's SunPKCS11 provider, configured by `hsmsim env`'s HSMSIM_SUNPKCS11_CONFIG: EC, RSA
+and RSA-PSS signatures verified by the JDK's default provider (and here by pyca), AES-CBC, and what AES/GCM
 does, since SunPKCS11 cannot take CloudHSM's HSM-generated IV back."""
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ def test_sunpkcs11(client_cluster: HsmsimCluster) -> None:
     rsa_pub = serialization.load_der_public_key(b64(out, "rsa_public"))
     assert isinstance(rsa_pub, rsa.RSAPublicKey) and rsa_pub.key_size == 2048
     rsa_pub.verify(b64(out, "rsa_signature"), msg, padding.PKCS1v15(), hashes.SHA256())
+    assert out["pss_verified"] == "true"
+    rsa_pub.verify(b64(out, "pss_signature"), msg,
+                   padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256())
 
     # AES-256-CBC-PAD in the HSM: a 16-byte message pads to two blocks and decrypts back.
     assert len(msg) == 16 and len(b64(out, "cbc_ciphertext")) == 32 and len(b64(out, "cbc_iv")) == 16

@@ -51,6 +51,18 @@ public class HsmsimJava {
         v.initVerify(KeyFactory.getInstance("RSA").generatePublic(new X509EncodedKeySpec(rsa.getPublic().getEncoded())));
         v.update(msg);
         out("rsa_verified", v.verify(rsaSig));
+        PSSParameterSpec pss = new PSSParameterSpec("SHA-256", "MGF1", MGF1ParameterSpec.SHA256, 32, 1);
+        s = Signature.getInstance("RSASSA-PSS", p);
+        s.setParameter(pss);
+        s.initSign(rsa.getPrivate());
+        s.update(msg);
+        byte[] pssSig = s.sign();
+        v = Signature.getInstance("RSASSA-PSS");
+        v.setParameter(pss);
+        v.initVerify(KeyFactory.getInstance("RSA").generatePublic(new X509EncodedKeySpec(rsa.getPublic().getEncoded())));
+        v.update(msg);
+        out("pss_verified", v.verify(pssSig));
+        out("pss_signature", pssSig);
         out("rsa_public", rsa.getPublic().getEncoded());
         out("rsa_signature", rsaSig);
 
