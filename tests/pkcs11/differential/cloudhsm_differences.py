@@ -52,6 +52,13 @@ DIFFERENCES: dict[str, Difference] = {d.what: d for d in (
                "gives for Update (checklist 13)"),
     Difference("C_SignUpdate with CKM_RSA_X_509", "CKR_OPERATION_NOT_INITIALIZED", "CKR_OK",
                "§1.4 Sign/verify: CKM_RSA_X_509 is listed without 'single-part only' (checklist 13)"),
+    Difference("C_FindObjectsInit while a find is active", "CKR_OPERATION_ACTIVE", "CKR_OK",
+               "§1.8 item 10 'Incorrect sequence of function calls gives undefined results "
+               "instead of failing' (checklist 25)"),
+    Difference("C_GetAttributeValue(CKA_ALLOWED_MECHANISMS) of a key",
+               "CKR_OK/0", "CKR_ATTRIBUTE_TYPE_INVALID/UNAVAILABLE",
+               "§1.6 'AWS CloudHSM does not support all attributes' and its community note: "
+               "CKR_ATTRIBUTE_TYPE_INVALID for unsupported types (checklist 23)"),
 )}
 
 

@@ -397,7 +397,8 @@ def _attrs() -> Any:
 
 
 def secret_key(s: Session, key_type: int, value: bytes, *, extractable: bool = True,
-               sensitive: bool | None = None, label: str = "diff", **usage: bool) -> int:
+               sensitive: bool | None = None, label: str = "diff",
+               extra: tuple[tuple[int, Any], ...] = (), **usage: bool) -> int:
     """A session secret key with this value; usage flags (encrypt=True, ...) default to false."""
     A = _attrs()
     items: list[tuple[int, Any]] = [(A.CLASS, 4), (A.KEY_TYPE, key_type), (A.TOKEN, False),
@@ -407,7 +408,7 @@ def secret_key(s: Session, key_type: int, value: bytes, *, extractable: bool = T
         items.append((A.SENSITIVE, sensitive))
     for name in ("encrypt", "decrypt", "sign", "verify", "wrap", "unwrap", "derive"):
         items.append((getattr(A, name.upper()), bool(usage.get(name, False))))
-    rv, h = s.create(items)
+    rv, h = s.create(items + list(extra))
     assert rv == 0, f"{s.name}: C_CreateObject(secret key) {rv_name(rv)}"
     return h
 
