@@ -318,17 +318,21 @@ def _run_foreground(state: StateDir, args: argparse.Namespace, overrides: list[s
 def _print_ready(state: StateDir, cluster_id: str, endpoints: dict[str, Any], new: Any,
                  args: argparse.Namespace) -> None:
     env = client_env(state, {k: v for k, v in endpoints.items() if isinstance(v, str)})
+    try:  # the daemon's warnings now (an HSM count below what the availability check needs)
+        warnings = list(ControlClient(state.control_sock, timeout=5).call("status")["warnings"])
+    except ControlError:
+        warnings = list(endpoints.get("warnings") or ())
     if getattr(args, "json", False):
         out = {"cluster_id": cluster_id, "state_dir": str(state.root), "env": env,
                "module": env["HSMSIM_PKCS11_MODULE"], "pin": env["HSMSIM_PIN"],
                "kms_endpoint": env["AWS_ENDPOINT_URL_KMS"]}
         if new is not None:
             out["admin_password"] = new.admin_password
-        out["warnings"] = list(endpoints.get("warnings") or ())
+        out["warnings"] = warnings
         print(json.dumps(out, indent=2), flush=True)
         return
     spec = state.load_spec()
-    for w in endpoints.get("warnings") or ():
+    for w in warnings:
         print(f"hsmsim: warning: {w}", file=sys.stderr)
     print(f"hsmsim: cluster {cluster_id} is ready with {len(spec.hsms)} HSM(s): "
           + ", ".join(f"{h.hsm_id} ({h.az})" for h in spec.hsms))
@@ -341,9 +345,6 @@ def _print_ready(state: StateDir, cluster_id: str, endpoints: dict[str, Any], ne
     if new is not None:
         print(f"  admin password : {new.admin_password}   (shown once; stored in "
               f"{state.admin_password})")
-    if len(spec.hsms) < 2:
-        print("  note: CloudHSM's key availability check needs 2 HSMs; token keys cannot be "
-              "created in this cluster unless you start it with --disable-key-availability-check")
     print(_exports(env))
     state_flag = "" if state.root == Path(".hsmsim").absolute() else f" --state {shlex.quote(str(state.root))}"
     print(f"# in another shell: source .venv/bin/activate && eval \"$(hsmsim env{state_flag})\"",

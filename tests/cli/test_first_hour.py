@@ -93,3 +93,25 @@ def test_keys_named_by_label_or_uri(cli_cluster: HsmsimCluster, monkeypatch: pyt
     assert {(k["label"], k["class"]) for k in left if k["label"] in ("pair", "single")} == {
         ("pair", "PRIVATE_KEY")}
     assert c.cli("key", "delete", "pair").returncode == 0
+
+
+def test_one_hsm_cluster_warns_about_the_availability_check(tmp_path: Path) -> None:
+    from hsmsim.testing.cluster import free_port
+    state = tmp_path / "one"
+    state.mkdir()
+    (state / "hsmsim.toml").write_text(f"[kms]\nport = {free_port()}\n")
+    r = run_cli(["up", "--detach", "--azs", "1", "--state", str(state)])
+    try:
+        assert r.returncode == 0, r.stderr
+        assert "hsmsim: warning: the cluster has 1 HSM(s): CloudHSM's key availability check needs 2" in r.stderr
+        st = json.loads(run_cli(["status", "--json", "--state", str(state)]).stdout)
+        assert any("key availability check needs 2" in w for w in st["warnings"])
+        assert "key availability check needs 2" in run_cli(["status", "--state", str(state)]).stdout
+    finally:
+        run_cli(["down", "--state", str(state)])
+    r = run_cli(["up", "--detach", "--json", "--state", str(state), "--disable-key-availability-check"])
+    try:
+        assert r.returncode == 0, r.stderr
+        assert not any("availability" in w for w in json.loads(r.stdout)["warnings"])
+    finally:
+        run_cli(["down", "--state", str(state)])
