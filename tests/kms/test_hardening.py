@@ -306,6 +306,7 @@ def _closed_by_server(s: Any) -> bool:
 def _flood(tmp_path: Path, limit: int, n: int) -> None:
     import os
     import resource
+    import socket
     import subprocess
     import sys
     import time
@@ -350,6 +351,33 @@ def _flood(tmp_path: Path, limit: int, n: int) -> None:
             time.sleep(0.1)
         c = KmsEndpoint(f"http://127.0.0.1:{port}", state, "real", cluster.cluster_id, "").client()
         assert "Keys" in c.list_keys()  # and the endpoint serves again
+        for s in socks:
+            s.close()
+        # More gateway connections than the daemon has descriptors: those over the gateway's
+        # cap are closed at once, and `hsmsim status` and node restarts keep working.
+        from hsmsim.daemon.main import connection_caps
+        gateway_cap = connection_caps(limit)[1]
+        socks = []
+        for _ in range(limit + 20):
+            g = socket.socket(socket.AF_UNIX)
+            g.connect(str(cluster.socket_path))
+            socks.append(g)
+        deadline = time.monotonic() + 120
+        while sum(_closed_by_server(g) for g in socks) < limit + 20 - gateway_cap:
+            assert time.monotonic() < deadline, "connections over the gateway's cap stay open"
+            time.sleep(0.1)
+        assert cluster.status()["cluster_id"] == cluster.cluster_id
+        victim = cluster.hsm_ids[1]
+        old_pid = cluster.hsm(victim)["pid"]
+        cluster.crash(victim)
+        while (h := cluster.hsm(victim))["pid"] in (None, old_pid) or h["state"] != "ACTIVE":
+            assert time.monotonic() < deadline, h
+            time.sleep(0.2)
+        for g in socks:
+            g.close()
+        socks = []
+        r = subprocess.run([sys.executable, "-c", APP], env=app_env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.strip() == "32", r.stderr
     finally:
         for s in socks:
             s.close()
