@@ -33,8 +33,8 @@ DIFFERENCES: dict[str, Difference] = {d.what: d for d in (
     Difference("C_GetMechanismInfo(CKM_AES_GCM) flags",
                "CKF_ENCRYPT|CKF_DECRYPT", "CKF_ENCRYPT|CKF_DECRYPT|CKF_WRAP|CKF_UNWRAP",
                "§1.4 'Wrap / unwrap' list (CKM_AES_GCM) (checklist 16)"),
-    Difference("C_WrapKey / C_UnwrapKey with CKM_AES_KEY_WRAP or CKM_AES_KEY_WRAP_PAD",
-               "CKR_OK", "CKR_MECHANISM_INVALID",
+    Difference("C_WrapKey with CKM_AES_KEY_WRAP, then CKM_AES_KEY_WRAP_PAD",
+               "CKR_OK/CKR_OK", "CKR_MECHANISM_INVALID/CKR_MECHANISM_INVALID",
                "§1.4 'Wrap / unwrap': only the vendor CKM_CLOUDHSM_AES_KEY_WRAP_* (checklist 35)"),
     Difference("C_DeriveKey(CKM_ECDH1_DERIVE, kdf CKD_NULL)",
                "CKR_OK", "CKR_MECHANISM_PARAM_INVALID",
@@ -59,6 +59,10 @@ DIFFERENCES: dict[str, Difference] = {d.what: d for d in (
                "CKR_OK/0", "CKR_ATTRIBUTE_TYPE_INVALID/UNAVAILABLE",
                "§1.6 'AWS CloudHSM does not support all attributes' and its community note: "
                "CKR_ATTRIBUTE_TYPE_INVALID for unsupported types (checklist 23)"),
+    Difference("CKA_SENSITIVE / CKA_EXTRACTABLE of a generated secret key left to their defaults",
+               "00/00", "01/01",
+               "§1.6 SDK 3 attribute table defaults: CKA_SENSITIVE True, CKA_EXTRACTABLE True "
+               "(checklist 20)"),
 )}
 
 
@@ -73,6 +77,16 @@ class OracleDeviation:
 
 
 SOFTHSM_DEVIATIONS: dict[str, OracleDeviation] = {d.what: d for d in (
+    OracleDeviation("C_UnwrapKey(AES key wrap) of a corrupted wrapped key", "CKR_GENERAL_ERROR",
+                    "CKR_WRAPPED_KEY_INVALID", "PKCS#11 2.40 base §5.14 C_UnwrapKey return values; "
+                    "§2.14 RFC 3394 integrity check"),
+    OracleDeviation("C_DeriveKey(CKM_ECDH1_DERIVE) with a peer point off the curve",
+                    "CKR_GENERAL_ERROR", "CKR_MECHANISM_PARAM_INVALID",
+                    "PKCS#11 2.40 base §5.14 C_DeriveKey return values (the point is the "
+                    "mechanism parameter)"),
+    OracleDeviation("C_UnwrapKey(RSA) of a wrapped key shorter than the modulus",
+                    "CKR_GENERAL_ERROR", "CKR_WRAPPED_KEY_LEN_RANGE",
+                    "PKCS#11 2.40 base §5.14 C_UnwrapKey return values"),
     OracleDeviation("C_Decrypt(CKM_AES_GCM) with a wrong tag", "CKR_GENERAL_ERROR",
                     "CKR_ENCRYPTED_DATA_INVALID",
                     "PKCS#11 2.40 current mechanisms §2.11.x GCM / base §5.2 (issue 11 defect 8)"),
