@@ -8,9 +8,9 @@ Handles are cluster-wide: the same number on every node."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from hsmsim.pkcs11.attributes import Template
 from hsmsim.pkcs11.constants import UserType
@@ -84,13 +84,6 @@ class ClusterClient(Protocol):
     async def encrypt(self, login: Login, handle: int, mech: MechanismSpec, data: bytes) -> EncryptResult: ...
     async def decrypt(self, login: Login, handle: int, mech: MechanismSpec, data: bytes) -> bytes: ...
     async def sign(self, login: Login, handle: int, mech: MechanismSpec, data: bytes) -> bytes: ...
-    def submit(self, login: Login, handle: int, verb: str, mech: MechanismSpec, data: bytes,
-               done: Callable[[Any, BaseException | None], None]) -> bool:
-        """The fast path of encrypt/decrypt/sign (`verb`): send the call now, without a task,
-        and call `done(result, None)` or `done(None, error)` once from the event loop. False
-        when the call needs the awaiting method (which also retries and fails over); nothing
-        was sent then."""
-        ...
     async def verify(self, login: Login, handle: int, mech: MechanismSpec, data: bytes,
                      signature: bytes) -> None: ...  # CKR_SIGNATURE_INVALID on mismatch
     async def wrap_key(self, login: Login, wrapping: int, mech: MechanismSpec, key: int) -> bytes: ...

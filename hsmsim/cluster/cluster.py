@@ -730,59 +730,6 @@ class Cluster:
         return await self.run(login, (handle,), RV.KEY_HANDLE_INVALID,
                               lambda m, lid: m.client.sign(lid, handle, mech, data))  # type: ignore[union-attr, arg-type]
 
-    def submit(self, login: Login, handle: int, verb: str, mech: MechanismSpec, data: bytes,
-               done: Callable[[Any, BaseException | None], None]) -> bool:
-        """run()'s fast path for one key (api.ClusterClient.submit): taken when the key's next
-        HSM in the round-robin is connected, has no injected fault and already holds this
-        application's login. A lost or silent HSM is marked down as in run(); `done` then gets
-        NodeUnavailable and the caller retries on the slow path."""
-        rec = self._logins.get(login.login_id)
-        obj = self.objects.get(handle)
-        if rec is None or obj is None:
-            return False
-        try:
-            self._check_available(handle, obj)
-        except Pkcs11Error:
-            return False  # the slow path reports it
-        cands = self._candidates((handle,), RV.KEY_HANDLE_INVALID, set(), login.login_id)
-        if not cands:
-            return False
-        m = cands[0]
-        client, lid = m.client, m.logins.get(login.login_id)
-        if client is None or lid is None or m.latency_ms or m.throttle_rps:
-            return False
-        limit = self.config.request_timeout_s
-        finished = False
-
-        def finish(result: Any, exc: BaseException | None) -> None:
-            nonlocal finished
-            if finished:
-                return
-            finished = True
-            m.inflight -= 1
-            timer.cancel()
-            if isinstance(exc, NodeUnavailable):
-                m.mark_down(str(exc))
-                self._drop_session_objects(m)
-            done(result, exc)
-
-        def expire() -> None:
-            if not finished:
-                # NodeBusy (alive, slow: the caller retries on the slow path) or, for a silent
-                # node, NodeUnavailable after marking it down (see _timed_out)
-                finish(None, self._timed_out(m, limit))
-
-        timer = asyncio.get_running_loop().call_later(limit, expire)
-        m.inflight += 1
-        try:
-            client.submit(verb, lid, handle, mech, data, finish)
-        except (NodeUnavailable, Pkcs11Error):
-            finished = True  # nothing sent: the slow path reports or retries
-            m.inflight -= 1
-            timer.cancel()
-            return False
-        return True
-
     async def verify(self, login: Login, handle: int, mech: MechanismSpec, data: bytes,
                      signature: bytes) -> None:
         await self.run(login, (handle,), RV.KEY_HANDLE_INVALID,

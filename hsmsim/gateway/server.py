@@ -10,7 +10,6 @@ import os
 import ssl
 from collections import deque
 from collections.abc import Awaitable
-from functools import partial
 from pathlib import Path
 
 from hsmsim.cluster.api import ClusterClient
@@ -121,11 +120,8 @@ class Connection(asyncio.Protocol):
                     if op == Op.Finalize:
                         self._finalize()
                     continue
-                self.busy = True
-                if isinstance(reply, asyncio.Future):  # a cluster fast-path call in flight
-                    reply.add_done_callback(partial(self._answered, request_id, op))
-                else:  # the handler needs the cluster after all
-                    self.server.spawn(self._finish(request_id, op, reply))  # type: ignore[arg-type]
+                self.busy = True  # the handler needs the cluster: one awaiting path
+                self.server.spawn(self._finish(request_id, op, reply))  # type: ignore[arg-type]
                 continue
             afn = self.gw.async_.get(op)
             if afn is None:
@@ -133,18 +129,6 @@ class Connection(asyncio.Protocol):
                 continue
             self.busy = True
             self.server.spawn(self._finish(request_id, op, afn(self.app, Reader(body))))
-
-    def _answered(self, request_id: int, op: int, fut: "asyncio.Future[Reply]") -> None:
-        try:
-            if fut.cancelled():
-                reply: Reply = (int(RV.FUNCTION_FAILED), b"")
-            else:
-                exc = fut.exception()
-                reply = fut.result() if exc is None else self._translate(exc)  # type: ignore[arg-type]
-            self._send(request_id, op, reply)
-        finally:
-            self.busy = False
-            self._pump()
 
     async def _finish(self, request_id: int, op: int, pending: Awaitable[Reply]) -> None:
         try:

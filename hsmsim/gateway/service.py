@@ -4,14 +4,13 @@ mechanism table, local hashing, GCM IV rules, data limits, output-length convent
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import inspect
 import logging
 import os
 import struct
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
 from hsmsim.cluster.api import ClusterClient, Login
@@ -137,7 +136,6 @@ class Gateway:
         self._validated: dict[tuple[int, int, OpKind], tuple[float, Any]] = {}
         self._mechs: dict[tuple[OpKind, bytes], tuple[DecodedMechanism, MechanismInfo]] = {}
         self._serial = b"hsmsim"
-        self._pending: set[asyncio.Task[Reply]] = set()  # fast calls continuing on the slow path
         # sync handlers answer at once; a few (the *Init calls) may instead return an awaitable
         # when they need the cluster
         self.sync: dict[int, Callable[[Application, Reader], Reply | Awaitable[Reply]]] = {}
@@ -758,53 +756,7 @@ class Gateway:
         if len(data) > PIECE and call.verb != "sign" and streams(op.mech.mechanism):
             # More than one node request carries: streamed in pieces, as multi-part input is.
             return self._deliver(s, op, data, out, lambda: self._stream_all(app, op, data))
-        return self._submit(s, op, data, out, call)
-
-    def _submit(self, s: Session, op: Operation, data: bytes, out: OutSpec,
-                call: HsmCall) -> Awaitable[Reply]:
-        """Runs `call` on the cluster's fast path when it can take it (no task: the node's
-        answer completes the reply), else as a coroutine that retries and fails over. A fast
-        attempt that meets a lost or throttled HSM continues on the slow path."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Reply] = loop.create_future()
-
-        def slow() -> Coroutine[Any, Any, Reply]:
-            return self._deliver(s, op, data, out, lambda: self._run(op, call))
-
-        def done(result: Any, exc: BaseException | None) -> None:
-            if fut.done():
-                return
-            try:
-                if exc is None:
-                    op.cached, op.cached_iv = call.output(result)
-                    op.cached_input = data
-                    fut.set_result(self._answer(s, op, out))
-                elif isinstance(exc, Pkcs11Error) and not getattr(exc, "throttled", False):
-                    s.ops.pop(op.kind, None)
-                    fut.set_exception(exc)
-                else:  # an HSM lost or busy on the first try: the slow path retries elsewhere
-                    task = loop.create_task(slow())
-                    self._pending.add(task)
-                    task.add_done_callback(lambda t: self._copy_to(t, fut))
-            except Exception as e:  # noqa: BLE001 - reported to the caller, never raised into the cluster
-                if not fut.done():
-                    fut.set_exception(e)
-
-        if self.cluster.submit(call.login, op.key, call.verb, call.spec, call.data, done):
-            return fut
-        return slow()
-
-    def _copy_to(self, task: "asyncio.Task[Reply]", fut: "asyncio.Future[Reply]") -> None:
-        self._pending.discard(task)
-        if fut.done() or task.cancelled():
-            if not fut.done():
-                fut.cancel()
-            return
-        exc = task.exception()
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(task.result())
+        return self._deliver(s, op, data, out, lambda: self._run(op, call))
 
     async def _update(self, app: Application, r: Reader, kind: OpKind, with_out: bool) -> Reply:
         s = app.session(r.u64())

@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from hsmsim import __version__
@@ -107,15 +107,8 @@ class _Responses(asyncio.streams.FlowControlMixin, asyncio.Protocol):
         return self._closed
 
 
-Waiter = Callable[[Any, "BaseException | None"], None]
-
-
 def _encrypt_result(r: Any) -> EncryptResult:
     return EncryptResult(r["data"], r.get("iv"))
-
-
-# How submit() decodes each key operation's result (the same as the awaiting methods).
-_DECODE: dict[str, Callable[[Any], Any]] = {"encrypt": _encrypt_result, "decrypt": bytes, "sign": bytes}
 
 
 class NodeClient:
@@ -124,7 +117,7 @@ class NodeClient:
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self._writer = writer
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[Any] | Waiter] = {}
+        self._pending: dict[int, asyncio.Future[Any]] = {}
         self._closed: BaseException | None = None
         self.hello: Hello | None = None
         # When the node last answered anything on this connection (time.monotonic()): a node
@@ -193,11 +186,8 @@ class NodeClient:
             self._closed = exc
         pending, self._pending = self._pending, {}
         for waiter in pending.values():
-            if isinstance(waiter, asyncio.Future):
-                if not waiter.done():
-                    waiter.set_exception(exc)
-            else:
-                waiter(None, exc)
+            if not waiter.done():
+                waiter.set_exception(exc)
 
     def _on_payload(self, payload: bytes) -> bool:
         """One response frame (called by `_Responses`); False once the connection is unusable."""
@@ -212,9 +202,7 @@ class NodeClient:
                 if rid == 0 and msg.get("ok") is False:  # connection-level error
                     raise NodeUnavailable(f"node closed the connection: {msg.get('msg')}")
                 return True
-            if not isinstance(waiter, asyncio.Future):
-                waiter(msg, None)
-            elif not waiter.done():
+            if not waiter.done():
                 waiter.set_result(msg)
             return True
         except protocol.ProtocolError as exc:
@@ -225,7 +213,7 @@ class NodeClient:
             self._fail_all(NodeUnavailable(f"bad frame from node: {exc}"))
         return False
 
-    def _send(self, op: str, fields: dict[str, Any], waiter: "asyncio.Future[Any] | Waiter") -> int:
+    def _send(self, op: str, fields: dict[str, Any], waiter: "asyncio.Future[Any]") -> int:
         """Write one request whose response goes to `waiter`; returns its request id."""
         if self._closed is not None:
             raise NodeUnavailable(str(self._closed))
@@ -269,26 +257,6 @@ class NodeClient:
         finally:
             self._pending.pop(rid, None)
         return self.result_of(msg)
-
-    def submit(self, op: str, login_id: int, handle: int, mech: MechanismSpec, data: bytes,
-               done: "Waiter") -> None:
-        """Send one key operation ("encrypt", "decrypt" or "sign") now, without a task: `done`
-        is called with its decoded result (EncryptResult or bytes) and None, or with None and
-        the error (Pkcs11Error, NodeThrottled, NodeUnavailable), from the event loop. Raises
-        as `call` does when nothing could be sent."""
-        decode = _DECODE[op]
-        fields = {"login_id": login_id, "handle": handle, "mech": codec.mech_to_wire(mech),
-                  "data": data}
-
-        def answer(msg: dict[str, Any] | None, exc: BaseException | None) -> None:
-            result = None
-            if msg is not None:
-                try:
-                    result = decode(self.result_of(msg))
-                except (Pkcs11Error, KeyError, TypeError) as e:
-                    exc = e if isinstance(e, Pkcs11Error) else NodeUnavailable(f"bad answer from node: {e}")
-            done(result, exc)
-        self._send(op, fields, answer)
 
     async def _hello(self) -> Hello:
         r = await self.call("hello", versions=list(protocol.SUPPORTED_VERSIONS),
@@ -348,9 +316,10 @@ class NodeClient:
         """All user records as one masked (encrypted, authenticated) blob."""
         return bytes(await self.call("export_users"))
 
-    async def import_users(self, blob: bytes) -> int:
-        """Replace or add the users of a blob from export_users; returns how many changed."""
-        return int(await self.call("import_users", blob=blob))
+    async def import_users(self, blob: bytes, skip: Sequence[str] = ()) -> int:
+        """Converge with the users of a blob from export_users (newer credentials win; users
+        named in `skip` are not added); returns how many records changed."""
+        return int(await self.call("import_users", blob=blob, skip=list(skip)))
 
     # -- objects -----------------------------------------------------------------------------------
 

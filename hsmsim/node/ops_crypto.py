@@ -41,7 +41,6 @@ SOFTHSM_SYMMETRIC = {M.AES_CBC: KeyType.AES, M.AES_CBC_PAD: KeyType.AES, M.AES_E
 HMAC_HASHES = {M.SHA_1_HMAC: "sha1", M.SHA224_HMAC: "sha224", M.SHA256_HMAC: "sha256",
                M.SHA384_HMAC: "sha384", M.SHA512_HMAC: "sha512"}
 HMACS = frozenset(HMAC_HASHES)
-NOT_NOW = object()  # a fast handler's answer: take the general (awaiting) path
 RSA_WRAPS = frozenset({M.RSA_PKCS_OAEP, M.RSA_PKCS, M.RSA_AES_KEY_WRAP})
 RSA_AES_KEY_BITS = (128, 192, 256)
 
@@ -136,59 +135,6 @@ class CryptoOps(Ops):
         if b is None or b.key is not key:
             b = self.ctx.batchers[handle] = engine.SignBatcher(key)
         return b
-
-    # -- answered at once: keys already loaded into the C core or cached -----------------------
-    # The server calls these before the general handlers; NOT_NOW sends the request down the
-    # general path (which applies the same checks again and loads what is missing).
-
-    def _cached_gcm(self, conn: Conn, f: Fields, usage: int) -> tuple[AesGcmKey, Any, bytes] | None:
-        """(key, GCM parameters, data) when the request is AES-GCM on a loaded key, small
-        enough for the loop; None otherwise. Access is checked either way."""
-        login = self.cu_of(conn, f)
-        mech, data = f.mech(), f.bytes("data")
-        r = self.usable(login, f.handle(), usage, mech.mechanism)
-        if mech.mechanism not in engine.GCM_MECHS or len(data) > engine.INLINE_LIMIT:
-            return None
-        self.check_key_type(r, ObjectClass.SECRET_KEY, KeyType.AES)
-        key = self.engine.cached(r.handle)
-        return (key, mech.param, data) if isinstance(key, AesGcmKey) else None
-
-    def encrypt_now(self, conn: Conn, f: Fields) -> Any:
-        found = self._cached_gcm(conn, f, A.ENCRYPT)
-        if found is None:
-            return NOT_NOW
-        ct, iv = engine.gcm_encrypt(*found)
-        return {"data": ct, "iv": iv}
-
-    def decrypt_now(self, conn: Conn, f: Fields) -> Any:
-        found = self._cached_gcm(conn, f, A.DECRYPT)
-        return NOT_NOW if found is None else engine.gcm_decrypt(*found)
-
-    def sign_now(self, conn: Conn, f: Fields) -> Any:
-        """A signature, or a future of one (RSA PKCS#1 v1.5, batched), or NOT_NOW. RSA runs on
-        the loop thread here: a thread hop costs more CPU than the loop waits (see
-        engine.SignBatcher)."""
-        login = self.cu_of(conn, f)
-        mech, data = f.mech(), f.bytes("data")
-        r = self.usable(login, f.handle(), A.SIGN, mech.mechanism)
-        m = mech.mechanism
-        if m in engine.RSA_SIGN_MECHS:
-            self.check_key_type(r, ObjectClass.PRIVATE_KEY, KeyType.RSA)
-            priv = self.engine.cached(r.handle)
-            if not isinstance(priv, RsaPrivateKey):
-                return NOT_NOW
-            batchable = engine.pkcs1_batchable(m, data)
-            if batchable is not None:
-                return self._batcher(r.handle, priv).sign(*batchable)
-            return engine.rsa_sign(priv, m, mech.param, data)
-        if (m == M.ECDSA or m in ECDSA_HASH) and r.cls == ObjectClass.PRIVATE_KEY:
-            signer = self.engine.cached(r.handle)
-            if not isinstance(signer, engine.EcSigner) or not signer.inline:
-                return NOT_NOW
-            _, digest = self._softhsm_sign_mech(r, mech, data)
-            sig = signer.sign(digest)
-            return NOT_NOW if sig is None else sig
-        return NOT_NOW
 
     async def encrypt(self, conn: Conn, f: Fields) -> dict[str, Any]:
         login = self.cu_of(conn, f)

@@ -16,7 +16,6 @@ from hsmsim.node.codec import Fields
 from hsmsim.node.faults import Faults
 from hsmsim.node.protocol import Principal, ProtocolError
 from hsmsim.node.context import Conn
-from hsmsim.node.ops_crypto import NOT_NOW
 from hsmsim.node.service import NodeService
 from hsmsim.pkcs11.constants import RV
 from hsmsim.pkcs11.errors import Pkcs11Error
@@ -84,9 +83,6 @@ class NodeServer:
                 for r in s.audit.read(f.int("since_seq", 0), f.int("limit", 1000, lo=1,
                                                                      hi=10000))]),
         }
-        # answered without a task when the key is loaded and no fault is set
-        self.fast: dict[str, Callable[[Conn, Fields], Any]] = {
-            "encrypt": c.encrypt_now, "decrypt": c.decrypt_now, "sign": c.sign_now}
         missing = set(protocol.OPS) - set(self.handlers) - {"hello", "auth_cluster"}
         assert not missing, f"ops without handler: {missing}"
 
@@ -153,8 +149,7 @@ class NodeServer:
         return task
 
     def handle(self, c: "_Connection", payload: bytes) -> None:
-        """One request frame. Cached-key crypto is answered at once (or when its batch
-        completes); everything else runs as its own task, so requests run concurrently."""
+        """One request frame: each runs as its own task, so requests run concurrently."""
         rid: Any = 0
         try:
             try:
@@ -170,17 +165,6 @@ class NodeServer:
             op = msg.get("op")
             if not isinstance(op, str) or op not in protocol.OPS:
                 raise Pkcs11Error(RV.ARGUMENTS_BAD, f"unknown op {str(op)[:40]!r}")
-            fast = self.fast.get(op)
-            if fast is not None and c.conn.hello and self.faults.idle:
-                f = Fields(msg)
-                self._check_principal(c.conn, op, f)
-                result = fast(c.conn, f)
-                if result is not NOT_NOW:
-                    if isinstance(result, asyncio.Future):
-                        result.add_done_callback(lambda fut: self._finish(c, rid, fut))
-                    else:
-                        c.send({"id": rid, "ok": True, "result": result})
-                    return
         except Pkcs11Error as exc:
             c.send(_error(rid, exc.rv, str(exc)))
             return
@@ -189,18 +173,6 @@ class NodeServer:
             c.send(_error(rid, RV.GENERAL_ERROR, "internal error in the HSM node"))
             return
         c.track(self.spawn(self._request(c, rid, op, msg)))
-
-    def _finish(self, c: "_Connection", rid: Any, fut: "asyncio.Future[Any]") -> None:
-        if fut.cancelled():
-            return
-        exc = fut.exception()
-        if exc is None:
-            c.send({"id": rid, "ok": True, "result": fut.result()})
-        elif isinstance(exc, Pkcs11Error):
-            c.send(_error(rid, exc.rv, str(exc)))
-        else:
-            log.error("request failed", exc_info=exc)
-            c.send(_error(rid, RV.GENERAL_ERROR, "internal error in the HSM node"))
 
     async def _request(self, c: "_Connection", rid: Any, op: str, msg: dict[str, Any]) -> None:
         try:

@@ -155,57 +155,32 @@ def test_user_changes_reach_a_node_that_was_away(fresh3: Harness) -> None:
     h.call(h.cluster.logout(co))
 
 
-def _submit(h: Harness, login: object, handle: int, verb: str, spec: MechanismSpec,
-            data: bytes) -> tuple[bool, object, BaseException | None]:
-    """Cluster.submit (the gateway's fast path) as one call: (taken, result, error)."""
-    import asyncio
-
-    async def go() -> tuple[bool, object, BaseException | None]:
-        fut: asyncio.Future[tuple[object, BaseException | None]] = \
-            asyncio.get_running_loop().create_future()
-        taken = h.cluster.submit(login, handle, verb, spec, data,  # type: ignore[arg-type]
-                                 lambda r, e: fut.set_result((r, e)))
-        if not taken:
-            return False, None, None
-        result, error = await fut
-        return True, result, error
-    return h.call(go())
-
-
-def test_fast_path_answers_and_hands_a_frozen_node_back_to_the_slow_path(fresh3: Harness) -> None:
+def test_one_call_path_answers_and_fails_over_from_a_frozen_node(fresh3: Harness) -> None:
+    """The daemon's single awaiting path (no fast path beside it, issue 12): an HSM's own
+    answer (a wrong tag) is not retried elsewhere; a frozen HSM is marked down and the call
+    completes on another."""
     import os
     import signal
 
-    from hsmsim.node.client import NodeUnavailable
     h = fresh3
     login = h.login()
     key = h.call(h.cluster.generate_key(login, AES_GEN, aes_template(), 1))
-    _roundtrip(h, login, key)  # logs the application in on the HSMs it used
+    _roundtrip(h, login, key)
     h.wait_converged()
-    for _ in range(3):
-        _roundtrip(h, login, key)
-    taken, ct, err = _submit(h, login, key, "encrypt", GCM, b"fast")
-    assert taken and err is None
-    dec = MechanismSpec(int(Mechanism.AES_GCM), GcmParams(iv=ct.iv or b"", aad=b"", tag_bits=128))  # type: ignore[attr-defined]
-    assert _submit(h, login, key, "decrypt", dec, ct.data) == (True, b"fast", None)  # type: ignore[attr-defined]
-    # a wrong tag is the HSM's answer, not a reason to retry elsewhere
-    taken, _, err = _submit(h, login, key, "decrypt", dec, b"\x00" * len(ct.data))  # type: ignore[attr-defined]
-    assert taken and isinstance(err, Pkcs11Error) and err.rv == RV.ENCRYPTED_DATA_INVALID
+    ct = h.call(h.cluster.encrypt(login, key, GCM, b"one path"))
+    dec = MechanismSpec(int(Mechanism.AES_GCM), GcmParams(iv=ct.iv or b"", aad=b"", tag_bits=128))
+    assert h.call(h.cluster.decrypt(login, key, dec, ct.data)) == b"one path"
+    with pytest.raises(Pkcs11Error) as e:
+        h.call(h.cluster.decrypt(login, key, dec, b"\x00" * len(ct.data)))
+    assert e.value.rv == RV.ENCRYPTED_DATA_INVALID
+    assert all(m.usable for m in h.cluster.members.values())
     victim = h.cluster.members[h.hsm_ids[0]]
     assert victim.pid is not None
     os.kill(victim.pid, signal.SIGSTOP)
     try:
-        outcomes = []
-        for _ in range(6):  # round-robin reaches the frozen HSM within three calls
-            outcomes.append(_submit(h, login, key, "encrypt", GCM, b"x"))
-            if outcomes[-1][2] is not None:
-                break
-        lost = [e for taken, _, e in outcomes if taken and e is not None]
-        assert len(lost) == 1 and isinstance(lost[0], NodeUnavailable), outcomes
-        assert not victim.usable  # marked down, as the awaiting path does
-        assert all(taken for taken, _, _ in outcomes)
-        # the next calls go to the two others
-        assert all(_submit(h, login, key, "encrypt", GCM, b"x")[2] is None for _ in range(3))
+        for _ in range(4):  # round-robin reaches the frozen HSM within three calls
+            assert h.call(h.cluster.encrypt(login, key, GCM, b"x")).data
+        assert not victim.usable
     finally:
         os.kill(victim.pid, signal.SIGCONT)
     h.wait_converged(30)
