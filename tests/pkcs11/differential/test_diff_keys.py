@@ -321,3 +321,15 @@ def test_unwrap_of_a_truncated_aes_wrapped_key(pair: tuple[Session, Session]) ->
         wrapped = s.wrap(Mechanism(mech[s.name]), kek, _target(s, KeyType.AES, bytes(16))).data or b""
         out.append(rv_name(s.unwrap(Mechanism(mech[s.name]), kek, wrapped[:-3], AES_TARGET)[0]))
     assert out[0] == out[1]
+
+
+def test_rsa_1024_is_below_cloudhsms_sizes(pair: tuple[Session, Session]) -> None:
+    out = {}
+    for s in pair:
+        rv, _, _ = s.generate_key_pair(
+            Mechanism(M.RSA_PKCS_KEY_PAIR_GEN),
+            [(A.TOKEN, False), (A.MODULUS_BITS, 1024), (A.PUBLIC_EXPONENT, b"\x01\x00\x01"),
+             (A.VERIFY, True)], [(A.TOKEN, False), (A.SIGN, True)])
+        out[s.name] = rv_name(rv)
+    expect("C_GenerateKeyPair(CKM_RSA_PKCS_KEY_PAIR_GEN) of 1024 bits", out["SoftHSM2"],
+           out["hsmsim"])
