@@ -118,7 +118,8 @@ def _sunpkcs11_config(state: StateDir, module: str) -> Path | None:
     text = _SUNPKCS11.format(module=module)
     try:
         if not path.is_file() or path.read_text() != text:
-            path.write_text(text)
+            from hsmsim import files
+            files.write_private(path, text)  # 0600 whatever the umask
     except OSError:
         return None
     return path
