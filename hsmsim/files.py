@@ -1,10 +1,11 @@
 """Files hsmsim writes into a state directory: explicit modes (never the caller's umask),
 all-or-nothing appends of records, and telling a full disk from a broken one.
 
-Modes: every directory 0700, every file and socket 0600. The one exception is the cluster CA's
-certificate (`ca/ca.crt`, 0644), which is public by nature; it sits in a 0700 directory tree, so
-only the owner can reach it anyway. The PKCS#11 module and the package itself are installed by
-pip and are not written here."""
+Modes: every directory 0700, every file and socket 0600. The exceptions are public, non-secret
+files that other programs read: the cluster CA's certificate (`ca/ca.crt`, 0644) and the
+p11-kit module file `hsmsim env` may write (`hsmsim.module`, 0644); they sit in a 0700 tree,
+so only the owner can reach them anyway. The PKCS#11 module and the package itself are
+installed by pip and are not written here."""
 
 from __future__ import annotations
 

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from hsmsim.testing.cluster import free_port
 
-SHARED = {"ca/ca.crt": 0o644}  # public by nature (README "Files and modes")
+# Public, non-secret files meant to be read by other programs (inside the 0700 tree, so only by
+# the owner's): the CA certificate, and p11-kit's module file when `hsmsim env` writes one.
+SHARED = {"ca/ca.crt": 0o644, "hsmsim.module": 0o644}
 
 
 def hsmsim(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -51,8 +53,9 @@ def test_up_under_umask_000_keeps_everything_private(tmp_path: Path) -> None:
                  if path not in SHARED and mode & 0o077}
         assert not wrong, f"group/other bits under umask 000: {wrong}"
         assert seen["."] == 0o700
+        assert seen["ca/ca.crt"] == SHARED["ca/ca.crt"]
         for path, mode in SHARED.items():
-            assert seen[path] == mode, (path, oct(seen[path]))
+            assert seen.get(path, mode) == mode, (path, oct(seen[path]))
         dirs = [p for p in seen if (state / p).is_dir() and not (state / p).is_symlink()]
         assert all(seen[d] == 0o700 for d in dirs), {d: oct(seen[d]) for d in dirs}
     finally:
