@@ -167,8 +167,14 @@ def suite_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     cluster.down()
 
 
+@pytest.mark.timeout(900)
 def test_python_pkcs11_suite_passes(suite_cluster, tmp_path: Path,  # type: ignore[no-untyped-def]
                                     request: pytest.FixtureRequest) -> None:
+    try:
+        import parameterized  # noqa: F401  (python-pkcs11's tests import it)
+    except ImportError:
+        pytest.fail("python-pkcs11's tests need `parameterized`: install the test extras "
+                    "(`make build`)", pytrace=False)
     version = importlib.metadata.version("python-pkcs11")
     suite = _extract_tests(_sdist(version), tmp_path)
     _apply_patch(tmp_path)
@@ -180,7 +186,7 @@ def test_python_pkcs11_suite_passes(suite_cluster, tmp_path: Path,  # type: igno
     junit = tmp_path / "junit.xml"
     r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:hsmsim",
                         "-q", "-rs", "--timeout=300", f"--junitxml={junit}", "tests"],
-                       cwd=suite.parent, env=env, capture_output=True, text=True, timeout=900,
+                       cwd=suite.parent, env=env, capture_output=True, text=True, timeout=840,
                        stdin=subprocess.DEVNULL, start_new_session=True)
     assert junit.exists(), f"python-pkcs11's suite did not run ({r.returncode}):\n{r.stdout[-3000:]}{r.stderr[-2000:]}"
     result = _parse(junit, version)
