@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import importlib
 import json
 import logging
@@ -199,6 +200,16 @@ class Daemon:
                 self.endpoints["kms"] = str(svc.url)
                 if kcfg_mod is not None:
                     kcfg_mod.remember_port(self.state.root, int(svc.port))
+            except OSError as exc:
+                # Never leave clients pointed at an endpoint this cluster does not own: a busy
+                # port (another cluster's KMS, moto, LocalStack) fails `up` instead of a warning
+                # that `hsmsim env` would contradict.
+                port = getattr(kcfg, "port", "?")
+                why = ("is in use by another process" if exc.errno == errno.EADDRINUSE
+                       else f"cannot be opened ({exc.strerror or exc})")
+                raise DaemonError(
+                    f"the KMS port {port} {why}. Choose another with `hsmsim config set kms.port "
+                    "N` (0: any free port) or HSMSIM_KMS_PORT=N, then `hsmsim up` again") from None
             except Exception as exc:
                 log.exception("the KMS endpoint failed to start")
                 self.warnings.append(f"the KMS endpoint did not start: {exc} (choose another "

@@ -115,3 +115,34 @@ def test_one_hsm_cluster_warns_about_the_availability_check(tmp_path: Path) -> N
         assert not any("availability" in w for w in json.loads(r.stdout)["warnings"])
     finally:
         run_cli(["down", "--state", str(state)])
+
+
+def test_a_busy_kms_port_fails_up_instead_of_pointing_elsewhere(tmp_path: Path) -> None:
+    import socket
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    port = squatter.getsockname()[1]
+    state = tmp_path / "busy"
+    state.mkdir()
+    (state / "hsmsim.toml").write_text(f"[kms]\nport = {port}\n")
+    try:
+        r = run_cli(["up", "--detach", "--azs", "2", "--state", str(state)])
+        assert r.returncode != 0, r.stdout
+        assert f"the KMS port {port} is in use by another process" in r.stderr, r.stderr
+        assert "hsmsim config set kms.port" in r.stderr
+        # Nothing keeps running: no daemon, no HSM node.
+        assert run_cli(["status", "--state", str(state)]).returncode != 0
+        import subprocess
+        nodes = subprocess.run(["pgrep", "-f", f"node serve --state {state}"], capture_output=True,
+                               text=True)
+        assert nodes.stdout == "", f"HSM nodes left running: {nodes.stdout}"
+    finally:
+        squatter.close()
+        run_cli(["down", "--state", str(state)])
+    r = run_cli(["up", "--detach", "--json", "--state", str(state)])  # the port is free again
+    try:
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["kms_endpoint"] == f"http://127.0.0.1:{port}"
+    finally:
+        run_cli(["down", "--state", str(state)])
