@@ -13,6 +13,8 @@ DEBS   := softhsm2 opensc libengine-pkcs11-openssl nginx-light libssl-dev libffi
 # tests/clients: the JDK (SunPKCS11), Go with Debian's crypto11 (GOPATH mode) and g++ for
 # pkcs11js's node-gyp build; node and npm come with the machine, pkcs11js from npm at test time
 DEBS   += default-jdk-headless golang-go golang-github-thalesignite-crypto11-dev g++
+# tests/clients: OpenSSH, GnuTLS's p11tool/certtool, p11-kit and its proxy module
+DEBS   += openssh-client gnutls-bin p11-kit p11-kit-modules
 NATIVE_SRC := $(shell find native softhsm-config -type f 2>/dev/null) setup.py pyproject.toml
 PYTEST_ARGS ?=
 

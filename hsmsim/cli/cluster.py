@@ -76,6 +76,8 @@ def client_env(state: StateDir, endpoints: dict[str, str] | None = None,
     sunpkcs11 = _sunpkcs11_config(state, module)
     if sunpkcs11 is not None:
         env["HSMSIM_SUNPKCS11_CONFIG"] = str(sunpkcs11)
+    for var, path in _tool_files(state, module):
+        env[var] = str(path)
     for k, v in (("AWS_ACCESS_KEY_ID", "hsmsimAKIAEXAMPLE"),
                  ("AWS_SECRET_ACCESS_KEY", "hsmsim-secret-not-checked"),
                  ("AWS_DEFAULT_REGION", "us-east-1")):
@@ -123,6 +125,37 @@ def _sunpkcs11_config(state: StateDir, module: str) -> Path | None:
     except OSError:
         return None
     return path
+
+
+# p11-kit loads a module named by a `.module` file in ~/.config/pkcs11/modules/ (for root:
+# /etc/pkcs11/modules/); link this one there. OpenSSH reads a PIN only from a terminal or an
+# SSH_ASKPASS program: this one prints $HSMSIM_PIN from its caller's environment, so no secret is
+# written to disk. Set SSH_ASKPASS to it per command, never for the whole shell (every ssh
+# prompt would be answered with the HSM's PIN).
+_TOOL_FILES = (
+    ("HSMSIM_P11KIT_MODULE_FILE", "hsmsim.module", 0o644, "module: {module}\n"),
+    ("HSMSIM_SSH_ASKPASS", "ssh-askpass", 0o700,
+     "#!/bin/sh\n# SSH_ASKPASS for a PKCS#11 PIN prompt: the caller's $HSMSIM_PIN.\n"
+     "printf '%s\\n' \"$HSMSIM_PIN\"\n"),
+)
+
+
+def _tool_files(state: StateDir, module: str) -> list[tuple[str, Path]]:
+    """STATE/hsmsim.module (p11-kit) and STATE/ssh-askpass (OpenSSH), written when missing or
+    changed, with the variables that name them; a file that cannot be written is left out."""
+    from hsmsim.files import write_private
+    out = []
+    for var, name, mode, template in _TOOL_FILES:
+        path = state.root / name
+        text = template.format(module=module)
+        try:
+            fresh = path.is_file() and path.read_text() == text
+            if not fresh or path.stat().st_mode & 0o777 != mode:
+                write_private(path, text, mode)
+        except OSError:
+            continue
+        out.append((var, path))
+    return out
 
 
 def _kms_endpoint(state: StateDir) -> str:
