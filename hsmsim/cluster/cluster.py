@@ -206,6 +206,9 @@ class Cluster:
         members = self.usable()
         if not members:
             raise Pkcs11Error(RV.DEVICE_ERROR, "no HSM of the cluster is reachable")
+        # Converge first, then log in: a password sent to an HSM holding an older record of the
+        # user would count as a failed login there, and the lockout is per HSM.
+        await self._converge_before_login(members, username)
         results = await asyncio.gather(
             *(self._login_on(m, m.client, user_type, username, password)  # type: ignore[arg-type]
               for m in members), return_exceptions=True)
@@ -222,6 +225,17 @@ class Cluster:
         # A locked account anywhere, or a refusal by every HSM, fails the login. An HSM that
         # refused while others accepted (a user not yet synced to it) is retried lazily.
         locked = [e for e in errors if e.rv == RV.PIN_LOCKED]
+        if errors and ok and not locked:
+            # Never hidden: the user's records still differ (an HSM unreachable while they
+            # converged, or a change racing this login). Reported with counts, and converged
+            # now in the background; that HSM is not asked again for this login (node_login).
+            refused = [m.hsm_id for m, r in zip(members, results)
+                       if isinstance(r, Pkcs11Error) and not isinstance(r, NodeThrottled)]
+            log.warning("login of %s refused by %d of %d HSMs (%s: %s) while the others "
+                        "accepted it: its user records differ; converging them",
+                        username, len(refused), len(members), ", ".join(refused),
+                        errors[0].rv.name)
+            self.spawn_bg(self.converge_users(), "converge-users")
         if locked or not ok:
             for m, lid in ok:
                 self.spawn_bg(self._quiet(m.client.logout(lid)))  # type: ignore[union-attr]
@@ -810,24 +824,118 @@ class Cluster:
         await self._user_everywhere(login, lambda m, lid: m.client.delete_user(lid, username))  # type: ignore[union-attr]
         self.journal.append({"t": "user_tomb", "u": username})
 
+    async def _credential_change(self, login: Login,
+                                 fn: Callable[[Member, int], Awaitable[Any]]) -> None:
+        """A change of a user's credential (password, unlock): made on one HSM, whose new
+        record (salt, hash, credential version) is then copied to the others, so that every
+        HSM holds the same record with the same version. An HSM that misses it gets it when
+        it is reconciled (converge_users)."""
+        done: list[Member] = []
+
+        async def once(m: Member, lid: int | None) -> None:
+            assert lid is not None
+            await fn(m, lid)
+            done.append(m)
+
+        await self.run(login, (), RV.DEVICE_ERROR, once)
+        src = done[0]
+        others = [m for m in self.usable() if m is not src]
+        if not await self.converge_users([src, *others]):
+            for m in others:
+                m.converged = False
+        for m in self.members.values():
+            if not m.usable:
+                m.converged = False
+
     async def change_password(self, login: Login, username: str, password: str) -> None:
-        await self._user_everywhere(login, lambda m, lid: m.client.change_password(  # type: ignore[union-attr]
+        await self._credential_change(login, lambda m, lid: m.client.change_password(  # type: ignore[union-attr]
             lid, username, password))
         rec = self._logins.get(login.login_id)
         if rec is not None and rec.login.username == username:
             rec.password = password
 
     async def unlock_user(self, login: Login, username: str) -> None:
-        await self._user_everywhere(login, lambda m, lid: m.client.unlock_user(lid, username))  # type: ignore[union-attr]
+        await self._credential_change(login, lambda m, lid: m.client.unlock_user(lid, username))  # type: ignore[union-attr]
 
     async def list_users(self, login: Login) -> list[UserInfo]:
         users = await self.run(login, (), RV.DEVICE_ERROR,
                                lambda m, lid: m.client.list_users(lid))  # type: ignore[union-attr]
         return [UserInfo(u.username, u.role, u.locked, u.failed_logins) for u in users]
 
+    async def converge_users(self, members: Sequence[Member] | None = None) -> bool:
+        """Converge the user records of `members` (default: every usable HSM): the first one
+        imports every other one's records, then the others import its own; an import keeps,
+        per user, the newest credential (hsmsim.node.users.credential_key), so all end with
+        the newest record each user has anywhere. Records travel masked (salted hashes, never
+        a password); users the cluster deleted are not added back. False if an HSM could not
+        take part (it stays behind until its next reconciliation)."""
+        ms = [m for m in (self.usable() if members is None else members) if m.client is not None]
+        if len(ms) < 2:
+            return True
+        hub, others = ms[0], ms[1:]
+        skip = sorted(self.journal.user_tombstones)
+        ok = True
+
+        async def pull(x: Member) -> None:
+            blob = await self.timed(x, x.client.export_users())  # type: ignore[union-attr]
+            await self.timed(hub, hub.client.import_users(blob, skip))  # type: ignore[union-attr]
+
+        async def push(x: Member, blob: bytes) -> None:
+            await self.timed(x, x.client.import_users(blob, skip))  # type: ignore[union-attr]
+
+        for x in others:  # one at a time: the hub's imports are its own store's writes
+            try:
+                await pull(x)
+            except (NodeUnavailable, Pkcs11Error) as exc:
+                log.info("user convergence: records of %s not read (%s)", x.hsm_id, exc)
+                ok = False
+        try:
+            blob = await self.timed(hub, hub.client.export_users())  # type: ignore[union-attr]
+        except (NodeUnavailable, Pkcs11Error) as exc:
+            log.info("user convergence: records of %s not read (%s)", hub.hsm_id, exc)
+            return False
+        results = await asyncio.gather(*(push(x, blob) for x in others), return_exceptions=True)
+        for x, r in zip(others, results):
+            if isinstance(r, BaseException):
+                log.info("user convergence: %s not updated (%s)", x.hsm_id, r)
+                ok = False
+        return ok
+
+    async def _user_versions(self, members: Sequence[Member],
+                             username: str | None = None) -> dict[str, dict[str, int]]:
+        """{username: {hsm_id: credential version}} over the members that answer."""
+        out: dict[str, dict[str, int]] = {}
+        ms = [m for m in members if m.client is not None]
+        results = await asyncio.gather(
+            *(self.timed(m, m.client.list_users(None)) for m in ms),  # type: ignore[union-attr]
+            return_exceptions=True)
+        for m, r in zip(ms, results):
+            if isinstance(r, BaseException):
+                continue
+            for u in r:
+                if username is None or u.username == username:
+                    out.setdefault(u.username, {})[m.hsm_id] = u.version
+        return out
+
+    async def _converge_before_login(self, members: Sequence[Member], username: str) -> None:
+        """Converge the users first when `username`'s record differs across `members` (an HSM
+        that missed a change and has not been reconciled yet). One user listing per HSM (no
+        password hash), so a login costs little more than before."""
+        try:
+            versions = (await self._user_versions(members, username)).get(username, {})
+        except Exception as exc:  # best effort: the login itself reports what is wrong
+            log.info("user versions before the login of %s not read: %s", username, exc)
+            return
+        if versions and (len(set(versions.values())) > 1 or len(versions) < len(members)):
+            log.warning("user %s differs across HSMs (versions %s): converging the user "
+                        "records before logging in", username,
+                        ", ".join(f"{h}={v}" for h, v in sorted(versions.items())))
+            await self.converge_users(members)
+
     async def list_users_cluster(self) -> list[dict[str, Any]]:
         """`user list` for the CLI (no login, as CloudHSM CLI): each user's coverage across
-        the reachable HSMs ("full" or "inconsistent")."""
+        the reachable HSMs ("full", or "inconsistent" when an HSM lacks the user or holds
+        another version of its record: `versions` maps HSM ids to them)."""
         members = self.usable()
         per: dict[str, dict[str, Any]] = {}
         results = await asyncio.gather(
@@ -840,14 +948,16 @@ class Cluster:
             ok += 1
             for u in r:
                 e = per.setdefault(u.username, {"username": u.username, "role": u.role,
-                                                "locked": set(), "hsms": 0})
+                                                "locked": set(), "hsms": 0, "versions": {}})
                 e["locked"].add(u.locked)
                 e["hsms"] += 1
+                e["versions"][m.hsm_id] = u.version
         out = []
         for e in per.values():
             locked = e.pop("locked")
             e["locked"] = "inconsistent" if len(locked) > 1 else str(locked.pop()).lower()
-            e["cluster-coverage"] = "full" if e.pop("hsms") == ok else "inconsistent"
+            same = len(set(e["versions"].values())) == 1
+            e["cluster-coverage"] = "full" if e.pop("hsms") == ok and same else "inconsistent"
             out.append(e)
         return sorted(out, key=lambda e: e["username"])
 

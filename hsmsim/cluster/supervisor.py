@@ -147,15 +147,11 @@ class Supervisor:
             mine = invs.get(m.hsm_id)
             if mine is None or m.generation != gen:
                 return
-            # users
-            if refs:
-                src = refs[0]
-                try:
-                    blob = await c.timed(src, src.client.export_users())  # type: ignore[union-attr]
-                    await c.timed(m, m.client.import_users(blob))  # type: ignore[union-attr]
-                except (NodeUnavailable, Pkcs11Error) as exc:
-                    log.info("user sync to %s failed: %s", m.hsm_id, exc)
-                    return
+            # users: converged both ways, as keys are: `m` may hold a newer record than the
+            # others (e.g. a password changed while it was the only HSM up), or an older one.
+            if refs and not await c.converge_users([m] + refs):
+                log.info("user sync of %s failed; it is retried", m.hsm_id)
+                return
             await self._apply_user_tombstones(m)
             # objects the member holds that the cluster does not know (e.g. the daemon died
             # between creation and its record): adopt them, the others get copies.

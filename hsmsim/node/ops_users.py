@@ -12,7 +12,8 @@ from hsmsim.node.codec import Fields
 from hsmsim.node.context import Conn, Login, NodeContext, Ops
 from hsmsim.node.masking import USERS_KIND
 from hsmsim.node.users import (UserRecord, check_password, check_role, check_username,
-                               decode_user, encode_user, hash_password, role_of, verify_password)
+                               credential_key, decode_user, encode_user, hash_password,
+                               next_cred_version, role_of, verify_password)
 from hsmsim.node.values import ROLE_CO, ROLE_CU
 from hsmsim.pkcs11.constants import RV
 from hsmsim.pkcs11.errors import Pkcs11Error
@@ -171,7 +172,7 @@ class UserOps(Ops):
 
     async def _new_user(self, username: str, role: str, password: str) -> UserRecord:
         salt, digest = await self._hash(hash_password, password)
-        return UserRecord(username, role, salt, digest)
+        return UserRecord(username, role, salt, digest, cred_version=next_cred_version(0))
 
     async def initialize_users(self, conn: Conn, f: Fields) -> None:
         co, cu = check_username(f.str("co_username")), check_username(f.str("cu_username"))
@@ -236,8 +237,9 @@ class UserOps(Ops):
             raise Pkcs11Error(RV.USER_TYPE_INVALID, "only an admin may change another user's password")
         u = self._user(username)
         salt, digest = await self._hash(hash_password, password)
-        u = self.users.bump(self._user(username), salt=salt, pw_hash=digest, failed=0,
-                            locked=False)
+        u = self._user(username)
+        u = self.users.bump(u, salt=salt, pw_hash=digest, failed=0, locked=False,
+                            cred_version=next_cred_version(u.cred_version))
         self.users.stage(u)
         await self.ks.in_store(self.users.put, u)
         self.audit.record("user_password", username=username, by=login.username)
@@ -245,7 +247,11 @@ class UserOps(Ops):
     async def unlock_user(self, conn: Conn, f: Fields) -> None:
         co = self.co_of(conn, f)
         username = check_username(f.str("username"))
-        u = self.users.bump(self._user(username), failed=0, locked=False)
+        # An unlock is an admin's change that every HSM must see (like a password reset), so it
+        # moves the credential version: an HSM that was down gets it when it returns.
+        u = self._user(username)
+        u = self.users.bump(u, failed=0, locked=False,
+                            cred_version=next_cred_version(u.cred_version))
         self.users.stage(u)
         await self.ks.in_store(self.users.put, u)
         self.audit.record("user_unlock", username=username, by=co.username)
@@ -254,7 +260,7 @@ class UserOps(Ops):
         if not conn.cluster:
             self.login_of(conn, f)
         return [{"username": u.username, "role": u.role, "locked": u.locked,
-                 "failed_logins": u.failed} for u in sorted(self.users.users.values(),
+                 "failed_logins": u.failed, "version": u.cred_version} for u in sorted(self.users.users.values(),
                                                             key=lambda u: u.username)]
 
     def export_users(self) -> bytes:
@@ -263,18 +269,38 @@ class UserOps(Ops):
                                                    self.users.users.values()]})
 
     async def import_users(self, f: Fields) -> int:
+        """Converge this node's users with a blob of another node's (cluster sync): a user this
+        node lacks is added, unless named in `skip` (users the cluster deleted: an HSM that
+        missed the deletion must not bring them back); a user it has takes the incoming
+        credential (role, salt, hash, credential version) only if that one is newer (see
+        users.credential_key). The failure count and lock of this node are not imported: they
+        are per HSM (CloudHSM); a newer credential clears them here, as the password change or
+        unlock it carries did on the HSMs that saw it."""
         masking, _ = self.ks.require_masking()
         record = masking.open(USERS_KIND, f.bytes("blob"))
+        skip_raw = f.raw("skip") or []
+        if not isinstance(skip_raw, list) or not all(isinstance(x, str) for x in skip_raw):
+            raise Pkcs11Error(RV.ARGUMENTS_BAD, "field 'skip' must be a list of usernames")
+        skip = set(skip_raw)
         incoming = [decode_user(d) for d in record.get("users", [])]
         changed = 0
         for u in incoming:
             have = self.users.get(u.username)
-            if have is None and len(self.users.users) >= self.ctx.max_users:
-                raise Pkcs11Error(RV.DEVICE_MEMORY, f"user quota reached ({self.ctx.max_users})")
-            if have is None or u.version > have.version:
-                self.users.stage(u)
-                await self.ks.in_store(self.users.put, u)
-                changed += 1
-        if changed:
-            self.audit.record("user_import", count=changed)
+            if have is None:
+                if u.username in skip:
+                    continue
+                if len(self.users.users) >= self.ctx.max_users:
+                    raise Pkcs11Error(RV.DEVICE_MEMORY,
+                                      f"user quota reached ({self.ctx.max_users})")
+                new = UserRecord(u.username, u.role, u.salt, u.pw_hash,
+                                 cred_version=u.cred_version)
+            elif credential_key(u) > credential_key(have):
+                new = self.users.bump(have, role=u.role, salt=u.salt, pw_hash=u.pw_hash,
+                                      cred_version=u.cred_version, failed=0, locked=False)
+            else:
+                continue
+            self.users.stage(new)
+            await self.ks.in_store(self.users.put, new)
+            changed += 1
+            self.audit.record("user_import", username=u.username, version=u.cred_version)
         return changed

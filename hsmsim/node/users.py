@@ -12,6 +12,7 @@ import hmac
 import os
 import re
 import sqlite3
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -37,11 +38,33 @@ class UserRecord:
     pw_hash: bytes
     failed: int = 0
     locked: bool = False
-    version: int = 1  # bumped on every change; newer wins on import
+    # This node's revision of the record, bumped on every change (a counted failure too): the
+    # record in memory only moves forward (UserStore.put). Never compared across HSMs.
+    version: int = 1
+    # The credential's version, kept by the cluster: set by a change an admin or the user makes
+    # (create, password change, unlock: see next_cred_version) and carried as is by export and
+    # import. The credential (role, salt, hash) with the highest (cred_version, hash, salt)
+    # wins when HSMs converge. Failed-login counts and the lockout stay per HSM (CloudHSM:
+    # "counted per node") and never change it.
+    cred_version: int = 0
 
     @property
     def user_type(self) -> int:
         return int(UserType.SO) if self.role == ROLE_CO else int(UserType.USER)
+
+
+def next_cred_version(previous: int) -> int:
+    """The credential version of a change made now: above `previous` (per user, monotonic) and
+    at least the wall clock in microseconds, so that changes made on different HSMs while they
+    could not see each other are ordered by when they were made (a hybrid logical clock; the
+    HSMs of a cluster share one host clock here)."""
+    return max(previous + 1, time.time_ns() // 1000)
+
+
+def credential_key(u: UserRecord) -> tuple[int, bytes, bytes]:
+    """Order of credentials across HSMs: the newest wins; an exact tie on the version (two
+    changes in the same microsecond) is broken by the hash, the same way on every HSM."""
+    return (u.cred_version, u.pw_hash, u.salt)
 
 
 def role_of(user_type: int) -> str:
@@ -92,7 +115,8 @@ def verify_password(record: UserRecord, password: str) -> bool:
 
 def encode_user(u: UserRecord) -> dict[str, object]:
     return {"username": u.username, "role": u.role, "salt": u.salt, "hash": u.pw_hash,
-            "failed": u.failed, "locked": u.locked, "version": u.version}
+            "failed": u.failed, "locked": u.locked, "version": u.version,
+            "cred_version": u.cred_version}
 
 
 def decode_user(d: dict[str, object]) -> UserRecord:
@@ -100,8 +124,11 @@ def decode_user(d: dict[str, object]) -> UserRecord:
         salt, digest = d["salt"], d["hash"]
         if not isinstance(salt, bytes) or not isinstance(digest, bytes):
             raise TypeError("salt and hash must be bytes")
+        version = int(d["version"])  # type: ignore[call-overload]
+        # A record written before credential versions existed: its revision stands in.
+        cred = int(d.get("cred_version", version))  # type: ignore[call-overload]
         u = UserRecord(check_username(d["username"]), check_role(d["role"]), salt, digest,
-                       int(d["failed"]), bool(d["locked"]), int(d["version"]))  # type: ignore[call-overload]
+                       int(d["failed"]), bool(d["locked"]), version, cred)  # type: ignore[call-overload]
     except (KeyError, TypeError, ValueError):
         raise Pkcs11Error(RV.WRAPPED_KEY_INVALID, "malformed user record") from None
     return u

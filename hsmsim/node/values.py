@@ -25,6 +25,7 @@ class NodeUser:
     role: str  # ROLE_CO | ROLE_CU
     locked: bool
     failed_logins: int
+    version: int = 0  # the credential's version (UserRecord.cred_version)
 
 
 @dataclass(frozen=True)
