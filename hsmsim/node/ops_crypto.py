@@ -22,7 +22,7 @@ from hsmsim.node.context import Conn, Ops
 from hsmsim.node.index import ObjectRecord
 from hsmsim.node.keystore import value_len
 from hsmsim.node.softhsm import raw_template
-from hsmsim.pkcs11.constants import (KDF, RV, Attribute as A, KeyType, Mechanism as M,
+from hsmsim.pkcs11.constants import (RV, Attribute as A, KeyType, Mechanism as M,
                                      ObjectClass)
 from hsmsim.pkcs11.errors import Pkcs11Error
 from hsmsim.pkcs11.params import Ecdh1Params, GcmParams, MechanismSpec, RawParams, RsaAesKeyWrapParams
@@ -468,7 +468,6 @@ class CryptoOps(Ops):
                                    gen_mech=None)
         attrs[A.VALUE_LEN] = length
         p = mech.param
-        material: bytes | None = None
         if m == M.SP800_108_COUNTER_KDF:
             if not isinstance(p, RawParams):
                 raise Pkcs11Error(RV.MECHANISM_PARAM_INVALID, "SP 800-108 needs its parameters")
@@ -476,10 +475,16 @@ class CryptoOps(Ops):
             if params.prf == M.AES_CMAC and base.key_type != KeyType.AES:
                 raise Pkcs11Error(RV.KEY_TYPE_INCONSISTENT, "the AES-CMAC PRF needs an AES key")
             material = kdf.counter_kdf(params, await self.ks.material(base), length)
-        elif isinstance(p, Ecdh1Params) and p.kdf != KDF.NULL:
+        else:
+            # CloudHSM's ECDH takes only its X9.63 KDFs (reference §1.4 Derive, checklist 36):
+            # CKD_NULL (the raw shared secret, which SoftHSM2 derives) is refused like any other
+            # KDF it lacks.
+            if not isinstance(p, Ecdh1Params):
+                raise Pkcs11Error(RV.MECHANISM_PARAM_INVALID, "ECDH needs CK_ECDH1_DERIVE_PARAMS")
             name = kdf.X963_HASHES.get(p.kdf)
             if name is None:
-                raise Pkcs11Error(RV.MECHANISM_PARAM_INVALID, f"unsupported ECDH KDF 0x{p.kdf:x}")
+                raise Pkcs11Error(RV.MECHANISM_PARAM_INVALID, f"unsupported ECDH KDF 0x{p.kdf:x} "
+                                  "(CloudHSM: CKD_CLOUDHSM_X963_SHA*_KDF only)")
             z = await self.ks.in_hsm(kdf.ecdh_shared, await self.ks.material(base),
                                      p.public_data)
             material = kdf.x963(name, z, p.shared_data, length)
@@ -487,20 +492,15 @@ class CryptoOps(Ops):
         soft_t = policy.softhsm_template(ObjectClass.SECRET_KEY, int(kt), handle, rec.token,
                                          {A.VALUE_LEN: length})
         hsm = self.ks.hsm
-        if material is None:  # ECDH with CKD_NULL: SoftHSM2 derives
-            soft_b = self.ks.soft_handle(base.handle)
-            await self.ks.create([rec], lambda: [hsm.derive_key(mech, soft_b,
-                                                                raw_template(soft_t.items()))])
-        else:
-            # Created from the material derived in this process, as an unwrapped key.
-            soft_t.pop(A.VALUE_LEN, None)  # computed by SoftHSM2 on creation
-            soft_t[A.VALUE] = material
+        # Created from the material derived in this process, as an unwrapped key.
+        soft_t.pop(A.VALUE_LEN, None)  # computed by SoftHSM2 on creation
+        soft_t[A.VALUE] = material
 
-            def make() -> list[int]:
-                return [hsm.create_object(raw_template(soft_t.items()))]
-            try:
-                await self.ks.create([rec], make)
-            finally:
-                soft_t.clear()
+        def make() -> list[int]:
+            return [hsm.create_object(raw_template(soft_t.items()))]
+        try:
+            await self.ks.create([rec], make)
+        finally:
+            soft_t.clear()
         self.audit.record("key_derive", handle=handle, base=base.handle, owner=login.username)
         return handle

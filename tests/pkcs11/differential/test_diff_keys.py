@@ -294,9 +294,6 @@ def test_ecdh_derive(pair: tuple[Session, Session], ec_keys: tuple[Any, Any]) ->
                                         template)[0]))
 
 
-@pytest.mark.xfail(strict=True, reason="difference reported to the lead (not in issue 11's list): "
-                   "hsmsim's ECDH accepts kdf CKD_NULL (raw shared secret); CloudHSM takes only its "
-                   "X9.63 KDFs (reference §1.4 Derive, checklist 36)")
 def test_ecdh_without_a_kdf(pair: tuple[Session, Session], ec_keys: tuple[Any, Any]) -> None:
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
     alice, bob = ec_keys
