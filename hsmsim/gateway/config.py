@@ -49,3 +49,6 @@ class GatewayConfig:
     # CKF_USER_PIN_INITIALIZED, which makes libp11/OpenSSL refuse to log in. We set the flag by
     # default so pkcs11-tool and the OpenSSL engine work; false reproduces the 0x404 flags.
     user_pin_initialized_flag: bool = True
+    # One daemon.log line per PKCS#11 call (function, session, mechanism, lengths, return value
+    # and reason; never data or PINs), for debugging client code: HSMSIM_GATEWAY_TRACE_CALLS=1.
+    trace_calls: bool = False

@@ -17,12 +17,21 @@ from hsmsim.errors import ConfigError, HsmsimError
 from hsmsim.gateway import protocol as P
 from hsmsim.gateway.config import GatewayConfig
 from hsmsim.gateway.protocol import Op, Reader
+from hsmsim.gateway import trace
 from hsmsim.gateway.service import Gateway, Reply
 from hsmsim.gateway.state import Application, new_token
 from hsmsim.pkcs11.constants import RV
 from hsmsim.pkcs11.errors import Pkcs11Error
 
 log = logging.getLogger(__name__)
+trace_log = logging.getLogger("hsmsim.trace")
+
+
+def _op_name(op: int) -> str:
+    try:
+        return "C_" + Op(op).name
+    except ValueError:
+        return f"opcode {op}"
 
 
 class Connection(asyncio.Protocol):
@@ -37,6 +46,8 @@ class Connection(asyncio.Protocol):
         self.pending: deque[bytes] = deque()
         self.busy = False
         self.closed = False
+        self._frame = b""  # the request in flight (one per connection), for the call trace
+        self._reason = ""  # why it was refused, for the call trace
 
     # -- asyncio.Protocol --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -92,12 +103,16 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
 
     def _send(self, request_id: int, op: int, reply: Reply) -> None:
+        if self.gw.config.trace_calls and self.app is not None and op != Op.HELLO:
+            trace_log.info(trace.line(str(self.app.pid), op, self._frame, reply[0], reply[1],
+                                      self._reason))
+            self._reason = ""
         if self.transport is not None and not self.closed:
             self.transport.write(P.response(request_id, op, reply[0], reply[1]))
 
     def _pump(self) -> None:
         while self.pending and not self.busy and not self.closed:
-            frame = self.pending.popleft()
+            frame = self._frame = self.pending.popleft()
             request_id, op, _flags = P.REQUEST_HEADER.unpack_from(frame)
             body = memoryview(frame)[P.REQUEST_HEADER.size:]
             if self.app is None:
@@ -114,7 +129,7 @@ class Connection(asyncio.Protocol):
                 try:
                     reply = fn(self.app, Reader(body))
                 except Exception as exc:  # noqa: BLE001 - translated once, here
-                    reply = self._translate(exc)
+                    reply = self._translate(exc, op)
                 if type(reply) is tuple:  # answered at once (most calls)
                     self._send(request_id, op, reply)
                     if op == Op.Finalize:
@@ -135,15 +150,19 @@ class Connection(asyncio.Protocol):
             try:
                 reply = await pending
             except Exception as exc:  # noqa: BLE001 - translated once, here
-                reply = self._translate(exc)
+                reply = self._translate(exc, op)
             self._send(request_id, op, reply)
         finally:
             self.busy = False
             self._pump()
 
-    @staticmethod
-    def _translate(exc: Exception) -> Reply:
+    def _translate(self, exc: Exception, op: int) -> Reply:
         if isinstance(exc, Pkcs11Error):
+            if exc.rv != RV.BUFFER_TOO_SMALL:
+                # Every refusal is logged with its reason (never a secret: Pkcs11Error messages
+                # are written for logs), as CloudHSM's client logs name why a call failed.
+                self._reason = str(exc)
+                log.info("%s refused with %s: %s", _op_name(op), exc.rv.name, self._reason or "-")
             return int(exc.rv), b""
         if isinstance(exc, (HsmsimError, OSError, asyncio.TimeoutError)):
             # CloudHSM maps an HSM it cannot use to CKR_FUNCTION_FAILED (UG:troubleshoot-hsm-throttling).
