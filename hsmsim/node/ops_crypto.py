@@ -364,12 +364,18 @@ class CryptoOps(Ops):
         m = mech.mechanism
         hsm = self.ks.hsm
         if m in AES_WRAPS:
+            # RFC 3394 output is n+1 >= 3 blocks of 8 bytes, RFC 5649's >= 2: any other length is
+            # CKR_WRAPPED_KEY_LEN_RANGE (PKCS#11 2.40 §5.14; SoftHSM2 checks the same bounds).
+            padded = AES_WRAPS[m] == M.AES_KEY_WRAP_PAD  # type: ignore[index]
+            if len(data) % 8 or len(data) < (16 if padded else 24):
+                raise Pkcs11Error(RV.WRAPPED_KEY_LEN_RANGE, "wrapped key length is not a multiple "
+                                  f"of 8 bytes of at least {16 if padded else 24}")
             _wrapping_key_type(unwrapping, ObjectClass.SECRET_KEY, KeyType.AES, unwrap=True)
             # Unwrapped in the node (SoftHSM 2.6.1 loses CKA_VALUE_LEN on unwrap); the KEK is
             # unmasked inside this process only.
             kek = await self.ks.material(unwrapping)
             try:
-                if AES_WRAPS[m] == M.AES_KEY_WRAP_PAD:  # type: ignore[index]
+                if padded:
                     material = aes_key_unwrap_with_padding(kek, data)
                 else:
                     material = aes_key_unwrap(kek, data)

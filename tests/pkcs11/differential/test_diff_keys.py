@@ -305,10 +305,6 @@ def test_ecdh_without_a_kdf(pair: tuple[Session, Session], ec_keys: tuple[Any, A
     expect("C_DeriveKey(CKM_ECDH1_DERIVE, kdf CKD_NULL)", out["SoftHSM2"], out["hsmsim"])
 
 
-@pytest.mark.xfail(strict=True, reason="difference reported to the lead (not in issue 11's list): "
-                   "C_UnwrapKey(CKM_CLOUDHSM_AES_KEY_WRAP_*) of a wrapped key whose length is not a "
-                   "multiple of 8 gives hsmsim CKR_WRAPPED_KEY_INVALID; PKCS#11 2.40 (and SoftHSM2) "
-                   "CKR_WRAPPED_KEY_LEN_RANGE")
 def test_unwrap_of_a_truncated_aes_wrapped_key(pair: tuple[Session, Session]) -> None:
     soft, hsm = pair
     mech = {soft.name: M.AES_KEY_WRAP, hsm.name: M.CLOUDHSM_AES_KEY_WRAP_NO_PAD}
