@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,17 +24,19 @@ from .conftest import AES_GEN, Harness, aes_template
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    disk = tmp_path / "disk"
-    disk.mkdir()
+def small_disk() -> Iterator[Path]:
+    """A 96 MiB tmpfs mounted for this test (at a short path: Unix socket paths are short)."""
+    disk = Path(tempfile.mkdtemp(prefix="hsmsim-disk-", dir="/tmp"))
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m,mode=0700", "tmpfs", str(disk)],
                        capture_output=True, text=True)
     if r.returncode != 0:
+        disk.rmdir()
         pytest.skip(f"cannot mount a tmpfs to fill (needs root): {r.stderr.strip()}")
     try:
         yield disk
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+        shutil.rmtree(disk, ignore_errors=True)
 
 
 def fill(disk: Path) -> Path:
