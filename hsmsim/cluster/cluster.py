@@ -920,7 +920,8 @@ class Cluster:
     async def _converge_before_login(self, members: Sequence[Member], username: str) -> None:
         """Converge the users first when `username`'s record differs across `members` (an HSM
         that missed a change and has not been reconciled yet). One user listing per HSM (no
-        password hash), so a login costs little more than before."""
+        password hash), so a login costs little more than before. FIDELITY: CloudHSM does not
+        document this; it keeps a stale HSM from counting failed logins (README, "Fidelity")."""
         try:
             versions = (await self._user_versions(members, username)).get(username, {})
         except Exception as exc:  # best effort: the login itself reports what is wrong

@@ -41,7 +41,9 @@ class UserRecord:
     # This node's revision of the record, bumped on every change (a counted failure too): the
     # record in memory only moves forward (UserStore.put). Never compared across HSMs.
     version: int = 1
-    # The credential's version, kept by the cluster: set by a change an admin or the user makes
+    # FIDELITY: CloudHSM does not document how HSMs reconcile users after an outage; hsmsim
+    # converges them by this version (README, "Fidelity"). The credential's version, kept by the
+    # cluster: set by a change an admin or the user makes
     # (create, password change, unlock: see next_cred_version) and carried as is by export and
     # import. The credential (role, salt, hash) with the highest (cred_version, hash, salt)
     # wins when HSMs converge. Failed-login counts and the lockout stay per HSM (CloudHSM:

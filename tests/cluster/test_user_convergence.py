@@ -211,3 +211,38 @@ def test_newer_record_on_the_last_hsm_back_reaches_the_others(fresh3: Harness) -
     # and the cluster login reports no HSM refusing it
     login = h.login("bob", "bob-password-2")
     assert all(login.login_id in x.logins for x in c.members.values())
+
+
+def test_login_converges_a_divergent_user_first(fresh3: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    """A record that differs when an application logs in (here: changed on one HSM behind the
+    daemon's back, as by an HSM that missed the change and is not reconciled yet) is converged
+    before the password is tried: no HSM counts a failed login, and the daemon says so."""
+    h = fresh3
+    c = h.cluster
+    admin = h.login("admin", "admin-password-1", UserType.SO)
+    h.call(c.create_user(admin, "carol", "crypto-user", "carol-password-1"))
+    one = c.members[h.hsm_ids[1]]
+    assert one.client is not None
+
+    async def change_on_one() -> None:
+        assert one.client is not None
+        info = await one.client.login(UserType.SO, "admin", "admin-password-1")
+        await one.client.change_password(info.login_id, "carol", "carol-password-2")
+        await one.client.logout(info.login_id)
+    h.call(change_on_one())
+    caplog.set_level("INFO", logger="hsmsim")
+    login = h.login("carol", "carol-password-2")
+    assert all(login.login_id in x.logins for x in c.members.values())
+    assert "user carol differs across HSMs" in caplog.text
+
+    async def failures() -> dict[str, int]:
+        out = {}
+        for x in c.members.values():
+            assert x.client is not None
+            recs = await x.client.audit_read(0, 10000)
+            out[x.hsm_id] = sum(1 for r in recs if r.event == "login_failed"
+                                and r.fields.get("username") == "carol")
+        return out
+    assert set(h.call(failures()).values()) == {0}
+    versions = _node_versions(h, "carol")
+    assert len(set(versions.values())) == 1, versions
