@@ -14,6 +14,19 @@ from hsmsim.errors import ConfigError
 
 DEFAULT_PORT = 4599
 
+# The commercial ("aws" partition) Regions, as botocore's endpoints.json lists them. A request
+# signed for one of these Regions that is not configured answers like a Region that is not
+# enabled for the account; any other Region name like a credential scoped to no valid Region.
+COMMERCIAL_REGIONS = (
+    "af-south-1", "ap-east-1", "ap-east-2", "ap-northeast-1", "ap-northeast-2", "ap-northeast-3",
+    "ap-south-1", "ap-south-2", "ap-southeast-1", "ap-southeast-2", "ap-southeast-3",
+    "ap-southeast-4", "ap-southeast-5", "ap-southeast-6", "ap-southeast-7", "ca-central-1",
+    "ca-west-1", "eu-central-1", "eu-central-2", "eu-north-1", "eu-south-1", "eu-south-2",
+    "eu-west-1", "eu-west-2", "eu-west-3", "il-central-1", "me-central-1", "me-south-1",
+    "mx-central-1", "sa-east-1", "us-east-1", "us-east-2", "us-west-1", "us-west-2")
+KNOWN_REGIONS = frozenset(COMMERCIAL_REGIONS) | {
+    "cn-north-1", "cn-northwest-1", "us-gov-east-1", "us-gov-west-1"}
+
 
 @dataclass(frozen=True)
 class KmsConfig:
@@ -28,7 +41,10 @@ class KmsConfig:
     move the KMS clock forward (scheduled deletions, automatic rotation); off, `/_hsmsim/*`
     answers 404. `max_connections` caps the endpoint's open connections (the daemon lowers it
     further to fit its file-descriptor limit); a connection over the cap gets a 503 and is
-    closed. `idle_timeout_seconds` closes a connection that has not sent a whole request header
+    closed. `region` is the default Region (the one `hsmsim env` exports and the one a store
+    made before Regions migrates to); `regions` lists the Regions served (empty: every
+    commercial Region), each request picking its Region from its SigV4 credential scope.
+    `idle_timeout_seconds` closes a connection that has not sent a whole request header
     within that time (idle keep-alive connections too) and answers 408 to a body that does not
     arrive within it.
 
@@ -40,6 +56,7 @@ class KmsConfig:
     port: int = DEFAULT_PORT
     account_id: str = "111122223333"
     region: str = "us-east-1"
+    regions: tuple[str, ...] = ()
     strict_sigv4: bool = False
     principals: tuple[str, ...] = ()
     enforce_policies: bool = True
@@ -63,6 +80,11 @@ class KmsConfig:
             raise ConfigError("kms.idle_timeout_seconds must be more than 0 and at most 3600")
         if self.max_request_bytes < 1024:
             raise ConfigError("kms.max_request_bytes must be at least 1024")
+        for r in self.allowed_regions:
+            if not (r and all(c.isalnum() or c == "-" for c in r) and r == r.lower()):
+                raise ConfigError(f"kms.regions entries must be Region names like us-east-1, not {r!r}")
+        if self.region not in self.allowed_regions:
+            raise ConfigError(f"kms.region {self.region!r} must be one of kms.regions")
         for entry in self.principals:
             parts = entry.split("=", 2)
             if len(parts) not in (2, 3) or not parts[0] or not parts[1].startswith("arn:"):
@@ -71,10 +93,19 @@ class KmsConfig:
     def principal_table(self) -> dict[str, tuple[str, str | None]]:
         """Access key id -> (principal ARN, secret or None)."""
         table: dict[str, tuple[str, str | None]] = {}
+        for r in self.allowed_regions:
+            if not (r and all(c.isalnum() or c == "-" for c in r) and r == r.lower()):
+                raise ConfigError(f"kms.regions entries must be Region names like us-east-1, not {r!r}")
+        if self.region not in self.allowed_regions:
+            raise ConfigError(f"kms.region {self.region!r} must be one of kms.regions")
         for entry in self.principals:
             parts = entry.split("=", 2)
             table[parts[0]] = (parts[1], parts[2] if len(parts) == 3 else None)
         return table
+
+    @property
+    def allowed_regions(self) -> tuple[str, ...]:
+        return self.regions or COMMERCIAL_REGIONS
 
     @property
     def root_arn(self) -> str:

@@ -48,8 +48,9 @@ def _new_password() -> str:
 
 
 class KeyStores:
-    def __init__(self, cluster: ClusterClient, store: Store, fleet: Fleet) -> None:
+    def __init__(self, cluster: ClusterClient, store: Store, fleet: Fleet, cluster_here: bool = True) -> None:
         self._cluster = cluster
+        self._cluster_here = cluster_here
         self._store = store
         self._fleet = fleet
         self._logins: dict[str, Login] = {}
@@ -77,7 +78,10 @@ class KeyStores:
         return self._logins.get(store_id) if self.connected(store_id) else None
 
     async def cluster_info(self, cluster_id: str) -> ClusterInfo:
-        """The cluster a store names; CloudHsmClusterNotFound unless it is ours."""
+        """The cluster a store names; CloudHsmClusterNotFound unless it is ours (and this is
+        the cluster's Region)."""
+        if not self._cluster_here:
+            raise e.ClusterNotFound(f"Cluster {cluster_id} was not found.")
         try:
             info = await self._cluster.info()
         except Pkcs11Error:

@@ -27,23 +27,60 @@ DAY = 86400.0
 
 
 class Kms:
-    def __init__(self, cluster: ClusterClient, config: KmsConfig, state_dir: Path, store: Store) -> None:
+    """The KMS of one Region. The Regions of one endpoint share the database (each sees its own
+    keys, aliases, grants and custom key stores), the clock, the key-material fleet and the
+    cluster; `in_region` gives another Region's KMS."""
+
+    def __init__(self, cluster: ClusterClient, config: KmsConfig, state_dir: Path, store: Store,
+                 region: str | None = None, home: Kms | None = None) -> None:
         self.cluster = cluster
         self.config = config
         self.state_dir = state_dir
-        self.store = store
-        self.clock = Clock(stored_offset(store.get_meta("clock_offset")))
-        self.fleet = Fleet(cluster, state_dir)
-        self.cluster_keys = ClusterKeys(cluster)
-        self.keystores = KeyStores(cluster, store, self.fleet)
+        self._region = region or config.region
+        self.store = store.view(self._region)
         self.principals = config.principal_table()
-        start = store.get_meta("tracking_start")
-        if start is None:
-            start = repr(self.clock.now())
-            store.set_meta("tracking_start", start)
-        self.tracking_start = float(start)
-        self.last_usage: dict[str, dict[str, Any]] = store.last_usage()
+        if home is None:
+            self.home: Kms = self
+            self.clock = Clock(stored_offset(store.get_meta("clock_offset")))
+            self.fleet = Fleet(cluster, state_dir)
+            self.cluster_keys = ClusterKeys(cluster)
+            self._regions: dict[str, Kms] = {self._region: self}
+            start = store.get_meta("tracking_start")
+            if start is None:
+                start = repr(self.clock.now())
+                store.set_meta("tracking_start", start)
+            self.tracking_start = float(start)
+        else:
+            self.home = home
+            self.clock = home.clock
+            self.fleet = home.fleet
+            self.cluster_keys = home.cluster_keys
+            self._regions = home._regions
+            self.tracking_start = home.tracking_start
+        # FIDELITY: the simulated CloudHSM cluster lives in the default Region ([kms] region);
+        # in any other Region its cluster id is CloudHsmClusterNotFoundException, as a cluster
+        # of another Region is on AWS.
+        self.keystores = KeyStores(cluster, self.store, self.fleet, cluster_here=self._region == config.region)
+        self.last_usage: dict[str, dict[str, Any]] = self.store.last_usage()
         self._usage_dirty: dict[str, dict[str, Any]] = {}
+
+    def in_region(self, region: str) -> Kms:
+        """The KMS of `region` (one of the configured Regions) on this endpoint."""
+        found = self._regions.get(region)
+        if found is None:
+            found = Kms(self.cluster, self.config, self.state_dir, self.store, region, self.home)
+            self._regions[region] = found
+        return found
+
+    def regional(self) -> list[Kms]:
+        """The Regions' KMSs in use so far (every Region with stored keys or stores included
+        once `open_stored_regions` ran)."""
+        return list(self._regions.values())
+
+    def open_stored_regions(self) -> None:
+        for region in self.store.regions():
+            if region in self.config.allowed_regions:
+                self.in_region(region)
 
     def used(self, key_id: str, op: str, when: float, event_id: str, request_id: str) -> None:
         """Remembers a key's last successful cryptographic operation (GetKeyLastUsage)."""
@@ -61,7 +98,7 @@ class Kms:
     # -- identifiers ------------------------------------------------------------------------
     @property
     def region(self) -> str:
-        return self.config.region
+        return self._region
 
     @property
     def account(self) -> str:

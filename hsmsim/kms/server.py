@@ -114,8 +114,9 @@ class KmsServer:
             self._listener.close()
         await self._runner.cleanup()
         kms = self.service.kms
-        kms.flush_usage()
-        await kms.keystores.close()
+        for regional in kms.regional():
+            regional.flush_usage()
+            await regional.keystores.close()
         await kms.fleet.close()
         self.service.audit.close()
         kms.store.close()
@@ -201,8 +202,9 @@ async def start_kms(cluster: ClusterClient, config: KmsConfig, state_dir: Path,
     """Opens the store in `state_dir/kms/`, reconnects custom key stores that were connected,
     and serves the endpoint on config.host:config.port (port 0 picks a free port), with at most
     min(config.max_connections, max_connections) connections open at once."""
-    store = Store(state_dir / "kms" / "kms.sqlite3")
+    store = Store(state_dir / "kms" / "kms.sqlite3", config.region)  # a schema-1 store migrates to this Region
     kms = Kms(cluster, config, state_dir, store)
+    kms.open_stored_regions()
     service = KmsService(kms, AuditLog(state_dir))
     # Keep-alive clients must not hold the daemon's shutdown for long. keepalive_timeout also
     # bounds how long a connection may take to send a whole request header (aiohttp closes a
@@ -231,7 +233,8 @@ async def start_kms(cluster: ClusterClient, config: KmsConfig, state_dir: Path,
         port = int(sock.getsockname()[1])
     server = KmsServer(service, runner, f"http://{config.host}:{port}", listener)
     server.max_connections = cap
-    await kms.keystores.resume()
+    for regional in kms.regional():
+        await regional.keystores.resume()
     try:
         await service.sweep()
     except Exception:

@@ -13,6 +13,7 @@ from typing import Any
 from hsmsim.kms import errors as e
 from hsmsim.kms import sigv4, wire
 from hsmsim.kms.audit import AuditLog
+from hsmsim.kms.config import KNOWN_REGIONS
 from hsmsim.kms.ops import HANDLERS
 from hsmsim.kms.ops.common import Call
 from hsmsim.kms.ops.sweep import sweep
@@ -47,9 +48,9 @@ class HttpResponse:
 
 class KmsService:
     def __init__(self, kms: Kms, audit: AuditLog) -> None:
-        self.kms = kms
+        self.kms = kms  # the default Region's KMS; a request's Region picks its own
         self.audit = audit
-        self.quotas = Quotas() if kms.config.quotas else None
+        self._quotas: dict[str, Quotas] = {}  # per Region, as AWS's quotas are per account and Region
         self._sweep_lock = asyncio.Lock()  # the periodic sweep and a clock move never overlap
 
     async def handle(self, req: HttpRequest) -> HttpResponse:
@@ -66,6 +67,7 @@ class KmsService:
         params: dict[str, Any] = {}
         call: Call | None = None
         access_key = ""
+        kms = self.kms
         unit = self.kms.store.begin()
         try:
             lower = {k.lower(): v for k, v in req.headers.items()}
@@ -74,22 +76,24 @@ class KmsService:
                 # FIDELITY: real KMS picks the protocol by content type; anything that is not
                 # JSON is refused here with a SerializationException.
                 raise e.Malformed("Content-Type must be application/x-amz-json-1.1")
-            access_key = self._authenticate(req, lower)
-            caller = self.kms.caller_for(access_key)
+            access_key, region = self._authenticate(req, lower)
+            kms = self.kms.in_region(region)
+            caller = kms.caller_for(access_key)
             call = Call(caller)
             params = wire.decode_request(op, req.body)
             handler = HANDLERS.get(op)
             if handler is None:
                 raise e.Unsupported(f"{op} is not supported by hsmsim.")
             if params.get("GrantTokens"):
-                self.kms.check_grant_tokens(params["GrantTokens"])
-            if self.quotas is not None:
-                self.quotas.check(op)
+                kms.check_grant_tokens(params["GrantTokens"])
+            if kms.config.quotas:
+                quotas = self._quotas.setdefault(region, Quotas())
+                quotas.check(op)
                 if op in CRYPTO_OPS:
-                    self._store_quota(params)
-            output = await handler(self.kms, call, params)
+                    self._store_quota(kms, quotas, params)
+            output = await handler(kms, call, params)
             body = wire.encode_response(output)
-            event_id, line = self._render(req, op, params, call, access_key, None)
+            event_id, line = self._render(kms, req, op, params, call, access_key, None)
             writes = bool(unit.writes)
 
             def append_audit() -> None:
@@ -104,13 +108,13 @@ class KmsService:
         except e.KmsError as exc:
             await self._undo(unit, call, req)
             err = wire.to_wire(exc)
-            self._audit(req, op, params, call, access_key, (err.code, err.message))
+            self._audit(kms, req, op, params, call, access_key, (err.code, err.message))
             return HttpResponse(err.status, err.body())
         except Exception:  # a bug: never leak details, always answer
             await self._undo(unit, call, req)
             log.exception("KMS %s failed (request %s)", op, req.request_id)
             err = wire.WireError("KMSInternalException", 500, "")
-            self._audit(req, op, params, call, access_key, (err.code, "internal error"))
+            self._audit(kms, req, op, params, call, access_key, (err.code, "internal error"))
             return HttpResponse(err.status, err.body())
         except BaseException:  # cancelled: the client went away before an answer
             self.kms.store.discard(unit)
@@ -118,9 +122,10 @@ class KmsService:
                 asyncio.get_running_loop().create_task(self._undo(unit, call, req))
             raise
         if op in TRACKED and call is not None:
-            when = self.kms.clock.now()
+            when = kms.clock.now()
             for arn in call.resources:
-                self.kms.used(arn.rsplit("/", 1)[1], op, when, event_id, req.request_id)
+                if arn.split(":")[3] == kms.region:
+                    kms.used(arn.rsplit("/", 1)[1], op, when, event_id, req.request_id)
         return HttpResponse(200, body)
 
     async def _undo(self, unit: Unit, call: Call | None, req: HttpRequest) -> None:
@@ -135,56 +140,70 @@ class KmsService:
                 # Best effort, as for a deleted key: an orphan may stay in the cluster.
                 log.error("KMS could not undo part of a failed request (request %s)", req.request_id)
 
-    def _store_quota(self, params: Mapping[str, Any]) -> None:
-        assert self.quotas is not None
+    @staticmethod
+    def _store_quota(kms: Kms, quotas: Quotas, params: Mapping[str, Any]) -> None:
         ref = params.get("KeyId") or params.get("DestinationKeyId")
         store_id = params.get("CustomKeyStoreId")
         if store_id is None and isinstance(ref, str):
             try:
-                store_id = self.kms.resolve(ref).custom_key_store_id
+                store_id = kms.resolve(ref).custom_key_store_id
             except e.KmsError:
                 store_id = None
         if store_id:
-            self.quotas.check_store(store_id)
+            quotas.check_store(store_id)
 
     def authenticate(self, req: HttpRequest) -> str:
         """The access key of a signed request (the test endpoints use it too); AuthMissing,
         AuthIncomplete or a signature error otherwise."""
-        return self._authenticate(req, {k.lower(): v for k, v in req.headers.items()})
+        return self._authenticate(req, {k.lower(): v for k, v in req.headers.items()})[0]
 
-    def _authenticate(self, req: HttpRequest, lower: Mapping[str, str]) -> str:
+    def _authenticate(self, req: HttpRequest, lower: Mapping[str, str]) -> tuple[str, str]:
+        """(access key, Region) of a request: the Region is its credential scope's.
+
+        FIDELITY: one endpoint serves every configured Region (AWS has one endpoint per
+        Region). A scope naming an AWS Region that is not configured answers
+        UnrecognizedClientException, as AWS does for a Region not enabled for the account; any
+        other name, InvalidSignatureException ("Credential should be scoped to a valid
+        region"), as a Region endpoint does for a scope that is not its own."""
         cred = sigv4.parse_authorization(lower.get("authorization"))
         if cred is None:
             raise e.AuthMissing("Missing Authentication Token")
-        if not self.kms.config.strict_sigv4:
-            return cred.access_key
+        config = self.kms.config
+        if cred.region not in config.allowed_regions:
+            if cred.region in KNOWN_REGIONS:
+                raise e.AuthUnknownKey("The security token included in the request is invalid.")
+            raise e.AuthBadSignature(f"Credential should be scoped to a valid region, not '{cred.region}'. ")
+        if not config.strict_sigv4:
+            return cred.access_key, cred.region
         entry = self.kms.principals.get(cred.access_key)
         if entry is None or entry[1] is None:
             raise e.AuthUnknownKey("The security token included in the request is invalid.")
-        if cred.region != self.kms.region or cred.service != "kms":
-            raise e.AuthBadSignature(f"Credential should be scoped to a valid region, not '{cred.region}'. ")
+        if cred.service != "kms":
+            raise e.AuthBadSignature(f"Credential should be scoped to correct service: 'kms'. ")
         sigv4.verify(cred, entry[1], req.method, req.path, req.query, req.headers, req.body)
-        return cred.access_key
+        return cred.access_key, cred.region
 
-    def _render(self, req: HttpRequest, op: str, params: Mapping[str, Any], call: Call | None,
+    def _render(self, kms: Kms, req: HttpRequest, op: str, params: Mapping[str, Any], call: Call | None,
                 access_key: str, error: tuple[str, str] | None) -> tuple[str, str]:
-        caller = call.caller if call is not None else self.kms.caller_for(None)
+        caller = call.caller if call is not None else kms.caller_for(None)
         return self.audit.render(
             op=op, caller_arn=caller.arn, account=caller.account, access_key=access_key,
-            region=self.kms.region, source_ip=req.source_ip,
+            region=kms.region, source_ip=req.source_ip,
             user_agent=req.headers.get("User-Agent", ""), request_id=req.request_id,
             params=params, resources=call.resources if call else [], error=error,
-            when=self.kms.clock.now(), response=call.response_elements if call else None,
+            when=kms.clock.now(), response=call.response_elements if call else None,
             additional=call.additional if call else None)
 
-    def _audit(self, req: HttpRequest, op: str, params: Mapping[str, Any], call: Call | None,
+    def _audit(self, kms: Kms, req: HttpRequest, op: str, params: Mapping[str, Any], call: Call | None,
                access_key: str, error: tuple[str, str]) -> None:
         """The record of a failed request; a failure to write it is logged, never raised."""
         try:
-            self.audit.append(self._render(req, op, params, call, access_key, error)[1])
+            self.audit.append(self._render(kms, req, op, params, call, access_key, error)[1])
         except Exception:
             log.error("KMS audit record could not be written (request %s)", req.request_id)
 
     async def sweep(self) -> None:
         async with self._sweep_lock:
-            await sweep(self.kms)
+            self.kms.open_stored_regions()
+            for kms in self.kms.regional():
+                await sweep(kms)

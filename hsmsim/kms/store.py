@@ -21,19 +21,31 @@ from hsmsim.kms.model import AliasRecord, GrantRecord, KeyRecord, MaterialRecord
 
 T = TypeVar("T")
 
+# Schema 2: keys, aliases, grants, custom key stores and usage tracking belong to one Region
+# (`region` column); key material is shared by the Regions of a multi-Region key (the same key
+# id), so `materials` has no Region. Schema 1 (no `region` columns) is migrated on open.
+SCHEMA_VERSION = 2
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS keys (key_id TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS keys (region TEXT NOT NULL, key_id TEXT NOT NULL, data TEXT NOT NULL,
+    PRIMARY KEY (region, key_id));
 CREATE TABLE IF NOT EXISTS materials (material_id TEXT PRIMARY KEY, key_id TEXT NOT NULL,
     seq INTEGER NOT NULL, data TEXT NOT NULL, sealed BLOB NOT NULL, public BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS materials_key ON materials(key_id, seq);
-CREATE TABLE IF NOT EXISTS aliases (name TEXT PRIMARY KEY, data TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS grants (grant_id TEXT PRIMARY KEY, key_id TEXT NOT NULL, data TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS grants_key ON grants(key_id);
-CREATE TABLE IF NOT EXISTS stores (store_id TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS aliases (region TEXT NOT NULL, name TEXT NOT NULL, data TEXT NOT NULL,
+    PRIMARY KEY (region, name));
+CREATE TABLE IF NOT EXISTS grants (grant_id TEXT PRIMARY KEY, region TEXT NOT NULL, key_id TEXT NOT NULL,
+    data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS grants_key ON grants(region, key_id);
+CREATE TABLE IF NOT EXISTS stores (store_id TEXT PRIMARY KEY, region TEXT NOT NULL, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS last_usage (key_id TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS last_usage (region TEXT NOT NULL, key_id TEXT NOT NULL, data TEXT NOT NULL,
+    PRIMARY KEY (region, key_id));
 """
 
+# Schema 1 (one Region per store): the tables whose rows move into the default Region.
+_V1_COLUMNS = {"keys": "key_id, data", "aliases": "name, data", "grants": "grant_id, key_id, data",
+               "stores": "store_id, data", "last_usage": "key_id, data"}
+_V1_TABLES = tuple(_V1_COLUMNS)
 
 def _tuples(value: Any) -> Any:
     if isinstance(value, list):
@@ -75,9 +87,12 @@ _UNIT: ContextVar[Unit | None] = ContextVar("hsmsim_kms_unit", default=None)
 
 
 class Store:
-    """One KMS database file, `<state>/kms/kms.sqlite3` (0600)."""
+    """One KMS database file, `<state>/kms/kms.sqlite3` (0600), seen from one Region: `keys`,
+    `aliases` and `stores` are that Region's; `view(region)` gives another Region's view of the
+    same database (one connection, one unit of writes per request, whatever the Regions)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, region: str = "us-east-1") -> None:
+        self.region = region
         try:
             self._open(path)
         except (sqlite3.Error, OSError, ValueError, TypeError) as exc:
@@ -91,13 +106,91 @@ class Store:
             os.chmod(path, 0o600)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # survives process kill; fsync at checkpoints
+        self._migrate_v1(self.region)
         self._db.executescript(_SCHEMA)
-        self.keys: dict[str, KeyRecord] = {
-            k: _load(KeyRecord, d) for k, d in self._db.execute("SELECT key_id, data FROM keys")}
-        self.aliases: dict[str, AliasRecord] = {
-            n: _load(AliasRecord, d) for n, d in self._db.execute("SELECT name, data FROM aliases")}
-        self.stores: dict[str, StoreRecord] = {
-            s: _load(StoreRecord, d) for s, d in self._db.execute("SELECT store_id, data FROM stores")}
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        self._views: dict[str, Store] = {self.region: self}
+        self._all_keys: dict[str, dict[str, KeyRecord]] = {}
+        self._all_aliases: dict[str, dict[str, AliasRecord]] = {}
+        self._all_stores: dict[str, dict[str, StoreRecord]] = {}
+        for r, k, d in self._db.execute("SELECT region, key_id, data FROM keys"):
+            self._all_keys.setdefault(r, {})[k] = _load(KeyRecord, d)
+        for r, n, d in self._db.execute("SELECT region, name, data FROM aliases"):
+            self._all_aliases.setdefault(r, {})[n] = _load(AliasRecord, d)
+        for r, sid, d in self._db.execute("SELECT region, store_id, data FROM stores"):
+            self._all_stores.setdefault(r, {})[sid] = _load(StoreRecord, d)
+        self._bind()
+
+    def _bind(self) -> None:
+        self.keys: dict[str, KeyRecord] = self._all_keys.setdefault(self.region, {})
+        self.aliases: dict[str, AliasRecord] = self._all_aliases.setdefault(self.region, {})
+        self.stores: dict[str, StoreRecord] = self._all_stores.setdefault(self.region, {})
+
+    def _migrate_v1(self, region: str) -> None:
+        """A schema-1 store (before Regions) becomes schema 2 with every key, alias, grant,
+        custom key store and usage row in `region` (the configured default Region); key ARNs
+        are rewritten to name it. One transaction: a failure leaves schema 1 as it was."""
+        cols = [row[1] for row in self._db.execute("PRAGMA table_info(keys)")]
+        if not cols or "region" in cols:
+            return
+        present = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for table in _V1_TABLES:
+                if table not in present:  # an older schema 1 without it: an empty one
+                    self._db.execute(f"CREATE TABLE {table}_v1 ({_V1_COLUMNS[table]})")
+                    continue
+                self._db.execute(f"ALTER TABLE {table} RENAME TO {table}_v1")
+            self._db.execute("DROP INDEX IF EXISTS grants_key")
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    self._db.execute(stmt)
+            for key_id, data in self._db.execute("SELECT key_id, data FROM keys_v1").fetchall():
+                d = json.loads(data)
+                parts = str(d.get("arn", "")).split(":", 5)
+                if len(parts) == 6:
+                    parts[3] = region
+                    d["arn"] = ":".join(parts)
+                self._db.execute("INSERT INTO keys VALUES (?, ?, ?)",
+                                 (region, key_id, json.dumps(d, separators=(",", ":"))))
+            self._db.execute("INSERT INTO aliases SELECT ?, name, data FROM aliases_v1", (region,))
+            self._db.execute("INSERT INTO grants SELECT grant_id, ?, key_id, data FROM grants_v1", (region,))
+            self._db.execute("INSERT INTO stores SELECT store_id, ?, data FROM stores_v1", (region,))
+            self._db.execute("INSERT INTO last_usage SELECT ?, key_id, data FROM last_usage_v1", (region,))
+            for table in _V1_TABLES:
+                self._db.execute(f"DROP TABLE {table}_v1")
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('migrated_region', ?)", (region,))
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+
+    def view(self, region: str) -> Store:
+        """This database as `region` sees it (the same connection and caches)."""
+        found = self._views.get(region)
+        if found is not None:
+            return found
+        v = object.__new__(Store)
+        v.__dict__.update({k: self.__dict__[k] for k in
+                           ("_db", "_views", "_all_keys", "_all_aliases", "_all_stores")})
+        v.region = region
+        v._bind()
+        self._views[region] = v
+        return v
+
+    def regions(self) -> list[str]:
+        """The Regions that hold at least one key or custom key store."""
+        return sorted({r for r, ks in self._all_keys.items() if ks} | {r for r, ss in self._all_stores.items() if ss})
+
+    def key_in(self, region: str, key_id: str) -> KeyRecord | None:
+        return self._all_keys.get(region, {}).get(key_id)
+
+    def key_regions(self, key_id: str) -> dict[str, KeyRecord]:
+        """Region -> record of every Region that holds `key_id` (a multi-Region key's primary
+        and replicas)."""
+        return {r: ks[key_id] for r, ks in sorted(self._all_keys.items()) if key_id in ks}
 
     def close(self) -> None:
         self._db.close()
@@ -181,25 +274,30 @@ class Store:
 
     # -- keys -------------------------------------------------------------------------------
     def put_key(self, key: KeyRecord) -> None:
-        self._write("INSERT OR REPLACE INTO keys VALUES (?, ?)", (key.key_id, _dump(key)),
+        self._write("INSERT OR REPLACE INTO keys VALUES (?, ?, ?)", (self.region, key.key_id, _dump(key)),
                     lambda: self.keys.__setitem__(key.key_id, key))
 
     def delete_key(self, key_id: str) -> None:
-        """Removes a key with its material, aliases and grants."""
+        """Removes this Region's key with its aliases, grants and usage; its material too unless
+        another Region holds the same (multi-Region) key."""
+        region = self.region
+
         def forget() -> None:
             self.keys.pop(key_id, None)
             for name in [n for n, a in self.aliases.items() if a.key_id == key_id]:
                 del self.aliases[name]
 
+        shared = any(r != region for r in self.key_regions(key_id))
         with self.transaction():
-            self._write("DELETE FROM keys WHERE key_id = ?", (key_id,))
-            self._write("DELETE FROM materials WHERE key_id = ?", (key_id,))
-            self._write("DELETE FROM grants WHERE key_id = ?", (key_id,))
-            self._write("DELETE FROM last_usage WHERE key_id = ?", (key_id,), forget)
+            self._write("DELETE FROM keys WHERE region = ? AND key_id = ?", (region, key_id))
+            if not shared:
+                self._write("DELETE FROM materials WHERE key_id = ?", (key_id,))
+            self._write("DELETE FROM grants WHERE region = ? AND key_id = ?", (region, key_id))
+            self._write("DELETE FROM last_usage WHERE region = ? AND key_id = ?", (region, key_id), forget)
             for name in [n for n, a in self.aliases.items() if a.key_id == key_id]:
-                self._write("DELETE FROM aliases WHERE name = ?", (name,))
+                self._write("DELETE FROM aliases WHERE region = ? AND name = ?", (region, name))
 
-    # -- material ---------------------------------------------------------------------------
+    # -- material (shared by the Regions of a multi-Region key) ---------------------------------
     def put_material(self, m: MaterialRecord) -> None:
         self._write("INSERT OR REPLACE INTO materials VALUES (?, ?, ?, ?, ?, ?)",
                          (m.material_id, m.key_id, m.seq, _dump(m, ("sealed", "public")),
@@ -225,48 +323,53 @@ class Store:
 
     # -- aliases ----------------------------------------------------------------------------
     def put_alias(self, alias: AliasRecord) -> None:
-        self._write("INSERT OR REPLACE INTO aliases VALUES (?, ?)", (alias.name, _dump(alias)),
+        self._write("INSERT OR REPLACE INTO aliases VALUES (?, ?, ?)", (self.region, alias.name, _dump(alias)),
                     lambda: self.aliases.__setitem__(alias.name, alias))
 
     def delete_alias(self, name: str) -> None:
-        self._write("DELETE FROM aliases WHERE name = ?", (name,), lambda: self.aliases.pop(name, None))
+        self._write("DELETE FROM aliases WHERE region = ? AND name = ?", (self.region, name),
+                    lambda: self.aliases.pop(name, None))
 
     # -- grants -----------------------------------------------------------------------------
     def put_grant(self, g: GrantRecord) -> None:
-        self._write("INSERT OR REPLACE INTO grants VALUES (?, ?, ?)", (g.grant_id, g.key_id, _dump(g)))
+        self._write("INSERT OR REPLACE INTO grants VALUES (?, ?, ?, ?)",
+                    (g.grant_id, self.region, g.key_id, _dump(g)))
 
     def delete_grant(self, grant_id: str) -> None:
-        self._write("DELETE FROM grants WHERE grant_id = ?", (grant_id,))
+        self._write("DELETE FROM grants WHERE grant_id = ? AND region = ?", (grant_id, self.region))
 
     def grants(self, key_id: str) -> list[GrantRecord]:
         return [_load(GrantRecord, d) for (d,) in self._db.execute(
-            "SELECT data FROM grants WHERE key_id = ? ORDER BY rowid", (key_id,))]
+            "SELECT data FROM grants WHERE region = ? AND key_id = ? ORDER BY rowid", (self.region, key_id))]
 
     def grant(self, grant_id: str) -> GrantRecord | None:
-        row = self._db.execute("SELECT data FROM grants WHERE grant_id = ?", (grant_id,)).fetchone()
+        row = self._db.execute("SELECT data FROM grants WHERE grant_id = ? AND region = ?",
+                               (grant_id, self.region)).fetchone()
         return None if row is None else _load(GrantRecord, row[0])
 
     def grants_all(self) -> list[GrantRecord]:
-        return [_load(GrantRecord, d) for (d,) in self._db.execute("SELECT data FROM grants ORDER BY rowid")]
+        return [_load(GrantRecord, d) for (d,) in self._db.execute(
+            "SELECT data FROM grants WHERE region = ? ORDER BY rowid", (self.region,))]
 
     # -- custom key stores -------------------------------------------------------------------
     def put_store(self, s: StoreRecord) -> None:
-        self._write("INSERT OR REPLACE INTO stores VALUES (?, ?)", (s.store_id, _dump(s)),
+        self._write("INSERT OR REPLACE INTO stores VALUES (?, ?, ?)", (s.store_id, self.region, _dump(s)),
                     lambda: self.stores.__setitem__(s.store_id, s))
 
     def delete_store(self, store_id: str) -> None:
-        self._write("DELETE FROM stores WHERE store_id = ?", (store_id,),
+        self._write("DELETE FROM stores WHERE store_id = ? AND region = ?", (store_id, self.region),
                     lambda: self.stores.pop(store_id, None))
 
     # -- key usage tracking -------------------------------------------------------------------
     def last_usage(self) -> dict[str, dict[str, Any]]:
-        return {k: json.loads(d) for k, d in self._db.execute("SELECT key_id, data FROM last_usage")}
+        return {k: json.loads(d) for k, d in self._db.execute(
+            "SELECT key_id, data FROM last_usage WHERE region = ?", (self.region,))}
 
     def put_last_usage(self, rows: dict[str, dict[str, Any]]) -> None:
-        self._write("INSERT OR REPLACE INTO last_usage VALUES (?, ?)",
-                    [(k, json.dumps(v)) for k, v in rows.items() if k in self.keys], many=True)
+        self._write("INSERT OR REPLACE INTO last_usage VALUES (?, ?, ?)",
+                    [(self.region, k, json.dumps(v)) for k, v in rows.items() if k in self.keys], many=True)
 
-    # -- settings ---------------------------------------------------------------------------
+    # -- settings (shared by all Regions) -----------------------------------------------------
     def get_meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT v FROM meta WHERE k = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
