@@ -3,12 +3,17 @@ reserved for AWS managed keys."""
 
 from __future__ import annotations
 
-from hsmsim.kms import errors as e
+import re
+
+from hsmsim.kms import errors as e, model
 from hsmsim.kms.model import AliasRecord, KeyRecord
 from hsmsim.kms.ops.common import Call, Handler, Request, Response, paginate
 from hsmsim.kms.runtime import Kms
 
 MAX_ALIASES_PER_KEY = 50
+# KMS API Reference, CreateAlias: the name "can contain only alphanumeric characters, forward
+# slashes (/), underscores (_), and dashes (-)" (botocore's pattern also lets ':' through).
+_NAME_RE = re.compile(r"^alias/[a-zA-Z0-9/_-]+$")
 _PREFIX_MSG = ('Alias must start with the prefix "alias/". Please see '
                "https://docs.aws.amazon.com/kms/latest/developerguide/kms-alias.html")
 
@@ -29,9 +34,18 @@ def _target(kms: Kms, call: Call, ref: str) -> KeyRecord:
     return key
 
 
+def _key_type(key: KeyRecord) -> str:
+    if key.key_spec == model.SYMMETRIC:
+        return "SYMMETRIC"
+    return "HMAC" if key.key_spec in model.HMAC_SPECS else "ASYMMETRIC"
+
+
 async def create_alias(kms: Kms, call: Call, req: Request) -> Response:
     name = req["AliasName"]
     _check_name(name)
+    if not _NAME_RE.match(name):
+        raise e.InvalidAliasName(f"Alias name {name} is not valid: an alias name can contain only "
+                                 "alphanumeric characters, forward slashes (/), underscores (_), and dashes (-).")
     key = _target(kms, call, req["TargetKeyId"])
     kms.authorize(call.caller, key, "CreateAlias")
     if name in kms.store.aliases:
@@ -52,8 +66,10 @@ async def update_alias(kms: Kms, call: Call, req: Request) -> Response:
     key = _target(kms, call, req["TargetKeyId"])
     kms.authorize(call.caller, key, "UpdateAlias")
     old = kms.store.keys.get(alias.key_id)
-    if old is not None and (old.key_usage, old.key_spec) != (key.key_usage, key.key_spec):
-        raise e.Invalid(f"{key.arn} key usage or key spec does not match the current target of {name}.")
+    # KMS Developer Guide, "Update aliases": the current and new key must be the same type
+    # (symmetric, asymmetric or HMAC) and have the same key usage; the key spec may differ.
+    if old is not None and (old.key_usage, _key_type(old)) != (key.key_usage, _key_type(key)):
+        raise e.Invalid(f"{key.arn} key type or key usage does not match the current target of {name}.")
     kms.store.put_alias(AliasRecord(name, key.key_id, alias.created, kms.clock.now()))
     return {}
 
