@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Iterator
+
+import pytest
 
 from hsmsim.pkcs11.constants import RV, UserType
 from hsmsim.pkcs11.errors import Pkcs11Error
@@ -45,6 +48,21 @@ def _counts(node: NodeProc, username: str) -> list[dict[str, object]]:
         return [dict(r.fields, event=r.event) for r in recs
                 if r.fields.get("username") == username and r.event in ("login", "login_failed")]
     return run(read)
+
+
+@pytest.fixture(autouse=True)
+def _remove_racers(node_a: NodeProc) -> Iterator[None]:
+    """node_a is shared by the whole session: the users made here must not outlive the test
+    (test_masking counts node_a's users)."""
+    yield
+
+    async def remove() -> None:
+        admin, lo = await node_a.login("admin")
+        for name in ("racer1", "racer2"):
+            if name in {u.username for u in await admin.list_users(lo)}:
+                await admin.delete_user(lo, name)
+        await admin.close()
+    run(remove)
 
 
 def test_concurrent_wrong_passwords_lock_after_five(node_a: NodeProc) -> None:
