@@ -72,7 +72,9 @@ def check_secret_template(t: Template, key_type: int) -> None:
     if length is None:
         raise Pkcs11Error(RV.TEMPLATE_INCOMPLETE, "CKA_VALUE_LEN is required")
     if key_type == KeyType.AES and length not in (16, 24, 32):
-        raise Pkcs11Error(RV.KEY_SIZE_RANGE, "AES keys are 16, 24 or 32 bytes")
+        # A length PKCS#11 does not define for AES: a bad CKA_VALUE_LEN (as SoftHSM2, and as
+        # CloudHSM answers key-generation templates it refuses, §1.6); node policy agrees.
+        raise Pkcs11Error(RV.ATTRIBUTE_VALUE_INVALID, "AES keys are 16, 24 or 32 bytes")
     if key_type == KeyType.GENERIC_SECRET and not 1 <= length <= 800:
         raise Pkcs11Error(RV.KEY_SIZE_RANGE, "generic secret keys are 1 to 800 bytes")
 

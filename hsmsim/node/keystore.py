@@ -305,9 +305,24 @@ class Keystore:
             raise
 
     def _with_public(self, r: ObjectRecord, soft: int) -> ObjectRecord:
-        """Copy public material (modulus, EC point...) from SoftHSM2 into the record."""
+        """Copy public material (modulus, EC point...) from SoftHSM2 into the record, and a
+        secret key's CKA_CHECK_VALUE (policy.check_value_given)."""
         names = policy.PUBLIC_MATERIAL.get((r.cls, r.key_type), ())  # type: ignore[arg-type]
         extra: Template = {}
+        if r.cls == ObjectClass.SECRET_KEY:
+            # SoftHSM2 computes the check value when it creates or generates a key (PKCS#11
+            # 2.40: AES and DES3 the first 3 bytes of the ECB encryption of a zero block,
+            # generic secret of its SHA-1); it is read here, on the node holding the key. A
+            # value the template gave (kept in r.attrs) must be empty or equal it. A copy made
+            # by a masked unwrap carries its source's value.
+            kcv = self.hsm.get_attribute(soft, A.CHECK_VALUE)
+            given = r.attrs.get(A.CHECK_VALUE)
+            if given is None:
+                if kcv:
+                    extra[A.CHECK_VALUE] = kcv
+            elif given and kcv and given != kcv:
+                raise Pkcs11Error(RV.ATTRIBUTE_VALUE_INVALID,
+                                  "CKA_CHECK_VALUE does not match the key")
         for a in names:
             raw = self.hsm.get_attribute(soft, a)
             if raw is not None:
@@ -378,6 +393,8 @@ class Keystore:
 def value_len(record: ObjectRecord) -> int | None:
     """The material length of a secret key (None: DER-encoded private key)."""
     if record.cls == ObjectClass.SECRET_KEY:
+        if record.key_type == KeyType.DES3:
+            return policy.DES3_SIZE  # DES3 keys have no CKA_VALUE_LEN (policy.value_len_attr)
         n = record.attrs.get(A.VALUE_LEN)
         if not isinstance(n, int):
             raise Pkcs11Error(RV.GENERAL_ERROR, "secret key without CKA_VALUE_LEN in the index")

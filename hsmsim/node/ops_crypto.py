@@ -424,7 +424,7 @@ class CryptoOps(Ops):
             policy.check_secret_len(int(kt), len(material))
             if A.VALUE_LEN in template and template[A.VALUE_LEN] != len(material):
                 raise Pkcs11Error(RV.TEMPLATE_INCONSISTENT, "CKA_VALUE_LEN differs from the key")
-            rec = replace(rec, attrs={**rec.attrs, A.VALUE_LEN: len(material)})
+            rec = replace(rec, attrs={**rec.attrs, **policy.value_len_attr(int(kt), len(material))})
             soft_t[A.VALUE] = material
         else:
             real_kt, parts = policy.private_key_material(material)
@@ -472,7 +472,7 @@ class CryptoOps(Ops):
         policy.check_secret_len(int(kt), length)
         attrs = policy.build_attrs(ObjectClass.SECRET_KEY, int(kt), template, local=False,
                                    gen_mech=None)
-        attrs[A.VALUE_LEN] = length
+        attrs.update(policy.value_len_attr(int(kt), length))
         p = mech.param
         if m == M.SP800_108_COUNTER_KDF:
             if not isinstance(p, RawParams):

@@ -33,7 +33,7 @@ class ObjectOps(Ops):
         kt, length = policy.gen_key_type(mech.mechanism, template)
         attrs = policy.build_attrs(ObjectClass.SECRET_KEY, kt, template, local=True,
                                    gen_mech=mech.mechanism)
-        attrs[A.VALUE_LEN] = length
+        attrs.update(policy.value_len_attr(kt, length))
         rec = self.new_record(login, handle, attrs, session)
         soft_t = policy.softhsm_template(ObjectClass.SECRET_KEY, kt, handle, rec.token,
                                          {A.VALUE_LEN: length})
@@ -127,7 +127,7 @@ class ObjectOps(Ops):
                 raise Pkcs11Error(RV.ATTRIBUTE_VALUE_INVALID, "unsupported or missing CKA_EC_PARAMS")
         attrs = policy.build_attrs(int(cls), kt, template, local=False, gen_mech=None)
         if cls == ObjectClass.SECRET_KEY:
-            attrs[A.VALUE_LEN] = len(template[A.VALUE])  # type: ignore[arg-type]
+            attrs.update(policy.value_len_attr(int(kt), len(template[A.VALUE])))  # type: ignore[arg-type]
         rec = self.new_record(login, handle, attrs, session)
         soft_t = policy.softhsm_template(int(cls), kt, handle, rec.token,
                                          self._material_template(int(cls), kt, template))

@@ -21,8 +21,9 @@ SUPPORTED_KEY_TYPES = {
 USAGE = (A.ENCRYPT, A.DECRYPT, A.SIGN, A.VERIFY, A.WRAP, A.UNWRAP, A.DERIVE)
 
 # Attributes the node sets and users may not give (PKCS#11 "read-only"/computed).
-READ_ONLY = frozenset({A.LOCAL, A.ALWAYS_SENSITIVE, A.NEVER_EXTRACTABLE, A.KEY_GEN_MECHANISM,
-                       A.CHECK_VALUE})
+# CKA_CHECK_VALUE (read-only in CloudHSM's tables, reference §1.6) is computed too, but a template
+# may carry it as SoftHSM2 and PKCS#11 allow: see check_value_given.
+READ_ONLY = frozenset({A.LOCAL, A.ALWAYS_SENSITIVE, A.NEVER_EXTRACTABLE, A.KEY_GEN_MECHANISM})
 # Attributes CloudHSM accepts only at their default value (UG:pkcs11-attributes-interpreting,
 # footnote 1: "partially supported by the firmware and must be explicitly set only to the default
 # value"): CKA_PRIVATE is true on every key class, public keys included (the SDK 5 tables mark
@@ -163,6 +164,7 @@ def build_attrs(cls: int, key_type: int | None, template: Template, *, local: bo
     (material removed), then the computed attributes. Every creating call (generate, create,
     unwrap, derive) comes through here, so FIXED_VALUES are checked here."""
     check_fixed_values(cls, template)
+    check_value_given(cls, template, generated=local)
     token = _bool(template, A.TOKEN, False)
     attrs = common_defaults(cls, token)
     for a, v in template.items():
@@ -171,6 +173,8 @@ def build_attrs(cls: int, key_type: int | None, template: Template, *, local: bo
     attrs[A.CLASS] = cls
     if key_type is not None:
         attrs[A.KEY_TYPE] = key_type
+    if cls == ObjectClass.SECRET_KEY and key_type == KeyType.DES3:
+        attrs.pop(A.VALUE_LEN, None)  # see value_len_attr
     if cls in KEY_CLASSES:
         attrs[A.LOCAL] = local
         if gen_mech is not None:
@@ -184,6 +188,32 @@ def build_attrs(cls: int, key_type: int | None, template: Template, *, local: bo
         if a in attrs:
             _bool(attrs, a, False)
     return attrs
+
+
+def check_value_given(cls: int, template: Template, *, generated: bool) -> None:
+    """CKA_CHECK_VALUE in a creating template. The node computes it for every secret key
+    (SoftHSM2 does, from the key, on the node that holds it: keystore reads it into the index).
+    As SoftHSM2 2.6 and PKCS#11 2.40: a generated key's template may carry it only empty (no
+    check value; any other value is CKR_ATTRIBUTE_VALUE_INVALID); a created, unwrapped or derived
+    key's must be empty or equal the key's (checked after SoftHSM2 computed it, in keystore).
+    Other classes: read-only (certificates: CloudHSM derives it; keys: PKCS#11 defines none).
+    FIDELITY: CloudHSM only marks it read-only (reference §1.6); its codes for a template that
+    carries it are not documented, so SoftHSM2's are used."""
+    if A.CHECK_VALUE not in template:
+        return
+    if cls != ObjectClass.SECRET_KEY:
+        raise Pkcs11Error(RV.ATTRIBUTE_READ_ONLY, "CKA_CHECK_VALUE is read-only")
+    v = template[A.CHECK_VALUE]
+    if not isinstance(v, bytes) or (generated and v):
+        raise Pkcs11Error(RV.ATTRIBUTE_VALUE_INVALID, "CKA_CHECK_VALUE of a generated key may "
+                          "only be empty" if generated else "CKA_CHECK_VALUE must be bytes")
+
+
+def value_len_attr(kt: int, length: int) -> Template:
+    """The CKA_VALUE_LEN a secret key answers: none on a DES3 key, whose length its type fixes
+    (PKCS#11 2.40 defines no CKA_VALUE_LEN for DES3 keys: CKR_ATTRIBUTE_TYPE_INVALID on read,
+    as SoftHSM2)."""
+    return {} if kt == KeyType.DES3 else {A.VALUE_LEN: length}
 
 
 def is_sensitive_value(attrs: Template) -> bool:
@@ -246,8 +276,18 @@ def gen_key_type(mech: int, template: Template) -> tuple[int, int]:
     length = template.get(A.VALUE_LEN, DES3_SIZE if kt == KeyType.DES3 else None)
     if not isinstance(length, int) or isinstance(length, bool):
         raise Pkcs11Error(RV.TEMPLATE_INCOMPLETE, "CKA_VALUE_LEN is required")
-    check_secret_len(kt, length)
+    check_generated_len(kt, length)
     return kt, length
+
+
+def check_generated_len(kt: int, length: int) -> None:
+    """C_GenerateKey's size check: an AES length PKCS#11 does not define (not 16, 24 or 32) is
+    a bad CKA_VALUE_LEN, CKR_ATTRIBUTE_VALUE_INVALID (as SoftHSM2, and as CloudHSM answers
+    key-generation templates it refuses, reference §1.6); CloudHSM's own limits (generic
+    secret 1..800 bytes, DES3 three-key only) stay CKR_KEY_SIZE_RANGE."""
+    if kt == KeyType.AES and length not in AES_SIZES:
+        raise Pkcs11Error(RV.ATTRIBUTE_VALUE_INVALID, "AES keys are 16, 24 or 32 bytes")
+    check_secret_len(kt, length)
 
 
 def check_secret_len(kt: int, length: int) -> None:

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.keywrap import (aes_key_unwrap, aes_key_wrap
                                                     aes_key_wrap_with_padding)
 
 from hsmsim.node.client import NodeClient
-from hsmsim.pkcs11.constants import MGF, RV, Attribute as A, KeyType, Mechanism as M, ObjectClass
+from hsmsim.pkcs11.constants import KDF, MGF, RV, Attribute as A, KeyType, Mechanism as M, ObjectClass
 from hsmsim.pkcs11.errors import error_class
 from hsmsim.pkcs11.params import (CtrParams, Ecdh1Params, GcmParams, MechanismSpec as Spec,
                                   OaepParams, PssParams, RawParams)
@@ -245,17 +245,23 @@ def test_ec_generate_and_ecdsa(node_a: NodeProc, handles, curve: str) -> None:
         await c.verify(lid, ph, Spec(M.ECDSA), digest, sig)
         with pytest.raises(error_class(RV.SIGNATURE_INVALID)):
             await c.verify(lid, ph, Spec(M.ECDSA_SHA256), msg + b"x", sig)
-        # ECDH: the node's derived secret equals pyca's.
-        peer = ec.generate_private_key(pyca_curve)
+        # ECDH: the node's derived key is the X9.63 KDF of pyca's shared secret; without a KDF
+        # (CKD_NULL) CloudHSM refuses (reference §1.4 Derive).
+        from cryptography.hazmat.primitives.kdf.x963kdf import X963KDF
         from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+        peer = ec.generate_private_key(pyca_curve)
         peer_point = peer.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
         dh = handles()
-        await c.derive_key(lid, sh, Spec(M.ECDH1_DERIVE, Ecdh1Params(1, peer_point)),
-                           {A.CLASS: ObjectClass.SECRET_KEY, A.KEY_TYPE: KeyType.GENERIC_SECRET,
-                            A.VALUE_LEN: size, A.SENSITIVE: False, A.EXTRACTABLE: True,
-                            A.TOKEN: False}, handle=dh, session=7)
+        derived = {A.CLASS: ObjectClass.SECRET_KEY, A.KEY_TYPE: KeyType.GENERIC_SECRET,
+                   A.VALUE_LEN: size, A.SENSITIVE: False, A.EXTRACTABLE: True, A.TOKEN: False}
+        with pytest.raises(error_class(RV.MECHANISM_PARAM_INVALID)):
+            await c.derive_key(lid, sh, Spec(M.ECDH1_DERIVE, Ecdh1Params(KDF.NULL, peer_point)),
+                               derived, handle=handles(), session=7)
+        await c.derive_key(lid, sh, Spec(M.ECDH1_DERIVE, Ecdh1Params(
+            KDF.CLOUDHSM_X963_SHA256_KDF, peer_point)), derived, handle=dh, session=7)
         (value,) = await c.get_attributes(lid, dh, [A.VALUE])
-        assert value.value == peer.exchange(ec.ECDH(), pk)
+        assert value.value == X963KDF(hashes.SHA256(), size, None).derive(
+            peer.exchange(ec.ECDH(), pk))
         assert await c.close_session(7, lid) == 3
         await c.close()
     run(body)
@@ -274,8 +280,12 @@ def test_generate_sizes_and_ranges(node_a: NodeProc, handles) -> None:
             h = await c.generate_key(lid, Spec(M.GENERIC_SECRET_KEY_GEN), {A.VALUE_LEN: size},
                                      handle=handles(), session=3)
             assert (await c.get_attributes(lid, h, [A.VALUE_LEN]))[0].value == size
-        for bad, mech in ((20, M.AES_KEY_GEN), (0, M.GENERIC_SECRET_KEY_GEN),
-                          (801, M.GENERIC_SECRET_KEY_GEN)):
+        # A length AES does not have is a bad CKA_VALUE_LEN (as SoftHSM2); CloudHSM's generic
+        # secret limits are a size range.
+        with pytest.raises(error_class(RV.ATTRIBUTE_VALUE_INVALID)):
+            await c.generate_key(lid, Spec(M.AES_KEY_GEN), {A.VALUE_LEN: 20}, handle=handles(),
+                                 session=3)
+        for bad, mech in ((0, M.GENERIC_SECRET_KEY_GEN), (801, M.GENERIC_SECRET_KEY_GEN)):
             with pytest.raises(error_class(RV.KEY_SIZE_RANGE)):
                 await c.generate_key(lid, Spec(mech), {A.VALUE_LEN: bad}, handle=handles(), session=3)
         with pytest.raises(error_class(RV.TEMPLATE_INCOMPLETE)):

@@ -155,3 +155,102 @@ def test_trusted_wrapping_and_allowed_mechanisms(node_a: NodeProc, handles) -> N
         await c.close()
         await admin.close()
     run(body)
+
+
+def _kcv(kt: int, value: bytes) -> bytes:
+    """PKCS#11 2.40's CKA_CHECK_VALUE, computed with pyca: AES and DES3 the first 3 bytes of the
+    ECB encryption of a zero block, a generic secret the first 3 bytes of its SHA-1."""
+    import hashlib
+
+    from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    if kt == KeyType.GENERIC_SECRET:
+        return hashlib.sha1(value).digest()[:3]
+    alg, block = (algorithms.AES(value), 16) if kt == KeyType.AES else (TripleDES(value), 8)
+    enc = Cipher(alg, modes.ECB()).encryptor()
+    return (enc.update(bytes(block)) + enc.finalize())[:3]
+
+
+def test_check_value_of_secret_keys(node_a: NodeProc, node_b: NodeProc, handles) -> None:
+    """CKA_CHECK_VALUE (CloudHSM: read-only, reference §1.6) on every way a secret key comes to
+    be (generate, create, unwrap, copy, promotion to a token object, import on another HSM),
+    with SoftHSM2's rules for a template that carries it; DES3 keys have no CKA_VALUE_LEN."""
+    readable = {A.SENSITIVE: False, A.EXTRACTABLE: True}
+
+    async def body() -> None:
+        c, lid = await node_a.login("alice", cluster=True)
+        b, lb = await node_b.login("alice", cluster=True)
+        gen = {KeyType.AES: (M.AES_KEY_GEN, {A.VALUE_LEN: 32}), KeyType.DES3: (M.DES3_KEY_GEN, {}),
+               KeyType.GENERIC_SECRET: (M.GENERIC_SECRET_KEY_GEN, {A.VALUE_LEN: 40})}
+        for kt, (mech, t) in gen.items():
+            h = await c.generate_key(lid, Spec(mech), {**t, **readable, A.TOKEN: True},
+                                     handle=handles())
+            value, kcv = (r.value for r in await c.get_attributes(lid, h, [A.VALUE, A.CHECK_VALUE]))
+            assert isinstance(value, bytes) and kcv == _kcv(kt, value), kt
+            assert await c.find_objects(lid, {A.CHECK_VALUE: kcv, A.KEY_TYPE: kt}) == [h]
+            # imported by another HSM of the cluster: the same check value
+            assert await b.import_masked(await c.export_masked(h)) == h
+            assert (await b.get_attributes(lb, h, [A.CHECK_VALUE]))[0].value == kcv
+            vlen = (await c.get_attributes(lid, h, [A.VALUE_LEN]))[0]
+            if kt == KeyType.DES3:  # PKCS#11 2.40 defines no CKA_VALUE_LEN for DES3 keys
+                assert (vlen.value, vlen.rv) == (None, RV.ATTRIBUTE_TYPE_INVALID)
+            else:
+                assert vlen.value == len(value)
+            # generation: only an empty check value (none) may be asked for
+            with pytest.raises(error_class(RV.ATTRIBUTE_VALUE_INVALID)):
+                await c.generate_key(lid, Spec(mech), {**t, A.CHECK_VALUE: kcv}, handle=handles(),
+                                     session=21)
+            e = await c.generate_key(lid, Spec(mech), {**t, A.CHECK_VALUE: b""}, handle=handles(),
+                                     session=21)
+            assert (await c.get_attributes(lid, e, [A.CHECK_VALUE]))[0].value == b""
+        with pytest.raises(error_class(RV.ATTRIBUTE_VALUE_INVALID)):
+            await c.generate_key(lid, Spec(M.AES_KEY_GEN), {A.VALUE_LEN: 17}, handle=handles(),
+                                 session=21)
+        # creation: a given check value must be the key's
+        for kt, value in ((KeyType.AES, os.urandom(16)), (KeyType.DES3, os.urandom(24)),
+                          (KeyType.GENERIC_SECRET, os.urandom(7))):
+            t = {A.CLASS: ObjectClass.SECRET_KEY, A.KEY_TYPE: kt, A.VALUE: value, A.LABEL: "kcv"}
+            h = await c.create_object(lid, t, handle=handles(), session=21)
+            assert (await c.get_attributes(lid, h, [A.CHECK_VALUE]))[0].value == _kcv(kt, value)
+            h = await c.create_object(lid, {**t, A.CHECK_VALUE: _kcv(kt, value)},
+                                      handle=handles(), session=21)
+            assert (await c.get_attributes(lid, h, [A.CHECK_VALUE]))[0].value == _kcv(kt, value)
+            before = await c.find_objects(lid, {A.LABEL: "kcv"})
+            with pytest.raises(error_class(RV.ATTRIBUTE_VALUE_INVALID)):
+                await c.create_object(lid, {**t, A.CHECK_VALUE: b"\x00\x01\x02"},
+                                      handle=handles(), session=21)
+            assert await c.find_objects(lid, {A.LABEL: "kcv"}) == before
+        # read-only afterwards; kept by a copy and by promotion to a token object
+        value = os.urandom(16)
+        h = await c.create_object(lid, {A.CLASS: ObjectClass.SECRET_KEY, A.KEY_TYPE: KeyType.AES,
+                                        A.VALUE: value, A.DERIVE: True}, handle=handles(),
+                                  session=21)
+        with pytest.raises(error_class(RV.ATTRIBUTE_READ_ONLY)):
+            await c.set_attributes(lid, h, {A.CHECK_VALUE: _kcv(KeyType.AES, value)})
+        cp = await c.copy_object(lid, h, {A.LABEL: "copy"}, new_handle=handles(), session=21)
+        # unwrapped: computed from the unwrapped key; a wrong one given is refused
+        kek = await c.create_object(lid, {A.CLASS: ObjectClass.SECRET_KEY, A.KEY_TYPE: KeyType.AES,
+                                          A.VALUE: os.urandom(32), A.WRAP: True, A.UNWRAP: True},
+                                    handle=handles(), session=21)
+        wrap = Spec(M.CLOUDHSM_AES_KEY_WRAP_PKCS5_PAD)
+        blob = await c.wrap_key(lid, kek, wrap, h)
+        target = {A.CLASS: ObjectClass.SECRET_KEY, A.KEY_TYPE: KeyType.AES}
+        uw = await c.unwrap_key(lid, kek, wrap, blob, target, handle=handles(), session=21)
+        with pytest.raises(error_class(RV.ATTRIBUTE_VALUE_INVALID)):
+            await c.unwrap_key(lid, kek, wrap, blob, {**target, A.CHECK_VALUE: b"abc"},
+                               handle=handles(), session=21)
+        await c.set_attributes(lid, h, {A.TOKEN: True})
+        for k in (h, cp, uw):
+            assert (await c.get_attributes(lid, k, [A.CHECK_VALUE]))[0].value == \
+                _kcv(KeyType.AES, value)
+        # public and private keys have none (PKCS#11 2.40), and may not be given one
+        p = handles(); handles()
+        with pytest.raises(error_class(RV.ATTRIBUTE_READ_ONLY)):
+            await c.generate_key_pair(lid, Spec(M.EC_KEY_PAIR_GEN),
+                                      {A.EC_PARAMS: bytes.fromhex("06082a8648ce3d030107"),
+                                       A.CHECK_VALUE: b""}, {}, public_handle=p,
+                                      private_handle=p + 1, session=21)
+        await c.close_session(21, lid)
+        await c.close()
+        await b.close()
+    run(body)

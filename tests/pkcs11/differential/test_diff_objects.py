@@ -168,10 +168,6 @@ def test_attribute_cloudhsm_does_not_support(pair: tuple[Session, Session]) -> N
            "/".join(map(str, out["SoftHSM2"])), "/".join(map(str, out["hsmsim"])))
 
 
-@pytest.mark.xfail(strict=True, reason="difference reported to the lead (not in issue 11's list): "
-                   "hsmsim answers CKR_ATTRIBUTE_TYPE_INVALID for CKA_CHECK_VALUE of a secret key; "
-                   "CloudHSM lists it as a read-only attribute (reference §1.6) and PKCS#11 2.40 "
-                   "defines it for AES/DES3 keys (first 3 bytes of E_K(0))")
 def test_check_value_of_a_secret_key(pair: tuple[Session, Session]) -> None:
     logs = [attr_log(s, _aes(s, "kcv", sensitive=True), [A.CHECK_VALUE], [8]) for s in pair]
     assert logs[0] == logs[1]
