@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from hsmsim import files
 from hsmsim.tls.errors import TlsError
 from hsmsim.tls.hsmkey import KeySpec, PublicKey
 
@@ -222,7 +223,7 @@ def load_or_create_ca(state: Path) -> LocalCa:
     _write_private(key_path, key.private_bytes(serialization.Encoding.PEM,
                                                serialization.PrivateFormat.PKCS8,
                                                serialization.NoEncryption()))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)  # public
     return LocalCa(cert, key, cert_path)
 
 

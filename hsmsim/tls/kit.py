@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from hsmsim import files as fsmodes
 from hsmsim.tls import certs
 from hsmsim.tls.errors import TlsError
 from hsmsim.tls.hsmkey import (KeySpec, PublicKey, TokenRef, TokenSession, open_session,
@@ -38,6 +39,9 @@ KIT_FILE = "kit.json"
 # pin-source file to 32 characters, shorter than many CloudHSM `user:password` PINs, and a
 # pin-value would put the password into nginx's configuration.
 PIN_ENV = "HSMSIM_PIN"
+
+PUBLIC = 0o644  # certificates and requests: meant to be shared
+SCRIPT = 0o700
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,7 +308,8 @@ def _write_kit(req: KitRequest, engine: Path, out: Path, label: str, key_id: byt
     if req.target.new_pin is not None:
         _write_secret(req.target.pin_file, req.target.new_pin)
         os.chmod(req.target.pin_file.parent, 0o700)
-    out.mkdir(parents=True, exist_ok=True)
+    if not out.exists():  # a directory the user named and that exists keeps its mode
+        fsmodes.make_dir(out)
     files = {
         "cert": out / "cert.pem", "chain": out / "chain.pem", "fullchain": out / "fullchain.pem",
         "csr": out / "request.csr", "openssl_cnf": out / "openssl.cnf", "env": out / "env.sh",
@@ -313,23 +318,25 @@ def _write_kit(req: KitRequest, engine: Path, out: Path, label: str, key_id: byt
     }
     env = {"OPENSSL_CONF": str(files["openssl_cnf"]), **dict(req.target.env)}
     secret_env = {PIN_ENV: req.target.pin_file}
-    files["cert"].write_bytes(certs.pem(cert))
-    files["chain"].write_bytes(certs.pem(*chain))
-    files["fullchain"].write_bytes(certs.pem(*full))
-    files["csr"].write_bytes(csr.public_bytes(serialization.Encoding.PEM))
-    files["openssl_cnf"].write_text(render_openssl_cnf(engine, req.target.module, req.cn))
-    files["env"].write_text(render_env_sh(env, secret_env))
-    files["nginx_server"].write_text(render_nginx_server(req.cn, str(uri), files, req.port))
-    files["nginx_conf"].write_text(render_nginx_conf(req.cn, out, env, files))
-    files["nginx_sh"].write_text(render_nginx_sh(out))
-    files["s_server"].write_text(render_s_server(str(uri), files, req.port))
-    for script in ("env", "nginx_sh", "s_server"):
-        os.chmod(files[script], 0o755)
+    # Modes are explicit whatever the umask: certificates are public (0644), the rest is the
+    # user's own (0600; scripts 0700).
+    fsmodes.write_private(files["cert"], certs.pem(cert), PUBLIC)
+    fsmodes.write_private(files["chain"], certs.pem(*chain), PUBLIC)
+    fsmodes.write_private(files["fullchain"], certs.pem(*full), PUBLIC)
+    fsmodes.write_private(files["csr"], csr.public_bytes(serialization.Encoding.PEM), PUBLIC)
+    fsmodes.write_private(files["openssl_cnf"],
+                          render_openssl_cnf(engine, req.target.module, req.cn))
+    fsmodes.write_private(files["env"], render_env_sh(env, secret_env), SCRIPT)
+    fsmodes.write_private(files["nginx_server"],
+                          render_nginx_server(req.cn, str(uri), files, req.port))
+    fsmodes.write_private(files["nginx_conf"], render_nginx_conf(req.cn, out, env, files))
+    fsmodes.write_private(files["nginx_sh"], render_nginx_sh(out), SCRIPT)
+    fsmodes.write_private(files["s_server"], render_s_server(str(uri), files, req.port), SCRIPT)
     kit = Kit(cn=req.cn, key=spec.name, label=label, key_id=key_id.hex(), uri=str(uri),
               pin_file=str(req.target.pin_file), issuer=req.issuer, module=str(req.target.module),
               token=req.target.token, out_dir=str(out),
               files={k: str(v) for k, v in files.items()}, env=env, warnings=warnings)
-    files["kit"].write_text(json.dumps(kit.to_json(), indent=2, sort_keys=True) + "\n")
+    fsmodes.write_private(files["kit"], json.dumps(kit.to_json(), indent=2, sort_keys=True) + "\n")
     return kit
 
 

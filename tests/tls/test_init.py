@@ -159,3 +159,16 @@ def test_uri_matches_hsmsim_key_list(kits: Kits) -> None:
         assert entry["class"] == "PRIVATE_KEY" and entry["id"] == kit.key_id
         held, total = map(int, entry["coverage"].split("/"))
         assert total == 3 and held >= 2  # key availability: on 2 HSMs at least
+
+
+def test_kit_files_have_explicit_modes(kits: Kits) -> None:
+    """Whatever the umask: the kit's directory is the user's alone, certificates are public,
+    configuration is private and scripts are executable by the user only."""
+    kit = kits.rsa
+    out = Path(kit.out_dir)
+    assert out.stat().st_mode & 0o777 == 0o700
+    want = {"cert": 0o644, "chain": 0o644, "fullchain": 0o644, "csr": 0o644,
+            "openssl_cnf": 0o600, "nginx_conf": 0o600, "nginx_server": 0o600, "kit": 0o600,
+            "env": 0o700, "nginx_sh": 0o700, "s_server": 0o700}
+    have = {name: Path(kit.files[name]).stat().st_mode & 0o777 for name in want}
+    assert have == want
