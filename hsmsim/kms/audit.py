@@ -23,7 +23,8 @@ _LOGGED = {
     "Name", "GrantId", "PolicyName", "BypassPolicyLockoutSafetyCheck", "TagKeys", "Limit", "Marker",
     "SourceKeyId", "DestinationKeyId", "SourceEncryptionContext", "DestinationEncryptionContext",
     "SourceEncryptionAlgorithm", "DestinationEncryptionAlgorithm", "CustomKeyStoreName",
-    "CloudHsmClusterId", "NewCustomKeyStoreName", "DryRun", "IncludeKeyMaterial",
+    "CloudHsmClusterId", "NewCustomKeyStoreName", "DryRun", "IncludeKeyMaterial", "ReplicaRegion",
+    "PrimaryRegion",
 }
 _READ_ONLY = ("Describe", "List", "Get")
 

@@ -14,6 +14,9 @@ SUPPORTED_SPECS = (SYMMETRIC, *RSA_SPECS, *EC_SPECS, *HMAC_SPECS)
 
 # Persistent key states; `Unavailable` is derived from the custom key store's connection.
 ENABLED, DISABLED, PENDING_DELETION, PENDING_IMPORT = "Enabled", "Disabled", "PendingDeletion", "PendingImport"
+# A multi-Region primary key scheduled for deletion while it still has replicas.
+PENDING_REPLICA_DELETION = "PendingReplicaDeletion"
+PENDING_STATES = (PENDING_DELETION, PENDING_REPLICA_DELETION)
 UNAVAILABLE = "Unavailable"
 
 AWS_KMS, AWS_CLOUDHSM, EXTERNAL = "AWS_KMS", "AWS_CLOUDHSM", "EXTERNAL"
@@ -43,6 +46,9 @@ class KeyRecord:
     on_demand_rotations: int = 0
     on_demand_started: float | None = None
     multi_region: bool = False
+    # Multi-Region keys: every Region's record of the key (same key id, shared material) names
+    # the primary's Region; the record in that Region is the primary, the others replicas.
+    primary_region: str | None = None
     valid_to: float | None = None  # imported material that expires
     expiration_model: str | None = None  # EXTERNAL keys: KEY_MATERIAL_(DOES_NOT_)EXPIRE(S)
 

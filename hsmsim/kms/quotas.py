@@ -22,6 +22,7 @@ OP_RPS: dict[str, float] = {
     "CreateCustomKeyStore": 5, "ConnectCustomKeyStore": 5, "DisconnectCustomKeyStore": 5,
     "DescribeCustomKeyStores": 5, "UpdateCustomKeyStore": 5, "DeleteCustomKeyStore": 5,
     "GenerateDataKeyPair": 25, "GenerateDataKeyPairWithoutPlaintext": 25,
+    "ReplicateKey": 5, "UpdatePrimaryRegion": 5,
 }
 MESSAGE = "You have exceeded the rate at which you may call KMS. Reduce the frequency of your calls."
 

@@ -158,7 +158,7 @@ class Kms:
     def state_of(self, key: KeyRecord) -> str:
         """The KeyState shown to clients: Unavailable while the key's store is not connected
         (PendingDeletion is kept)."""
-        if key.custom_key_store_id and key.state != model.PENDING_DELETION:
+        if key.custom_key_store_id and key.state not in model.PENDING_STATES:
             if not self.keystores.connected(key.custom_key_store_id):
                 return model.UNAVAILABLE
         return key.state
@@ -172,6 +172,8 @@ class Kms:
             raise e.Disabled(f"{key.arn} is disabled.")
         if state == model.PENDING_DELETION:
             raise e.InvalidState(f"{key.arn} is pending deletion.")
+        if state == model.PENDING_REPLICA_DELETION:
+            raise e.InvalidState(f"{key.arn} is pending replica deletion.")
         if state == model.PENDING_IMPORT:
             raise e.InvalidState(f"{key.arn} is pending import.")
         raise e.InvalidState(f"{key.arn} is unavailable.")
@@ -179,6 +181,22 @@ class Kms:
     def require_not_pending_deletion(self, key: KeyRecord) -> None:
         if key.state == model.PENDING_DELETION:
             raise e.InvalidState(f"{key.arn} is pending deletion.")
+        if key.state == model.PENDING_REPLICA_DELETION:
+            raise e.InvalidState(f"{key.arn} is pending replica deletion.")
+
+    # -- multi-Region keys ----------------------------------------------------------------------
+    def is_replica(self, key: KeyRecord) -> bool:
+        return key.multi_region and key.primary_region not in (None, self.region)
+
+    def primary_of(self, key: KeyRecord) -> KeyRecord:
+        """The primary key of a multi-Region key (the key itself when it is the primary)."""
+        if not self.is_replica(key):
+            return key
+        assert key.primary_region is not None
+        return self.store.key_in(key.primary_region, key.key_id) or key
+
+    def key_arn_in(self, region: str, key_id: str) -> str:
+        return f"arn:aws:kms:{region}:{self.account}:key/{key_id}"
 
     @staticmethod
     def require_usage(key: KeyRecord, usage: str, op: str) -> None:

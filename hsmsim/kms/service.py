@@ -23,8 +23,8 @@ from hsmsim.kms.store import Unit
 
 log = logging.getLogger("hsmsim.kms")
 
-# FIDELITY: modelled operations hsmsim does not implement (ReplicateKey, UpdatePrimaryRegion,
-# DeriveSharedSecret, Encapsulate, Decapsulate) answer UnsupportedOperationException.
+# FIDELITY: modelled operations hsmsim does not implement (DeriveSharedSecret, Encapsulate,
+# Decapsulate) answer UnsupportedOperationException.
 TRACKED = frozenset({"Decrypt", "Encrypt", "GenerateDataKey", "GenerateDataKeyPair", "GenerateDataKeyPairWithoutPlaintext",
                      "GenerateDataKeyWithoutPlaintext", "GenerateMac", "ReEncrypt", "Sign", "Verify", "VerifyMac"})
 

@@ -4,9 +4,9 @@ and returns the output members. Handlers raise only domain errors (`hsmsim.kms.e
 
 from __future__ import annotations
 
-from hsmsim.kms.ops import access, aliases, asymmetric, crypto, imports, keys, keystores, rotation
+from hsmsim.kms.ops import access, aliases, asymmetric, crypto, imports, keys, keystores, multiregion, rotation
 from hsmsim.kms.ops.common import Handler
 
 HANDLERS: dict[str, Handler] = {}
-for _mod in (keys, aliases, crypto, asymmetric, rotation, access, keystores, imports):
+for _mod in (keys, aliases, crypto, asymmetric, rotation, access, keystores, imports, multiregion):
     HANDLERS.update(_mod.HANDLERS)

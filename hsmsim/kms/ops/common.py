@@ -102,7 +102,20 @@ def mac_algorithms(key: KeyRecord) -> list[str] | None:
     return [f"HMAC_SHA_{key.key_spec.split('_')[1]}"]
 
 
-def metadata(kms: Kms, key: KeyRecord) -> Response:
+def multi_region_configuration(kms: Kms, key: KeyRecord,
+                               extra: dict[str, KeyRecord] | None = None) -> Response:
+    """DescribeKey's MultiRegionConfiguration: the primary and every replica (a replica's own
+    record among them), from every Region's record of the key (`extra`: records this request
+    writes)."""
+    regions = {**kms.store.key_regions(key.key_id), kms.region: key, **(extra or {})}
+    primary = key.primary_region or kms.region
+    return {
+        "MultiRegionKeyType": "PRIMARY" if primary == kms.region else "REPLICA",
+        "PrimaryKey": {"Arn": kms.key_arn_in(primary, key.key_id), "Region": primary},
+        "ReplicaKeys": [{"Arn": rec.arn, "Region": r} for r, rec in sorted(regions.items()) if r != primary]}
+
+
+def metadata(kms: Kms, key: KeyRecord, extra: dict[str, KeyRecord] | None = None) -> Response:
     state = kms.state_of(key)
     md: Response = {
         "AWSAccountId": kms.account, "KeyId": key.key_id, "Arn": key.arn,
@@ -118,13 +131,13 @@ def metadata(kms: Kms, key: KeyRecord) -> Response:
     if key.state == model.PENDING_DELETION:
         md["DeletionDate"] = key.deletion_date
         md["PendingDeletionWindowInDays"] = key.pending_window
+    elif key.state == model.PENDING_REPLICA_DELETION:  # the date is known once the last replica is gone
+        md["PendingDeletionWindowInDays"] = key.pending_window
     if key.custom_key_store_id:
         md["CustomKeyStoreId"] = key.custom_key_store_id
         md["CloudHsmClusterId"] = key.cluster_id
     if key.multi_region:
-        md["MultiRegionConfiguration"] = {
-            "MultiRegionKeyType": "PRIMARY",
-            "PrimaryKey": {"Arn": key.arn, "Region": kms.region}, "ReplicaKeys": []}
+        md["MultiRegionConfiguration"] = multi_region_configuration(kms, key, extra)
     if key.origin in (model.AWS_KMS, model.EXTERNAL) and key.key_spec == model.SYMMETRIC and key.current_material:
         md["CurrentKeyMaterialId"] = key.current_material
     if key.origin == model.EXTERNAL:

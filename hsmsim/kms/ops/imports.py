@@ -131,12 +131,14 @@ async def delete_imported_key_material(kms: Kms, call: Call, req: Request) -> Re
 
 def remove_material(kms: Kms, key: KeyRecord) -> None:
     """Imported material deleted (by request or on expiry): the key waits for an import."""
-    if key.current_material:
+    shared = len(kms.store.key_regions(key.key_id)) > 1  # a multi-Region key's other Regions keep it
+    if key.current_material and not shared:
         kms.fleet.forget([key.current_material])
     with kms.store.transaction():
-        kms.store.delete_materials(key.key_id)
+        if not shared:
+            kms.store.delete_materials(key.key_id)
         kms.store.put_key(replace(key, current_material=None, valid_to=None, expiration_model=None,
-                                  state=model.PENDING_IMPORT if key.state != model.PENDING_DELETION else key.state))
+                                  state=model.PENDING_IMPORT if key.state not in model.PENDING_STATES else key.state))
 
 
 HANDLERS: dict[str, Handler] = {

@@ -91,7 +91,7 @@ async def create_key(kms: Kms, call: Call, req: Request) -> Response:
                     key_usage=usage, origin=origin,
                     state=model.PENDING_IMPORT if origin == model.EXTERNAL else model.ENABLED,
                     policy=doc, description=req.get("Description", ""), tags=tuple(tags),
-                    multi_region=multi)
+                    multi_region=multi, primary_region=kms.region if multi else None)
     mat: MaterialRecord | None = None
     if origin == model.AWS_CLOUDHSM:
         assert store_id is not None
@@ -177,6 +177,13 @@ async def schedule_key_deletion(kms: Kms, call: Call, req: Request) -> Response:
         raise e.Invalid("1 validation error detected: Value '%d' at 'pendingWindowInDays' failed to "
                         "satisfy constraint: Member must have value between 7 and 30" % days)
     kms.require_not_pending_deletion(key)
+    if key.multi_region and not kms.is_replica(key) and len(kms.store.key_regions(key.key_id)) > 1:
+        # KMS API Reference, ScheduleKeyDeletion: a primary key with replicas is not deleted
+        # while they exist; it waits in PendingReplicaDeletion (no DeletionDate) and its
+        # waiting period starts when the last replica is deleted.
+        kms.store.put_key(replace(key, state=model.PENDING_REPLICA_DELETION, deletion_date=None,
+                                  pending_window=days))
+        return {"KeyId": key.arn, "KeyState": model.PENDING_REPLICA_DELETION, "PendingWindowInDays": days}
     when = kms.clock.now() + days * DAY
     kms.store.put_key(replace(key, state=model.PENDING_DELETION, deletion_date=when, pending_window=days))
     return {"KeyId": key.arn, "DeletionDate": when, "KeyState": model.PENDING_DELETION,
@@ -187,7 +194,7 @@ async def cancel_key_deletion(kms: Kms, call: Call, req: Request) -> Response:
     key = kms.resolve(req["KeyId"], aliases=False)
     call.touch(key)
     kms.authorize(call.caller, key, "CancelKeyDeletion")
-    if key.state != model.PENDING_DELETION:
+    if key.state not in model.PENDING_STATES:
         raise e.InvalidState(f"{key.arn} is not pending deletion.")
     kms.store.put_key(replace(key, state=model.DISABLED, deletion_date=None, pending_window=None))
     return {"KeyId": key.arn}
@@ -210,8 +217,18 @@ async def delete_now(kms: Kms, key: KeyRecord) -> None:
                 await kms.cluster_keys.destroy(login, key.backing_handle)
             except ClusterFailure:
                 pass
-    kms.fleet.forget([m.material_id for m in kms.store.materials(key.key_id)])
-    kms.store.delete_key(key.key_id)
+    others = {r: k for r, k in kms.store.key_regions(key.key_id).items() if r != kms.region}
+    if not others:  # a multi-Region key's material stays while another Region holds the key
+        kms.fleet.forget([m.material_id for m in kms.store.materials(key.key_id)])
+    with kms.store.transaction():
+        kms.store.delete_key(key.key_id)
+        # The last replica gone: a primary waiting in PendingReplicaDeletion starts its window.
+        primary = others.get(key.primary_region or "")
+        if primary is not None and primary.state == model.PENDING_REPLICA_DELETION and len(others) == 1:
+            assert key.primary_region is not None
+            when = kms.clock.now() + (primary.pending_window or 30) * DAY
+            kms.in_region(key.primary_region).store.put_key(
+                replace(primary, state=model.PENDING_DELETION, deletion_date=when))
 
 
 HANDLERS: dict[str, Handler] = {

@@ -22,6 +22,14 @@ def _rotatable(kms: Kms, key: KeyRecord) -> None:
         raise e.Unsupported(f"{key.arn} key spec is {key.key_spec} which is not valid for this operation.")
 
 
+def _not_replica(kms: Kms, key: KeyRecord) -> None:
+    # KMS Developer Guide, "Rotating multi-Region keys": rotation is set, and on-demand
+    # rotation done, on the primary key; its replicas share the primary's material.
+    if kms.is_replica(key):
+        raise e.Unsupported(f"{key.arn} is a multi-Region replica key; manage its rotation on the "
+                            f"primary key in {key.primary_region}.")
+
+
 def _mutable(kms: Kms, key: KeyRecord) -> None:
     if key.state == model.DISABLED:
         raise e.Disabled(f"{key.arn} is disabled.")
@@ -46,6 +54,9 @@ async def rotate(kms: Kms, key: KeyRecord, rotation_type: str) -> KeyRecord:
     with kms.store.transaction():
         kms.store.put_material(mat)
         kms.store.put_key(new)
+        for region, replica in kms.store.key_regions(key.key_id).items():  # multi-Region replicas
+            if region != kms.region:
+                kms.in_region(region).store.put_key(replace(replica, current_material=mat.material_id))
     return new
 
 
@@ -54,6 +65,7 @@ async def enable_key_rotation(kms: Kms, call: Call, req: Request) -> Response:
     call.touch(key)
     kms.authorize(call.caller, key, "EnableKeyRotation")
     _rotatable(kms, key)
+    _not_replica(kms, key)
     _mutable(kms, key)
     period = req.get("RotationPeriodInDays", 365)
     kms.store.put_key(replace(key, rotation_enabled=True, rotation_period=period,
@@ -66,6 +78,7 @@ async def disable_key_rotation(kms: Kms, call: Call, req: Request) -> Response:
     call.touch(key)
     kms.authorize(call.caller, key, "DisableKeyRotation")
     _rotatable(kms, key)
+    _not_replica(kms, key)
     _mutable(kms, key)
     kms.store.put_key(replace(key, rotation_enabled=False, next_rotation=None))
     return {}
@@ -76,7 +89,9 @@ async def get_key_rotation_status(kms: Kms, call: Call, req: Request) -> Respons
     call.touch(key)
     kms.authorize(call.caller, key, "GetKeyRotationStatus")
     _rotatable(kms, key)
-    out: Response = {"KeyRotationEnabled": key.rotation_enabled, "KeyId": key.arn}
+    arn = key.arn
+    key = kms.primary_of(key)  # a replica shows its primary's rotation
+    out: Response = {"KeyRotationEnabled": key.rotation_enabled, "KeyId": arn}
     if key.rotation_enabled:
         out["RotationPeriodInDays"] = key.rotation_period
         out["NextRotationDate"] = key.next_rotation
@@ -90,6 +105,7 @@ async def rotate_key_on_demand(kms: Kms, call: Call, req: Request) -> Response:
     call.touch(key)
     kms.authorize(call.caller, key, "RotateKeyOnDemand")
     _rotatable(kms, key)
+    _not_replica(kms, key)
     _mutable(kms, key)
     if key.on_demand_rotations >= ON_DEMAND_LIMIT:
         raise e.LimitExceeded("The on-demand rotations limit has been reached for the given keyId. "

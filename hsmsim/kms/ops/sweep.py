@@ -23,5 +23,5 @@ async def sweep(kms: Kms) -> None:
         elif key.origin == model.EXTERNAL and key.valid_to is not None and key.valid_to <= now:
             remove_material(kms, key)
         elif key.rotation_enabled and key.next_rotation is not None and key.next_rotation <= now \
-                and key.state == model.ENABLED and key.origin == model.AWS_KMS:
+                and key.state == model.ENABLED and key.origin == model.AWS_KMS and not kms.is_replica(key):
             await rotate(kms, key, "AUTOMATIC")
