@@ -11,6 +11,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -716,12 +717,10 @@ def _audit(args: argparse.Namespace) -> int:
                 return 0
             time.sleep(0.5)
     client = _client(args)
+    read = _audit_reader(client, _state(args), args.hsm)
     marks: dict[str, int] = {}
     while True:
-        kw: dict[str, Any] = {"since": marks}
-        if args.hsm:
-            kw["hsm_id"] = args.hsm
-        recs = client.call("audit.read", **kw)
+        recs = read(marks)
         for r in recs:
             marks[r["hsm_id"]] = max(marks.get(r["hsm_id"], 0), int(r["seq"]) + 1)
             if args.json:
@@ -734,6 +733,36 @@ def _audit(args: argparse.Namespace) -> int:
         if not args.follow:
             return 0
         time.sleep(0.5)
+
+
+def _audit_reader(client: ControlClient, state: StateDir,
+                  only: str | None) -> Callable[[dict[str, int]], list[dict[str, Any]]]:
+    """Reads audit records through the daemon, or, when no daemon runs, from each HSM's
+    audit.jsonl in the state directory (read-only: a node repairs its log itself)."""
+    if client.alive():
+        def through_daemon(marks: dict[str, int]) -> list[dict[str, Any]]:
+            kw: dict[str, Any] = {"since": marks}
+            if only:
+                kw["hsm_id"] = only
+            return list(client.call("audit.read", **kw))
+        return through_daemon
+    from hsmsim.node.audit import read_file
+    hsms = [h.hsm_id for h in state.load_spec().hsms]
+    if only is not None and only not in hsms:
+        raise CliError(f"no HSM {only!r} in this cluster; it has {', '.join(hsms)}")
+    print(f"hsmsim: no daemon is running for {state.root}: reading the HSMs' audit logs from "
+          "disk", file=sys.stderr)
+
+    def from_disk(marks: dict[str, int]) -> list[dict[str, Any]]:
+        out = []
+        for hid in ([only] if only else hsms):
+            path = state.node_dir(hid) / "audit.jsonl"
+            if path.exists():
+                out += [{"hsm_id": hid, "seq": r.seq, "time_us": r.time_us, "event": r.event,
+                         **r.fields} for r in read_file(path, marks.get(hid, 0), 100_000)]
+        out.sort(key=lambda r: (r["time_us"], r["hsm_id"], r["seq"]))
+        return out
+    return from_disk
 
 
 def _fmt_kms(line: str) -> str:

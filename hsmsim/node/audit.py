@@ -46,6 +46,29 @@ def _good_prefix(data: bytes) -> tuple[int, int | None]:
     return good, last
 
 
+def read_file(path: Path, since_seq: int = 0, limit: int = 1000) -> list[AuditRecord]:
+    """The records of an audit log file from `since_seq` on, at most `limit`, read without
+    changing the file (`hsmsim audit` reads a stopped HSM's log this way). A torn last line
+    (a write in progress, or a crash the node repairs at its next start) is not a record."""
+    out: list[AuditRecord] = []
+    with path.open("rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                d = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(d, dict) or d.get("seq", -1) < since_seq:
+                continue
+            seq, t, ev = d.pop("seq"), d.pop("time_us"), d.pop("event")
+            d.pop("hsm_id", None)
+            out.append(AuditRecord(seq, t, ev, d))
+            if len(out) >= limit:
+                break
+    return out
+
+
 class AuditLog:
     def __init__(self, path: Path, hsm_id: str) -> None:
         self._path = path
@@ -124,23 +147,8 @@ class AuditLog:
             return False
 
     def read(self, since_seq: int = 0, limit: int = 1000) -> list[AuditRecord]:
-        out: list[AuditRecord] = []
-        with self._lock, self._path.open("rb") as f:
-            for raw in f:
-                if not raw.endswith(b"\n"):
-                    break
-                try:
-                    d = json.loads(raw)
-                except ValueError:
-                    continue
-                if d["seq"] < since_seq:
-                    continue
-                seq, t, ev = d.pop("seq"), d.pop("time_us"), d.pop("event")
-                d.pop("hsm_id", None)
-                out.append(AuditRecord(seq, t, ev, d))
-                if len(out) >= limit:
-                    break
-        return out
+        with self._lock:
+            return read_file(self._path, since_seq, limit)
 
     def close(self) -> None:
         os.close(self._fd)

@@ -54,6 +54,17 @@ def test_reset_needs_a_yes_then_deletes_everything(tmp_path: Path) -> None:
         r = run_cli(["reset", "--state", str(state)])  # no terminal and no --yes: refused
         assert r.returncode == 1 and "--yes" in r.stderr
         assert c.daemon_pid is not None and (state / "cluster.json").exists()
+        live = run_cli(["audit", "--json", "--state", str(state)])
+        assert live.returncode == 0, live.stderr
+        # With no daemon, `audit` reads each HSM's log from disk: the same records.
+        c.down()
+        cold = run_cli(["audit", "--json", "--state", str(state)])
+        assert cold.returncode == 0 and "reading the HSMs' audit logs from disk" in cold.stderr
+        live_recs = [json.loads(x) for x in live.stdout.splitlines()]
+        cold_recs = [json.loads(x) for x in cold.stdout.splitlines()]
+        assert live_recs and cold_recs[:len(live_recs)] == live_recs
+        r = run_cli(["audit", "--hsm", "hsm-nonesuch", "--state", str(state)])
+        assert r.returncode == 1 and "no HSM 'hsm-nonesuch'" in r.stderr
         r = run_cli(["reset", "--yes", "--state", str(state)])
         assert r.returncode == 0, r.stderr
         assert not state.exists()
