@@ -19,8 +19,8 @@ from hsmsim.gateway.multipart import MAX_BUFFERED, PIECE, CipherStream, streams
 from hsmsim.gateway.params import DecodedMechanism, decode_mechanism
 from hsmsim.gateway.protocol import Op, Reader, Writer
 from hsmsim.gateway.state import Application, HandleSource, Operation, OpKind, Session
-from hsmsim.gateway.templates import (check_secret_template, decode_template, key_pair_templates,
-                                      with_defaults)
+from hsmsim.gateway.templates import (check_secret_template, decode_find_template, decode_template,
+                                      key_pair_templates, with_defaults)
 from hsmsim.pkcs11 import attributes
 from hsmsim.pkcs11.constants import (RV, UNAVAILABLE_INFORMATION, Attribute as A, KeyType, Mechanism as M,
                                      MechanismFlag as F, ObjectClass, SessionFlag, UserType)
@@ -418,13 +418,14 @@ class Gateway:
 
     async def op_FindObjectsInit(self, app: Application, r: Reader) -> Reply:
         s = app.session(r.u64())
-        t = decode_template(r)
+        t = decode_find_template(r)
         r.end()
         if s.found is not None and not self.config.quirk_wrong_sequence_ok:
             raise _err(RV.OPERATION_ACTIVE, "a search is already active")
         # Reproduced quirk (UG:ki-pkcs11-sdk item 10): a second C_FindObjectsInit succeeds.
-        if app.login is None:
-            # FIDELITY: without a login CloudHSM shows nothing; we answer an empty search.
+        if app.login is None or t is None:
+            # FIDELITY: without a login CloudHSM shows nothing; we answer an empty search. An
+            # attribute type no object has (decode_find_template) matches nothing either.
             s.found = []
             return OK, b""
         s.found = list(await self.cluster.find_objects(app.login, t, s.handle))

@@ -33,6 +33,25 @@ def decode_template(r: Reader) -> Template:
     return out
 
 
+def decode_find_template(r: Reader) -> Template | None:
+    """A C_FindObjectsInit template; None when it names an attribute type hsmsim does not know
+    (not in PKCS#11 2.40 as CloudHSM uses it): no object has that attribute, so the search finds
+    nothing and C_FindObjectsInit succeeds, as SoftHSM2 answers (PKCS#11 2.40 allows this or
+    CKR_ATTRIBUTE_TYPE_INVALID; CloudHSM documents neither). Types CloudHSM does not support
+    (attributes.UNSUPPORTED) are still refused, as in every template."""
+    n = r.count()
+    out: Template = {}
+    unknown = False
+    for _ in range(n):
+        attr = r.u64()
+        raw = r.bytes()
+        if attr not in attributes.KINDS:
+            unknown = True
+            continue
+        out[attr] = attributes.decode(attr, raw)
+    return None if unknown else out
+
+
 def _check_read_only(t: Template) -> None:
     for attr in t:
         if attr in READ_ONLY:

@@ -205,10 +205,6 @@ def test_check_value_in_templates(pair: tuple[Session, Session], key_type: int, 
     assert logs[0] == logs[1]
 
 
-@pytest.mark.xfail(strict=True, reason="difference reported to the lead (not in issue 11's list, "
-                   "both allowed by PKCS#11 2.40's return values, CloudHSM undocumented): "
-                   "C_FindObjectsInit with an unknown attribute type gives hsmsim "
-                   "CKR_ATTRIBUTE_TYPE_INVALID, SoftHSM2 CKR_OK and no objects")
 def test_find_with_an_unknown_attribute_type(pair: tuple[Session, Session]) -> None:
     logs = []
     for s in pair:
