@@ -128,6 +128,10 @@ class ObjectOps(Ops):
         attrs = policy.build_attrs(int(cls), kt, template, local=False, gen_mech=None)
         if cls == ObjectClass.SECRET_KEY:
             attrs.update(policy.value_len_attr(int(kt), len(template[A.VALUE])))  # type: ignore[arg-type]
+        elif cls == ObjectClass.CERTIFICATE:
+            cert = template.get(A.VALUE, b"")
+            attrs[A.CHECK_VALUE] = policy.certificate_check_value(
+                cert if isinstance(cert, bytes) else b"")
         rec = self.new_record(login, handle, attrs, session)
         soft_t = policy.softhsm_template(int(cls), kt, handle, rec.token,
                                          self._material_template(int(cls), kt, template))

@@ -6,6 +6,8 @@ Pure functions over templates; no I/O."""
 
 from __future__ import annotations
 
+import hashlib
+
 from hsmsim.pkcs11.attributes import UNSUPPORTED, AttrValue, Template
 from hsmsim.pkcs11.constants import RV, Attribute as A, KeyType, Mechanism as M, ObjectClass
 from hsmsim.pkcs11.errors import Pkcs11Error
@@ -133,8 +135,11 @@ def common_defaults(cls: int, token: bool) -> Template:
         d.update({A.ENCRYPT: False, A.VERIFY: False, A.WRAP: False, A.TRUSTED: False,
                   A.SUBJECT: b""})
     elif cls == ObjectClass.CERTIFICATE:
+        # UG:pkcs11-certificate-storage-attributes lists these (ISSUER, SERIAL_NUMBER, the dates
+        # and PUBLIC_KEY_INFO empty by default); CKA_CHECK_VALUE is derived (certificate_check_value).
         d.update({A.CERTIFICATE_TYPE: 0, A.TRUSTED: False, A.SUBJECT: b"", A.ID: b"",
-                  A.ISSUER: b"", A.SERIAL_NUMBER: b"", A.CERTIFICATE_CATEGORY: 0})
+                  A.ISSUER: b"", A.SERIAL_NUMBER: b"", A.CERTIFICATE_CATEGORY: 0,
+                  A.START_DATE: b"", A.END_DATE: b"", A.PUBLIC_KEY_INFO: b""})
     elif cls == ObjectClass.DATA:
         d.update({A.APPLICATION: b"", A.OBJECT_ID: b""})
     return d
@@ -207,6 +212,12 @@ def check_value_given(cls: int, template: Template, *, generated: bool) -> None:
     if not isinstance(v, bytes) or (generated and v):
         raise Pkcs11Error(RV.ATTRIBUTE_VALUE_INVALID, "CKA_CHECK_VALUE of a generated key may "
                           "only be empty" if generated else "CKA_CHECK_VALUE must be bytes")
+
+
+def certificate_check_value(value: bytes) -> bytes:
+    """A certificate's CKA_CHECK_VALUE: CloudHSM sets it from CKA_VALUE (UG:pkcs11-certificate-
+    storage-attributes); PKCS#11 2.40 §4.6.3: the first 3 bytes of the SHA-1 of CKA_VALUE."""
+    return hashlib.sha1(value).digest()[:3]
 
 
 def value_len_attr(kt: int, length: int) -> Template:

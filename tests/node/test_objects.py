@@ -157,6 +157,35 @@ def test_trusted_wrapping_and_allowed_mechanisms(node_a: NodeProc, handles) -> N
     run(body)
 
 
+def test_certificate_attributes(node_a: NodeProc, handles) -> None:
+    """UG:pkcs11-certificate-storage-attributes: CKA_CHECK_VALUE is derived from CKA_VALUE
+    (PKCS#11 2.40: the first 3 bytes of its SHA-1) and cannot be given; CKA_ISSUER,
+    CKA_SERIAL_NUMBER, CKA_START_DATE, CKA_END_DATE and CKA_PUBLIC_KEY_INFO are supported,
+    empty by default."""
+    import hashlib
+    value = b"\x30\x03\x02\x01\x07"
+    base = {A.CLASS: ObjectClass.CERTIFICATE, A.CERTIFICATE_TYPE: 0, A.SUBJECT: b"\x30\x00",
+            A.VALUE: value, A.PRIVATE: False}
+    names = [A.CHECK_VALUE, A.ISSUER, A.SERIAL_NUMBER, A.START_DATE, A.END_DATE,
+             A.PUBLIC_KEY_INFO]
+
+    async def body() -> None:
+        c, lid = await node_a.login("alice")
+        h = await c.create_object(lid, base, handle=handles(), session=22)
+        got = [(r.value, r.rv) for r in await c.get_attributes(lid, h, names)]
+        assert got == [(hashlib.sha1(value).digest()[:3], 0)] + [(b"", 0)] * 5
+        h = await c.create_object(lid, {**base, A.ISSUER: b"\x30\x01", A.SERIAL_NUMBER: b"\x02\x01\x07",
+                                        A.START_DATE: b"20260101"}, handle=handles(), session=22)
+        got = [r.value for r in await c.get_attributes(lid, h, names[:4])]
+        assert got == [hashlib.sha1(value).digest()[:3], b"\x30\x01", b"\x02\x01\x07", b"20260101"]
+        with pytest.raises(error_class(RV.ATTRIBUTE_READ_ONLY)):
+            await c.create_object(lid, {**base, A.CHECK_VALUE: hashlib.sha1(value).digest()[:3]},
+                                  handle=handles(), session=22)
+        await c.close_session(22, lid)
+        await c.close()
+    run(body)
+
+
 def _kcv(kt: int, value: bytes) -> bytes:
     """PKCS#11 2.40's CKA_CHECK_VALUE, computed with pyca: AES and DES3 the first 3 bytes of the
     ECB encryption of a zero block, a generic secret the first 3 bytes of its SHA-1."""
