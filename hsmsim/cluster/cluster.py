@@ -901,10 +901,11 @@ class Cluster:
                 ok = False
         return ok
 
-    async def _user_versions(self, members: Sequence[Member],
-                             username: str | None = None) -> dict[str, dict[str, int]]:
-        """{username: {hsm_id: credential version}} over the members that answer."""
+    async def _user_versions(self, members: Sequence[Member], username: str | None = None
+                             ) -> tuple[dict[str, dict[str, int]], set[str]]:
+        """({username: {hsm_id: credential version}}, the HSMs that answered)."""
         out: dict[str, dict[str, int]] = {}
+        answered: set[str] = set()
         ms = [m for m in members if m.client is not None]
         results = await asyncio.gather(
             *(self.timed(m, m.client.list_users(None)) for m in ms),  # type: ignore[union-attr]
@@ -912,10 +913,11 @@ class Cluster:
         for m, r in zip(ms, results):
             if isinstance(r, BaseException):
                 continue
+            answered.add(m.hsm_id)
             for u in r:
                 if username is None or u.username == username:
                     out.setdefault(u.username, {})[m.hsm_id] = u.version
-        return out
+        return out, answered
 
     async def _converge_before_login(self, members: Sequence[Member], username: str) -> None:
         """Converge the users first when `username`'s record differs across `members` (an HSM
@@ -923,11 +925,13 @@ class Cluster:
         password hash), so a login costs little more than before. FIDELITY: CloudHSM does not
         document this; it keeps a stale HSM from counting failed logins (README, "Fidelity")."""
         try:
-            versions = (await self._user_versions(members, username)).get(username, {})
+            found, answered = await self._user_versions(members, username)
         except Exception as exc:  # best effort: the login itself reports what is wrong
             log.info("user versions before the login of %s not read: %s", username, exc)
             return
-        if versions and (len(set(versions.values())) > 1 or len(versions) < len(members)):
+        versions = found.get(username, {})
+        # An HSM that did not answer (busy) is left to the login itself and reconciliation.
+        if versions and (len(set(versions.values())) > 1 or len(versions) < len(answered)):
             log.warning("user %s differs across HSMs (versions %s): converging the user "
                         "records before logging in", username,
                         ", ".join(f"{h}={v}" for h, v in sorted(versions.items())))
