@@ -170,6 +170,9 @@ class Cluster:
                     # Do not try again on this HSM until it reconnects: a stale password
                     # would otherwise count towards the user's lockout on every request.
                     member.login_refused.add(rec.login.login_id)
+                    log.warning("login of %s on %s refused (CKR_%s) while the cluster accepted "
+                                "it: that HSM is not asked again for this login until it is "
+                                "reconciled", rec.login.username, member.hsm_id, exc.rv.name)
                 raise
             if member.generation != gen:
                 raise NodeUnavailable(f"{member.hsm_id} reconnected during login")
@@ -231,7 +234,7 @@ class Cluster:
             # now in the background; that HSM is not asked again for this login (node_login).
             refused = [m.hsm_id for m, r in zip(members, results)
                        if isinstance(r, Pkcs11Error) and not isinstance(r, NodeThrottled)]
-            log.warning("login of %s refused by %d of %d HSMs (%s: %s) while the others "
+            log.warning("login of %s refused by %d of %d HSMs (%s: CKR_%s) while the others "
                         "accepted it: its user records differ; converging them",
                         username, len(refused), len(members), ", ".join(refused),
                         errors[0].rv.name)
