@@ -81,7 +81,7 @@ def client_env(state: StateDir, endpoints: dict[str, str] | None = None,
         env[var] = str(path)
     for k, v in (("AWS_ACCESS_KEY_ID", "hsmsimAKIAEXAMPLE"),
                  ("AWS_SECRET_ACCESS_KEY", "hsmsim-secret-not-checked"),
-                 ("AWS_DEFAULT_REGION", "us-east-1")):
+                 ("AWS_DEFAULT_REGION", _kms_region(state))):
         if not base.get(k):
             env[k] = v
     return env
@@ -157,6 +157,16 @@ def _tool_files(state: StateDir, module: str) -> list[tuple[str, Path]]:
             continue
         out.append((var, path))
     return out
+
+
+def _kms_region(state: StateDir) -> str:
+    """The KMS's default Region ([kms] region): the one `hsmsim env` exports."""
+    try:
+        from hsmsim.config import load_file, resolve_section
+        from hsmsim.kms.config import KmsConfig
+        return str(resolve_section(KmsConfig, "kms", load_file(state.config_file), environ()).region)
+    except Exception:
+        return "us-east-1"
 
 
 def _kms_endpoint(state: StateDir) -> str:

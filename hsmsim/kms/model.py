@@ -49,6 +49,7 @@ class KeyRecord:
     # Multi-Region keys: every Region's record of the key (same key id, shared material) names
     # the primary's Region; the record in that Region is the primary, the others replicas.
     primary_region: str | None = None
+    key_manager: str = "CUSTOMER"  # AWS for the aws/<service> keys KMS creates on first use
     valid_to: float | None = None  # imported material that expires
     expiration_model: str | None = None  # EXTERNAL keys: KEY_MATERIAL_(DOES_NOT_)EXPIRE(S)
 

@@ -44,6 +44,37 @@ def default_policy(account: str) -> str:
                        "Action": "kms:*", "Resource": "*"}]}, indent=2)
 
 
+# The AWS managed keys (`alias/aws/<service>`) hsmsim creates on first use, and the service
+# endpoint prefix their policy's kms:ViaService condition names.
+MANAGED_SERVICES: dict[str, str] = {
+    "acm": "acm", "backup": "backup", "codecommit": "codecommit", "dynamodb": "dynamodb",
+    "ebs": "ec2", "elasticfilesystem": "elasticfilesystem", "es": "es", "glue": "glue",
+    "kinesis": "kinesis", "lambda": "lambda", "rds": "rds", "redshift": "redshift", "s3": "s3",
+    "secretsmanager": "secretsmanager", "sns": "sns", "sqs": "sqs", "ssm": "ssm",
+}
+
+
+def managed_policy(account: str, region: str, service: str) -> str:
+    """The key policy of an AWS managed key (KMS Developer Guide, "AWS managed keys" and the
+    "Default key policy" examples such as aws/ebs's `auto-ebs-2`): principals of the account
+    may use it through the service (kms:ViaService); the account may read its metadata and
+    revoke grants directly. Nobody may change, disable or delete it."""
+    via = MANAGED_SERVICES[service]
+    return json.dumps({
+        "Version": "2012-10-17", "Id": f"auto-{service}-2",
+        "Statement": [
+            {"Sid": f"Allow access through {service} for all principals in the account that are "
+                    f"authorized to use {service}", "Effect": "Allow", "Principal": {"AWS": "*"},
+             "Action": ["kms:Encrypt", "kms:Decrypt", "kms:ReEncrypt*", "kms:GenerateDataKey*",
+                        "kms:CreateGrant", "kms:DescribeKey"], "Resource": "*",
+             "Condition": {"StringEquals": {"kms:ViaService": f"{via}.{region}.amazonaws.com",
+                                            "kms:CallerAccount": account}}},
+            {"Sid": "Allow direct access to key metadata to the account", "Effect": "Allow",
+             "Principal": {"AWS": f"arn:aws:iam::{account}:root"},
+             "Action": ["kms:Describe*", "kms:Get*", "kms:List*", "kms:RevokeGrant"], "Resource": "*"}]},
+        indent=2)
+
+
 def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
 

@@ -198,3 +198,17 @@ def test_http_region_from_the_credential_scope(kms_real: KmsEndpoint) -> None:
     assert status == 200 and body["KeyMetadata"]["Arn"] == arn
     status, body = send("moon-base-1", "ListKeys", {})
     assert status == 400 and body["__type"] == "InvalidSignatureException"
+
+
+def test_hsmsim_env_exports_the_default_region(tmp_path: Path) -> None:
+    from hsmsim.cli.cluster import client_env
+    from hsmsim.cluster.state import StateDir
+    state = StateDir(tmp_path)
+    (tmp_path / "hsmsim.toml").write_text('[kms]\nregion = "eu-west-2"\n')
+    state.secrets.mkdir(mode=0o700)
+    state.cu_password.write_text("cupassword1")
+    state.cu_password.chmod(0o600)
+    env = client_env(state, endpoints={"kms": "http://127.0.0.1:1"}, base={})
+    assert env["AWS_DEFAULT_REGION"] == "eu-west-2"
+    assert client_env(state, endpoints={"kms": "http://127.0.0.1:1"},
+                      base={"AWS_DEFAULT_REGION": "ap-south-1"}).get("AWS_DEFAULT_REGION") is None

@@ -9,7 +9,8 @@ from dataclasses import replace
 
 from hsmsim.kms import errors as e, model, policy
 from hsmsim.kms.model import GrantRecord
-from hsmsim.kms.ops.common import Call, Handler, Request, Response, check_tags, dry_run, paginate
+from hsmsim.kms.ops.common import (Call, Handler, Request, Response, check_tags, dry_run, paginate,
+                                   require_customer_managed)
 from hsmsim.kms.runtime import Kms
 
 MAX_GRANTS_PER_KEY = 50_000
@@ -24,6 +25,7 @@ async def put_key_policy(kms: Kms, call: Call, req: Request) -> Response:
     key = kms.resolve(req["KeyId"], aliases=False)
     call.touch(key)
     kms.authorize(call.caller, key, "PutKeyPolicy")
+    require_customer_managed(kms, call, key, "PutKeyPolicy")
     _policy_name(req)
     doc = req["Policy"]
     policy.validate(doc)
@@ -166,6 +168,7 @@ async def tag_resource(kms: Kms, call: Call, req: Request) -> Response:
     key = kms.resolve(req["KeyId"], aliases=False)
     call.touch(key)
     kms.authorize(call.caller, key, "TagResource")
+    require_customer_managed(kms, call, key, "TagResource")
     kms.require_not_pending_deletion(key)
     new = check_tags(req["Tags"])
     tags = dict(key.tags)
@@ -180,6 +183,7 @@ async def untag_resource(kms: Kms, call: Call, req: Request) -> Response:
     key = kms.resolve(req["KeyId"], aliases=False)
     call.touch(key)
     kms.authorize(call.caller, key, "UntagResource")
+    require_customer_managed(kms, call, key, "UntagResource")
     kms.require_not_pending_deletion(key)
     drop = set(req["TagKeys"])
     kms.store.put_key(replace(key, tags=tuple((k, v) for k, v in key.tags if k not in drop)))

@@ -7,7 +7,8 @@ import re
 
 from hsmsim.kms import errors as e, model
 from hsmsim.kms.model import AliasRecord, KeyRecord
-from hsmsim.kms.ops.common import Call, Handler, Request, Response, paginate
+from hsmsim.kms import policy
+from hsmsim.kms.ops.common import Call, Handler, Request, Response, paginate, require_customer_managed
 from hsmsim.kms.runtime import Kms
 
 MAX_ALIASES_PER_KEY = 50
@@ -30,6 +31,7 @@ def _target(kms: Kms, call: Call, ref: str) -> KeyRecord:
         raise e.Invalid("Aliases must refer to keys. Not aliases")
     key = kms.resolve(ref, aliases=False)
     call.touch(key)
+    require_customer_managed(kms, call, key, "CreateAlias")  # API Reference: not an AWS managed key
     kms.require_not_pending_deletion(key)
     return key
 
@@ -94,9 +96,16 @@ async def list_aliases(kms: Kms, call: Call, req: Request) -> Response:
         key = kms.resolve(req["KeyId"], aliases=False)
         call.touch(key)
         aliases = [a for a in aliases if a.key_id == key.key_id]
-    page, extra = paginate(aliases, req)
-    return {"Aliases": [{"AliasName": a.name, "AliasArn": kms.alias_arn(a.name), "TargetKeyId": a.key_id,
-                         "CreationDate": a.created, "LastUpdatedDate": a.updated} for a in page], **extra}
+    rows: list[Response] = [{"AliasName": a.name, "AliasArn": kms.alias_arn(a.name), "TargetKeyId": a.key_id,
+                             "CreationDate": a.created, "LastUpdatedDate": a.updated} for a in aliases]
+    if "KeyId" not in req:
+        # API Reference, ListAliases: the predefined AWS aliases not yet associated with a key
+        # are listed without TargetKeyId.
+        rows += [{"AliasName": f"alias/aws/{s}", "AliasArn": kms.alias_arn(f"alias/aws/{s}")}
+                 for s in policy.MANAGED_SERVICES if f"alias/aws/{s}" not in kms.store.aliases]
+        rows.sort(key=lambda r: str(r["AliasName"]))
+    page, extra = paginate(rows, req)
+    return {"Aliases": page, **extra}
 
 
 HANDLERS: dict[str, Handler] = {

@@ -39,6 +39,17 @@ class Call:
 Handler = Callable[[Kms, Call, Request], Awaitable[Response]]
 
 
+def require_customer_managed(kms: Kms, call: Call, key: KeyRecord, action: str) -> None:
+    """AWS managed keys cannot be changed, disabled, deleted, re-policied, tagged or aliased by
+    anyone (their key policy allows none of it; KMS Developer Guide, "AWS managed keys").
+
+    FIDELITY: refused with AccessDeniedException even when [kms] enforce_policies is off, and
+    the message is ours."""
+    if key.key_manager == "AWS":
+        raise e.AccessDenied(f"User: {call.caller.arn} is not authorized to perform: kms:{action} "
+                             f"on resource: {key.arn} because it is an AWS managed key")
+
+
 def paginate(items: Sequence[T], req: Request, default_limit: int = 100) -> tuple[list[T], Response]:
     """One page of `items` and the NextMarker/Truncated members."""
     limit = req.get("Limit", default_limit)
@@ -121,7 +132,7 @@ def metadata(kms: Kms, key: KeyRecord, extra: dict[str, KeyRecord] | None = None
         "AWSAccountId": kms.account, "KeyId": key.key_id, "Arn": key.arn,
         "CreationDate": key.created, "Enabled": state == model.ENABLED,
         "Description": key.description, "KeyUsage": key.key_usage, "KeyState": state,
-        "Origin": key.origin, "KeyManager": "CUSTOMER",
+        "Origin": key.origin, "KeyManager": key.key_manager,
         "CustomerMasterKeySpec": key.key_spec, "KeySpec": key.key_spec,
         "EncryptionAlgorithms": encryption_algorithms(key),
         "SigningAlgorithms": signing_algorithms(key),

@@ -17,7 +17,7 @@ from hsmsim.kms.keystores import CONNECTED
 from hsmsim.kms.material import BadCiphertext, ClusterFailure
 from hsmsim.kms.model import KeyRecord
 from hsmsim.kms.ops.common import Call, Handler, Request, Response, dry_run
-from hsmsim.kms.ops.keys import cluster_error
+from hsmsim.kms.ops.keys import cluster_error, resolve_creating
 from hsmsim.kms.runtime import Kms
 
 _OAEP_HASH = {"RSAES_OAEP_SHA_1": "sha1", "RSAES_OAEP_SHA_256": "sha256"}
@@ -145,7 +145,7 @@ async def _encrypt_with(kms: Kms, call: Call, key: KeyRecord, plaintext: bytes, 
 
 
 async def encrypt(kms: Kms, call: Call, req: Request) -> Response:
-    key = kms.resolve(req["KeyId"])
+    key = await resolve_creating(kms, call, req["KeyId"])
     ct, alg, _ = await _encrypt_with(kms, call, key, req["Plaintext"], _ctx(req),
                                      req.get("EncryptionAlgorithm"), "Encrypt", "Encrypt")
     dry_run(req)
@@ -203,7 +203,7 @@ async def re_encrypt(kms: Kms, call: Call, req: Request) -> Response:
     src, plain, src_alg, src_mid = await _decrypt_any(
         kms, call, req["CiphertextBlob"], _ctx(req, "SourceEncryptionContext"), req.get("SourceKeyId"),
         req.get("SourceEncryptionAlgorithm"), "ReEncryptFrom", "ReEncryptFrom")
-    dest = kms.resolve(req["DestinationKeyId"])
+    dest = await resolve_creating(kms, call, req["DestinationKeyId"])
     ct, dst_alg, dst_mid = await _encrypt_with(
         kms, call, dest, plain, _ctx(req, "DestinationEncryptionContext"),
         req.get("DestinationEncryptionAlgorithm"), "ReEncryptTo", "ReEncryptTo")
@@ -226,7 +226,7 @@ async def _data_key_bytes(kms: Kms, key: KeyRecord, n: int) -> bytes:
 
 
 async def _generate_data_key(kms: Kms, call: Call, req: Request, op: str) -> tuple[KeyRecord, bytes, bytes, str | None]:
-    key = kms.resolve(req["KeyId"])
+    key = await resolve_creating(kms, call, req["KeyId"])
     spec, n = req.get("KeySpec"), req.get("NumberOfBytes")
     if (spec is None) == (n is None):
         raise e.Invalid("Please specify either number of bytes or key spec.")
@@ -268,7 +268,7 @@ def _new_pair(spec: str) -> tuple[bytes, bytes]:
 
 
 async def _generate_pair(kms: Kms, call: Call, req: Request, op: str) -> Response:
-    key = kms.resolve(req["KeyId"])
+    key = await resolve_creating(kms, call, req["KeyId"])
     spec = req["KeyPairSpec"]
     call.touch(key)
     kms.authorize(call.caller, key, op, _ctx(req), grant_op=op)

@@ -11,7 +11,9 @@ from hsmsim.kms import material, model, policy
 from hsmsim.kms.keystores import CONNECTED
 from hsmsim.kms.material import ClusterFailure
 from hsmsim.kms.model import KeyRecord, MaterialRecord
-from hsmsim.kms.ops.common import Call, Handler, Request, Response, check_tags, metadata, paginate
+from hsmsim.kms.model import AliasRecord
+from hsmsim.kms.ops.common import (Call, Handler, Request, Response, check_tags, metadata, paginate,
+                                   require_customer_managed)
 from hsmsim.kms.runtime import DAY, Kms
 from hsmsim.pkcs11.constants import RV
 
@@ -32,6 +34,50 @@ async def new_material(kms: Kms, key: KeyRecord, seq: int, rotation_type: str | 
     except ClusterFailure:
         raise e.DependencyTimeout("KMS could not reach its key material store.") from None
     return MaterialRecord(material_id, key.key_id, seq, kms.clock.now(), sealed, fresh.public, rotation_type)
+
+
+def managed_service(kms: Kms, ref: str) -> str | None:
+    """The service of a KeyId naming a predefined AWS managed key alias (`alias/aws/<service>`
+    or its alias ARN in this Region), else None."""
+    if ref.startswith("arn:"):
+        parts = ref.split(":", 5)
+        if len(parts) != 6 or parts[3] != kms.region or parts[4] != kms.account:
+            return None
+        ref = parts[5]
+    if ref.startswith("alias/aws/") and ref[len("alias/aws/"):] in policy.MANAGED_SERVICES:
+        return ref[len("alias/aws/"):]
+    return None
+
+
+async def resolve_creating(kms: Kms, call: Call, ref: str) -> KeyRecord:
+    """`kms.resolve(ref)`, except that a predefined `alias/aws/<service>` alias not yet in use
+    gets its AWS managed key now, as KMS does when an operation first uses it (KMS Developer
+    Guide, "AWS managed keys"; API Reference, DescribeKey).
+
+    FIDELITY: the key is created in the same all-or-nothing unit as the request: a request that
+    fails (say AccessDenied: the key's policy allows use only through the service) leaves no key."""
+    service = managed_service(kms, ref)
+    if service is None or f"alias/aws/{service}" in kms.store.aliases:
+        return kms.resolve(ref)
+    key_id = kms.new_key_id()
+    now = kms.clock.now()
+    key = KeyRecord(key_id=key_id, arn=kms.key_arn(key_id), created=now, key_spec=model.SYMMETRIC,
+                    key_usage="ENCRYPT_DECRYPT", origin=model.AWS_KMS, state=model.ENABLED,
+                    policy=policy.managed_policy(kms.account, kms.region, service),
+                    description=f"Default key that protects my {service} resources when no other key is defined",
+                    key_manager="AWS", rotation_enabled=True, rotation_period=365,
+                    next_rotation=now + 365 * DAY)
+    mat = await new_material(kms, key, 0)
+    try:  # the request uses it before its material is committed: unseal it into the cache now
+        await kms.fleet.live(key.key_spec, mat)
+    except ClusterFailure:
+        raise e.DependencyTimeout("KMS could not reach its key material store.") from None
+    key = replace(key, current_material=mat.material_id)
+    with kms.store.transaction():
+        kms.store.put_key(key)
+        kms.store.put_material(mat)
+        kms.store.put_alias(AliasRecord(f"alias/aws/{service}", key_id, now, now))
+    return key
 
 
 def cluster_error(key: KeyRecord, exc: ClusterFailure) -> e.KmsError:
@@ -124,7 +170,7 @@ async def create_key(kms: Kms, call: Call, req: Request) -> Response:
 
 
 async def describe_key(kms: Kms, call: Call, req: Request) -> Response:
-    key = kms.resolve(req["KeyId"])
+    key = await resolve_creating(kms, call, req["KeyId"])
     call.touch(key)
     kms.authorize(call.caller, key, "DescribeKey", grant_tokens=req.get("GrantTokens"))
     return {"KeyMetadata": metadata(kms, key)}
@@ -140,6 +186,7 @@ async def update_key_description(kms: Kms, call: Call, req: Request) -> Response
     key = kms.resolve(req["KeyId"], aliases=False)
     call.touch(key)
     kms.authorize(call.caller, key, "UpdateKeyDescription")
+    require_customer_managed(kms, call, key, "UpdateKeyDescription")
     kms.require_not_pending_deletion(key)
     kms.store.put_key(replace(key, description=req["Description"]))
     return {}
@@ -149,6 +196,7 @@ async def enable_key(kms: Kms, call: Call, req: Request) -> Response:
     key = kms.resolve(req["KeyId"], aliases=False)
     call.touch(key)
     kms.authorize(call.caller, key, "EnableKey")
+    require_customer_managed(kms, call, key, "EnableKey")
     kms.require_not_pending_deletion(key)
     if key.state == model.PENDING_IMPORT:
         raise e.InvalidState(f"{key.arn} is pending import.")
@@ -161,6 +209,7 @@ async def disable_key(kms: Kms, call: Call, req: Request) -> Response:
     key = kms.resolve(req["KeyId"], aliases=False)
     call.touch(key)
     kms.authorize(call.caller, key, "DisableKey")
+    require_customer_managed(kms, call, key, "DisableKey")
     kms.require_not_pending_deletion(key)
     if key.state == model.PENDING_IMPORT:
         raise e.InvalidState(f"{key.arn} is pending import.")
@@ -172,6 +221,7 @@ async def schedule_key_deletion(kms: Kms, call: Call, req: Request) -> Response:
     key = kms.resolve(req["KeyId"], aliases=False)
     call.touch(key)
     kms.authorize(call.caller, key, "ScheduleKeyDeletion")
+    require_customer_managed(kms, call, key, "ScheduleKeyDeletion")
     days = req.get("PendingWindowInDays", 30)
     if not 7 <= days <= 30:
         raise e.Invalid("1 validation error detected: Value '%d' at 'pendingWindowInDays' failed to "
@@ -194,6 +244,7 @@ async def cancel_key_deletion(kms: Kms, call: Call, req: Request) -> Response:
     key = kms.resolve(req["KeyId"], aliases=False)
     call.touch(key)
     kms.authorize(call.caller, key, "CancelKeyDeletion")
+    require_customer_managed(kms, call, key, "CancelKeyDeletion")
     if key.state not in model.PENDING_STATES:
         raise e.InvalidState(f"{key.arn} is not pending deletion.")
     kms.store.put_key(replace(key, state=model.DISABLED, deletion_date=None, pending_window=None))

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from hsmsim.kms import errors as e, model
 from hsmsim.kms.model import KeyRecord
-from hsmsim.kms.ops.common import Call, Handler, Request, Response, paginate
+from hsmsim.kms.ops.common import Call, Handler, Request, Response, paginate, require_customer_managed
 from hsmsim.kms.ops.keys import new_material
 from hsmsim.kms.runtime import DAY, Kms
 
@@ -66,6 +66,7 @@ async def enable_key_rotation(kms: Kms, call: Call, req: Request) -> Response:
     kms.authorize(call.caller, key, "EnableKeyRotation")
     _rotatable(kms, key)
     _not_replica(kms, key)
+    require_customer_managed(kms, call, key, "EnableKeyRotation")  # yearly, always (Developer Guide)
     _mutable(kms, key)
     period = req.get("RotationPeriodInDays", 365)
     kms.store.put_key(replace(key, rotation_enabled=True, rotation_period=period,
@@ -79,6 +80,7 @@ async def disable_key_rotation(kms: Kms, call: Call, req: Request) -> Response:
     kms.authorize(call.caller, key, "DisableKeyRotation")
     _rotatable(kms, key)
     _not_replica(kms, key)
+    require_customer_managed(kms, call, key, "DisableKeyRotation")
     _mutable(kms, key)
     kms.store.put_key(replace(key, rotation_enabled=False, next_rotation=None))
     return {}
@@ -106,6 +108,7 @@ async def rotate_key_on_demand(kms: Kms, call: Call, req: Request) -> Response:
     kms.authorize(call.caller, key, "RotateKeyOnDemand")
     _rotatable(kms, key)
     _not_replica(kms, key)
+    require_customer_managed(kms, call, key, "RotateKeyOnDemand")
     _mutable(kms, key)
     if key.on_demand_rotations >= ON_DEMAND_LIMIT:
         raise e.LimitExceeded("The on-demand rotations limit has been reached for the given keyId. "
