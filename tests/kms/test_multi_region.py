@@ -194,3 +194,31 @@ def test_replicate_key_raw_http(kms_real: KmsEndpoint) -> None:
     status, _, body = send(kms_real, json.dumps({"KeyId": kid, "ReplicaRegion": "nowhere-1"}).encode(),
                            target="TrentService.ReplicateKey")
     assert status == 400 and body["__type"] == "ValidationException"
+
+
+def test_imported_material_replica_takes_the_same_material(kms: KmsEndpoint) -> None:
+    import os
+
+    from .test_operations import _wrap
+    east, west = regional(kms, PRIMARY), regional(kms, REPLICA)
+    alg = "RSAES_OAEP_SHA_256"
+    kid = east.create_key(MultiRegion=True, Origin="EXTERNAL")["KeyMetadata"]["KeyId"]
+    material = os.urandom(32)
+    p = east.get_parameters_for_import(KeyId=kid, WrappingAlgorithm=alg, WrappingKeySpec="RSA_2048")
+    east.import_key_material(KeyId=kid, ImportToken=p["ImportToken"], EncryptedKeyMaterial=_wrap(p, material, alg),
+                             ExpirationModel="KEY_MATERIAL_DOES_NOT_EXPIRE")
+    blob = east.encrypt(KeyId=kid, Plaintext=b"imported mrk")["CiphertextBlob"]
+    rmd = east.replicate_key(KeyId=kid, ReplicaRegion=REPLICA)["ReplicaKeyMetadata"]
+    assert rmd["KeyState"] == "PendingImport" and rmd["Origin"] == "EXTERNAL"
+    p = west.get_parameters_for_import(KeyId=kid, WrappingAlgorithm=alg, WrappingKeySpec="RSA_2048")
+    with pytest.raises(ClientError) as exc:
+        west.import_key_material(KeyId=kid, ImportToken=p["ImportToken"],
+                                 EncryptedKeyMaterial=_wrap(p, os.urandom(32), alg),
+                                 ExpirationModel="KEY_MATERIAL_DOES_NOT_EXPIRE")
+    assert code(exc) == "IncorrectKeyMaterialException"
+    west.import_key_material(KeyId=kid, ImportToken=p["ImportToken"], EncryptedKeyMaterial=_wrap(p, material, alg),
+                             ExpirationModel="KEY_MATERIAL_DOES_NOT_EXPIRE")
+    assert west.decrypt(CiphertextBlob=blob)["Plaintext"] == b"imported mrk"
+    # deleting the replica's imported material leaves the primary's
+    west.delete_imported_key_material(KeyId=kid)
+    assert east.decrypt(CiphertextBlob=blob)["Plaintext"] == b"imported mrk"

@@ -107,6 +107,12 @@ async def import_key_material(kms: Kms, call: Call, req: Request) -> Response:
     if key.current_material is not None and key.current_material != material_id:
         raise e.IncorrectKeyMaterial(f"The key material does not match the key material previously "
                                      f"imported into {key.arn}.")
+    # A multi-Region key's Regions share one material (KMS Developer Guide, "Importing key
+    # material into multi-Region keys"): a replica takes only the primary's.
+    for region, other in kms.store.key_regions(key.key_id).items():
+        if region != kms.region and other.current_material not in (None, material_id):
+            raise e.IncorrectKeyMaterial(f"The key material does not match the key material of the "
+                                         f"related multi-Region key {other.arn}.")
     try:
         sealed = await kms.fleet.seal(key.key_id, material_id, secret)
     except ClusterFailure:
