@@ -54,6 +54,29 @@ class ClusterInfo:
     ca_cert_pem: bytes  # the cluster's trust anchor (issuing CA certificate)
 
 
+@dataclass(frozen=True)
+class DirectRoute:
+    """One HSM an application may call directly for a key (docs/direct-protocol.md): its
+    direct listener, the ticket bound to the application's login there, the key that MACs
+    operation descriptors for that ticket (never given to the application), and how long the
+    module waits for an answer before handing the call to the daemon."""
+
+    address: str
+    ticket: bytes
+    key: bytes
+    timeout_s: float
+
+
+class DirectRouting(Protocol):
+    """Implemented by the daemon's cluster (not by every ClusterClient): the HSMs holding a key
+    that the application may call directly, in the order the cluster would balance them."""
+
+    async def direct_route(self, login: Login, handle: int) -> list[DirectRoute]: ...
+    def direct_route_cached(self, login: Login, handle: int) -> list[DirectRoute] | None:
+        """direct_route() without waiting, or None when it would have to wait (a ticket)."""
+        ...
+
+
 class ClusterClient(Protocol):
     """What the gateway and the KMS call. `session` is the owning PKCS#11 session (or any
     client-chosen number) for session objects (CKA_TOKEN false), which live on one node and die

@@ -13,8 +13,8 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from hsmsim.cluster.api import (AttributeResult, ClusterInfo, EncryptResult, HsmInfo, Login,
-                                UserInfo)
+from hsmsim.cluster.api import (AttributeResult, ClusterInfo, DirectRoute, EncryptResult, HsmInfo,
+                                Login, UserInfo)
 from hsmsim.cluster.config import ClusterConfig
 from hsmsim.cluster.journal import HandleAllocator, Journal
 from hsmsim.cluster.members import ACTIVE, DEGRADED, Member
@@ -31,6 +31,7 @@ T = TypeVar("T")
 
 BACKGROUND_BUSY = 2  # requests in flight above which background key-sync copies wait
 BACKGROUND_MAX_WAIT_S = 5.0  # ...but never longer than this
+_NO_TICKET = (b"", b"", "")  # a node that gives no direct-path tickets
 AVAILABILITY_MSG = ("Key {handle} does not meet the availability requirements - The key must be "
                     "available on at least 2 HSMs before being used.")
 
@@ -74,6 +75,10 @@ class Cluster:
         self._member_locks: dict[str, asyncio.Lock] = {}
         self.ca_pem = state.ca_cert.read_bytes() if state.ca_cert.exists() else b""
         self.converge_events = 0
+        # direct-path tickets: (HSM, its connection generation, node login id) -> (ticket,
+        # descriptor key, direct address). A node login dies with the connection, and its
+        # ticket with it on the node.
+        self._tickets: dict[tuple[str, int, int], tuple[bytes, bytes, str]] = {}
 
     # -- helpers ---------------------------------------------------------------------------------
     def spawn_bg(self, coro: Awaitable[Any], name: str = "") -> asyncio.Task[Any]:
@@ -251,6 +256,8 @@ class Cluster:
         self._logins[login.login_id] = LoginRecord(login, password)
         for m, lid in ok:
             m.logins[login.login_id] = lid
+        # the direct path's tickets, one per HSM (docs/direct-protocol.md)
+        await asyncio.gather(*(self._ticket(m, lid) for m, lid in ok), return_exceptions=True)
         return login
 
     async def logout(self, login: Login) -> None:
@@ -261,6 +268,8 @@ class Cluster:
         calls = []
         for m in self.members.values():
             lid = m.logins.pop(login.login_id, None)
+            if lid is not None:
+                self._tickets.pop((m.hsm_id, m.generation, lid), None)
             if lid is not None and m.usable:
                 calls.append(self._quiet(self.timed(m, m.client.logout(lid))))  # type: ignore[union-attr]
         await asyncio.gather(*calls)
@@ -274,6 +283,71 @@ class Cluster:
             await aw
         except Exception:
             pass
+
+    # -- the direct data path ----------------------------------------------------------------------
+    async def _ticket(self, m: Member, lid: int) -> tuple[bytes, bytes, str] | None:
+        """The direct-path ticket of node login `lid` on `m` (fetched once per login)."""
+        key = (m.hsm_id, m.generation, lid)
+        t = self._tickets.get(key)
+        if t is None and m.client is not None:
+            try:
+                t = await self.timed(m, m.client.direct_ticket(lid))
+            except NodeThrottled:
+                raise
+            except Pkcs11Error:  # e.g. no direct listener: remembered, never asked again
+                t = _NO_TICKET
+            if m.generation == key[1]:
+                if len(self._tickets) > 100_000:
+                    self._tickets.clear()
+                self._tickets[key] = t
+        return None if t is _NO_TICKET else t
+
+    def _direct_candidates(self, login: Login, handle: int) -> list[tuple[Member, int]]:
+        """The holders of `handle` with this application's node login, in run()'s order."""
+        obj = self.objects.get(handle)
+        if login.login_id not in self._logins or obj is None or handle in self.journal.tombstones:
+            return []
+        try:
+            self._check_available(handle, obj)
+            cands = self._candidates((handle,), RV.KEY_HANDLE_INVALID, set(), login.login_id)
+        except Pkcs11Error:
+            return []
+        out = []
+        for m in cands:
+            lid = m.logins.get(login.login_id)
+            if lid is not None:
+                out.append((m, lid))
+        return out
+
+    def _route(self, m: Member, t: tuple[bytes, bytes, str]) -> DirectRoute:
+        return DirectRoute(t[2], t[0], t[1], self.config.request_timeout_s + m.latency_ms / 1000.0)
+
+    def direct_route_cached(self, login: Login, handle: int) -> list[DirectRoute] | None:
+        """direct_route() without waiting: None when a holder's ticket must be fetched first."""
+        out = []
+        for m, lid in self._direct_candidates(login, handle):
+            t = self._tickets.get((m.hsm_id, m.generation, lid))
+            if t is None:
+                return None
+            if t is not _NO_TICKET:
+                out.append(self._route(m, t))
+        return out
+
+    async def direct_route(self, login: Login, handle: int) -> list[DirectRoute]:
+        """The HSMs holding `handle` that this application may call directly, in the order
+        run() would try them (round-robin over the converged holders). Empty when the call
+        must go through the daemon (the key fails the availability check, no holder has the
+        application's login yet, or a node has no direct listener)."""
+        out: list[DirectRoute] = []
+        for m, lid in self._direct_candidates(login, handle):
+            try:
+                t = await self._ticket(m, lid)
+            except (NodeUnavailable, Pkcs11Error) as exc:
+                log.info("no direct ticket from %s: %s", m.hsm_id, exc)
+                continue
+            if t is not None:
+                out.append(self._route(m, t))
+        return out
 
     # -- routing and retries ---------------------------------------------------------------------
     def _entry(self, handle: int, invalid: RV) -> Obj:

@@ -511,6 +511,13 @@ class Supervisor:
 
     async def partition(self, hsm_id: str) -> None:
         m = self.member(hsm_id)
+        if m.client is not None and not m.client.closed:
+            # the node closes the applications' direct connections too, until the daemon
+            # reaches it again (heal): a partition cuts the HSM off from every client
+            try:
+                await self.c.timed(m, m.client.set_fault(partitioned=True), timeout=5.0)
+            except Exception as exc:  # noqa: BLE001 - partitioned either way
+                log.info("partition of %s: the node was not told (%s)", hsm_id, exc)
         m.partitioned = True
         m.mark_down("partitioned from the daemon")
         self.c._drop_session_objects(m)

@@ -13,8 +13,14 @@ from hsmsim.pkcs11.errors import Pkcs11Error
 
 MAGIC = 0x4D495348  # b"HSIM" read as a little-endian u32
 MAJOR = 1
-# 1.1: outspec 2 (a length query that also returns the result); 1.2: EncryptInit returns the GCM IV
-MINOR = 2
+# 1.1: outspec 2 (a length query that also returns the result); 1.2: EncryptInit returns the GCM IV;
+# 1.3: Sign/Verify/Encrypt/DecryptInit return the HSMs for the direct data path, and request flag
+# DIRECT_DONE (docs/direct-protocol.md)
+MINOR = 3
+DIRECT_MINOR = 3
+# Request header flag: the session's operation of this opcode's kind was finished on an HSM
+# directly; the gateway ends it before handling the request.
+FLAG_DIRECT_DONE = 0x1
 MAX_FRAME = 64 * 1024 * 1024
 APP_TOKEN_LEN = 16
 REQUEST_HEADER = struct.Struct("<IHH")  # request id, opcode, flags (after the u32 length)

@@ -113,7 +113,7 @@ class Connection(asyncio.Protocol):
     def _pump(self) -> None:
         while self.pending and not self.busy and not self.closed:
             frame = self._frame = self.pending.popleft()
-            request_id, op, _flags = P.REQUEST_HEADER.unpack_from(frame)
+            request_id, op, flags = P.REQUEST_HEADER.unpack_from(frame)
             body = memoryview(frame)[P.REQUEST_HEADER.size:]
             if self.app is None:
                 if op != Op.HELLO:
@@ -124,6 +124,8 @@ class Connection(asyncio.Protocol):
             if op == Op.HELLO:
                 self._send(request_id, op, (int(RV.GENERAL_ERROR), b""))
                 continue
+            if flags & P.FLAG_DIRECT_DONE:
+                self.gw.direct_done(self.app, op, body)
             fn = self.gw.sync.get(op)
             if fn is not None:
                 try:
@@ -187,6 +189,7 @@ class Connection(asyncio.Protocol):
             app = Application(new_token(), hello.pid)
             self.gw.apps[app.token] = app
         app.connections += 1
+        app.minor = hello.minor
         self.app = app
         max_frame = min(hello.max_frame, self.gw.config.max_frame)
         body_out = P.Writer().u16(P.MAJOR).u16(P.MINOR).u32(max_frame).bytes(app.token).done()

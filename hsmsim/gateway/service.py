@@ -13,12 +13,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
-from hsmsim.cluster.api import ClusterClient, Login
+from hsmsim.cluster.api import ClusterClient, DirectRouting, Login
 from hsmsim.gateway.config import GatewayConfig
 from hsmsim.gateway.multipart import MAX_BUFFERED, PIECE, CipherStream, streams
 from hsmsim.gateway.params import DecodedMechanism, decode_mechanism
-from hsmsim.gateway.protocol import Op, Reader, Writer
+from hsmsim.gateway.protocol import DIRECT_MINOR, Op, Reader, Writer
 from hsmsim.gateway.state import Application, HandleSource, Operation, OpKind, Session
+from hsmsim.node import codec as node_codec
+from hsmsim.node.direct import descriptor_mac, encode_descriptor
 from hsmsim.gateway.templates import (check_secret_template, decode_find_template, decode_template,
                                       key_pair_templates, with_defaults)
 from hsmsim.pkcs11 import attributes
@@ -50,6 +52,13 @@ _USAGE = {OpKind.ENCRYPT: A.ENCRYPT, OpKind.DECRYPT: A.DECRYPT, OpKind.SIGN: A.S
 _FLAG = {OpKind.ENCRYPT: F.ENCRYPT, OpKind.DECRYPT: F.DECRYPT, OpKind.SIGN: F.SIGN,
          OpKind.VERIFY: F.VERIFY, OpKind.DIGEST: F.DIGEST}
 _BLOCK = {M.AES_CBC: 16, M.AES_ECB: 16, M.DES3_CBC: 8, M.DES3_ECB: 8}
+# The opcodes of each operation kind (request flag DIRECT_DONE names the kind by its opcode).
+_KIND_OF_OP = {int(o): k for k, ops in (
+    (OpKind.ENCRYPT, (Op.EncryptInit, Op.Encrypt, Op.EncryptUpdate, Op.EncryptFinal)),
+    (OpKind.DECRYPT, (Op.DecryptInit, Op.Decrypt, Op.DecryptUpdate, Op.DecryptFinal)),
+    (OpKind.SIGN, (Op.SignInit, Op.Sign, Op.SignUpdate, Op.SignFinal)),
+    (OpKind.VERIFY, (Op.VerifyInit, Op.Verify, Op.VerifyUpdate, Op.VerifyFinal))) for o in ops}
+_DIRECT_KINDS = (OpKind.ENCRYPT, OpKind.DECRYPT, OpKind.SIGN, OpKind.VERIFY)
 
 
 _SESSION_INFO = struct.Struct("<QQQQ")  # slot, state, flags, device error
@@ -136,6 +145,12 @@ class Gateway:
         self._validated: dict[tuple[int, int, OpKind], tuple[float, Any]] = {}
         self._mechs: dict[tuple[OpKind, bytes], tuple[DecodedMechanism, MechanismInfo]] = {}
         self._serial = b"hsmsim"
+        # the daemon's cluster routes direct calls; a ClusterClient without it never offers them
+        self._router: DirectRouting | None = (
+            cluster if hasattr(cluster, "direct_route") else None)  # type: ignore[assignment]
+        # descriptors and their MACs per ticket, made once (every Init of a key asks again)
+        self._descs: dict[tuple[Any, ...], bytes] = {}
+        self._macs: dict[tuple[bytes, bytes], bytes] = {}
         # sync handlers answer at once; a few (the *Init calls) may instead return an awaitable
         # when they need the cluster
         self.sync: dict[int, Callable[[Application, Reader], Reply | Awaitable[Reply]]] = {}
@@ -577,11 +592,99 @@ class Gateway:
             hasher = hashlib.new(info.hash)
         else:
             app.require_login()
-            if not self._key_validated(app, key, kind, info):
+            validated = self._key_validated(app, key, kind, info)
+            if (app.minor >= DIRECT_MINOR and self._router is not None and kind in _DIRECT_KINDS
+                    and mech.mechanism != M.CLOUDHSM_AES_GCM):
+                return self._init_direct(app, s, kind, mech, info, key, validated)
+            if not validated:
                 return self._init_after_check(app, s, kind, mech, info, key)
             if info.hash:
                 hasher = hashlib.new(info.hash)
         return self._start(s, kind, mech, info, key, hasher)
+
+    def _init_direct(self, app: Application, s: Session, kind: OpKind, mech: DecodedMechanism,
+                     info: MechanismInfo, key: int, validated: bool) -> Reply | Awaitable[Reply]:
+        """A Sign/Verify/Encrypt/DecryptInit whose reply (protocol 1.3) also names the HSMs the
+        module may call directly for the single-part call (docs/direct-protocol.md). Answered at
+        once when the key check is cached and every holder's ticket is known."""
+        assert self._router is not None
+        routes = self._router.direct_route_cached(app.require_login(), key) if validated else None
+        if routes is None:
+            return self._init_direct_slow(app, s, kind, mech, info, key, validated)
+        hasher = hashlib.new(info.hash) if info.hash else None
+        rv, body = self._start(s, kind, mech, info, key, hasher)
+        return rv, body + self._direct_section(s.ops[kind], routes)
+
+    async def _init_direct_slow(self, app: Application, s: Session, kind: OpKind,
+                                mech: DecodedMechanism, info: MechanismInfo, key: int,
+                                validated: bool) -> Reply:
+        if not validated:
+            await self._check_key(app, key, kind, info)
+        assert self._router is not None
+        routes = await self._router.direct_route(app.require_login(), key)
+        if s.ops.get(kind) is not None and not s.ops[kind].speculative:
+            raise _err(RV.OPERATION_ACTIVE, f"a {kind.value} operation is already active")
+        hasher = hashlib.new(info.hash) if info.hash else None
+        rv, body = self._start(s, kind, mech, info, key, hasher)
+        return rv, body + self._direct_section(s.ops[kind], routes)
+
+    def _direct_section(self, op: Operation, routes: list[Any]) -> bytes:
+        w = Writer()
+        if not routes:
+            return w.u8(0).done()
+        desc = self._descriptor(op)
+        w.u8(len(routes)).bytes(desc)
+        macs = self._macs
+        if len(macs) > 65536:
+            macs.clear()
+        for route in routes:
+            mac = macs.get((desc, route.ticket))
+            if mac is None:
+                mac = macs[(desc, route.ticket)] = descriptor_mac(route.key, desc)
+            w.bytes(route.address.removeprefix("unix:").encode()).bytes(route.ticket)
+            w.bytes(mac).u32(max(1, int(route.timeout_s * 1000)))
+        return w.done()
+
+    def _descriptor(self, op: Operation) -> bytes:
+        """What the HSM does with a direct call's data: the operation as the daemon would run it
+        (`_hsm_call`, `_prepared`, `_limit`), MACed per ticket so the application cannot alter it."""
+        m, p = op.mech.mechanism, op.mech.spec.param
+        # a GCM encryption's descriptor carries its own IV: never the same twice
+        cache = None if (op.kind == OpKind.ENCRYPT and m == M.AES_GCM) else (op.kind, op.mech.spec, op.key)
+        if cache is not None:
+            known = self._descs.get(cache)
+            if known is not None:
+                return known
+        limit = op.info.max_data if self.config.quirk_data_limits else None
+        spec, hash_name, prefix, overhead = op.mech.spec, None, b"", 0
+        if op.kind in (OpKind.SIGN, OpKind.VERIFY) and op.info.hash is not None:
+            hash_name, limit = op.info.hash, None
+            if op.info.raw == M.RSA_PKCS:
+                spec, prefix = MechanismSpec(M.RSA_PKCS), DIGEST_INFO[op.info.hash]
+            elif op.info.raw == M.RSA_PKCS_PSS:
+                spec = MechanismSpec(M.RSA_PKCS_PSS, p)
+            else:
+                spec = MechanismSpec(M.ECDSA)
+        elif op.kind == OpKind.DECRYPT and m == M.AES_GCM:
+            assert isinstance(p, GcmParams)
+            overhead = p.tag_bits // 8
+        desc = encode_descriptor(op.kind.value, op.key, node_codec.mech_to_wire(spec), hash_name,
+                                 prefix, limit, overhead, PIECE)
+        if cache is not None:
+            if len(self._descs) > 4096:
+                self._descs.clear()
+            self._descs[cache] = desc
+        return desc
+
+    def direct_done(self, app: Application, op: int, body: memoryview) -> None:
+        """Request flag DIRECT_DONE: the module finished this session's operation of `op`'s kind
+        on an HSM; it ends here before the request is handled."""
+        kind = _KIND_OF_OP.get(op)
+        if kind is None or len(body) < 8:
+            return
+        s = app.sessions.get(int.from_bytes(body[:8], "little"))
+        if s is not None:
+            s.ops.pop(kind, None)
 
     async def _init_after_check(self, app: Application, s: Session, kind: OpKind, mech: DecodedMechanism,
                                 info: MechanismInfo, key: int) -> Reply:

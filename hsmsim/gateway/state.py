@@ -77,6 +77,7 @@ class Application:
         self.login: Login | None = None
         self.sessions: dict[int, Session] = {}
         self.connections = 0
+        self.minor = 0  # the module's protocol minor version (1.3: the direct data path)
 
     def session(self, handle: int) -> Session:
         s = self.sessions.get(handle)

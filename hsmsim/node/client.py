@@ -461,12 +461,25 @@ class NodeClient:
     # -- operations --------------------------------------------------------------------------------
 
     async def set_fault(self, *, latency_ms: float | None = None, throttle_rps: float | None = None,
-                        paused: bool | None = None) -> dict[str, Any]:
+                        paused: bool | None = None, partitioned: bool | None = None) -> dict[str, Any]:
         """Change fault injection; fields left None keep their value. throttle_rps 0 = off.
-        Returns the resulting fault settings."""
+        `partitioned` True closes the node's direct connections until the daemon
+        authenticates again. Returns the resulting fault settings."""
         fields = {k: v for k, v in (("latency_ms", latency_ms), ("throttle_rps", throttle_rps),
-                                    ("paused", paused)) if v is not None}
+                                    ("paused", paused), ("partitioned", partitioned))
+                  if v is not None}
         return dict(await self.call("set_fault", **fields))
+
+    async def direct_ticket(self, login_id: int) -> tuple[bytes, bytes, str]:
+        """(ticket, descriptor key, direct address) bound to `login_id` on this node
+        (docs/direct-protocol.md); the ticket dies with the login."""
+        r = await self.call("direct_ticket", login_id=login_id)
+        return bytes(r["ticket"]), bytes(r["key"]), str(r["address"])
+
+    async def counters(self) -> dict[str, int]:
+        """Fault and direct-path counters: delayed, throttled, direct_calls, direct_fallbacks,
+        direct_delayed."""
+        return {str(k): int(v) for k, v in (await self.call("counters")).items()}
 
     async def audit_read(self, since_seq: int = 0, limit: int = 1000) -> list[AuditRecord]:
         r = await self.call("audit_read", since_seq=since_seq, limit=limit)

@@ -16,6 +16,13 @@ class Faults:
         self._stamp = time.monotonic()
         self._running = asyncio.Event()
         self._running.set()
+        # Cut off from the daemon and from the applications' direct connections (the node's
+        # direct listener closes them); ends when the daemon authenticates again (heal).
+        self.partitioned = False
+        # counters, read by tests and the bench: requests delayed by injected latency, and
+        # requests refused by the throttle
+        self.delayed = 0
+        self.throttled = 0
 
     @property
     def idle(self) -> bool:
@@ -31,7 +38,9 @@ class Faults:
                 "paused": self.paused}
 
     def set(self, latency_ms: float | None, throttle_rps: float | None,
-            paused: bool | None) -> dict[str, Any]:
+            paused: bool | None, partitioned: bool | None = None) -> dict[str, Any]:
+        if partitioned is not None:
+            self.partitioned = partitioned
         if latency_ms is not None:
             self.latency_ms = latency_ms
         if throttle_rps is not None:
@@ -49,6 +58,7 @@ class Faults:
         if not self._running.is_set():
             await self._running.wait()
         if self.latency_ms > 0:
+            self.delayed += 1
             await asyncio.sleep(self.latency_ms / 1000)
 
     def admit(self) -> bool:
@@ -64,4 +74,5 @@ class Faults:
         if self._tokens >= 1.0:
             self._tokens -= 1.0
             return True
+        self.throttled += 1
         return False

@@ -85,12 +85,15 @@ OPS: dict[str, Principal] = {
     # operations
     "set_fault": P.CLUSTER,
     "audit_read": P.CLUSTER,
+    # the direct data path (docs/direct-protocol.md)
+    "direct_ticket": P.CLUSTER,
+    "counters": P.CLUSTER,
 }
 
 # Operations that a paused node still answers, and that are never throttled or delayed.
-CONTROL_OPS = frozenset({"set_fault"})
+CONTROL_OPS = frozenset({"set_fault", "counters"})
 UNTHROTTLED_OPS = frozenset({"hello", "auth_cluster", "ping", "status", "set_fault",
-                             "audit_read", "inventory"})
+                             "audit_read", "inventory", "counters"})
 
 
 def pack(message: dict[str, Any]) -> bytes:

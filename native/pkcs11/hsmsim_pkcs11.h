@@ -316,7 +316,9 @@ struct CK_FUNCTION_LIST {
 /* ---- wire protocol (docs/gateway-protocol.md) ------------------------------------------- */
 #define HSMSIM_PROTO_MAGIC 0x4D495348u /* "HSIM" little-endian */
 #define HSMSIM_PROTO_MAJOR 1
-#define HSMSIM_PROTO_MINOR 2
+#define HSMSIM_PROTO_MINOR 3 /* 1.3: the direct data path (docs/direct-protocol.md) */
+#define HS_FLAG_DIRECT_DONE 0x1
+#define HS_DIRECT_MAX_FRAME (1u << 20)
 #define HSMSIM_MAX_FRAME (64u * 1024u * 1024u)
 #define HSMSIM_APP_TOKEN_LEN 16
 
@@ -368,5 +370,12 @@ void hs_atfork_child(void);
  * Returns the gateway's rv (or a transport CKR_*); resp and mem hold the result body. */
 #define HS_HDR_RESERVE 12
 CK_RV hs_call(uint16_t op, hs_wbuf *w, hs_rbuf *resp, uint8_t **mem);
+CK_RV hs_call_flags(uint16_t op, uint16_t flags, hs_wbuf *w, hs_rbuf *resp, uint8_t **mem);
+/* One direct call to a node (docs/direct-protocol.md). 0: answered (*rv, *fallback, *out of
+ * *outlen bytes, malloc'd); -1: the node could not be reached or did not answer in time. */
+int hs_node_call(const char *path, uint32_t timeout_ms, uint8_t verb, const uint8_t *ticket, size_t ticketlen,
+                 const uint8_t *desc, size_t desclen, const uint8_t *mac, size_t maclen, const uint8_t *data,
+                 size_t datalen, const uint8_t *sig, size_t siglen, uint8_t **out, size_t *outlen, CK_RV *rv,
+                 int *fallback);
 
 #endif

@@ -160,10 +160,235 @@ static int spec_done(CK_SESSION_HANDLE s, uint16_t op) {
     return done;
 }
 
+
+/* ---- the direct data path (protocol 1.3, docs/direct-protocol.md) -------------------------
+ * A Sign/Verify/Encrypt/DecryptInit reply may name the HSMs holding the key (balance order),
+ * each with a socket path, a ticket and the MAC of an operation descriptor the daemon made.
+ * The single-part call then goes to the first of them; what the node cannot answer (its
+ * fallback flag, a lost or silent node) goes to the daemon, which still holds the operation.
+ * An operation finished on a node is "ended" here until the next request of its kind on the
+ * session tells the daemon so (header flag DIRECT_DONE). The module decides nothing else. */
+#define DIRECT_BUCKETS 1024
+#define DIRECT_MAX_HOLDERS 8
+typedef struct {
+    char path[108];
+    uint8_t ticket[32];
+    uint8_t mac[16];
+    uint32_t timeout_ms;
+} dholder_t;
+typedef struct dop {
+    struct dop *next;
+    CK_SESSION_HANDLE s;
+    uint16_t kind;
+    int ended;
+    uint8_t *desc;
+    size_t desclen;
+    int n;
+    dholder_t h[DIRECT_MAX_HOLDERS];
+} dop_t;
+static dop_t *g_direct[DIRECT_BUCKETS];
+static pthread_mutex_t g_direct_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* The operation kind of an opcode (its single-part opcode), 0 for none of the direct kinds. */
+static uint16_t dkind(uint16_t op) {
+    switch (op) {
+    case OP_C_EncryptInit: case OP_C_Encrypt: case OP_C_EncryptUpdate: case OP_C_EncryptFinal: return OP_C_Encrypt;
+    case OP_C_DecryptInit: case OP_C_Decrypt: case OP_C_DecryptUpdate: case OP_C_DecryptFinal: return OP_C_Decrypt;
+    case OP_C_SignInit: case OP_C_Sign: case OP_C_SignUpdate: case OP_C_SignFinal: return OP_C_Sign;
+    case OP_C_VerifyInit: case OP_C_Verify: case OP_C_VerifyUpdate: case OP_C_VerifyFinal: return OP_C_Verify;
+    default: return 0;
+    }
+}
+
+static dop_t **direct_slot(CK_SESSION_HANDLE s, uint16_t kind) {
+    dop_t **pp = &g_direct[(s * 4 + kind) % DIRECT_BUCKETS];
+    while (*pp && !((*pp)->s == s && (*pp)->kind == kind)) pp = &(*pp)->next;
+    return pp;
+}
+
+static void dop_free(dop_t *d) {
+    if (!d) return;
+    free(d->desc);
+    memset(d, 0, sizeof *d); /* tickets */
+    free(d);
+}
+
+/* kind 0: every kind of the session. */
+static void direct_forget(CK_SESSION_HANDLE s, uint16_t kind) {
+    pthread_mutex_lock(&g_direct_lock);
+    for (int b = 0; b < DIRECT_BUCKETS; b++) {
+        dop_t **pp = &g_direct[b];
+        while (*pp) {
+            dop_t *d = *pp;
+            if (d->s == s && (!kind || d->kind == kind)) {
+                *pp = d->next;
+                dop_free(d);
+            } else {
+                pp = &d->next;
+            }
+        }
+    }
+    pthread_mutex_unlock(&g_direct_lock);
+}
+
+static void direct_clear_all(void) {
+    pthread_mutex_lock(&g_direct_lock);
+    for (int b = 0; b < DIRECT_BUCKETS; b++) {
+        while (g_direct[b]) {
+            dop_t *d = g_direct[b];
+            g_direct[b] = d->next;
+            dop_free(d);
+        }
+    }
+    pthread_mutex_unlock(&g_direct_lock);
+}
+
+static void direct_drop(CK_SESSION_HANDLE s, uint16_t kind) {
+    pthread_mutex_lock(&g_direct_lock);
+    dop_t **pp = direct_slot(s, kind);
+    dop_t *d = *pp;
+    if (d) {
+        *pp = d->next;
+        dop_free(d);
+    }
+    pthread_mutex_unlock(&g_direct_lock);
+}
+
+/* The operation was finished on a node: remembered until the daemon is told. */
+static void direct_end(CK_SESSION_HANDLE s, uint16_t kind) {
+    pthread_mutex_lock(&g_direct_lock);
+    dop_t *d = *direct_slot(s, kind);
+    if (d) d->ended = 1;
+    pthread_mutex_unlock(&g_direct_lock);
+}
+
+/* The header flags of a daemon request `op` whose body starts with the session handle; an
+ * ended operation's record goes with it. A multi-part call takes the operation back to the
+ * daemon (its record is dropped). */
+static uint16_t direct_flags(uint16_t op, const hs_wbuf *w) {
+    uint16_t kind = dkind(op);
+    if (!kind || w->oom || w->len < HS_HDR_RESERVE + 8) return 0;
+    uint64_t s = 0;
+    for (int i = 7; i >= 0; i--) s = (s << 8) | w->p[HS_HDR_RESERVE + i];
+    int init = op == OP_C_EncryptInit || op == OP_C_DecryptInit || op == OP_C_SignInit || op == OP_C_VerifyInit;
+    uint16_t flags = 0;
+    pthread_mutex_lock(&g_direct_lock);
+    dop_t **pp = direct_slot((CK_SESSION_HANDLE)s, kind);
+    dop_t *d = *pp;
+    /* an active direct operation survives a refused Init (CKR_OPERATION_ACTIVE) */
+    if (d && (d->ended || !init)) {
+        if (d->ended) flags = HS_FLAG_DIRECT_DONE;
+        *pp = d->next;
+        dop_free(d);
+    }
+    pthread_mutex_unlock(&g_direct_lock);
+    return flags;
+}
+
+/* The direct section of an Init reply (protocol 1.3). */
+static void direct_record(CK_SESSION_HANDLE s, uint16_t kind, hs_rbuf *r) {
+    uint8_t n = hs_r_u8(r);
+    if (r->err || n == 0) {
+        direct_drop(s, kind);
+        return;
+    }
+    dop_t *d = calloc(1, sizeof *d);
+    size_t dn = 0;
+    const uint8_t *desc = hs_r_bytes(r, &dn);
+    if (!d || r->err || !(d->desc = malloc(dn ? dn : 1))) {
+        free(d);
+        direct_drop(s, kind);
+        return;
+    }
+    memcpy(d->desc, desc, dn);
+    d->desclen = dn;
+    d->s = s;
+    d->kind = kind;
+    for (int i = 0; i < n; i++) {
+        size_t pn = 0, tn = 0, mn = 0;
+        const uint8_t *p = hs_r_bytes(r, &pn);
+        const uint8_t *t = hs_r_bytes(r, &tn);
+        const uint8_t *m = hs_r_bytes(r, &mn);
+        uint32_t to = hs_r_u32(r);
+        if (r->err) break;
+        if (d->n >= DIRECT_MAX_HOLDERS || pn >= sizeof d->h[0].path || tn != 32 || mn != 16) continue;
+        dholder_t *h = &d->h[d->n++];
+        memcpy(h->path, p, pn);
+        h->path[pn] = 0;
+        memcpy(h->ticket, t, 32);
+        memcpy(h->mac, m, 16);
+        h->timeout_ms = to;
+    }
+    if (r->err || d->n == 0) {
+        dop_free(d);
+        direct_drop(s, kind);
+        return;
+    }
+    pthread_mutex_lock(&g_direct_lock);
+    dop_t **pp = direct_slot(s, kind);
+    if (*pp) {
+        dop_t *old = *pp;
+        *pp = old->next;
+        dop_free(old);
+    }
+    d->next = g_direct[(s * 4 + kind) % DIRECT_BUCKETS];
+    g_direct[(s * 4 + kind) % DIRECT_BUCKETS] = d;
+    pthread_mutex_unlock(&g_direct_lock);
+}
+
+static void spec_store(CK_SESSION_HANDLE s, uint16_t op, const uint8_t *in, size_t inlen, const uint8_t *out,
+                       size_t outlen);
+
+/* A single-part call on a node: 1 when answered (*rv), 0 when it goes to the daemon. */
+static int direct_try(CK_SESSION_HANDLE h, uint16_t op, const uint8_t *in, size_t inlen, const uint8_t *sig,
+                      size_t siglen, CK_BYTE_PTR out, CK_ULONG_PTR outlen, CK_RV *rv) {
+    dholder_t holder;
+    uint8_t *desc = NULL;
+    size_t desclen = 0;
+    pthread_mutex_lock(&g_direct_lock);
+    dop_t *d = *direct_slot(h, op);
+    if (d && !d->ended && (desc = malloc(d->desclen ? d->desclen : 1))) {
+        holder = d->h[0];
+        memcpy(desc, d->desc, d->desclen);
+        desclen = d->desclen;
+    }
+    pthread_mutex_unlock(&g_direct_lock);
+    if (!desc) return 0;
+    uint8_t verb = op == OP_C_Encrypt ? 1 : op == OP_C_Decrypt ? 2 : op == OP_C_Sign ? 3 : 4;
+    uint8_t *res = NULL;
+    size_t rn = 0;
+    CK_RV nrv = CKR_OK;
+    int fallback = 0;
+    int got = hs_node_call(holder.path, holder.timeout_ms, verb, holder.ticket, 32, desc, desclen, holder.mac, 16, in,
+                           inlen, sig, siglen, &res, &rn, &nrv, &fallback);
+    free(desc);
+    if (got != 0 || fallback) { /* the daemon retries and fails over; it holds the operation */
+        wipe_free(res, rn);
+        direct_drop(h, op);
+        return 0;
+    }
+    if (op == OP_C_Verify || nrv != CKR_OK) { /* an answer other than BUFFER_TOO_SMALL ends it */
+        direct_end(h, op);
+        *rv = nrv;
+    } else if (!out || *outlen < rn) { /* the result is kept for the follow-up call */
+        spec_store(h, op, in, inlen, res, rn);
+        *rv = out ? CKR_BUFFER_TOO_SMALL : CKR_OK;
+        *outlen = (CK_ULONG)rn;
+    } else {
+        if (rn) memcpy(out, res, rn);
+        *outlen = (CK_ULONG)rn;
+        direct_end(h, op);
+        *rv = CKR_OK;
+    }
+    wipe_free(res, rn);
+    return 1;
+}
+
 /* A child forked while another thread held one of these locks must not inherit it held. */
 static void module_atfork_child(void) {
     pthread_mutex_init(&g_state, NULL);
     pthread_mutex_init(&g_spec_lock, NULL);
+    pthread_mutex_init(&g_direct_lock, NULL);
 }
 
 /* Replies may carry plaintext or key bytes: wipe them before freeing. */
@@ -326,10 +551,10 @@ static CK_RV pad_field(hs_rbuf *r, CK_UTF8CHAR *dst, size_t dstlen) {
 }
 
 /* Runs one call; `body` runs on the reply when the gateway answered. */
-#define CALL(op, w, r, mem, rv)              \
-    uint8_t *mem = NULL;                     \
-    hs_rbuf r = {0};                         \
-    CK_RV rv = hs_call(op, &w, &r, &mem);    \
+#define CALL(op, w, r, mem, rv)                                     \
+    uint8_t *mem = NULL;                                            \
+    hs_rbuf r = {0};                                                \
+    CK_RV rv = hs_call_flags(op, direct_flags(op, &w), &w, &r, &mem); \
     hs_w_free(&w)
 
 #define ENC(expr) do { CK_RV e_ = (expr); if (e_ != CKR_OK) { hs_w_free(&w); return e_; } } while (0)
@@ -354,6 +579,7 @@ CK_RV C_Initialize(CK_VOID_PTR pInitArgs) {
     if (g_init) { /* a forked child: its own connection, never the parent's */
         hs_forget_after_fork();
         spec_clear_all();
+        direct_clear_all();
         g_init = 0;
     }
     CK_RV rv = hs_connect_init();
@@ -374,6 +600,7 @@ CK_RV C_Finalize(CK_VOID_PTR pReserved) {
          * parent's application lives on. */
         hs_forget_after_fork();
         spec_clear_all();
+        direct_clear_all();
         g_init = 0;
         pthread_mutex_unlock(&g_state);
         return CKR_OK;
@@ -385,6 +612,7 @@ CK_RV C_Finalize(CK_VOID_PTR pReserved) {
     g_init = 0;
     hs_disconnect_all(1);
     spec_clear_all();
+    direct_clear_all();
     pthread_mutex_unlock(&g_state);
     return CKR_OK;
 }
@@ -572,14 +800,20 @@ CK_RV C_OpenSession(CK_SLOT_ID slotID, CK_FLAGS flags, CK_VOID_PTR pApplication,
 CK_RV C_CloseSession(CK_SESSION_HANDLE hSession) {
     CHECK_INIT();
     CK_RV rv = simple_session_call(OP_C_CloseSession, hSession);
-    if (rv == CKR_OK) spec_forget(hSession, 0);
+    if (rv == CKR_OK) {
+        spec_forget(hSession, 0);
+        direct_forget(hSession, 0);
+    }
     return rv;
 }
 
 CK_RV C_CloseAllSessions(CK_SLOT_ID slotID) {
     CHECK_INIT();
     CK_RV rv = simple_session_call(OP_C_CloseAllSessions, slotID);
-    if (rv == CKR_OK) spec_clear_all();
+    if (rv == CKR_OK) {
+        spec_clear_all();
+        direct_clear_all();
+    }
     return rv;
 }
 
@@ -629,7 +863,9 @@ CK_RV C_Login(CK_SESSION_HANDLE hSession, CK_USER_TYPE userType, CK_UTF8CHAR_PTR
 
 CK_RV C_Logout(CK_SESSION_HANDLE hSession) {
     CHECK_INIT();
-    return simple_session_call(OP_C_Logout, hSession);
+    CK_RV rv = simple_session_call(OP_C_Logout, hSession);
+    if (rv == CKR_OK) direct_clear_all(); /* the daemon ended every operation; tickets die */
+    return rv;
 }
 
 /* ---- objects ----------------------------------------------------------------------------- */
@@ -801,12 +1037,15 @@ static CK_RV init_call_iv(uint16_t op, CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, 
     ENC(enc_mechanism(&w, m));
     if (with_key) hs_w_u64(&w, key);
     CALL(op, w, r, mem, rv);
-    if (rv == CKR_OK && iv) {
+    if (rv == CKR_OK && op == OP_C_EncryptInit && hs_peer_minor() >= 2) {
         size_t n = 0;
         const uint8_t *d = hs_r_bytes(&r, &n);
-        if (r.err || !n) rv = CKR_DEVICE_ERROR; /* the gateway draws an IV for every CKM_AES_GCM */
-        else memcpy(iv, d, n < ivcap ? n : ivcap);
+        if (iv) {
+            if (r.err || !n) rv = CKR_DEVICE_ERROR; /* the gateway draws an IV for every CKM_AES_GCM */
+            else memcpy(iv, d, n < ivcap ? n : ivcap);
+        }
     }
+    if (rv == CKR_OK && dkind(op) && hs_peer_minor() >= 3) direct_record(h, dkind(op), &r);
     hs_release(mem, &r);
     return rv;
 }
@@ -829,7 +1068,14 @@ static CK_RV data_out_call(uint16_t op, CK_SESSION_HANDLE h, int with_data, CK_B
     int single = op == OP_C_Encrypt || op == OP_C_Decrypt || op == OP_C_Sign || op == OP_C_Digest;
     if (single && out) {
         CK_RV rv = CKR_OK;
-        if (spec_serve(h, op, in, inlen, out, outlen, &rv)) return rv;
+        if (spec_serve(h, op, in, inlen, out, outlen, &rv)) {
+            if (rv == CKR_OK) direct_end(h, op); /* delivered: a direct operation is over */
+            return rv;
+        }
+    }
+    if (single && op != OP_C_Digest && inlen <= HS_DIRECT_MAX_FRAME - 4096) {
+        CK_RV rv = CKR_OK;
+        if (direct_try(h, op, in, inlen, NULL, 0, out, outlen, &rv)) return rv;
     }
     int speculate = single && !out && inlen <= SPEC_MAX && hs_peer_minor() >= 1;
     hs_wbuf w;
@@ -866,6 +1112,10 @@ static CK_RV data_in_call(uint16_t op, CK_SESSION_HANDLE h, CK_BYTE_PTR in, CK_U
     if (with_sig && !sig && siglen) return CKR_ARGUMENTS_BAD;
     if (inlen > HSMSIM_MAX_FRAME - 4096) return CKR_DATA_LEN_RANGE;
     if (spec_done(h, op)) return CKR_OPERATION_NOT_INITIALIZED_;
+    if (op == OP_C_Verify && inlen + siglen <= HS_DIRECT_MAX_FRAME - 4096) {
+        CK_RV rv = CKR_OK;
+        if (direct_try(h, op, in, inlen, sig, siglen, NULL, NULL, &rv)) return rv;
+    }
     hs_wbuf w;
     req_begin(&w);
     hs_w_u64(&w, h);

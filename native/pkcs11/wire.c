@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -293,6 +294,7 @@ static CK_RV resolve_path(void) {
 }
 
 static int frame_exchange(conn_t *c, uint16_t op, hs_wbuf *w, uint8_t **mem, hs_rbuf *body, CK_RV *rv);
+static __thread uint16_t t_flags; /* request header flags of this thread's next call */
 
 static int connect_tcp(void) {
     struct addrinfo hints, *res = NULL;
@@ -400,7 +402,9 @@ static int frame_exchange(conn_t *c, uint16_t op, hs_wbuf *w, uint8_t **mem, hs_
     for (int i = 0; i < 4; i++) h[4 + i] = (uint8_t)(id >> (8 * i));
     h[8] = (uint8_t)op;
     h[9] = (uint8_t)(op >> 8);
-    h[10] = h[11] = 0;
+    h[10] = (uint8_t)t_flags;
+    h[11] = (uint8_t)(t_flags >> 8);
+    t_flags = 0;
     if (write_all(c, w->p, w->len) != 0) return -1;
     /* Most replies are small: take the length and as much of the body as has arrived in one
      * recv, then read whatever remains. */
@@ -448,8 +452,16 @@ static void give_back(conn_t *c) {
     conn_close(c);
 }
 
+CK_RV hs_call_flags(uint16_t op, uint16_t flags, hs_wbuf *w, hs_rbuf *resp, uint8_t **mem) {
+    t_flags = flags;
+    CK_RV rv = hs_call(op, w, resp, mem);
+    t_flags = 0;
+    return rv;
+}
+
 CK_RV hs_call(uint16_t op, hs_wbuf *w, hs_rbuf *resp, uint8_t **mem) {
     *mem = NULL;
+    uint16_t flags = t_flags;
     if (w->oom) return CKR_HOST_MEMORY;
     if (w->len - 4 > g_max_frame) return CKR_DATA_LEN_RANGE;
     for (int attempt = 0; attempt < 2; attempt++) {
@@ -460,6 +472,7 @@ CK_RV hs_call(uint16_t op, hs_wbuf *w, hs_rbuf *resp, uint8_t **mem) {
          * cluster connection is not documented). */
         if (!c) return CKR_DEVICE_ERROR;
         CK_RV rv = CKR_OK;
+        t_flags = flags;
         if (frame_exchange(c, op, w, mem, resp, &rv) == 0) {
             give_back(c);
             return rv;
@@ -473,6 +486,218 @@ CK_RV hs_call(uint16_t op, hs_wbuf *w, hs_rbuf *resp, uint8_t **mem) {
         if (!reused) return CKR_DEVICE_ERROR;
     }
     return CKR_DEVICE_ERROR;
+}
+
+
+/* ---- direct node connections (docs/direct-protocol.md) ------------------------------------
+ * Pooled per node socket path; a connection is used by one thread at a time. Like the daemon
+ * connections they belong to one library generation and one process: a forked child closes
+ * its copies unused. */
+#define NPOOL_MAX 64
+#define DP_MAGIC 0x50444D48u /* "HMDP" little-endian */
+#define DP_MAJOR 1
+#define DP_MINOR 0
+
+typedef struct {
+    int fd;
+    unsigned gen;
+    uint32_t timeout_ms; /* SO_RCVTIMEO in force */
+    char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+} nconn_t;
+
+static nconn_t *g_nidle_n[NPOOL_MAX];
+static int g_nnidle;
+static uint32_t g_nreqid;
+
+static void nconn_close(nconn_t *c) {
+    if (!c) return;
+    close(c->fd);
+    free(c);
+}
+
+/* Reads exactly n bytes, each recv bounded by the socket's SO_RCVTIMEO; -1 on error, EOF or
+ * timeout (errno ETIMEDOUT: a silent node, the caller hands the call to the daemon). */
+static int n_read_all(int fd, uint8_t *p, size_t n) {
+    while (n) {
+        ssize_t m = recv(fd, p, n, 0);
+        if (m < 0 && errno == EINTR) continue;
+        if (m < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) errno = ETIMEDOUT;
+        if (m <= 0) return -1;
+        p += m;
+        n -= (size_t)m;
+    }
+    return 0;
+}
+
+static int n_timeout(nconn_t *c, uint32_t timeout_ms) {
+    if (c->timeout_ms == timeout_ms) return 0;
+    struct timeval tv = {(time_t)(timeout_ms / 1000), (suseconds_t)((timeout_ms % 1000) * 1000)};
+    if (setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) != 0) return -1;
+    c->timeout_ms = timeout_ms;
+    return 0;
+}
+
+static int n_write_all(int fd, const uint8_t *p, size_t n) {
+    while (n) {
+        ssize_t k = send(fd, p, n, MSG_NOSIGNAL);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            return -1;
+        }
+        p += k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
+static void put32(uint8_t *b, uint32_t v) { for (int i = 0; i < 4; i++) b[i] = (uint8_t)(v >> (8 * i)); }
+static uint32_t get32(const uint8_t *b) {
+    return (uint32_t)b[0] | ((uint32_t)b[1] << 8) | ((uint32_t)b[2] << 16) | ((uint32_t)b[3] << 24);
+}
+
+static nconn_t *n_open(const char *path, uint32_t timeout_ms) {
+    size_t plen = strlen(path);
+    nconn_t *c = calloc(1, sizeof *c);
+    if (!c || plen >= sizeof c->path) { free(c); return NULL; }
+    memcpy(c->path, path, plen + 1);
+    c->gen = __atomic_load_n(&g_gen, __ATOMIC_ACQUIRE);
+    c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (c->fd < 0) { free(c); return NULL; }
+    struct sockaddr_un sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sun_family = AF_UNIX;
+    memcpy(sa.sun_path, path, plen + 1);
+    uint8_t hello[12], reply[16];
+    put32(hello, 8);
+    put32(hello + 4, DP_MAGIC);
+    hello[8] = DP_MAJOR; hello[9] = 0; hello[10] = DP_MINOR; hello[11] = 0;
+    if (n_timeout(c, timeout_ms) != 0 || connect(c->fd, (struct sockaddr *)&sa, sizeof sa) != 0 ||
+        n_write_all(c->fd, hello, sizeof hello) != 0 || n_read_all(c->fd, reply, sizeof reply) != 0 ||
+        get32(reply) != 12 ||
+        get32(reply + 4) != DP_MAGIC || reply[8] != DP_MAJOR || reply[9] != 0) {
+        nconn_close(c);
+        return NULL;
+    }
+    return c;
+}
+
+static nconn_t *n_take(const char *path) {
+    nconn_t *c = NULL;
+    pthread_mutex_lock(&g_lock);
+    for (int i = g_nnidle - 1; i >= 0; i--) {
+        if (strcmp(g_nidle_n[i]->path, path) == 0) {
+            c = g_nidle_n[i];
+            g_nidle_n[i] = g_nidle_n[--g_nnidle];
+            break;
+        }
+    }
+    pthread_mutex_unlock(&g_lock);
+    return c;
+}
+
+static void n_give_back(nconn_t *c) {
+    pthread_mutex_lock(&g_lock);
+    if (c->gen == __atomic_load_n(&g_gen, __ATOMIC_ACQUIRE)) {
+        if (g_nnidle == NPOOL_MAX) { /* full: the oldest goes */
+            nconn_close(g_nidle_n[0]);
+            g_nidle_n[0] = g_nidle_n[--g_nnidle];
+        }
+        g_nidle_n[g_nnidle++] = c;
+        c = NULL;
+    }
+    pthread_mutex_unlock(&g_lock);
+    nconn_close(c);
+}
+
+static void n_drop_all(void) {
+    for (int i = 0; i < g_nnidle; i++) nconn_close(g_nidle_n[i]);
+    g_nnidle = 0;
+}
+
+int hs_node_call(const char *path, uint32_t timeout_ms, uint8_t verb, const uint8_t *ticket, size_t ticketlen,
+                 const uint8_t *desc, size_t desclen, const uint8_t *mac, size_t maclen, const uint8_t *data,
+                 size_t datalen, const uint8_t *sig, size_t siglen, uint8_t **out, size_t *outlen, CK_RV *rv,
+                 int *fallback) {
+    *out = NULL;
+    *outlen = 0;
+    *fallback = 0;
+    size_t total = 4 + 1 + 5 * 4 + ticketlen + desclen + maclen + datalen + siglen;
+    if (total > HS_DIRECT_MAX_FRAME) return -1;
+    uint8_t *req = malloc(4 + total);
+    if (!req) return -1;
+    uint32_t id = __atomic_add_fetch(&g_nreqid, 1, __ATOMIC_RELAXED);
+    size_t pos = 0;
+    put32(req, (uint32_t)total); pos += 4;
+    put32(req + pos, id); pos += 4;
+    req[pos++] = verb;
+    const uint8_t *parts[5] = {ticket, desc, mac, data, sig};
+    size_t lens[5] = {ticketlen, desclen, maclen, datalen, siglen};
+    for (int i = 0; i < 5; i++) {
+        put32(req + pos, (uint32_t)lens[i]);
+        pos += 4;
+        if (lens[i]) memcpy(req + pos, parts[i], lens[i]);
+        pos += lens[i];
+    }
+    int result = -1;
+    for (int attempt = 0; attempt < 2 && result < 0; attempt++) {
+        nconn_t *c = n_take(path);
+        int reused = c != NULL;
+        if (!c) c = n_open(path, timeout_ms);
+        if (!c) break;
+        if (n_timeout(c, timeout_ms) != 0) {
+            nconn_close(c);
+            break;
+        }
+        if (n_write_all(c->fd, req, pos) != 0) {
+            nconn_close(c);
+            if (reused) continue; /* a pooled connection to a restarted node: one fresh try */
+            break;
+        }
+        /* reply: u32 len, u32 id, u64 rv, u8 flags, u32 n, n bytes. Most replies arrive whole:
+         * one recv takes the header and as much of the output as is there. */
+        uint8_t first[1024];
+        size_t got = 0;
+        int failed = 0;
+        errno = 0;
+        while (got < 21) {
+            ssize_t k = recv(c->fd, first + got, sizeof first - got, 0);
+            if (k < 0 && errno == EINTR) continue;
+            if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) errno = ETIMEDOUT;
+            if (k <= 0) { failed = 1; break; }
+            got += (size_t)k;
+        }
+        if (failed) {
+            int timed_out = errno == ETIMEDOUT;
+            nconn_close(c); /* silent or gone: the answer may still come; never reuse it */
+            if (reused && !timed_out && got == 0) continue; /* a pooled connection the node closed */
+            break;
+        }
+        const uint8_t *head = first;
+        uint32_t rlen = get32(head), rid = get32(head + 4), n = get32(head + 17);
+        if (rid != id || rlen != 17 + n || n > HS_DIRECT_MAX_FRAME || got > 21 + (size_t)n) { nconn_close(c); break; }
+        uint8_t *buf = malloc(n ? n : 1);
+        size_t have = got - 21;
+        if (buf && have) memcpy(buf, first + 21, have);
+        if (!buf || (n > have && n_read_all(c->fd, buf + have, n - have) != 0)) {
+            free(buf);
+            nconn_close(c);
+            break;
+        }
+        uint64_t r = 0;
+        for (int i = 7; i >= 0; i--) r = (r << 8) | head[8 + i];
+        *rv = (CK_RV)r;
+        *fallback = head[16] & 1;
+        *out = buf;
+        *outlen = n;
+        n_give_back(c);
+        result = 0;
+        volatile uint8_t *f = first; /* may hold plaintext */
+        for (size_t i = 0; i < got; i++) f[i] = 0;
+    }
+    volatile uint8_t *v = req; /* the request carries plaintext */
+    for (size_t i = 0; i < pos; i++) v[i] = 0;
+    free(req);
+    return result;
 }
 
 int hs_peer_minor(void) { return g_peer_minor; }
@@ -510,6 +735,9 @@ void hs_disconnect_all(int say_goodbye) {
         hs_w_free(&w);
     }
     for (int i = 0; i < n; i++) conn_close(cs[i]);
+    pthread_mutex_lock(&g_lock);
+    n_drop_all();
+    pthread_mutex_unlock(&g_lock);
     memset(g_token, 0, sizeof g_token);
     g_have_token = 0;
 }
@@ -519,6 +747,8 @@ void hs_disconnect_all(int say_goodbye) {
 void hs_forget_after_fork(void) {
     for (int i = 0; i < g_nidle; i++) conn_close(g_idle[i]);
     g_nidle = 0;
+    n_drop_all(); /* the parent's node connections: closed here, never used */
+    __atomic_add_fetch(&g_gen, 1, __ATOMIC_RELEASE);
     memset(g_token, 0, sizeof g_token);
     g_have_token = 0;
 }
