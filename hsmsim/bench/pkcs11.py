@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -23,8 +25,33 @@ FIND_KEYS = int(os.environ.get("HSMSIM_BENCH_FIND_KEYS", "10000"))
 KIB = b"\x5a" * 1024
 
 
-def _rate(worker: Callable[[], Callable[[], None]], threads: int) -> float:
-    """Operations per second: `threads` threads, each calling its own prepared op for SECONDS."""
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def cluster_pids(state: Path) -> dict[str, int]:
+    """The daemon's and every node's pid, from their pid files."""
+    pids = {"daemon": int((state / "daemon.pid").read_text().split()[0])}
+    for d in sorted((state / "nodes").iterdir()):
+        f = d / "node.pid"
+        if f.exists():
+            pids[f"node {d.name}"] = int(f.read_text().split()[0])
+    return pids
+
+
+def _rate(worker: Callable[[], Callable[[], None]], threads: int,
+          cpu: dict[str, float] | None = None, pids: dict[str, int] | None = None) -> float:
+    """Operations per second: `threads` threads, each calling its own prepared op for SECONDS.
+    With `pids`, `cpu` receives each process's CPU microseconds per operation (and "client")."""
     ops = [worker() for _ in range(threads)]
     counts = [0] * threads
     start = threading.Barrier(threads + 1)
@@ -42,13 +69,21 @@ def _rate(worker: Callable[[], Callable[[], None]], threads: int) -> float:
     ts = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
     for t in ts:
         t.start()
+    procs = {"client": os.getpid(), **(pids or {})}
     start.wait()
+    before = {k: cpu_seconds(v) for k, v in procs.items()}
     t0 = time.perf_counter()
     time.sleep(SECONDS)
     stop.set()
     for t in ts:
         t.join()
-    return sum(counts) / (time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    after = {k: cpu_seconds(v) for k, v in procs.items()}
+    total = sum(counts)
+    if cpu is not None and total:
+        for k in procs:
+            cpu[k] = (after[k] - before[k]) / total * 1e6
+    return total / elapsed
 
 
 def _openssl(args: list[str]) -> str:
@@ -159,6 +194,89 @@ def roundtrip_us(module: Path, softhsm: bool, pin: bytes) -> float:
     return elapsed / count * 1e6
 
 
+_SOFT_THREADS = r'''
+import ctypes, hashlib, json, os, sys, threading, time
+from ctypes import POINTER, Structure, byref, c_ubyte, c_ulong, c_void_p
+lib = ctypes.CDLL(sys.argv[1]); seconds = float(sys.argv[2]); threads = int(sys.argv[3])
+class InitArgs(Structure):
+    _fields_ = [("c", c_void_p), ("d", c_void_p), ("l", c_void_p), ("u", c_void_p), ("flags", c_ulong), ("r", c_void_p)]
+class Mech(Structure):
+    _fields_ = [("mechanism", c_ulong), ("p", c_void_p), ("n", c_ulong)]
+class Attr(Structure):
+    _fields_ = [("type", c_ulong), ("p", c_void_p), ("n", c_ulong)]
+class Gcm(Structure):
+    _fields_ = [("iv", c_void_p), ("ivlen", c_ulong), ("ivbits", c_ulong), ("aad", c_void_p), ("aadlen", c_ulong), ("tag", c_ulong)]
+for f in ("C_Initialize", "C_GetSlotList", "C_OpenSession", "C_Login", "C_FindObjectsInit", "C_FindObjects",
+          "C_FindObjectsFinal", "C_SignInit", "C_Sign", "C_EncryptInit", "C_Encrypt"):
+    getattr(lib, f).restype = c_ulong
+a = InitArgs(None, None, None, None, 2, None)  # CKF_OS_LOCKING_OK: SoftHSM2 locks for threads
+assert lib.C_Initialize(byref(a)) == 0
+slots = (c_ulong * 8)(); n = c_ulong(8)
+assert lib.C_GetSlotList(c_ubyte(1), slots, byref(n)) == 0
+def session():
+    h = c_ulong()
+    assert lib.C_OpenSession(slots[0], c_ulong(6), None, None, byref(h)) == 0
+    lib.C_Login(h, c_ulong(1), b"1234", c_ulong(4))
+    return h
+def key(h, label, cls):
+    lab = ctypes.create_string_buffer(label.encode(), len(label)); c = c_ulong(cls)
+    t = (Attr * 2)(Attr(3, ctypes.cast(lab, c_void_p), len(label)), Attr(0, ctypes.cast(byref(c), c_void_p), 8))
+    assert lib.C_FindObjectsInit(h, t, c_ulong(2)) == 0
+    k = c_ulong(); m = c_ulong()
+    lib.C_FindObjects(h, byref(k), c_ulong(1), byref(m)); lib.C_FindObjectsFinal(h)
+    assert m.value == 1
+    return k
+def op(what):
+    h = session()
+    out = ctypes.create_string_buffer(2048)
+    if what == "rsa":
+        k = key(h, "bench-rsa", 3); mech = Mech(0x40, None, 0)  # CKM_SHA256_RSA_PKCS
+        def run():
+            n = c_ulong(2048); lib.C_SignInit(h, byref(mech), k); assert lib.C_Sign(h, b"bench", c_ulong(5), out, byref(n)) == 0
+        return run
+    if what == "ec":
+        k = key(h, "bench-ec", 3); mech = Mech(0x1041, None, 0); d = hashlib.sha256(b"bench").digest()
+        def run():
+            n = c_ulong(2048); lib.C_SignInit(h, byref(mech), k); assert lib.C_Sign(h, d, c_ulong(32), out, byref(n)) == 0
+        return run
+    k = key(h, "bench-aes", 4); iv = ctypes.create_string_buffer(os.urandom(12), 12)
+    g = Gcm(ctypes.cast(iv, c_void_p), 12, 96, None, 0, 128); mech = Mech(0x1087, ctypes.cast(byref(g), c_void_p), ctypes.sizeof(g))
+    data = b"\x5a" * 1024
+    def run():
+        n = c_ulong(2048); lib.C_EncryptInit(h, byref(mech), k); assert lib.C_Encrypt(h, data, c_ulong(1024), out, byref(n)) == 0
+    return run
+res = {}
+for what in sys.argv[4].split(","):
+    ops = [op(what) for _ in range(threads)]; counts = [0] * threads; stop = threading.Event()
+    def loop(i):
+        while not stop.is_set():
+            ops[i](); counts[i] += 1
+    ts = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+    t0 = time.perf_counter()
+    for t in ts: t.start()
+    time.sleep(seconds); stop.set()
+    for t in ts: t.join()
+    res[what] = sum(counts) / (time.perf_counter() - t0)
+print(json.dumps(res))
+'''
+
+
+def softhsm_threads(path: Path, threads: int) -> dict[str, float | str]:
+    """SoftHSM2 direct with `threads` threads (ctypes, C_Initialize with CKF_OS_LOCKING_OK, in
+    a child process per operation: python-pkcs11's C_Initialize(NULL) leaves SoftHSM2 without
+    locking). An operation whose child fails is reported as such (SoftHSM 2.6.1's AES-GCM
+    exits with status 5 under 4 threads on this machine)."""
+    out: dict[str, float | str] = {}
+    for what in ("rsa", "ec", "gcm"):
+        r = subprocess.run([sys.executable, "-c", _SOFT_THREADS, str(path), str(SECONDS), str(threads), what],
+                           capture_output=True, text=True, timeout=600, env=dict(os.environ))
+        if r.returncode != 0:
+            out[what] = f"failed (exit {r.returncode})"
+            continue
+        out.update({str(k): float(v) for k, v in json.loads(r.stdout.strip().splitlines()[-1]).items()})
+    return out
+
+
 def _softhsm(tmp: Path) -> tuple[Any, Path]:
     import pkcs11
     from hsmsim.resources import softhsm_library
@@ -189,16 +307,27 @@ def main() -> str:
             module = pkcs11_module()
             hs = Target(pkcs11.lib(str(module)), cluster.pin, hsmsim=True)
             cluster.wait_converged(60)
+            soft4 = softhsm_threads(soft_path, 4)
+            pids = cluster_pids(tmp / "cluster")
+            cpu_rows: list[dict[str, Any]] = []
             names = {"rsa": ("RSA-2048 sign (SHA256_RSA_PKCS)", "rsa2048", "openssl -multi 2", 0.85),
                      "ec": ("ECDSA P-256 sign (ECDSA_SHA256)", "ecdsap256", "SoftHSM2 direct", 1.5),
                      "gcm": ("AES-256-GCM 1 KiB encrypt", "aesgcm1k", "SoftHSM2 direct", 0.5)}
             for what, (label, ref1, target_ref, target) in names.items():
                 soft1 = _rate(soft.worker(what), 1)
                 h1 = _rate(hs.worker(what), 1)
-                h4 = _rate(hs.worker(what), 4)
+                cpu: dict[str, float] = {}
+                h4 = _rate(hs.worker(what), 4, cpu, pids)
                 ref = refs.get("rsa2048_multi2", 0.0) if what == "rsa" else soft1
+                cluster_cpu = sum(v for k, v in cpu.items() if k != "client")
+                cpu_rows.append({"operation (4 threads)": label,
+                                 **{f"{k} µs/op": v for k, v in cpu.items()},
+                                 "daemon share of cluster CPU": (
+                                     f"{100 * cpu.get('daemon', 0.0) / cluster_cpu:.0f}%" if cluster_cpu else None)})
                 rows.append({"operation": label, "hsmsim 1 thread": h1, "hsmsim 4 threads": h4,
-                             "SoftHSM2 direct 1 thread": soft1, "openssl speed 1 process": refs.get(ref1),
+                             "SoftHSM2 direct 1 thread": soft1,
+                             "SoftHSM2 direct 4 threads": soft4.get(what),
+                             "openssl speed 1 process": refs.get(ref1),
                              "openssl speed -multi 2": refs.get("rsa2048_multi2") if what == "rsa" else None,
                              "ratio (4 threads / target reference)": ratio(h4, ref),
                              "target": f"≥ {target}× {target_ref}"})
@@ -220,6 +349,8 @@ def main() -> str:
                "Targets: RSA-2048 4 threads ≥ 0.85× `openssl speed -multi 2 rsa2048`; ECDSA P-256 ≥ 1.5× "
                "SoftHSM2 direct; AES-GCM 1 KiB ≥ 0.5× SoftHSM2 direct; empty round trip ≤ 30 µs added.")
     table = render("pkcs11: python-pkcs11 through libhsmsim-pkcs11 (3-HSM cluster) vs SoftHSM2 direct and "
-                   "openssl (ops/s)", rows) + "\n" + targets + "\n"
+                   "openssl (ops/s)", rows) + "\n" + targets + "\n\n" + render(
+        "pkcs11: CPU per operation by process (/proc/<pid>/stat utime+stime over the 4-thread run; "
+        "client = the benchmark process)", cpu_rows)
     print(table)
     return table
