@@ -9,7 +9,8 @@ event loop thread, so lookups need no locks.
 A creation runs to its end as its own task, whatever happens to the request that asked for it
 (an executor job cannot be stopped half-way); if that request was cancelled (its connection
 closed, e.g. the daemon died), the finished creation is destroyed again, so that nothing the
-client was never told about survives. Start-up recovery removes what no committed index row
+client was never told about survives (copies of objects another HSM holds are kept: see
+create). Start-up recovery removes what no committed index row
 names: 0-byte SoftHSM2 object files, token objects without a row, rows without an object.
 
 A full disk is told apart from a broken HSM: creations that fail for want of space answer
@@ -216,15 +217,18 @@ class Keystore:
     async def create(self, records: Sequence[ObjectRecord],
                      make: Callable[[], Sequence[int]],
                      public_of: Callable[[int, ObjectRecord], Template] | None = None,
-                     replacing: bool = False) -> list[ObjectRecord]:
+                     replacing: bool = False, copy: bool = False) -> list[ObjectRecord]:
         """Create objects: reserve, then on the store thread write pending index rows (token
         objects), let `make` create the SoftHSM2 objects, read their public material, commit.
         Returns the final records (with material-derived public attributes).
 
         The work runs as its own task: cancelling the caller does not stop it half-way (its
         executor jobs would run on regardless). A cancelled creation is undone once it has
-        finished, except a replacement (a reconciliation copy of an object the cluster already
-        has), which is kept."""
+        finished, except a copy of an object another HSM holds (`copy`: a key-sync or
+        reconciliation import, which may be of a key already acknowledged; a daemon that
+        restarts meanwhile is told "already in use" by the copy in flight and counts this HSM
+        as a holder) or a replacement, which are kept: what the cluster abandoned it
+        tombstones, and reconciliation destroys it."""
         self.reserve(records, replacing)
         job = asyncio.get_running_loop().create_task(
             self._create_job(list(records), make))
@@ -232,7 +236,7 @@ class Keystore:
         try:
             return await asyncio.shield(job)
         except asyncio.CancelledError:
-            if not replacing:
+            if not (replacing or copy):
                 self._track(asyncio.get_running_loop().create_task(self._undo(job)))
             raise
 

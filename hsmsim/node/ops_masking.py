@@ -73,7 +73,8 @@ class MaskingOps(Ops):
             def make() -> list[int]:
                 return [hsm.create_object(raw_template(soft_t.items()))]
         self.engine.drop(rec.handle)
-        await self.ks.create([rec], make, replacing=replacing)
+        # A copy of a key another HSM holds: kept even if the daemon hangs up mid-copy.
+        await self.ks.create([rec], make, replacing=replacing, copy=True)
         self.engine.drop(rec.handle)  # a context loaded while replacing is stale
         self.ctx.batchers.pop(rec.handle, None)
         self.audit.record("masked_insert", handle=rec.handle, owner=rec.owner)

@@ -17,7 +17,7 @@ import pytest
 from hsmsim.pkcs11.constants import Attribute as A, Mechanism as M, ObjectClass
 from hsmsim.pkcs11.params import MechanismSpec as Spec
 
-from .conftest import _bootstrap
+from .conftest import _bootstrap, _clone
 from .nodeproc import NodeProc, run, write_secret
 from .test_recovery import token_labels
 
@@ -197,3 +197,49 @@ def test_kills_mid_creation_leave_no_empty_object_files(node: NodeProc) -> None:
     assert acked <= set(rows)
     assert sorted(token_labels(node)) == sorted(
         [f"hsmsim:{h}" for h in rows] + ["hsmsim:masking-key"])
+
+
+def test_cancelled_key_sync_copies_are_kept(tmp_path: Path) -> None:
+    """A masked import is a copy of a key another HSM already holds (key sync, reconciliation):
+    when the daemon's connection closes mid-copy (the daemon was killed after acknowledging the
+    key on two HSMs), the copy is kept, never undone. Before: the copy was destroyed again once
+    it finished, while the new daemon, whose own copy had met the in-flight one and been told
+    'already in use', counted this HSM as a holder: the acknowledged key was missing there for
+    good (test_durability.test_daemon_kill_minus_nine_under_load, about 1 run in 3)."""
+    secret = write_secret(tmp_path / "secrets" / "cluster.secret")
+    a = NodeProc(tmp_path, "hsm-fffffffffff", "us-east-1f", secret, "new").start()
+    b = NodeProc(tmp_path, "hsm-ggggggggggg", "us-east-1g", secret, "clone").start()
+    try:
+        run(_bootstrap, a)
+        run(_clone, a, b)
+        copies = list(range(20000, 20200))
+
+        async def scenario() -> set[int]:
+            ca, la = await a.login("alice", cluster=True)
+            for h in copies:
+                await ca.generate_key(la, AES_GEN, {A.VALUE_LEN: 32, A.TOKEN: True,
+                                                    A.LABEL: f"k{h}"}, handle=h)
+            blobs = [await ca.export_masked(h) for h in copies]
+            await ca.close()
+            cb = await b.client()
+            tasks = [asyncio.ensure_future(cb.import_masked(blob)) for blob in blobs]
+            # Copies are under way once a pending row is written (one store thread: the rest
+            # wait behind it); then the daemon "dies".
+            while not any(st == "pending" for h, st in index_rows(b).items() if h in copies):
+                await asyncio.sleep(0.002)
+            started = {h for h in index_rows(b) if h in copies}
+            await cb.close()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return started
+
+        started = run(scenario)
+        stop_slowly(b)  # SIGTERM: the node finishes what it had started
+        rows = index_rows(b)
+        assert set(rows.values()) == {"committed"}, rows
+        kept = {h for h in rows if h in copies}
+        assert started <= kept, f"copies undone after the connection closed: {started - kept}"
+        assert sorted(token_labels(b)) == sorted(
+            [f"hsmsim:{h}" for h in rows] + ["hsmsim:masking-key"])
+    finally:
+        a.kill()
+        b.kill()
