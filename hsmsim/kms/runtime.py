@@ -119,8 +119,12 @@ class Kms:
         if len(parts) != 6 or parts[1] not in ("aws", "aws-cn", "aws-us-gov") or parts[2] != "kms":
             raise e.InvalidArn(f"Invalid arn {ref}")
         if parts[3] != self.region or parts[4] != self.account:
-            # FIDELITY: one account and Region per endpoint; other ARNs name nothing here.
-            raise e.NotFound(f"Invalid arn {ref}" if "/" not in parts[5] else
+            # A Region's KMS knows only its own keys and aliases: another Region's ARN (a
+            # multi-Region key's other Regions included) names nothing here.
+            # FIDELITY: one account; other accounts' ARNs name nothing either (no cross-account use).
+            if "/" not in parts[5]:
+                raise e.NotFound(f"Invalid arn {ref}")
+            raise e.NotFound(f"Alias {ref} is not found." if parts[5].startswith("alias/") else
                              f"Key '{ref}' does not exist")
         kind, _, name = parts[5].partition("/")
         if kind not in ("key", "alias") or not name:

@@ -52,6 +52,7 @@ def test_two_regions_are_two_kms(kms: KmsEndpoint) -> None:
     with pytest.raises(ClientError) as exc:
         east.describe_key(KeyId=f"arn:aws:kms:eu-west-3:{kms.account}:alias/regional")
     assert code(exc) == "NotFoundException"
+    assert exc.value.response["Error"]["Message"] == f"Alias arn:aws:kms:eu-west-3:{kms.account}:alias/regional is not found."
     # ciphertext of one Region does not decrypt in another (its key is not there)
     blob = west.encrypt(KeyId=kw["KeyId"], Plaintext=b"west")["CiphertextBlob"]
     assert west.decrypt(CiphertextBlob=blob)["Plaintext"] == b"west"
