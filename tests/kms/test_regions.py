@@ -213,3 +213,42 @@ def test_hsmsim_env_exports_the_default_region(tmp_path: Path) -> None:
     assert env["AWS_DEFAULT_REGION"] == "eu-west-2"
     assert client_env(state, endpoints={"kms": "http://127.0.0.1:1"},
                       base={"AWS_DEFAULT_REGION": "ap-south-1"}).get("AWS_DEFAULT_REGION") is None
+
+
+def test_quotas_are_per_region(tmp_path: Path) -> None:
+    ep = start_double(tmp_path, KmsConfig(port=0, quotas=True))
+    try:
+        east, west = regional(ep, "us-east-1"), regional(ep, "eu-west-1")
+        codes = []
+        for _ in range(12):  # DescribeCustomKeyStores: 5 requests/s
+            try:
+                east.describe_custom_key_stores()
+                codes.append("ok")
+            except ClientError as exc:
+                codes.append(str(exc.response["Error"]["Code"]))
+        assert "ThrottlingException" in codes
+        assert west.describe_custom_key_stores()["CustomKeyStores"] == []  # its own bucket
+    finally:
+        stop_double(ep)
+
+
+def test_multi_region_key_survives_restart(tmp_path: Path) -> None:
+    ep = start_double(tmp_path, KmsConfig(port=0))
+    east, west = regional(ep, "us-east-1"), regional(ep, "eu-west-1")
+    kid = east.create_key(MultiRegion=True)["KeyMetadata"]["KeyId"]
+    east.replicate_key(KeyId=kid, ReplicaRegion="eu-west-1", Description="west copy")
+    blob = east.encrypt(KeyId=kid, Plaintext=b"after restart")["CiphertextBlob"]
+    west.create_alias(AliasName="alias/west-only", TargetKeyId=kid)
+    double = ep.double
+    stop_double(ep)
+    ep = start_double(tmp_path, KmsConfig(port=0), double=double)
+    try:
+        west = regional(ep, "eu-west-1")
+        md = west.describe_key(KeyId="alias/west-only")["KeyMetadata"]
+        assert md["Description"] == "west copy" and md["MultiRegionConfiguration"]["MultiRegionKeyType"] == "REPLICA"
+        assert west.decrypt(CiphertextBlob=blob)["Plaintext"] == b"after restart"
+        with pytest.raises(ClientError) as exc:
+            regional(ep, "us-east-1").describe_key(KeyId="alias/west-only")
+        assert code(exc) == "NotFoundException"
+    finally:
+        stop_double(ep)
