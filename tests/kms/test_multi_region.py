@@ -222,3 +222,30 @@ def test_imported_material_replica_takes_the_same_material(kms: KmsEndpoint) -> 
     # deleting the replica's imported material leaves the primary's
     west.delete_imported_key_material(KeyId=kid)
     assert east.decrypt(CiphertextBlob=blob)["Plaintext"] == b"imported mrk"
+
+
+def test_encryption_sdk_decrypts_with_the_replica(kms_real: KmsEndpoint, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ring 3 with a real client: the aws-encryption-sdk's MRK-aware provider encrypts with the
+    primary's ARN and decrypts with the replica's ARN, calling KMS in the replica's Region (it
+    derives each client's Region from the key ARN)."""
+    aws_encryption_sdk = pytest.importorskip("aws_encryption_sdk")
+    import botocore.session
+    from aws_encryption_sdk.identifiers import CommitmentPolicy
+    from aws_encryption_sdk.key_providers.kms import MRKAwareStrictAwsKmsMasterKeyProvider
+
+    east = regional(kms_real, PRIMARY)
+    md = east.create_key(MultiRegion=True)["KeyMetadata"]
+    replica_arn = east.replicate_key(KeyId=md["KeyId"], ReplicaRegion=REPLICA)["ReplicaKeyMetadata"]["Arn"]
+    monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", kms_real.url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDESDKMRK")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "esdk-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", PRIMARY)
+    sdk = aws_encryption_sdk.EncryptionSDKClient(commitment_policy=CommitmentPolicy.REQUIRE_ENCRYPT_REQUIRE_DECRYPT)
+    enc = MRKAwareStrictAwsKmsMasterKeyProvider(key_ids=[md["Arn"]], botocore_session=botocore.session.Session())
+    ct, _ = sdk.encrypt(source=b"mrk message" * 100, key_provider=enc, encryption_context={"app": "mrk"})
+    dec = MRKAwareStrictAwsKmsMasterKeyProvider(key_ids=[replica_arn], botocore_session=botocore.session.Session())
+    pt, header = sdk.decrypt(source=ct, key_provider=dec)
+    assert pt == b"mrk message" * 100 and header.encryption_context["app"] == "mrk"
+    # the replica's Region did the Decrypt: its usage tracking says so
+    usage = regional(kms_real, REPLICA).get_key_last_usage(KeyId=md["KeyId"])["KeyLastUsage"]
+    assert usage["Operation"] == "Decrypt"
