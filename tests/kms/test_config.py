@@ -29,6 +29,9 @@ def test_principals_table_keeps_secrets_with_equals_signs() -> None:
     ({"max_request_bytes": 10}, "kms.max_request_bytes"),
     ({"rotation_check_seconds": 0}, "kms.rotation_check_seconds"),
     ({"principals": ("nope",)}, "kms.principals"),
+    ({"region": "eu-west-1", "regions": ("us-east-1",)}, "kms.region"),
+    ({"regions": ("us-east-1", "Bad Region")}, "kms.regions"),
+    ({"region": "mars-north-1"}, "kms.region"),
 ])
 def test_bad_values(kw: dict[str, object], needle: str) -> None:
     with pytest.raises(ConfigError) as exc:
@@ -40,3 +43,12 @@ def test_unknown_setting_named() -> None:
     with pytest.raises(ConfigError) as exc:
         resolve({"kms": {"prot": 1}}, {})
     assert "prot" in str(exc.value)
+
+
+def test_regions_default_to_the_commercial_regions() -> None:
+    from hsmsim.kms.config import COMMERCIAL_REGIONS
+    cfg = resolve({"kms": {"region": "eu-west-2"}}, {})
+    assert cfg.allowed_regions == COMMERCIAL_REGIONS and "eu-west-2" in cfg.allowed_regions
+    assert "cn-north-1" not in cfg.allowed_regions and "us-gov-west-1" not in cfg.allowed_regions
+    cfg = resolve({"kms": {"region": "local-1", "regions": ["local-1", "local-2"]}}, {})
+    assert cfg.allowed_regions == ("local-1", "local-2")
