@@ -252,3 +252,21 @@ def test_multi_region_key_survives_restart(tmp_path: Path) -> None:
         assert code(exc) == "NotFoundException"
     finally:
         stop_double(ep)
+
+
+def test_strict_sigv4_verifies_each_regions_scope(tmp_path: Path) -> None:
+    import boto3
+    ep = start_double(tmp_path, KmsConfig(port=0, strict_sigv4=True,
+                                          principals=("AKIDALICE=arn:aws:iam::111122223333:user/alice=alicesecret",)))
+    try:
+        def client(region: str, secret: str = "alicesecret") -> Any:
+            return boto3.client("kms", endpoint_url=ep.url, region_name=region, aws_access_key_id="AKIDALICE",
+                                aws_secret_access_key=secret, config=NO_RETRY)
+        arn = client("eu-west-1").create_key()["KeyMetadata"]["Arn"]
+        assert arn.split(":")[3] == "eu-west-1"
+        assert client("us-east-1").list_keys()["Keys"] == []
+        with pytest.raises(ClientError) as exc:
+            client("eu-west-1", "wrong").list_keys()
+        assert code(exc) == "InvalidSignatureException"
+    finally:
+        stop_double(ep)
