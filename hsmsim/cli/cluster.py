@@ -643,9 +643,13 @@ def cmd_key(args: argparse.Namespace) -> int:
     client = _client(args)
     la = _login_args(args)
     if args.key_cmd == "list":
-        if args.user:
-            la["login_user"] = args.user
-        rows = client.call("key.list", **la)
+        if args.user and args.user != "crypto_user" and not args.login_password:
+            # Without that user's password: the admin lists what the user sees.
+            rows = client.call("key.list", as_user=args.user)
+        else:
+            if args.user:
+                la["login_user"] = args.user
+            rows = client.call("key.list", **la)
         emit(rows, args.json, columns=["key_reference", "class", "key_type", "label", "coverage",
                                        "uri"])
         return 0
@@ -892,7 +896,8 @@ def register(sub: Any) -> None:
     p = sub.add_parser("key", help="list, share, unshare and delete keys (as a crypto user)")
     ks = p.add_subparsers(dest="key_cmd", metavar="ACTION", required=True)
     q = ks.add_parser("list", help="keys visible to a crypto user, with PKCS#11 URIs")
-    q.add_argument("--user", help="list as this crypto user (default: crypto_user)")
+    q.add_argument("--user", help="the keys this crypto user sees (default: crypto_user); "
+                   "listed by the admin unless --login-password is given")
     for name in ("share", "unshare"):
         q = ks.add_parser(name, help=f"{name} a key with a crypto user")
         q.add_argument("handle", metavar="KEY", help=_KEY_HELP)

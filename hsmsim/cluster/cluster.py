@@ -759,7 +759,10 @@ class Cluster:
         await self._apply_everywhere(login, handle, lambda m, lid: m.client.unshare_key(  # type: ignore[union-attr]
             lid, handle, username))
 
-    async def find_objects(self, login: Login, template: Template, session: int) -> list[int]:
+    async def find_objects(self, login: Login, template: Template, session: int,
+                           as_user: str | None = None) -> list[int]:
+        """Handles the login may see that match `template`; an admin's `as_user` narrows them to
+        what that crypto user sees (owned, shared with it, public keys)."""
         rec = self._rec(login)
         found: set[int] = set()
         session_homes = {hid for o in self.objects.values()
@@ -767,7 +770,7 @@ class Cluster:
 
         async def on(m: Member, lid: int | None) -> list[int]:
             assert lid is not None
-            return await m.client.find_objects(lid, template, None)  # type: ignore[union-attr]
+            return await m.client.find_objects(lid, template, None, as_user)  # type: ignore[union-attr]
 
         primary: list[int] = await self.run(login, (), RV.OBJECT_HANDLE_INVALID, on)
         found.update(primary)

@@ -368,11 +368,12 @@ class NodeClient:
                         template=codec.template_to_wire(template))
 
     async def find_objects(self, login_id: int, template: Template,
-                           session: int | None = None) -> list[int]:
+                           session: int | None = None, as_user: str | None = None) -> list[int]:
         """Handles of the objects matching template that the user may see (session objects
         only those of `session` when given, otherwise all of this connection's logins')."""
         r = await self.call("find_objects", login_id=login_id,
-                            template=codec.template_to_wire(template), session=session)
+                            template=codec.template_to_wire(template), session=session,
+                            as_user=as_user)
         return [int(h) for h in r]
 
     async def close_session(self, session: int, login_id: int | None = None) -> int:

@@ -239,6 +239,12 @@ class Fields:
             raise _bad(f"field {name!r} must be binary")
         return v
 
+    def opt_str(self, name: _str) -> _str | None:
+        v = self._get(name, True)
+        if v is not None and not isinstance(v, str):
+            raise _bad(f"field {name!r} must be a string")
+        return v
+
     def str(self, name: _str) -> _str:
         v = self._get(name, False)
         if not isinstance(v, str):

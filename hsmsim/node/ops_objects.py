@@ -16,7 +16,7 @@ from hsmsim.node.index import ObjectRecord
 from hsmsim.node.keystore import value_len
 from hsmsim.node.softhsm import raw_template
 from hsmsim.node.users import check_username
-from hsmsim.node.values import ROLE_CU
+from hsmsim.node.values import ROLE_CO, ROLE_CU
 from hsmsim.pkcs11.values import AttributeResult
 from hsmsim.pkcs11.attributes import Template
 from hsmsim.pkcs11.constants import RV, Attribute as A, KeyType, Mechanism as M, ObjectClass
@@ -310,10 +310,18 @@ class ObjectOps(Ops):
         login = self.login_of(conn, f)
         template = f.template()
         session = f.opt_int("session")
+        # An admin may ask for the objects one crypto user sees (`hsmsim key list --user`):
+        # the ones it owns or that are shared with it, and the public keys.
+        as_user = f.opt_str("as_user")
+        if as_user is not None and login.role != ROLE_CO:
+            raise Pkcs11Error(RV.USER_TYPE_INVALID, "only an admin (CO) can list another user's keys")
         out = []
         for h in self.ks.catalog.find(template):
             r = self.ks.catalog.records[h]
             if not self.visible(login, r):
+                continue
+            if as_user is not None and not (r.owner == as_user or as_user in r.shared
+                                            or r.cls == ObjectClass.PUBLIC_KEY):
                 continue
             if r.session and session is not None and r.session != session:
                 continue

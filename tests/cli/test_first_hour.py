@@ -10,6 +10,8 @@ import pytest
 
 from hsmsim.testing.cluster import HsmsimCluster, run_cli, start_cluster
 
+pkcs11 = pytest.importorskip("pkcs11", reason="python-pkcs11 is not installed")
+
 _P256 = bytes.fromhex("06082a8648ce3d030107")  # the OID of secp256r1, DER
 
 
@@ -81,7 +83,6 @@ def test_reset_needs_a_yes_then_deletes_everything(tmp_path: Path) -> None:
 
 
 def test_keys_named_by_label_or_uri(cli_cluster: HsmsimCluster, monkeypatch: pytest.MonkeyPatch) -> None:
-    pkcs11 = pytest.importorskip("pkcs11", reason="python-pkcs11 is not installed")
     c = cli_cluster
     for k, v in c.env.items():
         monkeypatch.setenv(k, v)
@@ -157,3 +158,27 @@ def test_a_busy_kms_port_fails_up_instead_of_pointing_elsewhere(tmp_path: Path) 
         assert json.loads(r.stdout)["kms_endpoint"] == f"http://127.0.0.1:{port}"
     finally:
         run_cli(["down", "--state", str(state)])
+
+
+def test_admin_lists_a_users_keys_without_its_password(cli_cluster: HsmsimCluster,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    c = cli_cluster
+    assert c.cli("user", "create", "--username", "keylister", "--role", "crypto-user",
+                 "--password", "keylister-Passw0rd").returncode == 0
+    for k, v in c.env.items():
+        monkeypatch.setenv(k, v)
+    lib = c.pkcs11_lib()
+    with lib.get_token().open(user_pin="keylister:keylister-Passw0rd", rw=True) as s:
+        s.generate_key(pkcs11.KeyType.AES, 128, store=True, label="listers-own")
+    with lib.get_token().open(user_pin=c.pin, rw=True) as s:
+        s.generate_key(pkcs11.KeyType.AES, 128, store=True, label="cu-secret-of-crypto-user")
+    try:
+        r = c.cli("key", "list", "--user", "keylister", "--json")
+        assert r.returncode == 0, r.stderr
+        labels = {k["label"] for k in json.loads(r.stdout)}
+        assert "listers-own" in labels and "cu-secret-of-crypto-user" not in labels
+        mine = {k["label"] for k in json.loads(c.cli("key", "list", "--json").stdout)}
+        assert "cu-secret-of-crypto-user" in mine and "listers-own" not in mine
+    finally:
+        c.cli("key", "delete", "cu-secret-of-crypto-user")
+        c.cli("user", "delete", "--username", "keylister")
