@@ -37,6 +37,11 @@ def _int(args: dict[str, Any], name: str, lo: int, hi: int) -> int:
     return v
 
 
+def key_reference(handle: int) -> str:
+    """A key as every command shows it: CloudHSM CLI's key reference, 0x and 16 hex digits."""
+    return f"0x{handle:016x}"
+
+
 def pkcs11_uri(label: str | None, id_: bytes | None, cls: int | None) -> str:
     """RFC 7512 URI of a key in the hsmsim token."""
     parts = ["token=hsm1"]
@@ -209,7 +214,7 @@ def handlers(d: "Daemon") -> dict[str, Handler]:
                 id_ = attrs.get(int(Attribute.ID))
                 obj = c.objects.get(h)
                 out.append({
-                    "handle": h, "key_reference": f"0x{h:016x}",
+                    "handle": h, "key_reference": key_reference(h),
                     "label": label if isinstance(label, str) else None,
                     "id": id_.hex() if isinstance(id_, bytes) else None,
                     "class": _name(ObjectClass, cls), "key_type": _name(KeyType, kt),
@@ -228,17 +233,17 @@ def handlers(d: "Daemon") -> dict[str, Handler]:
     async def key_share(args: dict[str, Any], p: Progress) -> Any:
         handle, user = _int(args, "handle", 1, 2**63), _str(args, "username")
         await with_login(args, "crypto-user", lambda lg: c.share_key(lg, handle, user))
-        return {"handle": handle, "shared_with": user}
+        return {"key_reference": key_reference(handle), "shared_with": user}
 
     async def key_unshare(args: dict[str, Any], p: Progress) -> Any:
         handle, user = _int(args, "handle", 1, 2**63), _str(args, "username")
         await with_login(args, "crypto-user", lambda lg: c.unshare_key(lg, handle, user))
-        return {"handle": handle, "unshared_from": user}
+        return {"key_reference": key_reference(handle), "unshared_from": user}
 
     async def key_delete(args: dict[str, Any], p: Progress) -> Any:
         handle = _int(args, "handle", 1, 2**63)
         await with_login(args, "crypto-user", lambda lg: c.destroy_object(lg, handle))
-        return {"handle": handle, "deleted": True}
+        return {"key_reference": key_reference(handle), "deleted": True}
 
     # -- audit -----------------------------------------------------------------------------------
     async def audit_read(args: dict[str, Any], p: Progress) -> Any:

@@ -4,6 +4,7 @@ the KMS endpoint and injected faults, `logs` from disk, and `reset` to start ove
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,9 @@ def test_keys_named_by_label_or_uri(cli_cluster: HsmsimCluster, monkeypatch: pyt
     assert r.returncode == 0, r.stderr
     r = c.cli("key", "delete", "single", "--json")
     assert r.returncode == 0, r.stderr
+    # One format for key references in every command's output, as `key list` shows them.
+    ref = json.loads(r.stdout)["key_reference"]
+    assert re.fullmatch(r"0x[0-9a-f]{16}", ref) and "handle" not in json.loads(r.stdout)
     left = json.loads(c.cli("key", "list", "--json").stdout)
     assert {(k["label"], k["class"]) for k in left if k["label"] in ("pair", "single")} == {
         ("pair", "PRIVATE_KEY")}
