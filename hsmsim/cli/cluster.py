@@ -752,7 +752,10 @@ def _audit(args: argparse.Namespace) -> int:
 def _audit_reader(client: ControlClient, state: StateDir,
                   only: str | None) -> Callable[[dict[str, int]], list[dict[str, Any]]]:
     """Reads audit records through the daemon, or, when no daemon runs, from each HSM's
-    audit.jsonl in the state directory (read-only: a node repairs its log itself)."""
+    audit.jsonl in the state directory (read-only: a node repairs its log itself). `only` names
+    one HSM by id or AZ."""
+    if only is not None:
+        only = resolve_hsm([{"hsm_id": h.hsm_id, "az": h.az} for h in state.load_spec().hsms], only)
     if client.alive():
         def through_daemon(marks: dict[str, int]) -> list[dict[str, Any]]:
             kw: dict[str, Any] = {"since": marks}
@@ -762,8 +765,6 @@ def _audit_reader(client: ControlClient, state: StateDir,
         return through_daemon
     from hsmsim.node.audit import read_file
     hsms = [h.hsm_id for h in state.load_spec().hsms]
-    if only is not None and only not in hsms:
-        raise CliError(f"no HSM {only!r} in this cluster; it has {', '.join(hsms)}")
     print(f"hsmsim: no daemon is running for {state.root}: reading the HSMs' audit logs from "
           "disk", file=sys.stderr)
 
@@ -913,7 +914,7 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("audit", help="per-HSM audit logs (or the KMS audit trail)")
     _add_state(p)
-    p.add_argument("--hsm", metavar="HSM_ID", help="only this HSM")
+    p.add_argument("--hsm", metavar="HSM", help="only this HSM (id or AZ)")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new records")
     p.add_argument("--kms", action="store_true", help="show the KMS audit trail instead")
     add_json_flag(p)

@@ -100,7 +100,11 @@ def test_backup_list_and_audit(cli_cluster: HsmsimCluster) -> None:
     assert r.returncode == 0, r.stderr
     bid = json.loads(r.stdout)["backup_id"]
     assert bid in c.cli("backup", "list").stdout
+    assert c.cli("key", "list").returncode == 0  # a crypto user's login, whatever ran before
     recs = [json.loads(line) for line in c.cli("audit", "--json").stdout.splitlines()]
+    by_az = [json.loads(line) for line in c.cli("audit", "--json", "--hsm", "us-east-1a").stdout.splitlines()]
+    in_a = [h["hsm_id"] for h in c.status()["hsms"] if h["az"] == "us-east-1a"]
+    assert by_az and {r["hsm_id"] for r in by_az} == set(in_a)
     assert recs and {r["hsm_id"] for r in recs} <= set(c.hsm_ids)
     assert any(r["event"] == "login" for r in recs)
     text = json.dumps(recs)
