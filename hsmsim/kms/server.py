@@ -184,15 +184,38 @@ def make_app(service: KmsService) -> web.Application:
         return _response(200, json.dumps({"now": service.kms.clock.now(),
                                           "offset": service.kms.clock.offset}).encode(), request_id)
 
+    async def reset(request: web.Request) -> web.Response:
+        """moto_server's `POST /moto-api/reset` (test suites written for moto point here
+        unchanged): the KMS starts over. FIDELITY: as moto, it takes an unsigned request,
+        unless `[kms] strict_sigv4` is on: then it is verified like every KMS call. Off with
+        `[kms] clock_control = false`, as every test endpoint."""
+        request_id = str(uuid.uuid4())
+        try:
+            body = await request.read()
+            if service.kms.config.strict_sigv4 or "authorization" in {
+                    k.lower() for k in request.headers}:
+                service.authenticate(HttpRequest(
+                    method=request.method, path=request.raw_path.split("?", 1)[0],
+                    query=request.query_string, headers=dict(request.headers), body=body,
+                    source_ip=request.remote or "", request_id=request_id))
+        except e.KmsError as exc:
+            err = wire.to_wire(exc)
+            return _response(err.status, err.body(), request_id)
+        await service.reset()
+        return _response(200, json.dumps({"status": "ok"}).encode(), request_id)
+
     async def refused(request: web.Request) -> web.Response:
-        err = wire.WireError("NotFoundException", 404, "No such endpoint: the hsmsim test endpoint "
-                             "is POST /_hsmsim/clock, served while [kms] clock_control is on")
+        err = wire.WireError("NotFoundException", 404, "No such endpoint: the hsmsim test endpoints "
+                             "are POST /_hsmsim/clock and POST /moto-api/reset, served while "
+                             "[kms] clock_control is on")
         return _response(err.status, err.body(), str(uuid.uuid4()))
 
     app = web.Application(client_max_size=max_size)
     if service.kms.config.clock_control:
         app.router.add_post("/_hsmsim/clock", clock)
+        app.router.add_post("/moto-api/reset", reset)
     app.router.add_route("*", "/_hsmsim/{tail:.*}", refused)
+    app.router.add_route("*", "/moto-api/{tail:.*}", refused)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
 

@@ -202,6 +202,22 @@ class KmsService:
         except Exception:
             log.error("KMS audit record could not be written (request %s)", req.request_id)
 
+    async def reset(self) -> None:
+        """Start over, as moto_server's `POST /moto-api/reset`: every Region's keys, aliases,
+        grants and custom key stores are forgotten (stores disconnected first, so `kmsuser`
+        logs out) and the clock is back at the real time. The audit trail stays. FIDELITY:
+        test control only; the backing keys of custom-key-store keys stay in the cluster, as
+        keys a deleted store leaves behind (`hsmsim reset` starts the cluster over too)."""
+        async with self._sweep_lock:
+            old = self.kms
+            for regional in old.regional():
+                await regional.keystores.close()
+            await old.fleet.close()
+            old.store.wipe()
+            self.kms = Kms(old.cluster, old.config, old.state_dir, old.store.view(old.config.region))
+            self.kms.open_stored_regions()
+            self._quotas.clear()
+
     async def sweep(self) -> None:
         async with self._sweep_lock:
             self.kms.open_stored_regions()

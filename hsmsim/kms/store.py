@@ -195,6 +195,18 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
+    def wipe(self) -> None:
+        """Every Region's keys, materials, aliases, grants, custom key stores and usage gone,
+        and the clock back at the real time, in one transaction (`POST /moto-api/reset`)."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            for table in ("keys", "materials", "aliases", "grants", "stores", "last_usage"):
+                self._db.execute(f"DELETE FROM {table}")
+            self._db.execute("DELETE FROM meta WHERE k IN ('clock_offset', 'tracking_start')")
+        for cache in (self._all_keys, self._all_aliases, self._all_stores):
+            for region_map in cache.values():
+                region_map.clear()
+
     # -- all-or-nothing writes -----------------------------------------------------------------
     def begin(self) -> Unit:
         """Starts holding back this context's writes (one KMS request); end with `commit` or
