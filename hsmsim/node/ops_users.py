@@ -157,7 +157,12 @@ class UserOps(Ops):
             self.audit.record("login_failed", username=username, role=role, reason="locked")
             raise Pkcs11Error(RV.PIN_LOCKED, "user is locked out; an admin must unlock it")
         if not ok:
-            raise Pkcs11Error(RV.PIN_INCORRECT, "wrong username or password")
+            # The count is for the daemon's log (the client sees only the code), as CloudHSM's
+            # client logs report failed logins against the lockout.
+            counted = (f" ({changed.failed} of {LOCKOUT_AFTER} failed logins before lockout on "
+                       f"this HSM{'; now locked' if changed.locked else ''})"
+                       if changed is not None and changed.failed else "")
+            raise Pkcs11Error(RV.PIN_INCORRECT, f"wrong username or password{counted}")
         return changed or fresh, lid
 
     async def logout(self, conn: Conn, f: Fields) -> None:

@@ -39,7 +39,8 @@ def test_a_refused_login_is_logged_with_its_reason_and_no_secret(traced: HsmsimC
     with pytest.raises(pkcs11.exceptions.PinIncorrect):
         token.open(user_pin="no-colon-here", rw=True)
     log = _log(traced)
-    assert re.search(r"C_Login refused with PIN_INCORRECT: .*wrong username or password", log), log[-3000:]
+    assert re.search(r"C_Login refused with PIN_INCORRECT: .*wrong username or password "
+                     r"\(1 of 5 failed logins before lockout on this HSM\)", log), log[-3000:]
     assert "C_Login refused with PIN_INCORRECT: the PIN must be <user>:<password>" in log
     assert re.search(r"C_Login session=\d+ -> CKR_PIN_INCORRECT \(", log)
     assert "Wr0ng-guess-7" not in log and "no-colon-here" not in log
