@@ -326,7 +326,16 @@ static int connect_unix(void) {
     sa.sun_family = AF_UNIX;
     memcpy(sa.sun_path, g_path, strlen(g_path) + 1);
     if (connect(fd, (struct sockaddr *)&sa, sizeof sa) != 0) {
+        int err = errno;
         close(fd);
+        /* Said once per process, on stderr, as CloudHSM's library reports a lost connection
+         * in its log: the caller only gets CKR_DEVICE_ERROR. */
+        static int told;
+        if (!__atomic_exchange_n(&told, 1, __ATOMIC_RELAXED))
+            fprintf(stderr, "libhsmsim-pkcs11: cannot reach the hsmsim daemon at %s (%s); "
+                    "start it with `hsmsim up`, or point HSMSIM_SOCKET at its gateway.sock\n",
+                    g_path, strerror(err));
+        errno = err;
         return -1;
     }
     return fd;
