@@ -145,9 +145,12 @@ class Gateway:
         self._validated: dict[tuple[int, int, OpKind], tuple[float, Any]] = {}
         self._mechs: dict[tuple[OpKind, bytes], tuple[DecodedMechanism, MechanismInfo]] = {}
         self._serial = b"hsmsim"
-        # the daemon's cluster routes direct calls; a ClusterClient without it never offers them
+        # the daemon's cluster routes direct calls; a ClusterClient without it never offers them.
+        # While the call trace is on no direct route is offered either: every call then passes
+        # the daemon and is in the trace (slower, but complete).
         self._router: DirectRouting | None = (
-            cluster if hasattr(cluster, "direct_route") else None)  # type: ignore[assignment]
+            cluster if hasattr(cluster, "direct_route") and not config.trace_calls
+            else None)  # type: ignore[assignment]
         # descriptors and their MACs per ticket, made once (every Init of a key asks again)
         self._descs: dict[tuple[Any, ...], bytes] = {}
         self._macs: dict[tuple[bytes, bytes], bytes] = {}

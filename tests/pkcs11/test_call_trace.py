@@ -55,15 +55,15 @@ def test_every_call_is_traced_with_lengths_never_data(traced: HsmsimCluster,
         key = s.generate_key(pkcs11.KeyType.AES, 256, template={
             pkcs11.Attribute.ENCRYPT: True, pkcs11.Attribute.DECRYPT: True})
         iv = bytes(16)
-        # Multi-part calls always go through the daemon (single-part ones on a key may go
-        # straight to an HSM, as Client SDK 5's do, and are then not in the daemon's trace).
         parts = [secret[:20], secret[20:]]
         ct = b"".join(key.encrypt(parts, mechanism=pkcs11.Mechanism.AES_CBC_PAD, mechanism_param=iv))
+        # Single-part too: while tracing, no call takes the direct data path past the daemon.
         assert key.decrypt(ct, mechanism=pkcs11.Mechanism.AES_CBC_PAD, mechanism_param=iv) == secret
     log = _log(traced)
     assert re.search(r"C_GenerateKey session=\d+ CKM_AES_KEY_GEN -> CKR_OK", log), log[-3000:]
     assert re.search(r"C_EncryptInit session=\d+ CKM_AES_CBC_PAD -> CKR_OK", log)
     assert re.search(r"C_EncryptUpdate session=\d+ in=20 out=16 -> CKR_OK", log), log[-3000:]
     assert re.search(r"C_EncryptFinal session=\d+ out=16 -> CKR_OK", log)
+    assert re.search(r"C_Decrypt session=\d+ in=32 out=\d+ -> CKR_OK", log), log[-3000:]
     assert secret.hex() not in log and secret.decode() not in log and ct.hex() not in log
     assert traced.pin.split(":", 1)[1] not in log
