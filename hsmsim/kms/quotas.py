@@ -4,6 +4,7 @@ quota and 1,800 requests/s per custom key store. An empty bucket means Throttlin
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from hsmsim.kms import errors as e
 
@@ -28,14 +29,16 @@ MESSAGE = "You have exceeded the rate at which you may call KMS. Reduce the freq
 
 
 class Bucket:
-    def __init__(self, rate: float, burst: float | None = None) -> None:
+    def __init__(self, rate: float, burst: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate
         self.capacity = burst if burst is not None else max(rate, 1.0)
         self.tokens = self.capacity
-        self.stamp = time.monotonic()
+        self._clock = clock
+        self.stamp = clock()
 
     def take(self) -> bool:
-        now = time.monotonic()
+        now = self._clock()
         self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
         if self.tokens >= 1.0:
@@ -46,9 +49,12 @@ class Bucket:
 
 class Quotas:
     def __init__(self, op_rps: dict[str, float] | None = None, shared: float = SHARED_CRYPTO_RPS,
-                 per_store: float = CUSTOM_KEY_STORE_RPS) -> None:
-        self._ops = {k: Bucket(v) for k, v in (op_rps or OP_RPS).items()}
-        self._shared = Bucket(shared)
+                 per_store: float = CUSTOM_KEY_STORE_RPS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`clock` (seconds, monotonic) is injectable so that tests see exact refills."""
+        self._clock = clock
+        self._ops = {k: Bucket(v, clock=clock) for k, v in (op_rps or OP_RPS).items()}
+        self._shared = Bucket(shared, clock=clock)
         self._per_store_rate = per_store
         self._stores: dict[str, Bucket] = {}
 
@@ -60,6 +66,6 @@ class Quotas:
             raise e.Throttled(MESSAGE)
 
     def check_store(self, store_id: str) -> None:
-        bucket = self._stores.setdefault(store_id, Bucket(self._per_store_rate))
+        bucket = self._stores.setdefault(store_id, Bucket(self._per_store_rate, clock=self._clock))
         if not bucket.take():
             raise e.Throttled(MESSAGE)

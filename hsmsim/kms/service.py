@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,7 @@ class KmsService:
         self.kms = kms  # the default Region's KMS; a request's Region picks its own
         self.audit = audit
         self._quotas: dict[str, Quotas] = {}  # per Region, as AWS's quotas are per account and Region
+        self.quota_clock: Callable[[], float] = time.monotonic  # injectable: tests refill exactly
         self._sweep_lock = asyncio.Lock()  # the periodic sweep and a clock move never overlap
 
     async def handle(self, req: HttpRequest) -> HttpResponse:
@@ -87,7 +89,8 @@ class KmsService:
             if params.get("GrantTokens"):
                 kms.check_grant_tokens(params["GrantTokens"])
             if kms.config.quotas:
-                quotas = self._quotas.setdefault(region, Quotas())
+                quotas = self._quotas.get(region) or self._quotas.setdefault(
+                    region, Quotas(clock=self.quota_clock))
                 quotas.check(op)
                 if op in CRYPTO_OPS:
                     self._store_quota(kms, quotas, params)

@@ -78,8 +78,15 @@ def test_tcp_and_connection_limit(tmp_path: Path) -> None:
             with pytest.raises(NodeUnavailable):
                 await NodeClient.connect(addr, cluster_secret=secret)
             await a.close()
-            await asyncio.sleep(0.2)
-            c = await NodeClient.connect(addr, cluster_secret=secret)
+            # The closed slot is free once the node has seen the close: poll for it.
+            deadline = asyncio.get_running_loop().time() + 30
+            while True:
+                try:
+                    c = await NodeClient.connect(addr, cluster_secret=secret)
+                    break
+                except NodeUnavailable:
+                    assert asyncio.get_running_loop().time() < deadline, "the slot never freed"
+                    await asyncio.sleep(0.05)
             assert (await c.status()).connections == 2
             await b.close()
             await c.close()
