@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from hsmsim.kms import errors as e
-from hsmsim.kms import model
+from hsmsim.kms import model, policy
 from hsmsim.kms.model import KeyRecord
 from hsmsim.kms.policy import Caller
 from hsmsim.kms.runtime import Kms
@@ -72,6 +72,19 @@ def paginate(items: Sequence[T], req: Request, default_limit: int = 100) -> tupl
 def dry_run(req: Request) -> None:
     if req.get("DryRun"):
         raise e.DryRun("The request would have succeeded, but the DryRun option is set.")
+
+
+def initial_policy(kms: Kms, call: Call, req: Request) -> Any:
+    """The key policy of a new key (CreateKey, ReplicateKey): the request's `Policy`, checked
+    and held to the lockout safety check unless bypassed, else the default key policy."""
+    doc = req.get("Policy")
+    if doc is None:
+        return policy.default_policy(kms.account)
+    policy.validate(doc)
+    if not req.get("BypassPolicyLockoutSafetyCheck") and \
+            policy.evaluate(doc, call.caller, "PutKeyPolicy", {}) != "Allow":
+        raise e.MalformedPolicy("The new key policy will not allow you to update the key policy in the future.")
+    return doc
 
 
 def check_tags(tags: Sequence[dict[str, str]], existing: int = 0) -> list[tuple[str, str]]:

@@ -12,7 +12,7 @@ from hsmsim.kms.keystores import CONNECTED
 from hsmsim.kms.material import ClusterFailure
 from hsmsim.kms.model import KeyRecord, MaterialRecord
 from hsmsim.kms.model import AliasRecord
-from hsmsim.kms.ops.common import (Call, Handler, Request, Response, check_tags, metadata, paginate,
+from hsmsim.kms.ops.common import (Call, Handler, Request, Response, check_tags, initial_policy, metadata, paginate,
                                    require_customer_managed)
 from hsmsim.kms.runtime import DAY, Kms
 from hsmsim.pkcs11.constants import RV
@@ -124,14 +124,7 @@ async def create_key(kms: Kms, call: Call, req: Request) -> Response:
         # FIDELITY: imported key material is limited to symmetric keys here.
         raise e.Unsupported("Imported key material is supported only for symmetric encryption keys.")
     tags = check_tags(req.get("Tags", []))
-    doc = req.get("Policy")
-    if doc is not None:
-        policy.validate(doc)
-        if not req.get("BypassPolicyLockoutSafetyCheck") and \
-                policy.evaluate(doc, call.caller, "PutKeyPolicy", {}) != "Allow":
-            raise e.MalformedPolicy("The new key policy will not allow you to update the key policy in the future.")
-    else:
-        doc = policy.default_policy(kms.account)
+    doc = initial_policy(kms, call, req)
     key_id = kms.new_key_id(multi)
     key = KeyRecord(key_id=key_id, arn=kms.key_arn(key_id), created=kms.clock.now(), key_spec=spec,
                     key_usage=usage, origin=origin,

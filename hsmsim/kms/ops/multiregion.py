@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from hsmsim.kms import errors as e, model, policy
+from hsmsim.kms import errors as e, model
 from hsmsim.kms.model import KeyRecord
-from hsmsim.kms.ops.common import Call, Handler, Request, Response, check_tags, metadata
+from hsmsim.kms.ops.common import Call, Handler, Request, Response, check_tags, initial_policy, metadata
 from hsmsim.kms.runtime import Kms
 
 
@@ -46,14 +46,7 @@ async def replicate_key(kms: Kms, call: Call, req: Request) -> Response:
     if primary.key_id in there.store.keys:
         raise e.AlreadyExists(f"Replica key {there.key_arn(primary.key_id)} already exists.")
     tags = check_tags(req.get("Tags", []))
-    doc = req.get("Policy")
-    if doc is not None:
-        policy.validate(doc)
-        if not req.get("BypassPolicyLockoutSafetyCheck") and \
-                policy.evaluate(doc, call.caller, "PutKeyPolicy", {}) != "Allow":
-            raise e.MalformedPolicy("The new key policy will not allow you to update the key policy in the future.")
-    else:
-        doc = policy.default_policy(kms.account)
+    doc = initial_policy(kms, call, req)
     # FIDELITY: the replica is Enabled at once (AWS: Creating for a while, then Enabled); a
     # replica of a key with imported material waits for its own import (PendingImport), as on AWS.
     replica = replace(
