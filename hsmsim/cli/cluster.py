@@ -341,8 +341,7 @@ def _run_foreground(state: StateDir, args: argparse.Namespace, overrides: list[s
     errors: list[str] = []
 
     def ready(info: dict[str, Any]) -> None:
-        _print_ready(state, info["cluster_id"], info, new, args)
-        print("hsmsim: running; Ctrl-C or `hsmsim down` stops the cluster", flush=True)
+        _print_ready(state, info["cluster_id"], info, new, args, running=True)
 
     ov = tuple((o.split("=", 1)[0], o.split("=", 1)[1]) for o in overrides)
     opts = DaemonOptions(state.root, Path(args.config).absolute() if args.config else None, ov)
@@ -361,7 +360,9 @@ def _run_foreground(state: StateDir, args: argparse.Namespace, overrides: list[s
 
 
 def _print_ready(state: StateDir, cluster_id: str, endpoints: dict[str, Any], new: Any,
-                 args: argparse.Namespace) -> None:
+                 args: argparse.Namespace, running: bool = False) -> None:
+    """The banner: the cluster, what clients need, and last what to run in another shell
+    (`running`: this process serves in the foreground until Ctrl-C)."""
     env = client_env(state, {k: v for k, v in endpoints.items() if isinstance(v, str)})
     try:  # the daemon's warnings now (an HSM count below what the availability check needs)
         warnings = list(ControlClient(state.control_sock, timeout=5).call("status")["warnings"])
@@ -391,6 +392,8 @@ def _print_ready(state: StateDir, cluster_id: str, endpoints: dict[str, Any], ne
         print(f"  admin password : {new.admin_password}   (shown once; stored in "
               f"{state.admin_password})")
     print(_exports(env))
+    if running:
+        print("hsmsim: running; Ctrl-C or `hsmsim down` stops the cluster")
     state_flag = "" if state.root == Path(".hsmsim").absolute() else f" --state {shlex.quote(str(state.root))}"
     print(f"# in another shell: source .venv/bin/activate && eval \"$(hsmsim env{state_flag})\"",
           flush=True)

@@ -120,6 +120,9 @@ def test_one_hsm_cluster_warns_about_the_availability_check(tmp_path: Path) -> N
     try:
         assert r.returncode == 0, r.stderr
         assert "hsmsim: warning: the cluster has 1 HSM(s): CloudHSM's key availability check needs 2" in r.stderr
+        # The banner ends with what to run in another shell.
+        assert r.stdout.splitlines()[-1] == (
+            f'# in another shell: source .venv/bin/activate && eval "$(hsmsim env --state {state})"')
         st = json.loads(run_cli(["status", "--json", "--state", str(state)]).stdout)
         assert any("key availability check needs 2" in w for w in st["warnings"])
         assert "key availability check needs 2" in run_cli(["status", "--state", str(state)]).stdout
