@@ -17,7 +17,7 @@ from typing import Any
 
 from hsmsim import aio
 from hsmsim.cli.output import Progress, add_json_flag, emit, table
-from hsmsim.cluster.state import (StateDir, StateError, discard_new_cluster,
+from hsmsim.cluster.state import (AZ_RE, MAX_HSMS, StateDir, StateError, discard_new_cluster,
                                   prepare_new_cluster)
 from hsmsim.config import environ, state_dir
 from hsmsim.control.client import ControlClient
@@ -25,8 +25,6 @@ from hsmsim.control.protocol import ControlError
 from hsmsim.errors import ConfigError, HsmsimError
 
 DEFAULT_AZS = ("us-east-1a", "us-east-1b", "us-east-1c")
-AZ_RE = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-\d[a-z]$")
-MAX_HSMS = 28  # CloudHSM: HSMs per cluster
 READY_TIMEOUT = 60.0
 USERNAME_RE = re.compile(r"^[a-zA-Z0-9_]{1,31}$")
 

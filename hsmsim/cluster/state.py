@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import secrets as _secrets
 import shutil
 import string
@@ -19,6 +20,8 @@ from hsmsim import files
 from hsmsim.errors import HsmsimError
 
 FORMAT_VERSION = 1
+MAX_HSMS = 28  # CloudHSM: HSMs per cluster (not adjustable)
+AZ_RE = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-\d[a-z]$")  # an availability zone name, us-east-1a
 INIT_MARKER = ".initializing"
 _ID_ALPHABET = string.ascii_lowercase + "234567"  # CloudHSMv2 id pattern: [2-7a-zA-Z]{11,16}
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import shutil
 import signal
 import time
@@ -17,7 +16,7 @@ from typing import Any
 from hsmsim import files
 from hsmsim.cluster.cluster import Cluster, Obj
 from hsmsim.cluster.members import ACTIVE, CREATE_IN_PROGRESS, DELETE_IN_PROGRESS, Member, MemberDown
-from hsmsim.cluster.state import HsmSpec, new_id
+from hsmsim.cluster.state import AZ_RE, MAX_HSMS, HsmSpec, new_id
 from hsmsim.errors import HsmsimError
 from hsmsim.node.client import NodeUnavailable
 from hsmsim.pkcs11.constants import RV, UserType
@@ -28,8 +27,6 @@ log = logging.getLogger("hsmsim.cluster")
 ProgressFn = Callable[[int, int, str], Awaitable[None]]
 REPLACE_AFTER = 3  # consecutive failed starts before an HSM is replaced
 SPACE_RETRY_S = 5.0  # a node that could not start for want of disk space is tried this often
-MAX_HSMS = 28  # CloudHSM: HSMs per cluster (not adjustable)
-AZ_RE = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-\d[a-z]$")
 
 
 class ClusterOpError(HsmsimError):

@@ -111,7 +111,7 @@ def handlers(d: "Daemon") -> dict[str, Handler]:
 
     async def hsm_add(args: dict[str, Any], p: Progress) -> Any:
         az = _str(args, "az")
-        from hsmsim.cluster.supervisor import AZ_RE, MAX_HSMS
+        from hsmsim.cluster.state import AZ_RE, MAX_HSMS
         if not AZ_RE.match(az):
             raise ControlError(f"{az!r} is not an availability zone name like us-east-1a",
                                "arguments")
