@@ -6,17 +6,14 @@ real, small tmpfs (root only: skipped with the reason otherwise)."""
 
 from __future__ import annotations
 
-import errno
 import os
-import shutil
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from diskfill import fill, small_tmpfs
 from hsmsim.pkcs11.constants import RV
 from hsmsim.pkcs11.errors import Pkcs11Error
 
@@ -25,35 +22,8 @@ from .conftest import AES_GEN, Harness, aes_template
 
 @pytest.fixture
 def small_disk() -> Iterator[Path]:
-    """A 96 MiB tmpfs mounted for this test (at a short path: Unix socket paths are short)."""
-    disk = Path(tempfile.mkdtemp(prefix="hsmsim-disk-", dir="/tmp"))
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m,mode=0700", "tmpfs", str(disk)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        disk.rmdir()
-        pytest.skip(f"cannot mount a tmpfs to fill (needs root): {r.stderr.strip()}")
-    try:
+    with small_tmpfs(96) as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
-        shutil.rmtree(disk, ignore_errors=True)
-
-
-def fill(disk: Path) -> Path:
-    """Fill the filesystem to the last byte; returns the filler file (delete it for space)."""
-    filler = disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        for size in (1 << 20, 1 << 14, 1 << 9, 1):
-            while True:
-                try:
-                    os.write(fd, b"\0" * size)
-                except OSError as exc:
-                    assert exc.errno == errno.ENOSPC
-                    break
-    finally:
-        os.close(fd)
-    return filler
 
 
 def wait_for(cond, what: str, timeout: float = 180.0) -> None:  # type: ignore[no-untyped-def]

@@ -6,17 +6,15 @@ is back everything works and nothing acknowledged is lost. The disk is a real, s
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from diskfill import fill, small_tmpfs
 from hsmsim import files
 from hsmsim.pkcs11.constants import RV, Attribute as A, Mechanism as M, ObjectClass
 from hsmsim.pkcs11.errors import Pkcs11Error
@@ -32,36 +30,8 @@ P256 = bytes.fromhex("06082a8648ce3d030107")
 
 @pytest.fixture
 def small_disk() -> Iterator[Path]:
-    """A 48 MiB tmpfs mounted for this test (at a short path: Unix socket paths are short)."""
-    disk = Path(tempfile.mkdtemp(prefix="hsmsim-disk-", dir="/tmp"))
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m,mode=0700", "tmpfs", str(disk)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        disk.rmdir()
-        pytest.skip(f"cannot mount a tmpfs to fill (needs root): {r.stderr.strip()}")
-    try:
+    with small_tmpfs(48) as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
-        shutil.rmtree(disk, ignore_errors=True)
-
-
-def fill(disk: Path) -> Path:
-    """Fill the filesystem to the last byte; returns the filler file (delete it for space)."""
-    filler = disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        for size in (1 << 20, 1 << 14, 1 << 9, 1):
-            chunk = b"\0" * size
-            while True:
-                try:
-                    os.write(fd, chunk)
-                except OSError as exc:
-                    assert exc.errno == errno.ENOSPC
-                    break
-    finally:
-        os.close(fd)
-    return filler
 
 
 def audit_seqs(node: NodeProc) -> list[int]:
