@@ -12,6 +12,7 @@ import hmac
 import os
 import re
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -146,6 +147,9 @@ class UserStore:
         self._db.execute("CREATE TABLE IF NOT EXISTS users (username TEXT PRIMARY KEY, "
                          "record BLOB NOT NULL)")
         self.users: dict[str, UserRecord] = {}
+        # `put` (store thread) and `stage` (event loop) both move records in memory: the
+        # compare-and-set below must not interleave with a stage, or a newer count is lost.
+        self._memory = threading.Lock()
         for name, raw in self._db.execute("SELECT username, record FROM users"):
             self.users[name] = decode_user(msgpack.unpackb(raw, raw=False))
 
@@ -157,18 +161,21 @@ class UserStore:
         on the event loop since (`stage`) is newer and stays."""
         self._db.execute("INSERT OR REPLACE INTO users VALUES (?, ?)",
                          (u.username, msgpack.packb(encode_user(u), use_bin_type=True)))
-        have = self.users.get(u.username)
-        if have is None or have.version <= u.version:
-            self.users[u.username] = u
+        with self._memory:
+            have = self.users.get(u.username)
+            if have is None or have.version <= u.version:
+                self.users[u.username] = u
 
     def stage(self, u: UserRecord) -> None:
         """Make `u` the record in memory now (event loop), before its `put` is persisted, so
         that the next request reads it: login failures are counted with no lost increments."""
-        self.users[u.username] = u
+        with self._memory:
+            self.users[u.username] = u
 
     def delete(self, username: str) -> None:
         self._db.execute("DELETE FROM users WHERE username = ?", (username,))
-        self.users.pop(username, None)
+        with self._memory:
+            self.users.pop(username, None)
 
     def bump(self, u: UserRecord, **changes: object) -> UserRecord:
         return replace(u, version=u.version + 1, **changes)  # type: ignore[arg-type]
