@@ -51,7 +51,6 @@ _USAGE = {OpKind.ENCRYPT: A.ENCRYPT, OpKind.DECRYPT: A.DECRYPT, OpKind.SIGN: A.S
           OpKind.VERIFY: A.VERIFY}
 _FLAG = {OpKind.ENCRYPT: F.ENCRYPT, OpKind.DECRYPT: F.DECRYPT, OpKind.SIGN: F.SIGN,
          OpKind.VERIFY: F.VERIFY, OpKind.DIGEST: F.DIGEST}
-_BLOCK = {M.AES_CBC: 16, M.AES_ECB: 16, M.DES3_CBC: 8, M.DES3_ECB: 8}
 # The opcodes of each operation kind (request flag DIRECT_DONE names the kind by its opcode).
 _KIND_OF_OP = {int(o): k for k, ops in (
     (OpKind.ENCRYPT, (Op.EncryptInit, Op.Encrypt, Op.EncryptUpdate, Op.EncryptFinal)),
@@ -596,8 +595,12 @@ class Gateway:
         else:
             app.require_login()
             validated = self._key_validated(app, key, kind, info)
+            # AES-GCM encryption never goes direct: its descriptor carries the IV drawn at Init,
+            # and a node cannot tell a replayed descriptor from a fresh one, so an application
+            # could encrypt twice under one IV. Through the daemon the IV is used once.
             if (app.minor >= DIRECT_MINOR and self._router is not None and kind in _DIRECT_KINDS
-                    and mech.mechanism != M.CLOUDHSM_AES_GCM):
+                    and mech.mechanism != M.CLOUDHSM_AES_GCM
+                    and not (kind is OpKind.ENCRYPT and mech.mechanism == M.AES_GCM)):
                 return self._init_direct(app, s, kind, mech, info, key, validated)
             if not validated:
                 return self._init_after_check(app, s, kind, mech, info, key)
