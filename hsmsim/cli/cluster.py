@@ -245,7 +245,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"hsmsim: the daemon for {state.root} is already running "
                   f"(pid {st['daemon_pid']})", file=sys.stderr)
             _warn_stale_settings(state, args, st)
-            _print_ready(state, st["cluster_id"], st.get("endpoints", {}), None, args)
+            _print_ready(state, st["cluster_id"], {**st.get("endpoints", {}),
+                                                   "warnings": st["warnings"]}, None, args)
             return 0
         new = None
     else:
@@ -362,10 +363,7 @@ def _print_ready(state: StateDir, cluster_id: str, endpoints: dict[str, Any], ne
     """The banner: the cluster, what clients need, and last what to run in another shell
     (`running`: this process serves in the foreground until Ctrl-C)."""
     env = client_env(state, {k: v for k, v in endpoints.items() if isinstance(v, str)})
-    try:  # the daemon's warnings now (an HSM count below what the availability check needs)
-        warnings = list(ControlClient(state.control_sock, timeout=5).call("status")["warnings"])
-    except ControlError:
-        warnings = list(endpoints.get("warnings") or ())
+    warnings = list(endpoints.get("warnings") or ())
     if getattr(args, "json", False):
         out = {"cluster_id": cluster_id, "state_dir": str(state.root), "env": env,
                "module": env["HSMSIM_PKCS11_MODULE"], "pin": env["HSMSIM_PIN"],

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 from hsmsim.cluster.api import Login
 from hsmsim.control.protocol import ControlError
-from hsmsim.daemon.settings import config_environ, settings
 from hsmsim.pkcs11.constants import Attribute, KeyType, ObjectClass, UserType
 
 if TYPE_CHECKING:
@@ -57,14 +56,6 @@ def pkcs11_uri(label: str | None, id_: bytes | None, cls: int | None) -> str:
     return "pkcs11:" + ";".join(parts)
 
 
-def _topology_warnings(check_availability: bool, hsms: int) -> list[str]:
-    if check_availability and hsms < 2:
-        return [f"the cluster has {hsms} HSM(s): CloudHSM's key availability check needs 2, so "
-                "creating token keys fails (CKR_FUNCTION_FAILED); add an HSM (`hsmsim hsm add "
-                "--az ...`) or start with --disable-key-availability-check"]
-    return []
-
-
 def handlers(d: "Daemon") -> dict[str, Handler]:
     assert d.cluster is not None and d.supervisor is not None
     c, sup = d.cluster, d.supervisor
@@ -99,9 +90,8 @@ def handlers(d: "Daemon") -> dict[str, Handler]:
         return {"cluster_id": info.cluster_id, "state": info.state,
                 "converging": sup.converging(), "objects": len(c.live_token_handles()),
                 "hsms": hsms, "daemon_pid": os.getpid(), "endpoints": d.endpoints,
-                "warnings": d.warnings + _topology_warnings(c.check_availability, len(c.members)),
-                "settings": settings(d.file_data, config_environ(d.environ),
-                                     {"cluster": dict(d.opts.cluster_overrides)}),
+                "warnings": d.warnings_now(),
+                "settings": d.settings_rows,
                 "key_availability_check": c.check_availability,
                 "retry_mode": c.config.default_retry_mode}
 

@@ -25,6 +25,7 @@ from hsmsim.cluster.state import ClusterSpec, StateDir, StateError, finish_new_c
 from hsmsim.cluster.supervisor import Supervisor
 from hsmsim.config import load_file
 from hsmsim.control.server import ControlServer
+from hsmsim.daemon.settings import config_environ, settings
 from hsmsim.errors import HsmsimError
 
 log = logging.getLogger("hsmsim.daemon")
@@ -118,6 +119,10 @@ class Daemon:
         self.services: dict[str, Service] = {}
         self.endpoints: dict[str, str] = {}
         self.warnings: list[str] = []
+        # The settings it runs with (`hsmsim config`): fixed at start, as the daemon reads its
+        # config only then.
+        self.settings_rows = settings(self.file_data, config_environ(self.environ),
+                                      {"cluster": dict(opts.cluster_overrides)})
         self._backups: asyncio.Task[None] | None = None
         self.stopping = asyncio.Event()
 
@@ -154,8 +159,19 @@ class Daemon:
         from hsmsim.cluster.backup import backup_loop
         self._backups = asyncio.get_running_loop().create_task(backup_loop(
             self.cluster, state, self.config.backup_interval_h, self.config.backup_retention_days))
-        return {"cluster_id": spec.cluster_id, "new": new, "warnings": self.warnings,
+        return {"cluster_id": spec.cluster_id, "new": new, "warnings": self.warnings_now(),
                 **self.endpoints}
+
+    def warnings_now(self) -> list[str]:
+        """The start-up warnings, and one while the cluster has fewer HSMs than the key
+        availability check needs."""
+        c = self.cluster
+        if c is not None and c.check_availability and len(c.members) < 2:
+            return self.warnings + [
+                f"the cluster has {len(c.members)} HSM(s): CloudHSM's key availability check "
+                "needs 2, so creating token keys fails (CKR_FUNCTION_FAILED); add an HSM "
+                "(`hsmsim hsm add --az ...`) or start with --disable-key-availability-check"]
+        return self.warnings
 
     def _handlers(self) -> dict[str, Any]:
         from hsmsim.daemon.control_ops import handlers
@@ -241,14 +257,8 @@ class Daemon:
 def setup_logging(path: Path | None, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers.clear()
-    if path is not None:
-        # 0600 whatever the umask or whoever created it: the log names clients and requests.
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.fchmod(fd, 0o600)
-        finally:
-            os.close(fd)
-    handler: logging.Handler = (logging.FileHandler(path) if path is not None
+    # 0600 whatever the umask or whoever created it: the log names clients and requests.
+    handler: logging.Handler = (files.file_handler(path) if path is not None
                                 else logging.StreamHandler())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
