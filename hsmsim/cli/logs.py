@@ -17,24 +17,16 @@ FOLLOW_POLL_S = 0.2
 
 
 class LogsError(HsmsimError):
-    """No such HSM or log file."""
+    """No log file yet."""
 
 
 def log_path(state: StateDir, hsm: str | None, az: str | None) -> Path:
     """daemon.log, or nodes/<hsm>/node.log of the HSM named by id or AZ."""
     if hsm is None and az is None:
         return state.log_file
-    spec = state.load_spec()
-    if hsm is not None:
-        ids = [h.hsm_id for h in spec.hsms if h.hsm_id == hsm]
-    else:
-        ids = [h.hsm_id for h in spec.hsms if h.az == az]
-        if len(ids) > 1:
-            raise LogsError(f"{az} holds {len(ids)} HSMs ({', '.join(ids)}): use --hsm")
-    if not ids:
-        known = ", ".join(f"{h.hsm_id} ({h.az})" for h in spec.hsms)
-        raise LogsError(f"no HSM {hsm or az!r} in this cluster; it has {known}")
-    return state.node_dir(ids[0]) / "node.log"
+    from hsmsim.cli.cluster import resolve_hsm
+    hsms = [{"hsm_id": h.hsm_id, "az": h.az} for h in state.load_spec().hsms]
+    return state.node_dir(resolve_hsm(hsms, hsm or az or "")) / "node.log"
 
 
 def _run(args: argparse.Namespace) -> int:

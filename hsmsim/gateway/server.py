@@ -27,13 +27,6 @@ log = logging.getLogger(__name__)
 trace_log = logging.getLogger("hsmsim.trace")
 
 
-def _op_name(op: int) -> str:
-    try:
-        return "C_" + Op(op).name
-    except ValueError:
-        return f"opcode {op}"
-
-
 class Connection(asyncio.Protocol):
     """One module connection: requests are answered in order."""
 
@@ -164,7 +157,7 @@ class Connection(asyncio.Protocol):
                 # Every refusal is logged with its reason (never a secret: Pkcs11Error messages
                 # are written for logs), as CloudHSM's client logs name why a call failed.
                 self._reason = str(exc)
-                log.info("%s refused with %s: %s", _op_name(op), exc.rv.name, self._reason or "-")
+                log.info("%s refused with %s: %s", trace.name(Op, op, "C_"), exc.rv.name, self._reason or "-")
             return int(exc.rv), b""
         if isinstance(exc, (HsmsimError, OSError, asyncio.TimeoutError)):
             # CloudHSM maps an HSM it cannot use to CKR_FUNCTION_FAILED (UG:troubleshoot-hsm-throttling).

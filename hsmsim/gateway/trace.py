@@ -30,7 +30,7 @@ _DATA_OUT = frozenset({Op.Encrypt, Op.EncryptUpdate, Op.EncryptFinal, Op.Decrypt
                        Op.SignFinal, Op.WrapKey})
 
 
-def _name(enum: type[Op] | type[RV] | type[Mechanism], value: int, prefix: str) -> str:
+def name(enum: type[Op] | type[RV] | type[Mechanism], value: int, prefix: str) -> str:
     try:
         return prefix + enum(value).name
     except ValueError:
@@ -40,16 +40,16 @@ def _name(enum: type[Op] | type[RV] | type[Mechanism], value: int, prefix: str) 
 def line(app: str, op: int, frame: bytes, rv: int, out: bytes, reason: str) -> str:
     """One trace line for the request `frame` (header included) and its reply."""
     body = memoryview(frame)[REQUEST_HEADER.size:]
-    parts = [f"app={app}", _name(Op, op, "C_")]
+    parts = [f"app={app}", name(Op, op, "C_")]
     if op not in _NO_SESSION and len(body) >= 8:
         parts.append(f"session={_U64.unpack_from(body)[0]}")
     if op in _MECHANISM and len(body) >= 16:
-        parts.append(_name(Mechanism, _U64.unpack_from(body, 8)[0], "CKM_"))
+        parts.append(name(Mechanism, _U64.unpack_from(body, 8)[0], "CKM_"))
     if op in _DATA_IN and len(body) >= 12:
         parts.append(f"in={_U32.unpack_from(body, 8)[0]}")
     if op in _DATA_OUT and len(out) >= 8 and rv in (RV.OK, RV.BUFFER_TOO_SMALL):
         parts.append(f"out={_U64.unpack_from(out)[0]}")
-    parts.append(f"-> {_name(RV, rv, 'CKR_')}")
+    parts.append(f"-> {name(RV, rv, 'CKR_')}")
     if reason and rv != RV.OK:
         parts.append(f"({reason})")
     return " ".join(parts)

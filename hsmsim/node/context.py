@@ -91,8 +91,7 @@ class NodeContext:
             # FIDELITY: admins see every object's non-sensitive attributes (CloudHSM CLI
             # `key list` as admin); they cannot use keys.
             return True
-        return (r.owner == login.username or login.username in r.shared
-                or r.cls == ObjectClass.PUBLIC_KEY)
+        return sees(login.username, r)
 
     def record(self, login: Login, handle: int, rv: RV = RV.OBJECT_HANDLE_INVALID) -> ObjectRecord:
         r = self.ks.get(handle)
@@ -149,6 +148,11 @@ class NodeContext:
     def check_key_type(r: ObjectRecord, cls: int, kt: int) -> None:
         if r.cls != cls or r.key_type != kt:
             raise Pkcs11Error(RV.KEY_TYPE_INCONSISTENT, "key type does not fit the mechanism")
+
+
+def sees(username: str, r: ObjectRecord) -> bool:
+    """What a crypto user sees: the objects it owns, those shared with it, and public keys."""
+    return r.owner == username or username in r.shared or r.cls == ObjectClass.PUBLIC_KEY
 
 
 class Ops:

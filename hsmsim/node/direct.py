@@ -119,9 +119,6 @@ class DirectService:
         self.tickets[ticket] = (login_id, key)
         return {"ticket": ticket, "key": key, "address": self.address}
 
-    def revoke(self, ticket: bytes) -> None:
-        self.tickets.pop(ticket, None)
-
     # -- listening ----------------------------------------------------------------------------------
     async def listen(self, path: str) -> str:
         try:

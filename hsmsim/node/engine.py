@@ -268,10 +268,6 @@ class ContextCache:
             self._ctx[handle] = ctx
         return ctx
 
-    def cached(self, handle: int) -> Ctx | None:
-        """The loaded context, or None when it would have to be loaded first."""
-        return self._ctx.get(handle)
-
     def drop(self, handle: int) -> None:
         self._generation[handle] = self._generation.get(handle, 0) + 1
         ctx = self._ctx.pop(handle, None)

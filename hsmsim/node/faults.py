@@ -25,11 +25,6 @@ class Faults:
         self.throttled = 0
 
     @property
-    def idle(self) -> bool:
-        """No fault set: requests need neither the gate nor the throttle."""
-        return self.latency_ms <= 0 and self.throttle_rps <= 0 and self._running.is_set()
-
-    @property
     def paused(self) -> bool:
         return not self._running.is_set()
 

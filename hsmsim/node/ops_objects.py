@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.serialization import load_der_private_key
 
 from hsmsim.node import policy
 from hsmsim.node.codec import Fields, results_to_wire
-from hsmsim.node.context import Conn, Login, Ops
+from hsmsim.node.context import Conn, Login, Ops, sees
 from hsmsim.node.index import ObjectRecord
 from hsmsim.node.keystore import value_len
 from hsmsim.node.softhsm import raw_template
@@ -320,8 +320,7 @@ class ObjectOps(Ops):
             r = self.ks.catalog.records[h]
             if not self.visible(login, r):
                 continue
-            if as_user is not None and not (r.owner == as_user or as_user in r.shared
-                                            or r.cls == ObjectClass.PUBLIC_KEY):
+            if as_user is not None and not sees(as_user, r):
                 continue
             if r.session and session is not None and r.session != session:
                 continue

@@ -336,9 +336,6 @@ static void direct_record(CK_SESSION_HANDLE s, uint16_t kind, hs_rbuf *r) {
     pthread_mutex_unlock(&g_direct_lock);
 }
 
-static void spec_store(CK_SESSION_HANDLE s, uint16_t op, const uint8_t *in, size_t inlen, const uint8_t *out,
-                       size_t outlen);
-
 /* A single-part call on a node: 1 when answered (*rv), 0 when it goes to the daemon. */
 static int direct_try(CK_SESSION_HANDLE h, uint16_t op, const uint8_t *in, size_t inlen, const uint8_t *sig,
                       size_t siglen, CK_BYTE_PTR out, CK_ULONG_PTR outlen, CK_RV *rv) {

@@ -648,6 +648,7 @@ int hs_node_call(const char *path, uint32_t timeout_ms, uint8_t verb, const uint
         pos += lens[i];
     }
     int result = -1;
+    uint8_t first[1024]; /* the reply's head; may hold plaintext: wiped on every way out */
     for (int attempt = 0; attempt < 2 && result < 0; attempt++) {
         nconn_t *c = n_take(path);
         int reused = c != NULL;
@@ -664,7 +665,6 @@ int hs_node_call(const char *path, uint32_t timeout_ms, uint8_t verb, const uint
         }
         /* reply: u32 len, u32 id, u64 rv, u8 flags, u32 n, n bytes. Most replies arrive whole:
          * one recv takes the header and as much of the output as is there. */
-        uint8_t first[1024];
         size_t got = 0;
         int failed = 0;
         errno = 0;
@@ -688,6 +688,10 @@ int hs_node_call(const char *path, uint32_t timeout_ms, uint8_t verb, const uint
         size_t have = got - 21;
         if (buf && have) memcpy(buf, first + 21, have);
         if (!buf || (n > have && n_read_all(c->fd, buf + have, n - have) != 0)) {
+            if (buf) {
+                volatile uint8_t *b = buf;
+                for (size_t i = 0; i < have; i++) b[i] = 0;
+            }
             free(buf);
             nconn_close(c);
             break;
@@ -700,9 +704,9 @@ int hs_node_call(const char *path, uint32_t timeout_ms, uint8_t verb, const uint
         *outlen = n;
         n_give_back(c);
         result = 0;
-        volatile uint8_t *f = first; /* may hold plaintext */
-        for (size_t i = 0; i < got; i++) f[i] = 0;
     }
+    volatile uint8_t *f = first;
+    for (size_t i = 0; i < sizeof first; i++) f[i] = 0;
     volatile uint8_t *v = req; /* the request carries plaintext */
     for (size_t i = 0; i < pos; i++) v[i] = 0;
     free(req);
