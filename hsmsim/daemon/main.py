@@ -24,6 +24,8 @@ from hsmsim.cluster.config import ClusterConfig, load_cluster_config
 from hsmsim.cluster.state import ClusterSpec, StateDir, StateError, finish_new_cluster
 from hsmsim.cluster.supervisor import Supervisor
 from hsmsim.config import load_file
+from hsmsim.control.context import ControlContext
+from hsmsim.control.ops import handlers
 from hsmsim.control.server import ControlServer
 from hsmsim.daemon.settings import config_environ, settings
 from hsmsim.errors import HsmsimError
@@ -151,7 +153,7 @@ class Daemon:
             finish_new_cluster(state, spec)
         else:
             await self.supervisor.start_existing()
-        self.control = ControlServer(self._handlers())
+        self.control = ControlServer(handlers(self.control_context()))
         await self.control.start(state.control_sock)
         if self.opts.services:
             await self._start_services()
@@ -173,10 +175,12 @@ class Daemon:
                 "(`hsmsim hsm add --az ...`) or start with --disable-key-availability-check"]
         return self.warnings
 
-    def _handlers(self) -> dict[str, Any]:
-        from hsmsim.daemon.control_ops import handlers
+    def control_context(self) -> ControlContext:
+        """What the control operations work on (once the cluster has started)."""
         assert self.cluster is not None and self.supervisor is not None
-        return handlers(self)
+        return ControlContext(cluster=self.cluster, supervisor=self.supervisor, state=self.state,
+                              endpoints=self.endpoints, settings_rows=self.settings_rows,
+                              warnings=self.warnings_now, stop=self.stopping.set)
 
     async def _start_services(self) -> None:
         assert self.cluster is not None

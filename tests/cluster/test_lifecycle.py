@@ -23,8 +23,8 @@ def test_add_and_remove_hsm(fresh3: Harness) -> None:
     keys = [h.call(h.cluster.generate_key(login, AES_GEN, aes_template(label=f"a{i}"), 1))
             for i in range(4)]
     h.wait_converged()
-    from hsmsim.daemon.control_ops import handlers
-    ops = handlers(h.daemon)
+    from hsmsim.control.ops import handlers
+    ops = handlers(h.daemon.control_context())
     seen: list[tuple[int, int]] = []
 
     async def progress(done: int, total: int, label: str) -> None:
