@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import importlib
 import json
 import logging
 import os
@@ -23,12 +22,17 @@ from hsmsim.cluster.cluster import Cluster
 from hsmsim.cluster.config import ClusterConfig, load_cluster_config
 from hsmsim.cluster.state import ClusterSpec, StateDir, StateError, finish_new_cluster
 from hsmsim.cluster.supervisor import Supervisor
-from hsmsim.config import load_file
+from hsmsim.config import load_file, resolve_section
 from hsmsim.control.context import ControlContext
 from hsmsim.control.ops import handlers
 from hsmsim.control.server import ControlServer
 from hsmsim.daemon.settings import config_environ, settings
 from hsmsim.errors import HsmsimError
+from hsmsim.gateway.config import GatewayConfig
+from hsmsim.gateway.server import start_gateway
+from hsmsim.kms import config as kms_config
+from hsmsim.kms.config import KmsConfig
+from hsmsim.kms.server import start_kms
 
 log = logging.getLogger("hsmsim.daemon")
 
@@ -93,16 +97,6 @@ def read_pid(state: StateDir) -> int | None:
     except OSError:
         pass
     return pid
-
-
-def _optional(module: str) -> Any | None:
-    """A sibling service's module, or None when that area is not built yet."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and module.startswith(exc.name):
-            return None
-        raise
 
 
 class Daemon:
@@ -188,52 +182,40 @@ class Daemon:
         kms_cap, gateway_cap = connection_caps(fd_limit)
         log.info("file descriptors: limit %d; connection caps: KMS %d, gateway %d",
                  fd_limit, kms_cap, gateway_cap)
-        gw = _optional("hsmsim.gateway.server")
-        if gw is not None:
-            gcfg = _optional("hsmsim.gateway.config")
-            from hsmsim.config import resolve_section
-            config = (resolve_section(gcfg.GatewayConfig, "gateway", self.file_data, self.environ)
-                      if gcfg is not None else None)
-            try:
-                self.services["gateway"] = await gw.start_gateway(self.cluster, config,
-                                                                  self.state.gateway_sock,
-                                                                  max_connections=gateway_cap)
-                self.endpoints["gateway"] = str(self.state.gateway_sock)
-            except Exception as exc:
-                log.exception("the PKCS#11 gateway failed to start")
-                self.warnings.append(f"the PKCS#11 gateway did not start: {exc}")
-        kms = _optional("hsmsim.kms.server")
-        if kms is not None:
-            kcfg_mod = _optional("hsmsim.kms.config")
-            from hsmsim.config import resolve_section
-            kcfg = (resolve_section(kcfg_mod.KmsConfig, "kms", self.file_data, self.environ)
-                    if kcfg_mod is not None else None)
-            if kcfg is not None and kcfg_mod is not None:  # the first `up`'s port is kept
-                kcfg, moved = kcfg_mod.settle_port(kcfg, self.state.root,
-                                                   kcfg_mod.port_given(self.file_data, self.environ))
-                if moved:
-                    self.warnings.append(moved)
-            try:
-                svc = await kms.start_kms(self.cluster, kcfg, self.state.root, max_connections=kms_cap)
-                self.services["kms"] = svc
-                # The server's own address: right even for `port = 0` (any free port).
-                self.endpoints["kms"] = str(svc.url)
-                if kcfg_mod is not None:
-                    kcfg_mod.remember_port(self.state.root, int(svc.port))
-            except OSError as exc:
-                # Never leave clients pointed at an endpoint this cluster does not own: a busy
-                # port (another cluster's KMS, moto, LocalStack) fails `up` instead of a warning
-                # that `hsmsim env` would contradict.
-                port = getattr(kcfg, "port", "?")
-                why = ("is in use by another process" if exc.errno == errno.EADDRINUSE
-                       else f"cannot be opened ({exc.strerror or exc})")
-                raise DaemonError(
-                    f"the KMS port {port} {why}. Choose another with `hsmsim config set kms.port "
-                    "N` (0: any free port) or HSMSIM_KMS_PORT=N, then `hsmsim up` again") from None
-            except Exception as exc:
-                log.exception("the KMS endpoint failed to start")
-                self.warnings.append(f"the KMS endpoint did not start: {exc} (choose another "
-                                     "port with [kms] port in hsmsim.toml or HSMSIM_KMS_PORT)")
+        config = resolve_section(GatewayConfig, "gateway", self.file_data, self.environ)
+        try:
+            self.services["gateway"] = await start_gateway(self.cluster, config,
+                                                           self.state.gateway_sock,
+                                                           max_connections=gateway_cap)
+            self.endpoints["gateway"] = str(self.state.gateway_sock)
+        except Exception as exc:
+            log.exception("the PKCS#11 gateway failed to start")
+            self.warnings.append(f"the PKCS#11 gateway did not start: {exc}")
+        kcfg = resolve_section(KmsConfig, "kms", self.file_data, self.environ)
+        # The first `up`'s port is kept.
+        kcfg, moved = kms_config.settle_port(kcfg, self.state.root,
+                                             kms_config.port_given(self.file_data, self.environ))
+        if moved:
+            self.warnings.append(moved)
+        try:
+            svc = await start_kms(self.cluster, kcfg, self.state.root, max_connections=kms_cap)
+            self.services["kms"] = svc
+            # The server's own address: right even for `port = 0` (any free port).
+            self.endpoints["kms"] = str(svc.url)
+            kms_config.remember_port(self.state.root, int(svc.port))
+        except OSError as exc:
+            # Never leave clients pointed at an endpoint this cluster does not own: a busy
+            # port (another cluster's KMS, moto, LocalStack) fails `up` instead of a warning
+            # that `hsmsim env` would contradict.
+            why = ("is in use by another process" if exc.errno == errno.EADDRINUSE
+                   else f"cannot be opened ({exc.strerror or exc})")
+            raise DaemonError(
+                f"the KMS port {kcfg.port} {why}. Choose another with `hsmsim config set kms.port "
+                "N` (0: any free port) or HSMSIM_KMS_PORT=N, then `hsmsim up` again") from None
+        except Exception as exc:
+            log.exception("the KMS endpoint failed to start")
+            self.warnings.append(f"the KMS endpoint did not start: {exc} (choose another "
+                                 "port with [kms] port in hsmsim.toml or HSMSIM_KMS_PORT)")
 
     async def close(self) -> None:
         for name, svc in list(self.services.items()):
