@@ -4,6 +4,7 @@ removing and faulting HSMs, the audit log and backups."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -14,6 +15,9 @@ from hsmsim.cluster.supervisor import Supervisor
 from hsmsim.control.context import ControlContext, Op, arg_int, arg_str
 from hsmsim.control.protocol import ControlError
 from hsmsim.control.server import Progress
+from hsmsim.errors import HsmsimError
+
+log = logging.getLogger("hsmsim.control")
 
 async def ping(ctx: ControlContext, args: dict[str, Any], p: Progress) -> Any:
     return {"pid": os.getpid(), "cluster_id": ctx.cluster.spec.cluster_id}
@@ -62,10 +66,16 @@ async def hsm_remove(ctx: ControlContext, args: dict[str, Any], p: Progress) -> 
     hsm_id = arg_str(args, "hsm_id")
     sup.member(hsm_id)
     await sup.remove_hsm(hsm_id)
+    # CloudHSM backs a cluster up when an HSM leaves it; taken after the removal so that the
+    # backup's AZs (what a restore recreates) are the cluster's from now on. A failure is the
+    # caller's to know: the HSM stays removed, and the error says so.
     try:
         await create_backup(c, ctx.state, reason="hsm remove", progress=None)
-    except Exception:
-        pass
+    except (HsmsimError, OSError) as exc:
+        log.warning("the backup after removing %s failed: %s", hsm_id, exc)
+        raise ControlError(f"{hsm_id} was removed, but the backup taken on removal failed: "
+                           f"{exc}; take one with `hsmsim backup create` once that is fixed",
+                           "BackupError") from None
     return {"hsm_id": hsm_id, "state": "DELETED"}
 
 
