@@ -17,7 +17,7 @@ LAYERS: dict[str, int] = {
     "node": 2,
     "cluster": 3,
     "gateway": 4, "kms": 4,
-    "control": 5, "daemon": 5,
+    "control": 5, "daemon": 5, "cloudhsm": 5,
     "cli": 6, "testing": 6, "tls": 6, "bench": 6,
 }
 # Siblings on one layer that must not know each other.

@@ -72,6 +72,10 @@ def client_env(state: StateDir, endpoints: dict[str, str] | None = None,
         "HSMSIM_PIN": f"crypto_user:{pw}",
         "AWS_ENDPOINT_URL_KMS": kms,
     }
+    # the CloudHSMv2 control plane's endpoint (docs/cloudhsmv2.md), known while the daemon runs
+    chsm = (endpoints or {}).get("cloudhsm")
+    if chsm:
+        env["AWS_ENDPOINT_URL_CLOUDHSM_V2"] = chsm
     sunpkcs11 = _sunpkcs11_config(state, module)
     if sunpkcs11 is not None:
         env["HSMSIM_SUNPKCS11_CONFIG"] = str(sunpkcs11)
