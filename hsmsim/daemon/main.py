@@ -216,6 +216,16 @@ class Daemon:
             log.exception("the KMS endpoint failed to start")
             self.warnings.append(f"the KMS endpoint did not start: {exc} (choose another "
                                  "port with [kms] port in hsmsim.toml or HSMSIM_KMS_PORT)")
+        # The CloudHSMv2 control plane (docs/cloudhsmv2.md): this cluster and the ones it creates.
+        from hsmsim.cloudhsm.server import start_cloudhsm
+        try:
+            chsm = await start_cloudhsm(self, self.warnings)
+            self.services["cloudhsm"] = chsm
+            self.endpoints["cloudhsm"] = chsm.url
+        except Exception as exc:
+            log.exception("the CloudHSMv2 endpoint failed to start")
+            self.warnings.append(f"the CloudHSMv2 endpoint did not start: {exc} (choose another "
+                                 "port with [cloudhsm] port in hsmsim.toml or HSMSIM_CLOUDHSM_PORT)")
 
     async def close(self) -> None:
         for name, svc in list(self.services.items()):

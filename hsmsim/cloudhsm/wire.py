@@ -1,0 +1,260 @@
+"""The wire edge of the CloudHSMv2 endpoint. Two protocols carry the same operations: AWS JSON
+1.1 (`POST /`, `X-Amz-Target: BaldrApiService.<Op>`, what the issue and older SDKs use) and
+Smithy RPC v2 CBOR (`POST /service/BaldrApiService/operation/<Op>`, which botocore 1.36+
+prefers for this service). Both validate the input against botocore's model (types, required
+members, lengths, ranges, enums, patterns) with the KMS wire layer's approach and messages,
+encode outputs, and translate domain errors into AWS codes and statuses from one table."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+import unicodedata
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from hsmsim.cloudhsm import cbor
+from hsmsim.cloudhsm import errors as e
+from hsmsim.cloudhsm.shapes import OPERATIONS, SHAPES, TARGET_PREFIX
+
+JSON_CONTENT_TYPE = "application/x-amz-json-1.1"
+CBOR_CONTENT_TYPE = "application/cbor"
+RPC_V2_PREFIX = f"/service/{TARGET_PREFIX}/operation/"
+
+ERROR_TABLE: dict[type[e.CloudHsmError], tuple[str, int]] = {
+    e.Invalid: ("ValidationException", 400),
+    e.Malformed: ("SerializationException", 400),
+    e.UnknownOperation: ("UnknownOperationException", 400),
+    e.AuthMissing: ("MissingAuthenticationTokenException", 403),
+    e.AuthIncomplete: ("IncompleteSignatureException", 400),
+    e.AuthUnknownKey: ("UnrecognizedClientException", 400),
+    e.AuthBadSignature: ("InvalidSignatureException", 400),
+    # FIDELITY: AWS's front end answers an oversized body with a bare 413; ours has a body.
+    e.TooLarge: ("RequestEntityTooLargeException", 413),
+    e.InvalidRequest: ("CloudHsmInvalidRequestException", 400),
+    e.NotFound: ("CloudHsmResourceNotFoundException", 400),
+    e.AccessDenied: ("CloudHsmAccessDeniedException", 400),
+    e.TagError: ("CloudHsmTagException", 400),
+    e.LimitExceeded: ("CloudHsmResourceLimitExceededException", 400),
+    e.Internal: ("CloudHsmInternalFailureException", 500),
+}
+
+# Shapes whose values are never echoed in validation messages.
+_SENSITIVE = {"Cert", "ResourcePolicy", "PreCoPassword"}
+
+
+@dataclass(frozen=True)
+class WireError:
+    code: str
+    status: int
+    message: str
+
+    def fields(self) -> dict[str, str]:
+        # botocore reads `message` or `Message`; the model's member is `Message`
+        return {"__type": self.code, "Message": self.message}
+
+
+def to_wire(exc: e.CloudHsmError) -> WireError:
+    """The AWS error for a domain error: the nearest class in the table wins."""
+    for cls in type(exc).__mro__:
+        if cls in ERROR_TABLE:
+            code, status = ERROR_TABLE[cls]
+            return WireError(code, status, exc.message)
+    return WireError("CloudHsmInternalFailureException", 500, "")
+
+
+def operation_from_target(target: str | None) -> str:
+    if not target or not target.startswith(TARGET_PREFIX + "."):
+        raise e.UnknownOperation("")
+    name = target[len(TARGET_PREFIX) + 1:]
+    if name not in OPERATIONS:
+        raise e.UnknownOperation("")
+    return name
+
+
+def operation_from_path(path: str) -> str:
+    name = path[len(RPC_V2_PREFIX):] if path.startswith(RPC_V2_PREFIX) else ""
+    if name not in OPERATIONS:
+        raise e.UnknownOperation("")
+    return name
+
+
+# Smithy patterns use Java's \p{L} (letter), \p{Z} (separator), \p{N} (number) classes, which
+# Python's re lacks: such a pattern (the tag key and value ones) is checked per character.
+_UNICODE_CLASS = re.compile(r"\\p\{([A-Z])\}")
+
+
+@lru_cache(maxsize=None)
+def _matcher(pattern: str) -> Callable[[str], bool]:
+    cats = _UNICODE_CLASS.findall(pattern)
+    if cats:
+        m = re.fullmatch(r"\^?\(\[(.*)\]\*\)\$?", pattern)
+        assert m is not None, pattern
+        literal = _UNICODE_CLASS.sub("", m.group(1)).replace("\\", "")
+        allowed = set(literal)
+        majors = tuple(cats)
+        return lambda s: all(c in allowed or unicodedata.category(c)[0] in majors for c in s)
+    rx = re.compile(pattern)
+    # Smithy patterns are not anchored: a pattern holds when it matches somewhere, as AWS's
+    # validators do; those in this model that matter start with ^ or name a whole id.
+    return lambda s: rx.search(s) is not None if pattern.startswith("^") else rx.fullmatch(s) is not None
+
+
+def _camel(name: str) -> str:
+    return name[:1].lower() + name[1:]
+
+
+class _Decoder:
+    def __init__(self) -> None:
+        self.violations: list[str] = []
+
+    def _violate(self, shape_name: str, value: Any, path: str, constraint: str) -> None:
+        shown = ""
+        if shape_name not in _SENSITIVE and isinstance(value, (str, int)) and not isinstance(value, bool):
+            text = str(value)
+            shown = f" '{text}'" if len(text) <= 256 else ""
+        elif value is None:
+            shown = " null"
+        self.violations.append(f"Value{shown} at '{path}' failed to satisfy constraint: {constraint}")
+
+    def decode(self, shape_name: str, value: Any, path: str) -> Any:
+        shape = SHAPES[shape_name]
+        typ = shape["type"]
+        if typ == "structure":
+            if not isinstance(value, dict):
+                raise e.Malformed(f"Expected an object at '{path or 'input'}'")
+            out: dict[str, Any] = {}
+            members: Mapping[str, str] = shape["members"]
+            for req in shape.get("required", ()):
+                if value.get(req) is None:
+                    self._violate(members[req], None, self._join(path, req), "Member must not be null")
+            for name, raw in value.items():
+                if name not in members or raw is None:
+                    continue  # AWS ignores unknown members
+                out[name] = self.decode(members[name], raw, self._join(path, name))
+            return out
+        if typ == "string":
+            if not isinstance(value, str):
+                raise e.Malformed(f"STRING_VALUE expected at '{path}'")
+            self._lengths(shape_name, shape, value, len(value), path)
+            if "enum" in shape and value not in shape["enum"]:
+                self._violate(shape_name, value, path,
+                              f"Member must satisfy enum value set: [{', '.join(shape['enum'])}]")
+            elif "pattern" in shape and not _matcher(shape["pattern"])(value):
+                self._violate(shape_name, value, path,
+                              f"Member must satisfy regular expression pattern: {shape['pattern']}")
+            return value
+        if typ in ("integer", "long"):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise e.Malformed(f"Integer expected at '{path}'")
+            if "min" in shape and value < shape["min"]:
+                self._violate(shape_name, value, path,
+                              f"Member must have value greater than or equal to {shape['min']}")
+            if "max" in shape and value > shape["max"]:
+                self._violate(shape_name, value, path,
+                              f"Member must have value less than or equal to {shape['max']}")
+            return value
+        if typ == "boolean":
+            if not isinstance(value, bool):
+                raise e.Malformed(f"Boolean expected at '{path}'")
+            return value
+        if typ == "timestamp":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise e.Malformed(f"Epoch seconds expected at '{path}'")
+            return float(value)
+        if typ == "list":
+            if not isinstance(value, list):
+                raise e.Malformed(f"Array expected at '{path}'")
+            self._lengths(shape_name, shape, value, len(value), path)
+            return [self.decode(shape["member"], item, f"{path}.{i + 1}.member")
+                    for i, item in enumerate(value)]
+        if typ == "map":
+            if not isinstance(value, dict):
+                raise e.Malformed(f"Object expected at '{path}'")
+            self._lengths(shape_name, shape, value, len(value), path)
+            result: dict[str, Any] = {}
+            for k, v in value.items():
+                self.decode(shape["key"], k, f"{path}.key")
+                result[k] = self.decode(shape["value"], v, f"{path}.{k}.member")
+            return result
+        return value
+
+    @staticmethod
+    def _join(path: str, name: str) -> str:
+        return f"{path}.{_camel(name)}" if path else _camel(name)
+
+    def _lengths(self, shape_name: str, shape: Mapping[str, Any], value: Any, n: int, path: str) -> None:
+        if "min" in shape and n < shape["min"]:
+            self._violate(shape_name, value, path,
+                          f"Member must have length greater than or equal to {shape['min']}")
+        if "max" in shape and n > shape["max"]:
+            self._violate(shape_name, value, path,
+                          f"Member must have length less than or equal to {shape['max']}")
+
+
+MAX_DEPTH = 32
+_NESTING = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _json_depth(body: bytes) -> int:
+    depth = deepest = 0
+    for m in _NESTING.finditer(body):
+        c = m.group()
+        if c in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in (b"]", b"}"):
+            depth -= 1
+    return deepest
+
+
+def parse_body(body: bytes, cbor_body: bool) -> Any:
+    """A request body (JSON or CBOR) as plain values; Malformed for anything else."""
+    if not body.strip():
+        return {}  # FIDELITY: an empty body is read as an empty input
+    if cbor_body:
+        try:
+            return cbor.loads(body)
+        except cbor.CborError as exc:
+            raise e.Malformed(f"Request body is not valid CBOR ({exc})") from None
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _json_depth(body) > MAX_DEPTH:
+        raise e.Malformed(f"Request body nests deeper than {MAX_DEPTH} levels")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise e.Malformed("Request body is not valid JSON") from None
+
+
+def decode_request(op: str, raw: Any) -> dict[str, Any]:
+    """An operation's validated input."""
+    shape = OPERATIONS[op]["input"]
+    if shape is None:
+        return {}
+    decoder = _Decoder()
+    out = decoder.decode(shape, raw, "")
+    if decoder.violations:
+        n = len(decoder.violations)
+        head = f"{n} validation error{'s' if n > 1 else ''} detected: "
+        raise e.Invalid(head + "; ".join(decoder.violations))
+    assert isinstance(out, dict)
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, _dt.datetime):
+        return value.timestamp()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def encode(output: Mapping[str, Any], cbor_body: bool) -> bytes:
+    """A response body: JSON (timestamps as epoch seconds) or CBOR (tag 1)."""
+    if cbor_body:
+        return cbor.dumps(dict(output))
+    return json.dumps(_jsonable(dict(output)), separators=(",", ":"), allow_nan=False).encode()
