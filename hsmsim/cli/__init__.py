@@ -15,7 +15,10 @@ from hsmsim import __version__
 from hsmsim.errors import HsmsimError
 
 COMMAND_MODULES = (
-    "hsmsim.cli.cluster",  # up, down, status, env, hsm, backup, user, key, audit
+    "hsmsim.cli.cluster",  # up, down, reset, env, status
+    "hsmsim.cli.hsm",  # hsm, backup
+    "hsmsim.cli.users",  # user, key
+    "hsmsim.cli.audit",  # audit
     "hsmsim.cli.node",  # node serve
     "hsmsim.cli.pkcs11",  # module-path
     "hsmsim.cli.tls",  # tls init, tls bench

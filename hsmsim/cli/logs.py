@@ -24,7 +24,7 @@ def log_path(state: StateDir, hsm: str | None, az: str | None) -> Path:
     """daemon.log, or nodes/<hsm>/node.log of the HSM named by id or AZ."""
     if hsm is None and az is None:
         return state.log_file
-    from hsmsim.cli.cluster import resolve_hsm
+    from hsmsim.cli.common import resolve_hsm
     hsms = [{"hsm_id": h.hsm_id, "az": h.az} for h in state.load_spec().hsms]
     return state.node_dir(resolve_hsm(hsms, hsm or az or "")) / "node.log"
 
