@@ -18,7 +18,10 @@ from hsmsim.gateway import protocol as P
 from hsmsim.gateway.config import GatewayConfig
 from hsmsim.gateway.protocol import Op, Reader
 from hsmsim.gateway import trace
-from hsmsim.gateway.service import Gateway, Reply
+from hsmsim.gateway.dispatch import dispatch
+from hsmsim.gateway.reply import Reply
+from hsmsim.gateway.routes import direct_done
+from hsmsim.gateway.service import Gateway
 from hsmsim.gateway.state import Application, new_token
 from hsmsim.pkcs11.constants import RV
 from hsmsim.pkcs11.errors import Pkcs11Error
@@ -118,27 +121,18 @@ class Connection(asyncio.Protocol):
                 self._send(request_id, op, (int(RV.GENERAL_ERROR), b""))
                 continue
             if flags & P.FLAG_DIRECT_DONE:
-                self.gw.direct_done(self.app, op, body)
-            fn = self.gw.sync.get(op)
-            if fn is not None:
-                try:
-                    reply = fn(self.app, Reader(body))
-                except Exception as exc:  # noqa: BLE001 - translated once, here
-                    reply = self._translate(exc, op)
-                if type(reply) is tuple:  # answered at once (most calls)
-                    self._send(request_id, op, reply)
-                    if op == Op.Finalize:
-                        self._finalize()
-                    continue
-                self.busy = True  # the handler needs the cluster: one awaiting path
-                self.server.spawn(self._finish(request_id, op, reply))  # type: ignore[arg-type]
+                direct_done(self.app, op, body)
+            try:
+                reply = dispatch(self.gw, self.app, op, body)
+            except Exception as exc:  # noqa: BLE001 - translated once, here
+                reply = self._translate(exc, op)
+            if type(reply) is tuple:  # answered at once (most calls)
+                self._send(request_id, op, reply)
+                if op == Op.Finalize:
+                    self._finalize()
                 continue
-            afn = self.gw.async_.get(op)
-            if afn is None:
-                self._send(request_id, op, (int(RV.FUNCTION_NOT_SUPPORTED), b""))
-                continue
-            self.busy = True
-            self.server.spawn(self._finish(request_id, op, afn(self.app, Reader(body))))
+            self.busy = True  # the handler needs the cluster: one awaiting path
+            self.server.spawn(self._finish(request_id, op, reply))  # type: ignore[arg-type]
 
     async def _finish(self, request_id: int, op: int, pending: Awaitable[Reply]) -> None:
         try:

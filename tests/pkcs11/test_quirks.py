@@ -306,11 +306,12 @@ def test_vendor_aes_key_wrap_iv(live: Raw, iv: bytes | None, ok: bool) -> None:
 def test_fips_mode_has_no_des3(ref_token) -> None:  # type: ignore[no-untyped-def]
     # a non-FIPS cluster (the default) lists 3DES; fips_mode=true removes it (unit-level check)
     from hsmsim.gateway.config import GatewayConfig
+    from hsmsim.gateway.ops_token import get_mechanism_list
     from hsmsim.gateway.service import Gateway
     from hsmsim.gateway.protocol import Reader, Writer
     assert int(Mechanism.DES3_CBC) in {int(m) for m in ref_token.slot.get_mechanisms()}
     gw = Gateway(None, GatewayConfig(fips_mode=True))  # type: ignore[arg-type]
-    rv, body = gw.op_GetMechanismList(None, Reader(Writer().u64(1).done()))  # type: ignore[arg-type]
+    rv, body = get_mechanism_list(gw, None, Reader(Writer().u64(1).done()))  # type: ignore[arg-type]
     r = Reader(body)
     mechs = {r.u64() for _ in range(r.u32())}
     assert rv == 0 and M.DES3_CBC not in mechs and M.AES_GCM in mechs
