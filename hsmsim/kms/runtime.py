@@ -7,7 +7,7 @@ from __future__ import annotations
 import hmac
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 from pathlib import Path
 
@@ -218,7 +218,7 @@ class Kms:
 
     def authorize(self, caller: Caller, key: KeyRecord, action: str,
                   context: Mapping[str, str] | None = None,
-                  grant_tokens: list[str] | None = None, grant_op: str | None = None) -> None:
+                  grant_tokens: Sequence[str] | None = None, grant_op: str | None = None) -> None:
         """Key policy and grants (when enforcement is on); AccessDenied otherwise."""
         if not self.config.enforce_policies:
             return
@@ -236,7 +236,7 @@ class Kms:
         self._deny(caller, key, action, "because no resource-based policy allows the "
                    f"kms:{action} action")
 
-    def check_grant_tokens(self, tokens: list[str]) -> None:
+    def check_grant_tokens(self, tokens: Sequence[str]) -> None:
         """InvalidGrantToken unless every token names a grant of this KMS."""
         for token in tokens:
             parts = token.split(":")

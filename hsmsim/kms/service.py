@@ -94,7 +94,7 @@ class KmsService:
                 quotas.check(op)
                 if op in CRYPTO_OPS:
                     self._store_quota(kms, quotas, params)
-            output = await handler(kms, call, params)
+            output = await handler.run(kms, call, wire.typed_input(op, params))
             body = wire.encode_response(output)
             event_id, line = self._render(kms, req, op, params, call, access_key, None)
             writes = bool(unit.writes)

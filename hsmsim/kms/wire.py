@@ -1,21 +1,22 @@
-"""The AWS JSON 1.1 wire edge of the KMS: reads an operation's input from a request body and
-validates it against the KMS model (types, required members, lengths, ranges, enums, patterns),
-encodes outputs, and translates domain errors into AWS error codes, HTTP statuses and bodies
-from one table. Nothing below this module sees JSON or produces a wire error."""
+"""The AWS JSON 1.1 wire edge of the KMS: reads an operation's input from a request body,
+validates it against the KMS model (types, required members, lengths, ranges, enums, patterns:
+`hsmsim.awsmodel`) and builds the handler's typed input, encodes outputs, and translates
+domain errors into AWS error codes, HTTP statuses and bodies from one table. Nothing below
+this module sees JSON, a wire member name or a wire error."""
 
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
+from hsmsim import awsmodel
 from hsmsim.kms import errors as e
-from hsmsim.kms.shapes import OPERATIONS, SHAPES
+from hsmsim.kms.inputs import STRUCTURES
+from hsmsim.kms.shapes import MODEL, OPERATIONS, SHAPES
 
 TARGET_PREFIX = "TrentService."
 CONTENT_TYPE = "application/x-amz-json-1.1"
@@ -110,111 +111,6 @@ def operation_name(target: str | None) -> str:
     return name
 
 
-def _camel(name: str) -> str:
-    return name[:1].lower() + name[1:]
-
-
-@lru_cache(maxsize=None)
-def _regex(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
-
-
-class _Decoder:
-    def __init__(self) -> None:
-        self.violations: list[str] = []
-
-    def _violate(self, shape_name: str, value: Any, path: str, constraint: str) -> None:
-        shown = ""
-        if shape_name not in _SENSITIVE and isinstance(value, (str, int)) and not isinstance(value, bool):
-            text = str(value)
-            shown = f" '{text}'" if len(text) <= 256 else ""
-        elif value is None:
-            shown = " null"
-        self.violations.append(f"Value{shown} at '{path}' failed to satisfy constraint: {constraint}")
-
-    def decode(self, shape_name: str, value: Any, path: str) -> Any:
-        shape = SHAPES[shape_name]
-        typ = shape["type"]
-        if typ == "structure":
-            if not isinstance(value, dict):
-                raise e.Malformed(f"Expected a JSON object at '{path or 'input'}'")
-            out: dict[str, Any] = {}
-            members: Mapping[str, str] = shape["members"]
-            for req in shape.get("required", ()):
-                if value.get(req) is None:
-                    self._violate(members[req], None, self._join(path, req), "Member must not be null")
-            for name, raw in value.items():
-                if name not in members or raw is None:
-                    continue  # AWS ignores unknown members
-                out[name] = self.decode(members[name], raw, self._join(path, name))
-            return out
-        if typ == "string":
-            if not isinstance(value, str):
-                raise e.Malformed(f"STRING_VALUE expected at '{path}'")
-            self._lengths(shape_name, shape, value, len(value), path)
-            if "enum" in shape and value not in shape["enum"]:
-                self._violate(shape_name, value, path,
-                              f"Member must satisfy enum value set: [{', '.join(shape['enum'])}]")
-            elif "pattern" in shape and not _regex(shape["pattern"]).fullmatch(value):
-                self._violate(shape_name, value, path,
-                              f"Member must satisfy regular expression pattern: {shape['pattern']}")
-            return value
-        if typ == "blob":
-            if not isinstance(value, str):
-                raise e.Malformed(f"Base64 string expected at '{path}'")
-            try:
-                data = base64.b64decode(value, validate=True)
-            except (binascii.Error, ValueError):
-                raise e.Malformed(f"Invalid base64 at '{path}'") from None
-            self._lengths(shape_name, shape, data, len(data), path)
-            return data
-        if typ == "integer":
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise e.Malformed(f"Integer expected at '{path}'")
-            if "min" in shape and value < shape["min"]:
-                self._violate(shape_name, value, path,
-                              f"Member must have value greater than or equal to {shape['min']}")
-            if "max" in shape and value > shape["max"]:
-                self._violate(shape_name, value, path,
-                              f"Member must have value less than or equal to {shape['max']}")
-            return value
-        if typ == "boolean":
-            if not isinstance(value, bool):
-                raise e.Malformed(f"Boolean expected at '{path}'")
-            return value
-        if typ == "timestamp":
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise e.Malformed(f"Epoch seconds expected at '{path}'")
-            return float(value)
-        if typ == "list":
-            if not isinstance(value, list):
-                raise e.Malformed(f"JSON array expected at '{path}'")
-            self._lengths(shape_name, shape, value, len(value), path)
-            return [self.decode(shape["member"], item, f"{path}.{i + 1}.member")
-                    for i, item in enumerate(value)]
-        if typ == "map":
-            if not isinstance(value, dict):
-                raise e.Malformed(f"JSON object expected at '{path}'")
-            result: dict[str, Any] = {}
-            for k, v in value.items():
-                self.decode(shape["key"], k, f"{path}.key")
-                result[k] = self.decode(shape["value"], v, f"{path}.{k}.member")
-            return result
-        return value
-
-    @staticmethod
-    def _join(path: str, name: str) -> str:
-        return f"{path}.{_camel(name)}" if path else _camel(name)
-
-    def _lengths(self, shape_name: str, shape: Mapping[str, Any], value: Any, n: int, path: str) -> None:
-        if "min" in shape and n < shape["min"]:
-            self._violate(shape_name, value, path,
-                          f"Member must have length greater than or equal to {shape['min']}")
-        if "max" in shape and n > shape["max"]:
-            self._violate(shape_name, value, path,
-                          f"Member must have length less than or equal to {shape['max']}")
-
-
 # No KMS input nests deeper than 5 (Tags -> tag -> member); a document deeper than this is
 # refused before parsing, so that neither the JSON parser nor the decoder recurses on it.
 # FIDELITY: AWS's nesting limit is undocumented; beyond ours the answer is 400
@@ -249,21 +145,26 @@ def parse_json(body: bytes) -> Any:
 
 
 def decode_request(op: str, body: bytes) -> dict[str, Any]:
-    """An operation's validated input, blobs decoded to bytes and timestamps to epoch floats."""
+    """An operation's validated input, keyed by wire member names, blobs decoded to bytes and
+    timestamps to epoch floats (the audit record and the edge's own checks read it)."""
     if not body.strip():
         body = b"{}"  # FIDELITY: an empty body is read as {} (botocore always sends a body)
     raw = parse_json(body)
     shape = OPERATIONS[op]["input"]
     if shape is None:
         return {}
-    decoder = _Decoder()
-    out = decoder.decode(shape, raw, "")
-    if decoder.violations:
-        n = len(decoder.violations)
-        head = f"{n} validation error{'s' if n > 1 else ''} detected: "
-        raise e.Invalid(head + "; ".join(decoder.violations))
-    assert isinstance(out, dict)
-    return out
+    try:
+        return awsmodel.validate(MODEL, shape, raw, _SENSITIVE)
+    except awsmodel.Malformed as exc:
+        raise e.Malformed(exc.message) from None
+    except awsmodel.Invalid as exc:
+        raise e.Invalid(exc.message) from None
+
+
+def typed_input(op: str, params: Mapping[str, Any]) -> Any:
+    """The handler's input: `params` (from `decode_request`) as the operation's generated frozen
+    dataclass (`hsmsim.kms.inputs`), so no wire name reaches the handlers."""
+    return awsmodel.build(SHAPES, OPERATIONS[op]["input"], params, STRUCTURES)
 
 
 def _encode(value: Any) -> Any:

@@ -4,11 +4,13 @@ reserved for AWS managed keys."""
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from hsmsim.kms import errors as e, model
 from hsmsim.kms.model import AliasRecord, KeyRecord
 from hsmsim.kms import policy
-from hsmsim.kms.ops.common import Call, Handler, Request, Response, paginate, require_customer_managed
+from hsmsim.kms.inputs import CreateAliasRequest, DeleteAliasRequest, ListAliasesRequest, UpdateAliasRequest
+from hsmsim.kms.ops.common import Call, Handler, Response, paginate, require_customer_managed
 from hsmsim.kms.runtime import Kms
 
 MAX_ALIASES_PER_KEY = 50
@@ -42,13 +44,13 @@ def _key_type(key: KeyRecord) -> str:
     return "HMAC" if key.key_spec in model.HMAC_SPECS else "ASYMMETRIC"
 
 
-async def create_alias(kms: Kms, call: Call, req: Request) -> Response:
-    name = req["AliasName"]
+async def create_alias(kms: Kms, call: Call, req: CreateAliasRequest) -> Response:
+    name = req.alias_name
     _check_name(name)
     if not _NAME_RE.match(name):
         raise e.InvalidAliasName(f"Alias name {name} is not valid: an alias name can contain only "
                                  "alphanumeric characters, forward slashes (/), underscores (_), and dashes (-).")
-    key = _target(kms, call, req["TargetKeyId"])
+    key = _target(kms, call, req.target_key_id)
     kms.authorize(call.caller, key, "CreateAlias")
     if name in kms.store.aliases:
         raise e.AlreadyExists(f"An alias with the name {kms.alias_arn(name)} already exists")
@@ -59,13 +61,13 @@ async def create_alias(kms: Kms, call: Call, req: Request) -> Response:
     return {}
 
 
-async def update_alias(kms: Kms, call: Call, req: Request) -> Response:
-    name = req["AliasName"]
+async def update_alias(kms: Kms, call: Call, req: UpdateAliasRequest) -> Response:
+    name = req.alias_name
     _check_name(name)
     alias = kms.store.aliases.get(name)
     if alias is None:
         raise e.NotFound(f"Alias {kms.alias_arn(name)} is not found.")
-    key = _target(kms, call, req["TargetKeyId"])
+    key = _target(kms, call, req.target_key_id)
     kms.authorize(call.caller, key, "UpdateAlias")
     old = kms.store.keys.get(alias.key_id)
     # KMS Developer Guide, "Update aliases": the current and new key must be the same type
@@ -76,8 +78,8 @@ async def update_alias(kms: Kms, call: Call, req: Request) -> Response:
     return {}
 
 
-async def delete_alias(kms: Kms, call: Call, req: Request) -> Response:
-    name = req["AliasName"]
+async def delete_alias(kms: Kms, call: Call, req: DeleteAliasRequest) -> Response:
+    name = req.alias_name
     _check_name(name)
     alias = kms.store.aliases.get(name)
     if alias is None:
@@ -90,26 +92,28 @@ async def delete_alias(kms: Kms, call: Call, req: Request) -> Response:
     return {}
 
 
-async def list_aliases(kms: Kms, call: Call, req: Request) -> Response:
+async def list_aliases(kms: Kms, call: Call, req: ListAliasesRequest) -> Response:
     aliases = sorted(kms.store.aliases.values(), key=lambda a: a.name)
-    if "KeyId" in req:
-        key = kms.resolve(req["KeyId"], aliases=False)
+    if req.key_id is not None:
+        key = kms.resolve(req.key_id, aliases=False)
         call.touch(key)
         aliases = [a for a in aliases if a.key_id == key.key_id]
     rows: list[Response] = [{"AliasName": a.name, "AliasArn": kms.alias_arn(a.name), "TargetKeyId": a.key_id,
                              "CreationDate": a.created, "LastUpdatedDate": a.updated} for a in aliases]
-    if "KeyId" not in req:
+    if req.key_id is None:
         # API Reference, ListAliases: the predefined AWS aliases not yet associated with a key
         # are listed without TargetKeyId.
         rows += [{"AliasName": f"alias/aws/{s}", "AliasArn": kms.alias_arn(f"alias/aws/{s}")}
                  for s in policy.MANAGED_SERVICES if f"alias/aws/{s}" not in kms.store.aliases]
         rows.sort(key=lambda r: str(r["AliasName"]))
-    page, extra = paginate(rows, req)
+    page, extra = paginate(rows, req.limit, req.marker)
     return {"Aliases": page, **extra}
 
 
-HANDLERS: dict[str, Handler] = {
-    "CreateAlias": create_alias, "UpdateAlias": update_alias, "DeleteAlias": delete_alias,
-    "ListAliases": list_aliases,
+HANDLERS: dict[str, Handler[Any]] = {
+    "CreateAlias": Handler(CreateAliasRequest, create_alias),
+    "UpdateAlias": Handler(UpdateAliasRequest, update_alias),
+    "DeleteAlias": Handler(DeleteAliasRequest, delete_alias),
+    "ListAliases": Handler(ListAliasesRequest, list_aliases),
 }
 

@@ -1,21 +1,23 @@
-"""Pieces every operation family uses: the per-call context, pagination markers, tag rules,
-DryRun, and KeyMetadata rendering."""
+"""Pieces every operation family uses: the per-call context, the handler record (an operation's
+typed input and its coroutine), pagination markers, tag rules, DryRun, and KeyMetadata
+rendering."""
 
 from __future__ import annotations
 
 import base64
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from hsmsim.kms import errors as e
 from hsmsim.kms import model, policy
+from hsmsim.kms.inputs import Tag
 from hsmsim.kms.model import KeyRecord
 from hsmsim.kms.policy import Caller
 from hsmsim.kms.runtime import Kms
 
 T = TypeVar("T")
-Request = dict[str, Any]
+In = TypeVar("In")  # an operation's input dataclass (hsmsim.kms.inputs)
 Response = dict[str, Any]
 
 
@@ -36,7 +38,14 @@ class Call:
             self.resources.append(key.arn)
 
 
-Handler = Callable[[Kms, Call, Request], Awaitable[Response]]
+@dataclass(frozen=True)
+class Handler(Generic[In]):
+    """One operation: the generated class of its input (`hsmsim.kms.inputs`) and the coroutine
+    that serves it, which takes that input, already validated, and returns the output members.
+    Built as `Handler(EncryptRequest, encrypt)`, so mypy checks that they agree."""
+
+    input: type[In]
+    run: Callable[[Kms, Call, In], Awaitable[Response]]
 
 
 def require_customer_managed(kms: Kms, call: Call, key: KeyRecord, action: str) -> None:
@@ -50,11 +59,12 @@ def require_customer_managed(kms: Kms, call: Call, key: KeyRecord, action: str) 
                              f"on resource: {key.arn} because it is an AWS managed key")
 
 
-def paginate(items: Sequence[T], req: Request, default_limit: int = 100) -> tuple[list[T], Response]:
-    """One page of `items` and the NextMarker/Truncated members."""
-    limit = req.get("Limit", default_limit)
+def paginate(items: Sequence[T], limit: int | None, marker: str | None,
+             default_limit: int = 100) -> tuple[list[T], Response]:
+    """One page of `items` (a request's Limit and Marker) and the NextMarker/Truncated members."""
+    if limit is None:
+        limit = default_limit
     start = 0
-    marker = req.get("Marker")
     if marker is not None:
         try:
             start = int(base64.urlsafe_b64decode(marker.encode()).decode().removeprefix("hsmsim:"))
@@ -69,29 +79,29 @@ def paginate(items: Sequence[T], req: Request, default_limit: int = 100) -> tupl
     return page, extra
 
 
-def dry_run(req: Request) -> None:
-    if req.get("DryRun"):
+def dry_run(flag: bool | None) -> None:
+    """DryRunOperationException when a request's DryRun is set (call it once the checks passed)."""
+    if flag:
         raise e.DryRun("The request would have succeeded, but the DryRun option is set.")
 
 
-def initial_policy(kms: Kms, call: Call, req: Request) -> Any:
+def initial_policy(kms: Kms, call: Call, doc: str | None, bypass_lockout_check: bool | None) -> Any:
     """The key policy of a new key (CreateKey, ReplicateKey): the request's `Policy`, checked
     and held to the lockout safety check unless bypassed, else the default key policy."""
-    doc = req.get("Policy")
     if doc is None:
         return policy.default_policy(kms.account)
     policy.validate(doc)
-    if not req.get("BypassPolicyLockoutSafetyCheck") and \
+    if not bypass_lockout_check and \
             policy.evaluate(doc, call.caller, "PutKeyPolicy", {}) != "Allow":
         raise e.MalformedPolicy("The new key policy will not allow you to update the key policy in the future.")
     return doc
 
 
-def check_tags(tags: Sequence[dict[str, str]], existing: int = 0) -> list[tuple[str, str]]:
+def check_tags(tags: Sequence[Tag] | None, existing: int = 0) -> list[tuple[str, str]]:
     seen: set[str] = set()
     out = []
-    for tag in tags:
-        k, v = tag["TagKey"], tag["TagValue"]
+    for tag in tags or ():
+        k, v = tag.tag_key, tag.tag_value
         if k.startswith("aws:"):
             raise e.TagError("Tags beginning with aws: are reserved")
         if k in seen:

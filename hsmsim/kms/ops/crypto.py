@@ -16,7 +16,11 @@ from hsmsim.kms import blob, errors as e, material, model
 from hsmsim.kms.keystores import CONNECTED
 from hsmsim.kms.material import BadCiphertext, ClusterFailure
 from hsmsim.kms.model import KeyRecord
-from hsmsim.kms.ops.common import Call, Handler, Request, Response, dry_run
+from hsmsim.kms.inputs import (DecryptRequest, EncryptRequest, GenerateDataKeyPairRequest,
+                               GenerateDataKeyPairWithoutPlaintextRequest, GenerateDataKeyRequest,
+                               GenerateDataKeyWithoutPlaintextRequest, GenerateRandomRequest,
+                               ReEncryptRequest)
+from hsmsim.kms.ops.common import Call, Handler, Response, dry_run
 from hsmsim.kms.ops.keys import cluster_error, resolve_creating
 from hsmsim.kms.runtime import Kms
 
@@ -29,8 +33,8 @@ _PAIR_CURVES: dict[str, Any] = {"ECC_NIST_P256": ec.SECP256R1, "ECC_NIST_P384": 
                                 "ECC_NIST_P521": ec.SECP521R1, "ECC_SECG_P256K1": ec.SECP256K1}
 
 
-def _ctx(req: Request, name: str = "EncryptionContext") -> dict[str, str]:
-    return dict(req.get(name) or {})
+def _ctx(context: dict[str, str] | None) -> dict[str, str]:
+    return dict(context or {})
 
 
 async def _fleet_key(kms: Kms, key: KeyRecord, material_id: str) -> material.LiveKey:
@@ -144,11 +148,11 @@ async def _encrypt_with(kms: Kms, call: Call, key: KeyRecord, plaintext: bytes, 
     return material.rsa_encrypt(rec.public, hash_name, plaintext), alg, None
 
 
-async def encrypt(kms: Kms, call: Call, req: Request) -> Response:
-    key = await resolve_creating(kms, call, req["KeyId"])
-    ct, alg, _ = await _encrypt_with(kms, call, key, req["Plaintext"], _ctx(req),
-                                     req.get("EncryptionAlgorithm"), "Encrypt", "Encrypt")
-    dry_run(req)
+async def encrypt(kms: Kms, call: Call, req: EncryptRequest) -> Response:
+    key = await resolve_creating(kms, call, req.key_id)
+    ct, alg, _ = await _encrypt_with(kms, call, key, req.plaintext, _ctx(req.encryption_context),
+                                     req.encryption_algorithm, "Encrypt", "Encrypt")
+    dry_run(req.dry_run)
     return {"CiphertextBlob": ct, "KeyId": key.arn, "EncryptionAlgorithm": alg}
 
 
@@ -179,35 +183,36 @@ async def _decrypt_any(kms: Kms, call: Call, data: bytes, context: dict[str, str
     return key, plain, "SYMMETRIC_DEFAULT", mid
 
 
-def _require_ciphertext(req: Request) -> None:
-    """CiphertextBlob is optional in the model only for DryRun with IGNORE_CIPHERTEXT."""
-    if "CiphertextBlob" not in req:
-        if req.get("DryRun") and "IGNORE_CIPHERTEXT" in req.get("DryRunModifiers", []):
-            dry_run(req)
+def _require_ciphertext(req: DecryptRequest | ReEncryptRequest) -> bytes:
+    """The request's CiphertextBlob, optional in the model only for DryRun with IGNORE_CIPHERTEXT."""
+    if req.ciphertext_blob is None:
+        if req.dry_run and "IGNORE_CIPHERTEXT" in (req.dry_run_modifiers or ()):
+            dry_run(req.dry_run)
         raise e.Invalid("1 validation error detected: Value null at 'ciphertextBlob' failed to "
                         "satisfy constraint: Member must not be null")
+    return req.ciphertext_blob
 
 
-async def decrypt(kms: Kms, call: Call, req: Request) -> Response:
-    _require_ciphertext(req)
-    if "Recipient" in req:
+async def decrypt(kms: Kms, call: Call, req: DecryptRequest) -> Response:
+    blob = _require_ciphertext(req)
+    if req.recipient is not None:
         raise e.Unsupported("Recipient (Nitro Enclaves attestation) is not supported by hsmsim.")
-    key, plain, alg, mid = await _decrypt_any(kms, call, req["CiphertextBlob"], _ctx(req), req.get("KeyId"),
-                                              req.get("EncryptionAlgorithm"), "Decrypt", "Decrypt")
-    dry_run(req)
+    key, plain, alg, mid = await _decrypt_any(kms, call, blob, _ctx(req.encryption_context), req.key_id,
+                                              req.encryption_algorithm, "Decrypt", "Decrypt")
+    dry_run(req.dry_run)
     return {"KeyId": key.arn, "Plaintext": plain, "EncryptionAlgorithm": alg, "KeyMaterialId": mid}
 
 
-async def re_encrypt(kms: Kms, call: Call, req: Request) -> Response:
-    _require_ciphertext(req)
+async def re_encrypt(kms: Kms, call: Call, req: ReEncryptRequest) -> Response:
+    blob = _require_ciphertext(req)
     src, plain, src_alg, src_mid = await _decrypt_any(
-        kms, call, req["CiphertextBlob"], _ctx(req, "SourceEncryptionContext"), req.get("SourceKeyId"),
-        req.get("SourceEncryptionAlgorithm"), "ReEncryptFrom", "ReEncryptFrom")
-    dest = await resolve_creating(kms, call, req["DestinationKeyId"])
+        kms, call, blob, _ctx(req.source_encryption_context), req.source_key_id,
+        req.source_encryption_algorithm, "ReEncryptFrom", "ReEncryptFrom")
+    dest = await resolve_creating(kms, call, req.destination_key_id)
     ct, dst_alg, dst_mid = await _encrypt_with(
-        kms, call, dest, plain, _ctx(req, "DestinationEncryptionContext"),
-        req.get("DestinationEncryptionAlgorithm"), "ReEncryptTo", "ReEncryptTo")
-    dry_run(req)
+        kms, call, dest, plain, _ctx(req.destination_encryption_context),
+        req.destination_encryption_algorithm, "ReEncryptTo", "ReEncryptTo")
+    dry_run(req.dry_run)
     return {"CiphertextBlob": ct, "SourceKeyId": src.arn, "KeyId": dest.arn,
             "SourceEncryptionAlgorithm": src_alg, "DestinationEncryptionAlgorithm": dst_alg,
             "SourceKeyMaterialId": src_mid, "DestinationKeyMaterialId": dst_mid}
@@ -225,32 +230,35 @@ async def _data_key_bytes(kms: Kms, key: KeyRecord, n: int) -> bytes:
     return os.urandom(n)
 
 
-async def _generate_data_key(kms: Kms, call: Call, req: Request, op: str) -> tuple[KeyRecord, bytes, bytes, str | None]:
-    key = await resolve_creating(kms, call, req["KeyId"])
-    spec, n = req.get("KeySpec"), req.get("NumberOfBytes")
+async def _generate_data_key(kms: Kms, call: Call,
+                             req: GenerateDataKeyRequest | GenerateDataKeyWithoutPlaintextRequest,
+                             op: str) -> tuple[KeyRecord, bytes, bytes, str | None]:
+    key = await resolve_creating(kms, call, req.key_id)
+    spec, n = req.key_spec, req.number_of_bytes
     if (spec is None) == (n is None):
         raise e.Invalid("Please specify either number of bytes or key spec.")
     length = int(n) if n is not None else {"AES_128": 16, "AES_256": 32}[str(spec)]
     call.touch(key)
-    kms.authorize(call.caller, key, op, _ctx(req), grant_op=op)
+    kms.authorize(call.caller, key, op, _ctx(req.encryption_context), grant_op=op)
     kms.require_usable(key)
     kms.require_usage(key, "ENCRYPT_DECRYPT", op)
     if key.key_spec != model.SYMMETRIC:
         raise e.InvalidKeyUsage(f"{key.arn} key usage is ENCRYPT_DECRYPT which is not valid for {op}.")
     plain = await _data_key_bytes(kms, key, length)
-    ct, mid = await seal(kms, key, plain, _ctx(req))
-    dry_run(req)
+    ct, mid = await seal(kms, key, plain, _ctx(req.encryption_context))
+    dry_run(req.dry_run)
     return key, plain, ct, mid
 
 
-async def generate_data_key(kms: Kms, call: Call, req: Request) -> Response:
-    if "Recipient" in req:
+async def generate_data_key(kms: Kms, call: Call, req: GenerateDataKeyRequest) -> Response:
+    if req.recipient is not None:
         raise e.Unsupported("Recipient (Nitro Enclaves attestation) is not supported by hsmsim.")
     key, plain, ct, mid = await _generate_data_key(kms, call, req, "GenerateDataKey")
     return {"CiphertextBlob": ct, "Plaintext": plain, "KeyId": key.arn, "KeyMaterialId": mid}
 
 
-async def generate_data_key_without_plaintext(kms: Kms, call: Call, req: Request) -> Response:
+async def generate_data_key_without_plaintext(kms: Kms, call: Call,
+                                              req: GenerateDataKeyWithoutPlaintextRequest) -> Response:
     key, _, ct, mid = await _generate_data_key(kms, call, req, "GenerateDataKeyWithoutPlaintext")
     return {"CiphertextBlob": ct, "KeyId": key.arn, "KeyMaterialId": mid}
 
@@ -267,11 +275,13 @@ def _new_pair(spec: str) -> tuple[bytes, bytes]:
                                            serialization.PublicFormat.SubjectPublicKeyInfo))
 
 
-async def _generate_pair(kms: Kms, call: Call, req: Request, op: str) -> Response:
-    key = await resolve_creating(kms, call, req["KeyId"])
-    spec = req["KeyPairSpec"]
+async def _generate_pair(kms: Kms, call: Call,
+                         req: GenerateDataKeyPairRequest | GenerateDataKeyPairWithoutPlaintextRequest,
+                         op: str) -> Response:
+    key = await resolve_creating(kms, call, req.key_id)
+    spec = req.key_pair_spec
     call.touch(key)
-    kms.authorize(call.caller, key, op, _ctx(req), grant_op=op)
+    kms.authorize(call.caller, key, op, _ctx(req.encryption_context), grant_op=op)
     if key.origin == model.AWS_CLOUDHSM:
         raise e.Unsupported(f"{key.arn} origin is AWS_CLOUDHSM which is not valid for this operation.")
     kms.require_usable(key)
@@ -281,8 +291,8 @@ async def _generate_pair(kms: Kms, call: Call, req: Request, op: str) -> Respons
     if spec not in _PAIR_SPECS and spec not in _PAIR_CURVES:
         raise e.Unsupported(f"KeyPairSpec {spec} is not supported in this Region.")
     private, public = await asyncio.get_running_loop().run_in_executor(None, _new_pair, spec)
-    ct, mid = await seal(kms, key, private, _ctx(req))
-    dry_run(req)
+    ct, mid = await seal(kms, key, private, _ctx(req.encryption_context))
+    dry_run(req.dry_run)
     out: Response = {"PrivateKeyCiphertextBlob": ct, "PublicKey": public, "KeyId": key.arn,
                      "KeyPairSpec": spec, "KeyMaterialId": mid}
     if op == "GenerateDataKeyPair":
@@ -290,23 +300,24 @@ async def _generate_pair(kms: Kms, call: Call, req: Request, op: str) -> Respons
     return out
 
 
-async def generate_data_key_pair(kms: Kms, call: Call, req: Request) -> Response:
-    if "Recipient" in req:
+async def generate_data_key_pair(kms: Kms, call: Call, req: GenerateDataKeyPairRequest) -> Response:
+    if req.recipient is not None:
         raise e.Unsupported("Recipient (Nitro Enclaves attestation) is not supported by hsmsim.")
     return await _generate_pair(kms, call, req, "GenerateDataKeyPair")
 
 
-async def generate_data_key_pair_without_plaintext(kms: Kms, call: Call, req: Request) -> Response:
+async def generate_data_key_pair_without_plaintext(kms: Kms, call: Call,
+                                                   req: GenerateDataKeyPairWithoutPlaintextRequest) -> Response:
     return await _generate_pair(kms, call, req, "GenerateDataKeyPairWithoutPlaintext")
 
 
-async def generate_random(kms: Kms, call: Call, req: Request) -> Response:
-    n = req.get("NumberOfBytes")
+async def generate_random(kms: Kms, call: Call, req: GenerateRandomRequest) -> Response:
+    n = req.number_of_bytes
     if n is None:
         raise e.Invalid("NumberOfBytes is required.")
-    if "Recipient" in req:
+    if req.recipient is not None:
         raise e.Unsupported("Recipient (Nitro Enclaves attestation) is not supported by hsmsim.")
-    store_id = req.get("CustomKeyStoreId")
+    store_id = req.custom_key_store_id
     if store_id is None:
         return {"Plaintext": os.urandom(n)}
     store = kms.store.stores.get(store_id)
@@ -322,11 +333,15 @@ async def generate_random(kms: Kms, call: Call, req: Request) -> Response:
         raise e.InvalidState("KMS cannot communicate with your CloudHSM cluster.") from None
 
 
-HANDLERS: dict[str, Handler] = {
-    "Encrypt": encrypt, "Decrypt": decrypt, "ReEncrypt": re_encrypt,
-    "GenerateDataKey": generate_data_key,
-    "GenerateDataKeyWithoutPlaintext": generate_data_key_without_plaintext,
-    "GenerateDataKeyPair": generate_data_key_pair,
-    "GenerateDataKeyPairWithoutPlaintext": generate_data_key_pair_without_plaintext,
-    "GenerateRandom": generate_random,
+HANDLERS: dict[str, Handler[Any]] = {
+    "Encrypt": Handler(EncryptRequest, encrypt),
+    "Decrypt": Handler(DecryptRequest, decrypt),
+    "ReEncrypt": Handler(ReEncryptRequest, re_encrypt),
+    "GenerateDataKey": Handler(GenerateDataKeyRequest, generate_data_key),
+    "GenerateDataKeyWithoutPlaintext": Handler(GenerateDataKeyWithoutPlaintextRequest,
+                                               generate_data_key_without_plaintext),
+    "GenerateDataKeyPair": Handler(GenerateDataKeyPairRequest, generate_data_key_pair),
+    "GenerateDataKeyPairWithoutPlaintext": Handler(GenerateDataKeyPairWithoutPlaintextRequest,
+                                                   generate_data_key_pair_without_plaintext),
+    "GenerateRandom": Handler(GenerateRandomRequest, generate_random),
 }

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import secrets
 from dataclasses import dataclass, replace
+from typing import Any
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -20,7 +21,9 @@ from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 from hsmsim.kms import errors as e, model
 from hsmsim.kms.material import ClusterFailure
 from hsmsim.kms.model import KeyRecord, MaterialRecord
-from hsmsim.kms.ops.common import Call, Handler, Request, Response
+from hsmsim.kms.inputs import (DeleteImportedKeyMaterialRequest, GetParametersForImportRequest,
+                               ImportKeyMaterialRequest)
+from hsmsim.kms.ops.common import Call, Handler, Response
 from hsmsim.kms.runtime import DAY, Kms
 
 TOKEN_LIFETIME = DAY
@@ -38,8 +41,8 @@ class _Params:
 _TOKENS: dict[str, _Params] = {}
 
 
-def _external(kms: Kms, call: Call, req: Request) -> KeyRecord:
-    key = kms.resolve(req["KeyId"], aliases=False)
+def _external(kms: Kms, call: Call, key_ref: str) -> KeyRecord:
+    key = kms.resolve(key_ref, aliases=False)
     call.touch(key)
     if key.origin != model.EXTERNAL:
         raise e.Unsupported(f"{key.arn} origin is {key.origin} which is not valid for this operation.")
@@ -64,10 +67,10 @@ def _unwrap(params: _Params, blob: bytes) -> bytes:
         raise e.InvalidCiphertext("") from None
 
 
-async def get_parameters_for_import(kms: Kms, call: Call, req: Request) -> Response:
-    key = _external(kms, call, req)
+async def get_parameters_for_import(kms: Kms, call: Call, req: GetParametersForImportRequest) -> Response:
+    key = _external(kms, call, req.key_id)
     kms.authorize(call.caller, key, "GetParametersForImport")
-    spec, alg = req["WrappingKeySpec"], req["WrappingAlgorithm"]
+    spec, alg = req.wrapping_key_spec, req.wrapping_algorithm
     if spec not in _BITS or alg == "SM2PKE":
         raise e.Unsupported(f"Wrapping key spec {spec} with {alg} is not supported by hsmsim.")
     if alg == "RSAES_PKCS1_V1_5" and spec != "RSA_2048":
@@ -84,23 +87,24 @@ async def get_parameters_for_import(kms: Kms, call: Call, req: Request) -> Respo
     return {"KeyId": key.arn, "ImportToken": token, "PublicKey": public, "ParametersValidTo": valid_to}
 
 
-async def import_key_material(kms: Kms, call: Call, req: Request) -> Response:
-    key = _external(kms, call, req)
+async def import_key_material(kms: Kms, call: Call, req: ImportKeyMaterialRequest) -> Response:
+    key = _external(kms, call, req.key_id)
     kms.authorize(call.caller, key, "ImportKeyMaterial")
-    params = _TOKENS.get(req["ImportToken"].hex())
+    params = _TOKENS.get(req.import_token.hex())
     if params is None or params.key_id != key.key_id:
         raise e.InvalidImportToken("The import token is not valid for this KMS key.")
     if params.valid_to < kms.clock.now():
         raise e.ExpiredImportToken("The import token has expired.")
-    model_ = req.get("ExpirationModel", "KEY_MATERIAL_EXPIRES" if "ValidTo" in req else "KEY_MATERIAL_DOES_NOT_EXPIRE")
-    valid_to = req.get("ValidTo")
+    valid_to = req.valid_to
+    model_ = req.expiration_model or (
+        "KEY_MATERIAL_EXPIRES" if valid_to is not None else "KEY_MATERIAL_DOES_NOT_EXPIRE")
     if model_ == "KEY_MATERIAL_EXPIRES" and valid_to is None:
         raise e.Invalid("A ValidTo date is required when ExpirationModel is KEY_MATERIAL_EXPIRES.")
     if model_ == "KEY_MATERIAL_DOES_NOT_EXPIRE" and valid_to is not None:
         raise e.Invalid("ValidTo must not be set when ExpirationModel is KEY_MATERIAL_DOES_NOT_EXPIRE.")
     if valid_to is not None and valid_to <= kms.clock.now():
         raise e.Invalid("ValidTo must be in the future.")
-    secret = _unwrap(params, req["EncryptedKeyMaterial"])
+    secret = _unwrap(params, req.encrypted_key_material)
     if len(secret) != 32:
         raise e.IncorrectKeyMaterial("Symmetric key material must be 256 bits.")
     material_id = hashlib.sha256(b"hsmsim-kms-import-v1:" + key.key_id.encode() + secret).hexdigest()
@@ -117,7 +121,7 @@ async def import_key_material(kms: Kms, call: Call, req: Request) -> Response:
         sealed = await kms.fleet.seal(key.key_id, material_id, secret)
     except ClusterFailure:
         raise e.DependencyTimeout("KMS could not reach its key material store.") from None
-    del _TOKENS[req["ImportToken"].hex()]
+    del _TOKENS[req.import_token.hex()]
     key = kms.store.keys[key.key_id]
     state = model.ENABLED if key.state == model.PENDING_IMPORT else key.state
     with kms.store.transaction():
@@ -127,8 +131,8 @@ async def import_key_material(kms: Kms, call: Call, req: Request) -> Response:
     return {"KeyId": key.arn, "KeyMaterialId": material_id}
 
 
-async def delete_imported_key_material(kms: Kms, call: Call, req: Request) -> Response:
-    key = _external(kms, call, req)
+async def delete_imported_key_material(kms: Kms, call: Call, req: DeleteImportedKeyMaterialRequest) -> Response:
+    key = _external(kms, call, req.key_id)
     kms.authorize(call.caller, key, "DeleteImportedKeyMaterial")
     mid = key.current_material
     remove_material(kms, key)
@@ -147,7 +151,8 @@ def remove_material(kms: Kms, key: KeyRecord) -> None:
                                   state=model.PENDING_IMPORT if key.state not in model.PENDING_STATES else key.state))
 
 
-HANDLERS: dict[str, Handler] = {
-    "GetParametersForImport": get_parameters_for_import, "ImportKeyMaterial": import_key_material,
-    "DeleteImportedKeyMaterial": delete_imported_key_material,
+HANDLERS: dict[str, Handler[Any]] = {
+    "GetParametersForImport": Handler(GetParametersForImportRequest, get_parameters_for_import),
+    "ImportKeyMaterial": Handler(ImportKeyMaterialRequest, import_key_material),
+    "DeleteImportedKeyMaterial": Handler(DeleteImportedKeyMaterialRequest, delete_imported_key_material),
 }

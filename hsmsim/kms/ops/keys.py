@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
+from typing import Any
 
 from hsmsim.kms import errors as e
 from hsmsim.kms import material, model, policy
@@ -12,7 +13,10 @@ from hsmsim.kms.keystores import CONNECTED
 from hsmsim.kms.material import ClusterFailure
 from hsmsim.kms.model import KeyRecord, MaterialRecord
 from hsmsim.kms.model import AliasRecord
-from hsmsim.kms.ops.common import (Call, Handler, Request, Response, check_tags, initial_policy, metadata, paginate,
+from hsmsim.kms.inputs import (CancelKeyDeletionRequest, CreateKeyRequest, DescribeKeyRequest, DisableKeyRequest,
+                               EnableKeyRequest, GetKeyLastUsageRequest, ListKeysRequest, ScheduleKeyDeletionRequest,
+                               UpdateKeyDescriptionRequest)
+from hsmsim.kms.ops.common import (Call, Handler, Response, check_tags, initial_policy, metadata, paginate,
                                    require_customer_managed)
 from hsmsim.kms.runtime import DAY, Kms
 from hsmsim.pkcs11.constants import RV
@@ -92,15 +96,15 @@ def cluster_error(key: KeyRecord, exc: ClusterFailure) -> e.KmsError:
                           "transient network issue.")
 
 
-async def create_key(kms: Kms, call: Call, req: Request) -> Response:
-    spec = req.get("KeySpec") or req.get("CustomerMasterKeySpec") or model.SYMMETRIC
-    if "KeySpec" in req and "CustomerMasterKeySpec" in req:
+async def create_key(kms: Kms, call: Call, req: CreateKeyRequest) -> Response:
+    spec = req.key_spec or req.customer_master_key_spec or model.SYMMETRIC
+    if req.key_spec is not None and req.customer_master_key_spec is not None:
         raise e.Invalid("You cannot specify KeySpec and CustomerMasterKeySpec in the same request. "
                         "CustomerMasterKeySpec is deprecated.")
     if spec not in model.SUPPORTED_SPECS:
         # FIDELITY: SM2 (China Regions), ML-DSA and Ed25519 keys are not simulated.
         raise e.Unsupported(f"KeySpec {spec} is not supported in this Region.")
-    usage = req.get("KeyUsage")
+    usage = req.key_usage
     if usage is None:
         if spec != model.SYMMETRIC:
             raise e.Invalid("You must specify a KeyUsage value for all KMS keys except for "
@@ -108,9 +112,9 @@ async def create_key(kms: Kms, call: Call, req: Request) -> Response:
         usage = "ENCRYPT_DECRYPT"
     if usage not in _USAGES[spec]:
         raise e.Invalid(f"KeyUsage {usage} is not compatible with KeySpec {spec}")
-    origin = req.get("Origin", model.AWS_KMS)
-    store_id = req.get("CustomKeyStoreId")
-    multi = bool(req.get("MultiRegion", False))
+    origin = req.origin or model.AWS_KMS
+    store_id = req.custom_key_store_id
+    multi = bool(req.multi_region)
     if origin == "EXTERNAL_KEY_STORE":
         raise e.Unsupported("External key stores are not supported by hsmsim.")
     if store_id is not None and origin != model.AWS_CLOUDHSM:
@@ -123,13 +127,13 @@ async def create_key(kms: Kms, call: Call, req: Request) -> Response:
     if origin == model.EXTERNAL and spec != model.SYMMETRIC:
         # FIDELITY: imported key material is limited to symmetric keys here.
         raise e.Unsupported("Imported key material is supported only for symmetric encryption keys.")
-    tags = check_tags(req.get("Tags", []))
-    doc = initial_policy(kms, call, req)
+    tags = check_tags(req.tags)
+    doc = initial_policy(kms, call, req.policy, req.bypass_policy_lockout_safety_check)
     key_id = kms.new_key_id(multi)
     key = KeyRecord(key_id=key_id, arn=kms.key_arn(key_id), created=kms.clock.now(), key_spec=spec,
                     key_usage=usage, origin=origin,
                     state=model.PENDING_IMPORT if origin == model.EXTERNAL else model.ENABLED,
-                    policy=doc, description=req.get("Description", ""), tags=tuple(tags),
+                    policy=doc, description=req.description or "", tags=tuple(tags),
                     multi_region=multi, primary_region=kms.region if multi else None)
     mat: MaterialRecord | None = None
     if origin == model.AWS_CLOUDHSM:
@@ -162,31 +166,31 @@ async def create_key(kms: Kms, call: Call, req: Request) -> Response:
     return {"KeyMetadata": metadata(kms, key)}
 
 
-async def describe_key(kms: Kms, call: Call, req: Request) -> Response:
-    key = await resolve_creating(kms, call, req["KeyId"])
+async def describe_key(kms: Kms, call: Call, req: DescribeKeyRequest) -> Response:
+    key = await resolve_creating(kms, call, req.key_id)
     call.touch(key)
-    kms.authorize(call.caller, key, "DescribeKey", grant_tokens=req.get("GrantTokens"))
+    kms.authorize(call.caller, key, "DescribeKey", grant_tokens=req.grant_tokens)
     return {"KeyMetadata": metadata(kms, key)}
 
 
-async def list_keys(kms: Kms, call: Call, req: Request) -> Response:
+async def list_keys(kms: Kms, call: Call, req: ListKeysRequest) -> Response:
     keys = sorted(kms.store.keys.values(), key=lambda k: (k.created, k.key_id))
-    page, extra = paginate(keys, req)
+    page, extra = paginate(keys, req.limit, req.marker)
     return {"Keys": [{"KeyId": k.key_id, "KeyArn": k.arn} for k in page], **extra}
 
 
-async def update_key_description(kms: Kms, call: Call, req: Request) -> Response:
-    key = kms.resolve(req["KeyId"], aliases=False)
+async def update_key_description(kms: Kms, call: Call, req: UpdateKeyDescriptionRequest) -> Response:
+    key = kms.resolve(req.key_id, aliases=False)
     call.touch(key)
     kms.authorize(call.caller, key, "UpdateKeyDescription")
     require_customer_managed(kms, call, key, "UpdateKeyDescription")
     kms.require_not_pending_deletion(key)
-    kms.store.put_key(replace(key, description=req["Description"]))
+    kms.store.put_key(replace(key, description=req.description))
     return {}
 
 
-async def enable_key(kms: Kms, call: Call, req: Request) -> Response:
-    key = kms.resolve(req["KeyId"], aliases=False)
+async def enable_key(kms: Kms, call: Call, req: EnableKeyRequest) -> Response:
+    key = kms.resolve(req.key_id, aliases=False)
     call.touch(key)
     kms.authorize(call.caller, key, "EnableKey")
     require_customer_managed(kms, call, key, "EnableKey")
@@ -198,8 +202,8 @@ async def enable_key(kms: Kms, call: Call, req: Request) -> Response:
     return {}
 
 
-async def disable_key(kms: Kms, call: Call, req: Request) -> Response:
-    key = kms.resolve(req["KeyId"], aliases=False)
+async def disable_key(kms: Kms, call: Call, req: DisableKeyRequest) -> Response:
+    key = kms.resolve(req.key_id, aliases=False)
     call.touch(key)
     kms.authorize(call.caller, key, "DisableKey")
     require_customer_managed(kms, call, key, "DisableKey")
@@ -210,12 +214,12 @@ async def disable_key(kms: Kms, call: Call, req: Request) -> Response:
     return {}
 
 
-async def schedule_key_deletion(kms: Kms, call: Call, req: Request) -> Response:
-    key = kms.resolve(req["KeyId"], aliases=False)
+async def schedule_key_deletion(kms: Kms, call: Call, req: ScheduleKeyDeletionRequest) -> Response:
+    key = kms.resolve(req.key_id, aliases=False)
     call.touch(key)
     kms.authorize(call.caller, key, "ScheduleKeyDeletion")
     require_customer_managed(kms, call, key, "ScheduleKeyDeletion")
-    days = req.get("PendingWindowInDays", 30)
+    days = req.pending_window_in_days if req.pending_window_in_days is not None else 30
     if not 7 <= days <= 30:
         raise e.Invalid("1 validation error detected: Value '%d' at 'pendingWindowInDays' failed to "
                         "satisfy constraint: Member must have value between 7 and 30" % days)
@@ -233,8 +237,8 @@ async def schedule_key_deletion(kms: Kms, call: Call, req: Request) -> Response:
             "PendingWindowInDays": days}
 
 
-async def cancel_key_deletion(kms: Kms, call: Call, req: Request) -> Response:
-    key = kms.resolve(req["KeyId"], aliases=False)
+async def cancel_key_deletion(kms: Kms, call: Call, req: CancelKeyDeletionRequest) -> Response:
+    key = kms.resolve(req.key_id, aliases=False)
     call.touch(key)
     kms.authorize(call.caller, key, "CancelKeyDeletion")
     require_customer_managed(kms, call, key, "CancelKeyDeletion")
@@ -244,8 +248,8 @@ async def cancel_key_deletion(kms: Kms, call: Call, req: Request) -> Response:
     return {"KeyId": key.arn}
 
 
-async def get_key_last_usage(kms: Kms, call: Call, req: Request) -> Response:
-    key = kms.resolve(req["KeyId"])
+async def get_key_last_usage(kms: Kms, call: Call, req: GetKeyLastUsageRequest) -> Response:
+    key = kms.resolve(req.key_id)
     call.touch(key)
     kms.authorize(call.caller, key, "GetKeyLastUsage")
     return {"KeyId": key.arn, "KeyCreationDate": key.created, "TrackingStartDate": kms.tracking_start,
@@ -275,9 +279,14 @@ async def delete_now(kms: Kms, key: KeyRecord) -> None:
                 replace(primary, state=model.PENDING_DELETION, deletion_date=when))
 
 
-HANDLERS: dict[str, Handler] = {
-    "CreateKey": create_key, "DescribeKey": describe_key, "ListKeys": list_keys,
-    "UpdateKeyDescription": update_key_description, "EnableKey": enable_key,
-    "DisableKey": disable_key, "ScheduleKeyDeletion": schedule_key_deletion,
-    "CancelKeyDeletion": cancel_key_deletion, "GetKeyLastUsage": get_key_last_usage,
+HANDLERS: dict[str, Handler[Any]] = {
+    "CreateKey": Handler(CreateKeyRequest, create_key),
+    "DescribeKey": Handler(DescribeKeyRequest, describe_key),
+    "ListKeys": Handler(ListKeysRequest, list_keys),
+    "UpdateKeyDescription": Handler(UpdateKeyDescriptionRequest, update_key_description),
+    "EnableKey": Handler(EnableKeyRequest, enable_key),
+    "DisableKey": Handler(DisableKeyRequest, disable_key),
+    "ScheduleKeyDeletion": Handler(ScheduleKeyDeletionRequest, schedule_key_deletion),
+    "CancelKeyDeletion": Handler(CancelKeyDeletionRequest, cancel_key_deletion),
+    "GetKeyLastUsage": Handler(GetKeyLastUsageRequest, get_key_last_usage),
 }

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import replace
+from typing import Any
 
 from hsmsim.kms import errors as e
 from hsmsim.kms.keystores import CONNECTED, CONNECTING, DISCONNECTED, DISCONNECTING, FAILED, same_certificate
 from hsmsim.kms.model import StoreRecord
-from hsmsim.kms.ops.common import Call, Handler, Request, Response, paginate
+from hsmsim.kms.inputs import (ConnectCustomKeyStoreRequest, CreateCustomKeyStoreRequest,
+                               DeleteCustomKeyStoreRequest, DescribeCustomKeyStoresRequest,
+                               DisconnectCustomKeyStoreRequest, UpdateCustomKeyStoreRequest)
+from hsmsim.kms.ops.common import Call, Handler, Response, paginate
 from hsmsim.kms.runtime import Kms
 
 MAX_STORES = 10
@@ -27,25 +31,29 @@ def _event(call: Call, s: StoreRecord) -> None:
     call.additional = {"customKeyStoreName": s.name, "clusterId": s.cluster_id}
 
 
-async def create_custom_key_store(kms: Kms, call: Call, req: Request) -> Response:
-    if req.get("CustomKeyStoreType", "AWS_CLOUDHSM") != "AWS_CLOUDHSM":
+async def create_custom_key_store(kms: Kms, call: Call, req: CreateCustomKeyStoreRequest) -> Response:
+    if (req.custom_key_store_type or "AWS_CLOUDHSM") != "AWS_CLOUDHSM":
         # FIDELITY: external key stores (XKS) are not simulated.
         raise e.Unsupported("Only AWS_CLOUDHSM custom key stores are supported by hsmsim.")
-    missing = [m for m in ("CloudHsmClusterId", "TrustAnchorCertificate", "KeyStorePassword") if m not in req]
-    if missing:
-        raise e.Invalid(f"{missing[0]} is required for custom key stores of type AWS_CLOUDHSM.")
-    name, cluster_id = req["CustomKeyStoreName"], req["CloudHsmClusterId"]
+    cluster_id, anchor, password = req.cloud_hsm_cluster_id, req.trust_anchor_certificate, req.key_store_password
+    if cluster_id is None:
+        raise e.Invalid("CloudHsmClusterId is required for custom key stores of type AWS_CLOUDHSM.")
+    if anchor is None:
+        raise e.Invalid("TrustAnchorCertificate is required for custom key stores of type AWS_CLOUDHSM.")
+    if password is None:
+        raise e.Invalid("KeyStorePassword is required for custom key stores of type AWS_CLOUDHSM.")
+    name = req.custom_key_store_name
     if any(s.name == name for s in kms.store.stores.values()):
         raise e.StoreNameInUse(f"Custom key store name {name} is already in use.")
-    info = await kms.keystores.check_for_create(cluster_id, req["TrustAnchorCertificate"])
+    info = await kms.keystores.check_for_create(cluster_id, anchor)
     if any(s.cluster_id == info.cluster_id for s in kms.store.stores.values()):
         raise e.ClusterInUse(f"Cluster {cluster_id} is already associated with a custom key store.")
     if len(kms.store.stores) >= MAX_STORES:
         raise e.LimitExceeded("You have reached the maximum of 10 custom key stores.")
     store_id = "cks-" + secrets.token_hex(9)[:17]
-    password = await kms.keystores.seal_password(store_id, req["KeyStorePassword"])
+    sealed = await kms.keystores.seal_password(store_id, password)
     s = StoreRecord(store_id=store_id, name=name, cluster_id=cluster_id,
-                    trust_anchor=req["TrustAnchorCertificate"], password=password,
+                    trust_anchor=anchor, password=sealed,
                     created=kms.clock.now())
     kms.store.put_store(s)
     _event(call, s)
@@ -53,8 +61,8 @@ async def create_custom_key_store(kms: Kms, call: Call, req: Request) -> Respons
     return {"CustomKeyStoreId": store_id}
 
 
-async def connect_custom_key_store(kms: Kms, call: Call, req: Request) -> Response:
-    s = _store(kms, req["CustomKeyStoreId"])
+async def connect_custom_key_store(kms: Kms, call: Call, req: ConnectCustomKeyStoreRequest) -> Response:
+    s = _store(kms, req.custom_key_store_id)
     _event(call, s)
     if s.state in (DISCONNECTING, FAILED):
         raise e.StoreInvalidState(f"Custom key store {s.store_id} is {s.state.lower()}; it cannot be "
@@ -68,8 +76,8 @@ async def connect_custom_key_store(kms: Kms, call: Call, req: Request) -> Respon
     return {}
 
 
-async def disconnect_custom_key_store(kms: Kms, call: Call, req: Request) -> Response:
-    s = _store(kms, req["CustomKeyStoreId"])
+async def disconnect_custom_key_store(kms: Kms, call: Call, req: DisconnectCustomKeyStoreRequest) -> Response:
+    s = _store(kms, req.custom_key_store_id)
     _event(call, s)
     if s.state in (DISCONNECTING, DISCONNECTED):
         raise e.StoreInvalidState(f"Custom key store {s.store_id} is {s.state.lower()}.")
@@ -77,17 +85,17 @@ async def disconnect_custom_key_store(kms: Kms, call: Call, req: Request) -> Res
     return {}
 
 
-async def describe_custom_key_stores(kms: Kms, call: Call, req: Request) -> Response:
+async def describe_custom_key_stores(kms: Kms, call: Call, req: DescribeCustomKeyStoresRequest) -> Response:
     stores = sorted(kms.store.stores.values(), key=lambda s: s.created)
-    if "CustomKeyStoreId" in req:
-        stores = [s for s in stores if s.store_id == req["CustomKeyStoreId"]]
+    if req.custom_key_store_id is not None:
+        stores = [s for s in stores if s.store_id == req.custom_key_store_id]
         if not stores:
-            raise e.StoreNotFound(f"Custom key store {req['CustomKeyStoreId']} was not found.")
-    if "CustomKeyStoreName" in req:
-        stores = [s for s in stores if s.name == req["CustomKeyStoreName"]]
+            raise e.StoreNotFound(f"Custom key store {req.custom_key_store_id} was not found.")
+    if req.custom_key_store_name is not None:
+        stores = [s for s in stores if s.name == req.custom_key_store_name]
         if not stores:
-            raise e.StoreNotFound(f"Custom key store {req['CustomKeyStoreName']} was not found.")
-    page, extra = paginate(stores, req)
+            raise e.StoreNotFound(f"Custom key store {req.custom_key_store_name} was not found.")
+    page, extra = paginate(stores, req.limit, req.marker)
     rows = []
     for s in page:
         row: Response = {"CustomKeyStoreId": s.store_id, "CustomKeyStoreName": s.name,
@@ -100,35 +108,36 @@ async def describe_custom_key_stores(kms: Kms, call: Call, req: Request) -> Resp
     return {"CustomKeyStores": rows, **extra}
 
 
-async def update_custom_key_store(kms: Kms, call: Call, req: Request) -> Response:
-    s = _store(kms, req["CustomKeyStoreId"])
+async def update_custom_key_store(kms: Kms, call: Call, req: UpdateCustomKeyStoreRequest) -> Response:
+    s = _store(kms, req.custom_key_store_id)
     _event(call, s)
     changes: dict[str, object] = {}
-    new_name = req.get("NewCustomKeyStoreName")
+    new_name = req.new_custom_key_store_name
     if new_name is not None and new_name != s.name:
         if any(o.name == new_name for o in kms.store.stores.values()):
             raise e.StoreNameInUse(f"Custom key store name {new_name} is already in use.")
         changes["name"] = new_name
-    other = {k for k in ("KeyStorePassword", "CloudHsmClusterId") if k in req}
+    other = {k for k, v in (("KeyStorePassword", req.key_store_password),
+                            ("CloudHsmClusterId", req.cloud_hsm_cluster_id)) if v is not None}
     if other and s.state != DISCONNECTED:
         raise e.StoreInvalidState(f"Custom key store {s.store_id} must be disconnected to change "
                                   f"{sorted(other)[0]}.")
-    if "CloudHsmClusterId" in req and req["CloudHsmClusterId"] != s.cluster_id:
-        info = await kms.keystores.check_for_create(req["CloudHsmClusterId"], None)
+    if req.cloud_hsm_cluster_id is not None and req.cloud_hsm_cluster_id != s.cluster_id:
+        info = await kms.keystores.check_for_create(req.cloud_hsm_cluster_id, None)
         if not same_certificate(s.trust_anchor, info.ca_cert_pem):
-            raise e.ClusterNotRelated(f"Cluster {req['CloudHsmClusterId']} is not related to the "
+            raise e.ClusterNotRelated(f"Cluster {req.cloud_hsm_cluster_id} is not related to the "
                                       "custom key store's cluster.")
-        changes["cluster_id"] = req["CloudHsmClusterId"]
-    if "KeyStorePassword" in req:
-        changes["password"] = await kms.keystores.seal_password(s.store_id, req["KeyStorePassword"])
+        changes["cluster_id"] = req.cloud_hsm_cluster_id
+    if req.key_store_password is not None:
+        changes["password"] = await kms.keystores.seal_password(s.store_id, req.key_store_password)
         changes["pending_password"] = None
     if changes:
         kms.store.put_store(replace(s, **changes))  # type: ignore[arg-type]
     return {}
 
 
-async def delete_custom_key_store(kms: Kms, call: Call, req: Request) -> Response:
-    s = _store(kms, req["CustomKeyStoreId"])
+async def delete_custom_key_store(kms: Kms, call: Call, req: DeleteCustomKeyStoreRequest) -> Response:
+    s = _store(kms, req.custom_key_store_id)
     _event(call, s)
     if s.state != DISCONNECTED:
         raise e.StoreInvalidState(f"Custom key store {s.store_id} must be disconnected before it is deleted.")
@@ -138,9 +147,11 @@ async def delete_custom_key_store(kms: Kms, call: Call, req: Request) -> Respons
     return {}
 
 
-HANDLERS: dict[str, Handler] = {
-    "CreateCustomKeyStore": create_custom_key_store, "ConnectCustomKeyStore": connect_custom_key_store,
-    "DisconnectCustomKeyStore": disconnect_custom_key_store,
-    "DescribeCustomKeyStores": describe_custom_key_stores, "UpdateCustomKeyStore": update_custom_key_store,
-    "DeleteCustomKeyStore": delete_custom_key_store,
+HANDLERS: dict[str, Handler[Any]] = {
+    "CreateCustomKeyStore": Handler(CreateCustomKeyStoreRequest, create_custom_key_store),
+    "ConnectCustomKeyStore": Handler(ConnectCustomKeyStoreRequest, connect_custom_key_store),
+    "DisconnectCustomKeyStore": Handler(DisconnectCustomKeyStoreRequest, disconnect_custom_key_store),
+    "DescribeCustomKeyStores": Handler(DescribeCustomKeyStoresRequest, describe_custom_key_stores),
+    "UpdateCustomKeyStore": Handler(UpdateCustomKeyStoreRequest, update_custom_key_store),
+    "DeleteCustomKeyStore": Handler(DeleteCustomKeyStoreRequest, delete_custom_key_store),
 }

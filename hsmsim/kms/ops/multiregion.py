@@ -7,10 +7,12 @@ its own policy, tags, description, grants, aliases and key state (KMS Developer 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 from hsmsim.kms import errors as e, model
 from hsmsim.kms.model import KeyRecord
-from hsmsim.kms.ops.common import Call, Handler, Request, Response, check_tags, initial_policy, metadata
+from hsmsim.kms.inputs import ReplicateKeyRequest, UpdatePrimaryRegionRequest
+from hsmsim.kms.ops.common import Call, Handler, Response, check_tags, initial_policy, metadata
 from hsmsim.kms.runtime import Kms
 
 
@@ -37,22 +39,22 @@ def _region(kms: Kms, name: str, member: str) -> str:
     return name
 
 
-async def replicate_key(kms: Kms, call: Call, req: Request) -> Response:
-    primary = _usable_primary(kms, call, req["KeyId"], "ReplicateKey")
-    region = _region(kms, req["ReplicaRegion"], "ReplicaRegion")
+async def replicate_key(kms: Kms, call: Call, req: ReplicateKeyRequest) -> Response:
+    primary = _usable_primary(kms, call, req.key_id, "ReplicateKey")
+    region = _region(kms, req.replica_region, "ReplicaRegion")
     if region == kms.region:
         raise e.Invalid(f"ReplicaRegion {region} is the Region of the primary key {primary.arn}.")
     there = kms.in_region(region)
     if primary.key_id in there.store.keys:
         raise e.AlreadyExists(f"Replica key {there.key_arn(primary.key_id)} already exists.")
-    tags = check_tags(req.get("Tags", []))
-    doc = initial_policy(kms, call, req)
+    tags = check_tags(req.tags)
+    doc = initial_policy(kms, call, req.policy, req.bypass_policy_lockout_safety_check)
     # FIDELITY: the replica is Enabled at once (AWS: Creating for a while, then Enabled); a
     # replica of a key with imported material waits for its own import (PendingImport), as on AWS.
     replica = replace(
         primary, arn=there.key_arn(primary.key_id), created=kms.clock.now(),
         state=model.PENDING_IMPORT if primary.origin == model.EXTERNAL else model.ENABLED,
-        policy=doc, description=req.get("Description", ""), tags=tuple(tags), deletion_date=None,
+        policy=doc, description=req.description or "", tags=tuple(tags), deletion_date=None,
         pending_window=None, on_demand_rotations=0, on_demand_started=None,
         current_material=None if primary.origin == model.EXTERNAL else primary.current_material,
         valid_to=None, expiration_model=None)
@@ -62,9 +64,9 @@ async def replicate_key(kms: Kms, call: Call, req: Request) -> Response:
             "ReplicaPolicy": doc, "ReplicaTags": [{"TagKey": k, "TagValue": v} for k, v in tags]}
 
 
-async def update_primary_region(kms: Kms, call: Call, req: Request) -> Response:
-    primary = _usable_primary(kms, call, req["KeyId"], "UpdatePrimaryRegion")
-    region = _region(kms, req["PrimaryRegion"], "PrimaryRegion")
+async def update_primary_region(kms: Kms, call: Call, req: UpdatePrimaryRegionRequest) -> Response:
+    primary = _usable_primary(kms, call, req.key_id, "UpdatePrimaryRegion")
+    region = _region(kms, req.primary_region, "PrimaryRegion")
     regions = kms.store.key_regions(primary.key_id)
     if region == kms.region:
         return {}  # already the primary
@@ -84,4 +86,7 @@ async def update_primary_region(kms: Kms, call: Call, req: Request) -> Response:
     return {}
 
 
-HANDLERS: dict[str, Handler] = {"ReplicateKey": replicate_key, "UpdatePrimaryRegion": update_primary_region}
+HANDLERS: dict[str, Handler[Any]] = {
+    "ReplicateKey": Handler(ReplicateKeyRequest, replicate_key),
+    "UpdatePrimaryRegion": Handler(UpdatePrimaryRegionRequest, update_primary_region),
+}

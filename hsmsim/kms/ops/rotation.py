@@ -5,10 +5,13 @@ decryption (blobs name their material)."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 from hsmsim.kms import errors as e, model
 from hsmsim.kms.model import KeyRecord
-from hsmsim.kms.ops.common import Call, Handler, Request, Response, paginate, require_customer_managed
+from hsmsim.kms.inputs import (DisableKeyRotationRequest, EnableKeyRotationRequest,
+                               GetKeyRotationStatusRequest, ListKeyRotationsRequest, RotateKeyOnDemandRequest)
+from hsmsim.kms.ops.common import Call, Handler, Response, paginate, require_customer_managed
 from hsmsim.kms.ops.keys import new_material
 from hsmsim.kms.runtime import DAY, Kms
 
@@ -60,22 +63,22 @@ async def rotate(kms: Kms, key: KeyRecord, rotation_type: str) -> KeyRecord:
     return new
 
 
-async def enable_key_rotation(kms: Kms, call: Call, req: Request) -> Response:
-    key = kms.resolve(req["KeyId"], aliases=False)
+async def enable_key_rotation(kms: Kms, call: Call, req: EnableKeyRotationRequest) -> Response:
+    key = kms.resolve(req.key_id, aliases=False)
     call.touch(key)
     kms.authorize(call.caller, key, "EnableKeyRotation")
     _rotatable(kms, key)
     _not_replica(kms, key)
     require_customer_managed(kms, call, key, "EnableKeyRotation")  # yearly, always (Developer Guide)
     _mutable(kms, key)
-    period = req.get("RotationPeriodInDays", 365)
+    period = req.rotation_period_in_days if req.rotation_period_in_days is not None else 365
     kms.store.put_key(replace(key, rotation_enabled=True, rotation_period=period,
                               next_rotation=kms.clock.now() + period * DAY))
     return {}
 
 
-async def disable_key_rotation(kms: Kms, call: Call, req: Request) -> Response:
-    key = kms.resolve(req["KeyId"], aliases=False)
+async def disable_key_rotation(kms: Kms, call: Call, req: DisableKeyRotationRequest) -> Response:
+    key = kms.resolve(req.key_id, aliases=False)
     call.touch(key)
     kms.authorize(call.caller, key, "DisableKeyRotation")
     _rotatable(kms, key)
@@ -86,8 +89,8 @@ async def disable_key_rotation(kms: Kms, call: Call, req: Request) -> Response:
     return {}
 
 
-async def get_key_rotation_status(kms: Kms, call: Call, req: Request) -> Response:
-    key = kms.resolve(req["KeyId"], aliases=False)
+async def get_key_rotation_status(kms: Kms, call: Call, req: GetKeyRotationStatusRequest) -> Response:
+    key = kms.resolve(req.key_id, aliases=False)
     call.touch(key)
     kms.authorize(call.caller, key, "GetKeyRotationStatus")
     _rotatable(kms, key)
@@ -102,8 +105,8 @@ async def get_key_rotation_status(kms: Kms, call: Call, req: Request) -> Respons
     return out
 
 
-async def rotate_key_on_demand(kms: Kms, call: Call, req: Request) -> Response:
-    key = kms.resolve(req["KeyId"], aliases=False)
+async def rotate_key_on_demand(kms: Kms, call: Call, req: RotateKeyOnDemandRequest) -> Response:
+    key = kms.resolve(req.key_id, aliases=False)
     call.touch(key)
     kms.authorize(call.caller, key, "RotateKeyOnDemand")
     _rotatable(kms, key)
@@ -120,15 +123,15 @@ async def rotate_key_on_demand(kms: Kms, call: Call, req: Request) -> Response:
     return {"KeyId": key.arn}
 
 
-async def list_key_rotations(kms: Kms, call: Call, req: Request) -> Response:
-    key = kms.resolve(req["KeyId"], aliases=False)
+async def list_key_rotations(kms: Kms, call: Call, req: ListKeyRotationsRequest) -> Response:
+    key = kms.resolve(req.key_id, aliases=False)
     call.touch(key)
     kms.authorize(call.caller, key, "ListKeyRotations")
     _rotatable(kms, key)
     materials = kms.store.materials(key.key_id)
-    if req.get("IncludeKeyMaterial", "ROTATIONS_ONLY") == "ROTATIONS_ONLY":
+    if (req.include_key_material or "ROTATIONS_ONLY") == "ROTATIONS_ONLY":
         materials = [m for m in materials if m.rotation_type is not None]
-    page, extra = paginate(materials, req)
+    page, extra = paginate(materials, req.limit, req.marker)
     rows = []
     for m in page:
         row: Response = {"KeyId": key.arn, "KeyMaterialId": m.material_id,
@@ -140,8 +143,10 @@ async def list_key_rotations(kms: Kms, call: Call, req: Request) -> Response:
     return {"Rotations": rows, **extra}
 
 
-HANDLERS: dict[str, Handler] = {
-    "EnableKeyRotation": enable_key_rotation, "DisableKeyRotation": disable_key_rotation,
-    "GetKeyRotationStatus": get_key_rotation_status, "RotateKeyOnDemand": rotate_key_on_demand,
-    "ListKeyRotations": list_key_rotations,
+HANDLERS: dict[str, Handler[Any]] = {
+    "EnableKeyRotation": Handler(EnableKeyRotationRequest, enable_key_rotation),
+    "DisableKeyRotation": Handler(DisableKeyRotationRequest, disable_key_rotation),
+    "GetKeyRotationStatus": Handler(GetKeyRotationStatusRequest, get_key_rotation_status),
+    "RotateKeyOnDemand": Handler(RotateKeyOnDemandRequest, rotate_key_on_demand),
+    "ListKeyRotations": Handler(ListKeyRotationsRequest, list_key_rotations),
 }
