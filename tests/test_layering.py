@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hsmsim"
 
 LAYERS: dict[str, int] = {
     "__init__": 0, "__main__": 6, "aio": 0, "errors": 0, "config": 0, "resources": 0, "core": 0,
-    "files": 0, "_lib": 0,
+    "files": 0, "_lib": 0, "awsmodel": 0,
     "pkcs11": 1,
     "node": 2,
     "cluster": 3,
