@@ -14,6 +14,9 @@ MAX_INPUT = 64 * 1024 * 1024
 MAX_BATCH = 1 << 20
 """Most messages in one batch call."""
 
+# The crypto core's hashes by name. The names are those of hsmsim.pkcs11.mechanisms.HASHES, the
+# one table that maps mechanisms to hashes (core is the lowest layer and cannot import it; this
+# adds only the C codes; tests/gateway/test_tables.py checks the two agree).
 HASHES: dict[str, tuple[int, int]] = {
     # name: (hsmsim_hash code in hsmsim_core.h, digest size in bytes)
     "sha1": (1, 20),

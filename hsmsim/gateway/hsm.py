@@ -10,11 +10,11 @@ from typing import Any, NamedTuple
 
 from hsmsim.cluster.api import ClusterClient, Login
 from hsmsim.gateway.config import GatewayConfig
-from hsmsim.gateway.policy import GCM_IV_LEN, limit
+from hsmsim.gateway.policy import limit
 from hsmsim.gateway.reply import err
 from hsmsim.gateway.state import Application, Operation, OpKind
 from hsmsim.pkcs11.constants import RV, Mechanism as M
-from hsmsim.pkcs11.mechanisms import DIGEST_INFO
+from hsmsim.pkcs11.mechanisms import DIGEST_INFO, GCM_IV_LEN
 from hsmsim.pkcs11.params import GcmParams, MechanismSpec
 
 Output = Callable[[Any], tuple[bytes, bytes | None]]

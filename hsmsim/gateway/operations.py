@@ -14,14 +14,14 @@ from typing import Any
 from hsmsim.gateway.hsm import hsm_call, prepared, run
 from hsmsim.gateway.multipart import MAX_BUFFERED, PIECE, CipherStream, streams
 from hsmsim.gateway.params import DecodedMechanism
-from hsmsim.gateway.policy import GCM_IV_LEN, limit, single_part_only, wrong_sequence
+from hsmsim.gateway.policy import limit, single_part_only, wrong_sequence
 from hsmsim.gateway.protocol import Reader, Writer
 from hsmsim.gateway.reply import OK, OutSpec, Reply, err, sized
 from hsmsim.gateway.service import Gateway
 from hsmsim.gateway.state import Application, Operation, OpKind, Session
 from hsmsim.pkcs11.constants import RV, Mechanism as M
 from hsmsim.pkcs11.errors import Pkcs11Error
-from hsmsim.pkcs11.mechanisms import MechanismInfo
+from hsmsim.pkcs11.mechanisms import GCM_IV_LEN, MechanismInfo
 from hsmsim.pkcs11.params import GcmParams, MechanismSpec
 
 Result = tuple[bytes, bytes | None]

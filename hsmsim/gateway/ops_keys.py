@@ -5,7 +5,7 @@ bytes."""
 from __future__ import annotations
 
 from hsmsim.gateway.params import decode_mechanism
-from hsmsim.gateway.policy import GCM_IV_LEN, wrap_mechanism, wrap_spec
+from hsmsim.gateway.policy import wrap_mechanism, wrap_spec
 from hsmsim.gateway.protocol import Reader, Writer
 from hsmsim.gateway.reply import OK, OutSpec, Reply, err
 from hsmsim.gateway.service import Gateway
@@ -13,7 +13,7 @@ from hsmsim.gateway.state import Application
 from hsmsim.gateway.templates import check_secret_template, decode_template, key_pair_templates, with_defaults
 from hsmsim.pkcs11.constants import (RV, Attribute as A, KeyType, Mechanism as M,
                                      MechanismFlag as F, ObjectClass)
-from hsmsim.pkcs11.mechanisms import FIPS_DISALLOWED, MECHANISMS
+from hsmsim.pkcs11.mechanisms import FIPS_DISALLOWED, GCM_IV_LEN, MECHANISMS
 from hsmsim.pkcs11.params import GcmParams, MechanismSpec
 
 

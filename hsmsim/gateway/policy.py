@@ -12,12 +12,11 @@ from hsmsim.gateway.params import DecodedMechanism
 from hsmsim.gateway.reply import err
 from hsmsim.gateway.state import Operation, OpKind, Session
 from hsmsim.pkcs11.constants import RV, Mechanism as M, MechanismFlag as F
-from hsmsim.pkcs11.mechanisms import (FIPS_DISALLOWED, FIPS_DISALLOWED_ENCRYPT, HASH_OF_MECHANISM,
-                                      MECHANISMS, MGF_OF_HASH, MechanismInfo)
-from hsmsim.pkcs11.params import (GcmParams, MechanismSpec, OaepParams, PssParams, RawParams,
-                                  RsaAesKeyWrapParams)
+from hsmsim.pkcs11.mechanisms import (FIPS_DISALLOWED, FIPS_DISALLOWED_ENCRYPT, GCM_IV_LEN,
+                                      MECHANISMS, MechanismInfo)
+from hsmsim.pkcs11.mechanisms import check_params as table_check_params
+from hsmsim.pkcs11.params import GcmParams, MechanismSpec, RawParams
 
-GCM_IV_LEN = 12
 AES_WRAP_DEFAULT_IV = bytes.fromhex("A6A6A6A6A6A6A6A6")
 GCM = (M.AES_GCM, M.CLOUDHSM_AES_GCM)
 _VENDOR_WRAPS = (M.CLOUDHSM_AES_KEY_WRAP_NO_PAD, M.CLOUDHSM_AES_KEY_WRAP_PKCS5_PAD,
@@ -39,60 +38,9 @@ def mechanism_for(config: GatewayConfig, mech: DecodedMechanism, kind: OpKind) -
 
 def check_params(config: GatewayConfig, mech: DecodedMechanism, kind: OpKind,
                  info: MechanismInfo) -> None:
-    m, p = mech.mechanism, mech.spec.param
-    bad = RV.MECHANISM_PARAM_INVALID
-    if m in GCM:
-        if not isinstance(p, GcmParams):
-            raise err(bad, "AES-GCM needs CK_GCM_PARAMS")
-        if p.tag_bits not in (96, 104, 112, 120, 128):
-            raise err(bad, "ulTagBits must be 96..128 in steps of 8")
-        if m == M.CLOUDHSM_AES_GCM:
-            # UG:pkcs11-mechanisms footnote 3: pIv must be NULL; the IV travels with the data.
-            if mech.iv_present:
-                raise err(bad, "CKM_CLOUDHSM_AES_GCM takes a NULL pIv")
-        elif kind == OpKind.ENCRYPT and config.quirk_gcm_hsm_iv:
-            if not mech.iv_present or len(p.iv) == 0:
-                raise err(bad, "Expected 'ulIvBits' or 'ulIvLen' to be non-zero")
-            if len(p.iv) != GCM_IV_LEN or any(p.iv):
-                raise err(bad, "Iv invalid. Reason: Expect IV to be all 0")
-        elif len(p.iv) == 0:
-            raise err(bad, "an IV is required")
-    elif m in (M.AES_CBC, M.AES_CBC_PAD, M.DES3_CBC, M.DES3_CBC_PAD):
-        size = 16 if m in (M.AES_CBC, M.AES_CBC_PAD) else 8
-        if not isinstance(p, RawParams) or len(p.data) != size:
-            raise err(bad, f"the IV must be {size} bytes")
-    elif m == M.AES_CTR:
-        if p is None or type(p).__name__ != "CtrParams":
-            raise err(bad, "AES-CTR needs CK_AES_CTR_PARAMS")
-    elif m == M.RSA_PKCS_OAEP:
-        if not isinstance(p, OaepParams):
-            raise err(bad, "OAEP needs CK_RSA_PKCS_OAEP_PARAMS")
-        name = HASH_OF_MECHANISM.get(p.hash_alg)
-        # UG:pkcs11-mechanisms footnote 4: the MGF1 hash must match the OAEP hash.
-        if name is None or MGF_OF_HASH[name] != p.mgf:
-            raise err(bad, "OAEP hash and MGF1 must match (SHA-1/224/256/384/512)")
-    elif m == M.RSA_PKCS_PSS or info.raw == M.RSA_PKCS_PSS:
-        if not isinstance(p, PssParams):
-            raise err(bad, "PSS needs CK_RSA_PKCS_PSS_PARAMS")
-        name = HASH_OF_MECHANISM.get(p.hash_alg)
-        if name is None or MGF_OF_HASH[name] != p.mgf or (info.hash and info.hash != name):
-            raise err(bad, "PSS hash and MGF1 must match the mechanism")
-    elif p is not None and not (isinstance(p, RawParams) and not p.data):
-        if m not in _VENDOR_WRAPS:
-            raise err(bad, f"mechanism 0x{m:x} takes no parameter")
-
-
-def _check_rsa_aes(p: object) -> None:
-    """CK_RSA_AES_KEY_WRAP_PARAMS (PKCS#11 2.40 §2.1.21): a 128-, 192- or 256-bit ephemeral
-    AES key, wrapped with RSA-OAEP whose hash and MGF1 match (UG:pkcs11-mechanisms fn 4)."""
-    bad = RV.MECHANISM_PARAM_INVALID
-    if not isinstance(p, RsaAesKeyWrapParams):
-        raise err(bad, "CKM_RSA_AES_KEY_WRAP needs CK_RSA_AES_KEY_WRAP_PARAMS")
-    if p.aes_key_bits not in (128, 192, 256):
-        raise err(bad, "ulAESKeyBits must be 128, 192 or 256")
-    name = HASH_OF_MECHANISM.get(p.oaep.hash_alg)
-    if name is None or MGF_OF_HASH[name] != p.oaep.mgf:
-        raise err(bad, "OAEP hash and MGF1 must match (SHA-1/224/256/384/512)")
+    """The parameter rule of the mechanism table (hsmsim.pkcs11.mechanisms, `ParamRule`)."""
+    zero_iv = kind == OpKind.ENCRYPT and config.quirk_gcm_hsm_iv
+    table_check_params(info, mech.spec.param, mech.iv_present, zero_iv)
 
 
 def wrap_mechanism(config: GatewayConfig, mech: DecodedMechanism, flag: int,
@@ -107,15 +55,7 @@ def wrap_mechanism(config: GatewayConfig, mech: DecodedMechanism, flag: int,
         # FIDELITY: unwrap is refused too; the footnote names wrap only, and what a FIPS
         # cluster does with a CKM_RSA_PKCS unwrap is undocumented.
         raise err(RV.MECHANISM_INVALID, "disallowed in FIPS mode")
-    p = mech.spec.param
-    if mech.mechanism in _VENDOR_WRAPS:
-        # UG:ki-pkcs11-sdk items 1-2: a NULL or exactly 8-byte IV; default A6A6A6A6A6A6A6A6.
-        if p is not None and not (isinstance(p, RawParams) and len(p.data) in (0, 8)):
-            raise err(RV.MECHANISM_PARAM_INVALID, "the AES key wrap IV is NULL or 8 bytes")
-    elif mech.mechanism == M.RSA_AES_KEY_WRAP:
-        _check_rsa_aes(p)
-    else:
-        check_params(config, mech, OpKind.ENCRYPT if encrypting else OpKind.DECRYPT, info)
+    check_params(config, mech, OpKind.ENCRYPT if encrypting else OpKind.DECRYPT, info)
     return info
 
 

@@ -16,23 +16,15 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from hsmsim.core import (AesGcmKey, DecryptionFailed, InvalidSignature, InvalidTag,
                          RsaPrivateKey, RsaPublicKey)
-from hsmsim.pkcs11.constants import MGF, RV, Mechanism as M
+from hsmsim.pkcs11.constants import RV, Mechanism as M
 from hsmsim.pkcs11.errors import Pkcs11Error
+from hsmsim.pkcs11.mechanisms import (HASH_OF_MECHANISM, HASH_OF_MGF, HASH_OF_RSA_PKCS,
+                                      HASH_OF_RSA_PSS)
 from hsmsim.pkcs11.params import GcmParams, OaepParams, PssParams
 
-HASH_NAMES = {M.SHA_1: "sha1", M.SHA224: "sha224", M.SHA256: "sha256", M.SHA384: "sha384",
-              M.SHA512: "sha512"}
-MGF_NAMES = {MGF.MGF1_SHA1: "sha1", MGF.MGF1_SHA224: "sha224", MGF.MGF1_SHA256: "sha256",
-             MGF.MGF1_SHA384: "sha384", MGF.MGF1_SHA512: "sha512"}
-RSA_PKCS_HASH = {M.SHA1_RSA_PKCS: "sha1", M.SHA224_RSA_PKCS: "sha224",
-                 M.SHA256_RSA_PKCS: "sha256", M.SHA384_RSA_PKCS: "sha384",
-                 M.SHA512_RSA_PKCS: "sha512"}
-RSA_PSS_HASH = {M.SHA1_RSA_PKCS_PSS: "sha1", M.SHA224_RSA_PKCS_PSS: "sha224",
-                M.SHA256_RSA_PKCS_PSS: "sha256", M.SHA384_RSA_PKCS_PSS: "sha384",
-                M.SHA512_RSA_PKCS_PSS: "sha512"}
 GCM_MECHS = frozenset({M.AES_GCM, M.CLOUDHSM_AES_GCM})
-RSA_SIGN_MECHS = frozenset({M.RSA_PKCS, M.RSA_X_509, M.RSA_PKCS_PSS, *RSA_PKCS_HASH,
-                            *RSA_PSS_HASH})
+RSA_SIGN_MECHS = frozenset({M.RSA_PKCS, M.RSA_X_509, M.RSA_PKCS_PSS, *HASH_OF_RSA_PKCS,
+                            *HASH_OF_RSA_PSS})
 RSA_CRYPT_MECHS = frozenset({M.RSA_PKCS, M.RSA_PKCS_OAEP, M.RSA_X_509})
 GCM_IV_LEN = 12
 RSA_BATCH_THREADS = 2  # a batch of two or more RSA signatures splits over this many C threads
@@ -76,9 +68,9 @@ def _prehashed() -> dict[int, Any]:
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-    return {n: ec.ECDSA(Prehashed(h)) for n, h in
-            ((20, hashes.SHA1()), (28, hashes.SHA224()), (32, hashes.SHA256()),
-             (48, hashes.SHA384()), (64, hashes.SHA512()))}
+    algorithms: tuple[hashes.HashAlgorithm, ...] = (
+        hashes.SHA1(), hashes.SHA224(), hashes.SHA256(), hashes.SHA384(), hashes.SHA512())
+    return {h.digest_size: ec.ECDSA(Prehashed(h)) for h in algorithms}
 
 
 _PREHASHED = _prehashed()
@@ -88,14 +80,14 @@ Loader = Callable[[], Awaitable[Ctx]]
 
 
 def hash_name(mech: int) -> str:
-    name: str | None = HASH_NAMES.get(mech)  # type: ignore[call-overload]
+    name = HASH_OF_MECHANISM.get(mech)
     if name is None:
         raise Pkcs11Error(RV.MECHANISM_PARAM_INVALID, "unsupported hash in mechanism parameter")
     return name
 
 
 def mgf_name(mgf: int) -> str:
-    name: str | None = MGF_NAMES.get(mgf)  # type: ignore[call-overload]
+    name = HASH_OF_MGF.get(mgf)
     if name is None:
         raise Pkcs11Error(RV.MECHANISM_PARAM_INVALID, "unsupported MGF in mechanism parameter")
     return name
@@ -158,14 +150,14 @@ def rsa_sign(key: RsaPrivateKey, mech: int, param: object, data: bytes) -> bytes
     try:
         if mech == M.RSA_PKCS:
             return key.sign_pkcs1v15(data, None)
-        if mech in RSA_PKCS_HASH:
-            h = RSA_PKCS_HASH[mech]  # type: ignore[index]
+        if mech in HASH_OF_RSA_PKCS:
+            h = HASH_OF_RSA_PKCS[mech]
             return key.sign_pkcs1v15(hashlib.new(h, data).digest(), h)
         if mech == M.RSA_PKCS_PSS:
             h, mgf, salt = _pss(param, None)
             return key.sign_pss(data, h, mgf, salt)
-        if mech in RSA_PSS_HASH:
-            h, mgf, salt = _pss(param, RSA_PSS_HASH[mech])  # type: ignore[index]
+        if mech in HASH_OF_RSA_PSS:
+            h, mgf, salt = _pss(param, HASH_OF_RSA_PSS[mech])
             return key.sign_pss(hashlib.new(h, data).digest(), h, mgf, salt)
         if mech == M.RSA_X_509:
             return key.sign_raw(_pad_raw(key, data))
@@ -180,14 +172,14 @@ def rsa_verify(key: RsaPublicKey, mech: int, param: object, data: bytes, sig: by
     try:
         if mech == M.RSA_PKCS:
             key.verify_pkcs1v15(sig, data, None)
-        elif mech in RSA_PKCS_HASH:
-            h = RSA_PKCS_HASH[mech]  # type: ignore[index]
+        elif mech in HASH_OF_RSA_PKCS:
+            h = HASH_OF_RSA_PKCS[mech]
             key.verify_pkcs1v15(sig, hashlib.new(h, data).digest(), h)
         elif mech == M.RSA_PKCS_PSS:
             h, mgf, salt = _pss(param, None)
             key.verify_pss(sig, data, h, mgf, salt)
-        elif mech in RSA_PSS_HASH:
-            h, mgf, salt = _pss(param, RSA_PSS_HASH[mech])  # type: ignore[index]
+        elif mech in HASH_OF_RSA_PSS:
+            h, mgf, salt = _pss(param, HASH_OF_RSA_PSS[mech])
             key.verify_pss(sig, hashlib.new(h, data).digest(), h, mgf, salt)
         elif mech == M.RSA_X_509:
             if key.encrypt_raw(sig) != _pad_raw(key, data):
@@ -338,8 +330,8 @@ class SignBatcher:
 
 def pkcs1_batchable(mech: int, data: bytes) -> tuple[bytes, str | None] | None:
     """(input, hash) for a signature the batcher can take, else None."""
-    if mech in RSA_PKCS_HASH:
-        h = RSA_PKCS_HASH[mech]  # type: ignore[index]
+    if mech in HASH_OF_RSA_PKCS:
+        h = HASH_OF_RSA_PKCS[mech]
         return hashlib.new(h, data).digest(), h
     if mech == M.RSA_PKCS:
         return data, None

@@ -17,20 +17,9 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.cmac import CMAC
 
-from hsmsim.pkcs11.constants import KDF, RV, Mechanism as M
+from hsmsim.pkcs11.constants import RV, Mechanism as M
 from hsmsim.pkcs11.errors import Pkcs11Error
-
-# CK_EC_KDF_TYPE -> hash: the standard X9.63 KDFs and CloudHSM's vendor ones compute the same.
-# FIDELITY: the CKD_CLOUDHSM_X963_*_KDF values (VENDOR_DEFINED | 1..5, hsmsim/pkcs11/
-# constants.py) are not verified: CloudHSM's installed header defines them, the public AWS
-# sample header does not. The standard CKD_SHA*_KDF values are accepted too.
-X963_HASHES: dict[int, str] = {
-    KDF.SHA1_KDF: "sha1", KDF.SHA224_KDF: "sha224", KDF.SHA256_KDF: "sha256",
-    KDF.SHA384_KDF: "sha384", KDF.SHA512_KDF: "sha512",
-    KDF.CLOUDHSM_X963_SHA1_KDF: "sha1", KDF.CLOUDHSM_X963_SHA224_KDF: "sha224",
-    KDF.CLOUDHSM_X963_SHA256_KDF: "sha256", KDF.CLOUDHSM_X963_SHA384_KDF: "sha384",
-    KDF.CLOUDHSM_X963_SHA512_KDF: "sha512",
-}
+from hsmsim.pkcs11.mechanisms import HASH_OF_HMAC
 
 MAX_OUTPUT = 800  # the largest secret key the node creates (generic secret)
 
@@ -82,10 +71,7 @@ DKM_SUM_OF_KEYS, DKM_SUM_OF_SEGMENTS = 1, 2
 COUNTER_WIDTHS = (16, 32)  # "Only supported counter widths are 16 and 32" (CloudHSM samples)
 DKM_WIDTHS = (8, 16, 32, 64)  # "Only supported DKM widths are 8, 16, 32 and 64"
 
-PRF_HASHES: dict[int, str] = {M.SHA_1_HMAC: "sha1", M.SHA224_HMAC: "sha224",
-                              M.SHA256_HMAC: "sha256", M.SHA384_HMAC: "sha384",
-                              M.SHA512_HMAC: "sha512"}
-PRFS = frozenset({*PRF_HASHES, M.AES_CMAC})
+PRFS = frozenset({*HASH_OF_HMAC, M.AES_CMAC})  # HMAC-SHA* (hashes: the mechanism table) or AES-CMAC
 
 
 @dataclass(frozen=True)
@@ -184,7 +170,7 @@ def _legacy(params: list[tuple[int, bytes]]) -> list[Segment]:
 
 
 def _prf(prf: int, key: bytes) -> tuple[Callable[[bytes], bytes], int]:
-    name = PRF_HASHES.get(prf)
+    name = HASH_OF_HMAC.get(prf)
     if name is not None:
         return (lambda data: hmac.new(key, data, name).digest()), hashlib.new(name).digest_size
     if len(key) not in (16, 24, 32):

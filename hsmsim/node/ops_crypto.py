@@ -25,22 +25,16 @@ from hsmsim.node.softhsm import raw_template
 from hsmsim.pkcs11.constants import (RV, Attribute as A, KeyType, Mechanism as M,
                                      ObjectClass)
 from hsmsim.pkcs11.errors import Pkcs11Error
+from hsmsim.pkcs11.mechanisms import HASH_OF_ECDSA, HASH_OF_HMAC, HASH_OF_KDF, HASH_OF_MECHANISM
 from hsmsim.pkcs11.params import Ecdh1Params, GcmParams, MechanismSpec, RawParams, RsaAesKeyWrapParams
 
 MAX_RANDOM = 64 * 1024
-DIGESTS = {M.SHA_1: "sha1", M.SHA224: "sha224", M.SHA256: "sha256", M.SHA384: "sha384",
-           M.SHA512: "sha512"}
-ECDSA_HASH = {M.ECDSA_SHA1: "sha1", M.ECDSA_SHA224: "sha224", M.ECDSA_SHA256: "sha256",
-              M.ECDSA_SHA384: "sha384", M.ECDSA_SHA512: "sha512"}
 AES_WRAPS = {M.AES_KEY_WRAP: M.AES_KEY_WRAP, M.AES_KEY_WRAP_PAD: M.AES_KEY_WRAP_PAD,
              M.CLOUDHSM_AES_KEY_WRAP_NO_PAD: M.AES_KEY_WRAP,
              M.CLOUDHSM_AES_KEY_WRAP_PKCS5_PAD: M.AES_KEY_WRAP_PAD}
 SOFTHSM_SYMMETRIC = {M.AES_CBC: KeyType.AES, M.AES_CBC_PAD: KeyType.AES, M.AES_ECB: KeyType.AES,
                      M.AES_CTR: KeyType.AES, M.DES3_ECB: KeyType.DES3, M.DES3_CBC: KeyType.DES3,
                      M.DES3_CBC_PAD: KeyType.DES3}
-HMAC_HASHES = {M.SHA_1_HMAC: "sha1", M.SHA224_HMAC: "sha224", M.SHA256_HMAC: "sha256",
-               M.SHA384_HMAC: "sha384", M.SHA512_HMAC: "sha512"}
-HMACS = frozenset(HMAC_HASHES)
 RSA_WRAPS = frozenset({M.RSA_PKCS_OAEP, M.RSA_PKCS, M.RSA_AES_KEY_WRAP})
 RSA_AES_KEY_BITS = (128, 192, 256)
 
@@ -187,15 +181,15 @@ class CryptoOps(Ops):
     def _softhsm_sign_mech(self, r: ObjectRecord, mech: MechanismSpec,
                            data: bytes) -> tuple[MechanismSpec, bytes]:
         m = mech.mechanism
-        if m == M.ECDSA or m in ECDSA_HASH:
+        if m == M.ECDSA or m in HASH_OF_ECDSA:
             if r.key_type != KeyType.EC:
                 raise Pkcs11Error(RV.KEY_TYPE_INCONSISTENT, "ECDSA needs an EC key")
-            if m in ECDSA_HASH:
+            if m in HASH_OF_ECDSA:
                 # Hash in the node, sign the digest with CKM_ECDSA: same signature.
                 return (MechanismSpec(M.ECDSA),
-                        hashlib.new(ECDSA_HASH[m], data).digest())  # type: ignore[index]
+                        hashlib.new(HASH_OF_ECDSA[m], data).digest())
             return mech, data
-        if m in HMACS:
+        if m in HASH_OF_HMAC:
             if r.cls != ObjectClass.SECRET_KEY:
                 raise Pkcs11Error(RV.KEY_TYPE_INCONSISTENT, "HMAC needs a secret key")
             return mech, data
@@ -209,7 +203,7 @@ class CryptoOps(Ops):
         """HMAC computed by the node on the key loaded by unmasking, where SoftHSM2 would refuse
         a key CloudHSM takes: AES keys, and keys shorter than the digest (SoftHSM2 answers
         CKR_KEY_SIZE_RANGE). None: SoftHSM2 computes it, as for every other HMAC key."""
-        name = HMAC_HASHES.get(mech.mechanism)  # type: ignore[call-overload]
+        name = HASH_OF_HMAC.get(mech.mechanism)
         if name is None or r.cls != ObjectClass.SECRET_KEY:
             return None
         short = (value_len(r) or 0) < hashlib.new(name).digest_size
@@ -279,7 +273,7 @@ class CryptoOps(Ops):
 
     async def digest(self, f: Fields) -> bytes:
         mech, data = f.mech(), f.bytes("data")
-        if mech.mechanism not in DIGESTS or mech.param is not None:
+        if mech.mechanism not in HASH_OF_MECHANISM or mech.param is not None:
             raise Pkcs11Error(RV.MECHANISM_INVALID, f"mechanism 0x{mech.mechanism:x} is not a digest")
         return await self.ks.in_hsm(self.ks.hsm.digest, mech, data)
 
@@ -487,7 +481,7 @@ class CryptoOps(Ops):
             # KDF it lacks.
             if not isinstance(p, Ecdh1Params):
                 raise Pkcs11Error(RV.MECHANISM_PARAM_INVALID, "ECDH needs CK_ECDH1_DERIVE_PARAMS")
-            name = kdf.X963_HASHES.get(p.kdf)
+            name = HASH_OF_KDF.get(p.kdf)
             if name is None:
                 raise Pkcs11Error(RV.MECHANISM_PARAM_INVALID, f"unsupported ECDH KDF 0x{p.kdf:x} "
                                   "(CloudHSM: CKD_CLOUDHSM_X963_SHA*_KDF only)")
