@@ -111,7 +111,11 @@ async def modify_cluster(p: Plane, region: str, a: dict[str, Any]) -> dict[str, 
 # -- backups ---------------------------------------------------------------------------------------
 async def describe_backups(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
     f = _filters(a.get("Filters"), ("backupIds", "sourceBackupIds", "clusterIds", "states", "neverExpires"))
-    views = [p.backup_view(m) for m in p.backups_in(region)]
+    metas = sorted(p.backups_in(region), key=lambda m: (str(m.get("created", "")), m.get("_order", 0),
+                                                        "_copy" in m, str(m["backup_id"])))
+    if not a.get("SortAscending", False):
+        metas.reverse()
+    views = [p.backup_view(m) for m in metas]
     if "backupIds" in f:
         views = [v for v in views if v["BackupId"] in f["backupIds"]]
     if "sourceBackupIds" in f:
@@ -123,7 +127,6 @@ async def describe_backups(p: Plane, region: str, a: dict[str, Any]) -> dict[str
     if "neverExpires" in f:
         want = {x.lower() == "true" for x in f["neverExpires"]}
         views = [v for v in views if v["NeverExpires"] in want]
-    views.sort(key=lambda v: (v["CreateTimestamp"], v["BackupId"]), reverse=not a.get("SortAscending", False))
     items, nxt = page(views, a.get("NextToken"), a.get("MaxResults", 50), "backups")
     return {"Backups": items, "NextToken": nxt}
 

@@ -16,7 +16,6 @@ import datetime as _dt
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable, Coroutine
@@ -338,33 +337,28 @@ class Plane:
         """The first HSM of a cluster hosted here: a new cluster directory (or the one its
         last HSM left, or a restore of its source backup), then its nested daemon."""
         sub = self.cluster_dir(cid)
-        hsm_id = new_id("hsm-")
         if sub.exists():
-            # the cluster's last HSM was deleted: its token comes back in the new HSM, as
-            # CloudHSM restores a cluster's newest backup into it
+            # The cluster's last HSM was deleted: its token comes back in the new HSM, as
+            # CloudHSM restores a cluster's newest backup into it. FIDELITY: the HSM keeps its
+            # old id (a node's token is keyed to its HSM id), in the AZ asked for now.
             spec = sub.load_spec()
-            old = rec.get("parked") or (spec.hsms[0].hsm_id if spec.hsms else None)
-            if old and sub.node_dir(old).exists():
-                os.rename(sub.node_dir(old), sub.node_dir(hsm_id))
+            hsm_id = str(rec.get("parked") or spec.hsms[0].hsm_id)
             sub.save_spec(spec.with_hsms([HsmSpec(hsm_id, az)]))
-            prepare: Coroutine[Any, Any, None] | None = None
         elif rec.get("source_backup"):
-            prepare = self._restore(cid, rec, sub, hsm_id, az)
+            hsm_id = await self._restore(cid, rec, sub, az)
         else:
+            hsm_id = new_id("hsm-")
             new = prepare_new_cluster(sub, [az], 1, None, None)
             spec = replace(new.spec, cluster_id=cid, hsms=(HsmSpec(hsm_id, az),),
                            hsm_type=rec["hsm_type"], mode=rec.get("mode", "FIPS"))
             atomic_write(sub.init_marker, spec.to_json())
             rec["csr"] = self._csr(cid)
-            prepare = None
         rec.pop("parked", None)
         self.save()
         self.pending.setdefault(cid, {})[hsm_id] = (az, CREATE_IN_PROGRESS)
 
         async def run() -> None:
             try:
-                if prepare is not None:
-                    await prepare
                 await self.host(cid)
             except BaseException:
                 if not sub.exists():
@@ -375,10 +369,11 @@ class Plane:
         self.spawn(run(), f"CreateHsm in {cid}")
         return next(h for h in self.hsms(cid) if h["HsmId"] == hsm_id)
 
-    async def _restore(self, cid: str, rec: dict[str, Any], sub: StateDir, hsm_id: str, az: str) -> None:
+    async def _restore(self, cid: str, rec: dict[str, Any], sub: StateDir, az: str) -> str:
         """A cluster from a backup: the backup's owner restores it into `sub` (its HSMs hand
         over the masking key), then the restored directory is given this cluster's id and one
-        HSM in `az`."""
+        HSM, in `az`; its id is returned. FIDELITY: this runs within CreateHsm's request (a
+        few seconds), as the HSM's id is its restored token's."""
         bid = str(rec["source_backup"])
         bid = self.data["copies"].get(bid, {}).get("source_backup", bid)
         meta = self.backup_meta(bid)
@@ -392,8 +387,8 @@ class Plane:
         keep = spec.hsms[0].hsm_id
         for h in spec.hsms[1:]:
             shutil.rmtree(sub.node_dir(h.hsm_id), ignore_errors=True)
-        os.rename(sub.node_dir(keep), sub.node_dir(hsm_id))
-        sub.save_spec(replace(spec, cluster_id=cid, hsms=(HsmSpec(hsm_id, az),)))
+        sub.save_spec(replace(spec, cluster_id=cid, hsms=(HsmSpec(keep, az),)))
+        return keep
 
     async def host(self, cid: str) -> None:
         """Serve cluster `cid` from this process: a nested daemon (cluster, supervisor, control
@@ -556,6 +551,10 @@ class Plane:
                     continue
                 meta = dict(meta)
                 meta["_region"], meta["_owner"] = rec["region"], cid
+                try:  # `created` has whole seconds; the file's time orders backups of one second
+                    meta["_order"] = (self.cluster_dir(cid).backups / f"{meta['backup_id']}.json").stat().st_mtime_ns
+                except OSError:
+                    meta["_order"] = 0
                 out[str(meta["backup_id"])] = meta
         for bid, copy in self.data["copies"].items():
             src = out.get(str(copy["source_backup"]))
@@ -581,7 +580,8 @@ class Plane:
             "CreateTimestamp": _ts(_parse_utc(str(meta.get("created", "")))),
             "NeverExpires": bool(attrs.get("never_expires", False)),
             "HsmType": meta.get("hsm_type"), "Mode": meta.get("mode"),
-            "DeleteTimestamp": _ts(float(deleted)) if deleted else None,
+            # when the backup will be gone for good: 7 days after DeleteBackup
+            "DeleteTimestamp": _ts(float(deleted) + PENDING_DELETION_DAYS * 86400) if deleted else None,
             "TagList": _tag_list(self.data["tags"].get(bid, {})) or None}
         if copy is not None:
             view.update({"CopyTimestamp": _ts(float(copy["created"])), "SourceRegion": copy["source_region"],
