@@ -12,6 +12,7 @@ from pathlib import Path
 
 from hsmsim import aio
 from hsmsim.config import environ
+from hsmsim.daemon.launch import EXTRA_SERVICES
 from hsmsim.daemon.main import DaemonOptions, serve, setup_logging
 from hsmsim.errors import ConfigError
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         ready_fd = None
 
     opts = DaemonOptions(state, Path(args.config).absolute() if args.config else None,
-                         tuple(overrides))
+                         tuple(overrides), extra_services=EXTRA_SERVICES)
     try:
         return aio.run(serve(opts, environ(),
                              lambda info: report({"ok": True, **info}),

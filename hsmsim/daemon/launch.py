@@ -5,6 +5,7 @@ to stop, and stopping node processes a crashed daemon left behind."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import signal
@@ -18,10 +19,31 @@ from typing import Any
 from hsmsim import aio, files
 from hsmsim.cluster.members import Member
 from hsmsim.cluster.state import StateDir, StateError
-from hsmsim.daemon.main import DaemonOptions, read_pid, serve, setup_logging
+from hsmsim.cloudhsm.server import start_cloudhsm
+from hsmsim.daemon.main import Daemon, DaemonOptions, read_pid, serve, setup_logging
 from hsmsim.errors import ConfigError, HsmsimError
 
+log = logging.getLogger("hsmsim.daemon")
+
 READY_TIMEOUT = 60.0
+
+
+async def start_cloudhsm_endpoint(d: Daemon) -> None:
+    """The CloudHSMv2 control plane (docs/cloudhsmv2.md): this cluster and the ones it creates.
+    Started from here, not by the daemon itself: the plane hosts nested daemons, so it imports
+    the daemon, and the daemon importing it back would be an import cycle."""
+    try:
+        chsm = await start_cloudhsm(d, d.warnings)
+        d.services["cloudhsm"] = chsm
+        d.endpoints["cloudhsm"] = chsm.url
+    except Exception as exc:
+        log.exception("the CloudHSMv2 endpoint failed to start")
+        d.warnings.append(f"the CloudHSMv2 endpoint did not start: {exc} (choose another "
+                          "port with [cloudhsm] port in hsmsim.toml or HSMSIM_CLOUDHSM_PORT)")
+
+
+# What a launched daemon (`hsmsim up`, detached or not) serves beside the gateway and the KMS.
+EXTRA_SERVICES = (start_cloudhsm_endpoint,)
 
 
 class LaunchError(HsmsimError):
@@ -83,7 +105,8 @@ def run_foreground(state: StateDir, config: str | None, overrides: Sequence[str]
     setup_logging(state.log_file)
     errors: list[str] = []
     ov = tuple((o.split("=", 1)[0], o.split("=", 1)[1]) for o in overrides)
-    opts = DaemonOptions(state.root, Path(config).absolute() if config else None, ov)
+    opts = DaemonOptions(state.root, Path(config).absolute() if config else None, ov,
+                         extra_services=EXTRA_SERVICES)
     try:
         code = aio.run(serve(opts, environ, on_ready, errors.append))
     except KeyboardInterrupt:

@@ -11,7 +11,7 @@ import logging
 import os
 import resource
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,9 @@ class DaemonOptions:
     config_file: Path | None = None
     cluster_overrides: tuple[tuple[str, Any], ...] = ()
     services: bool = True  # start the gateway and the KMS (tests of the cluster alone: False)
+    # Started after the KMS when `services` (hsmsim.daemon.launch.EXTRA_SERVICES); each records
+    # its service, endpoint and warnings on the daemon.
+    extra_services: tuple[Callable[[Daemon], Awaitable[None]], ...] = ()
 
 
 def read_pid(state: StateDir) -> int | None:
@@ -216,16 +219,10 @@ class Daemon:
             log.exception("the KMS endpoint failed to start")
             self.warnings.append(f"the KMS endpoint did not start: {exc} (choose another "
                                  "port with [kms] port in hsmsim.toml or HSMSIM_KMS_PORT)")
-        # The CloudHSMv2 control plane (docs/cloudhsmv2.md): this cluster and the ones it creates.
-        from hsmsim.cloudhsm.server import start_cloudhsm
-        try:
-            chsm = await start_cloudhsm(self, self.warnings)
-            self.services["cloudhsm"] = chsm
-            self.endpoints["cloudhsm"] = chsm.url
-        except Exception as exc:
-            log.exception("the CloudHSMv2 endpoint failed to start")
-            self.warnings.append(f"the CloudHSMv2 endpoint did not start: {exc} (choose another "
-                                 "port with [cloudhsm] port in hsmsim.toml or HSMSIM_CLOUDHSM_PORT)")
+        # The services above the daemon (the CloudHSMv2 endpoint, which hosts nested daemons):
+        # given by whoever launches it (hsmsim.daemon.launch), so this module does not know them.
+        for start in self.opts.extra_services:
+            await start(self)
 
     async def close(self) -> None:
         for name, svc in list(self.services.items()):
