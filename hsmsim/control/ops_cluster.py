@@ -67,8 +67,9 @@ async def hsm_remove(ctx: ControlContext, args: dict[str, Any], p: Progress) -> 
     sup.member(hsm_id)
     await sup.remove_hsm(hsm_id)
     # CloudHSM backs a cluster up when an HSM leaves it; taken after the removal so that the
-    # backup's AZs (what a restore recreates) are the cluster's from now on. A failure is the
-    # caller's to know: the HSM stays removed, and the error says so.
+    # backup's AZs (what a restore recreates) are the cluster's from now on.
+    # FIDELITY: a failed backup fails the call (CloudHSM's are made in the background, and
+    # DeleteHsm does not report them); the HSM stays removed, and the error says so.
     try:
         await create_backup(c, ctx.state, reason="hsm remove", progress=None)
     except (HsmsimError, OSError) as exc:

@@ -4,7 +4,6 @@ users; list, share, unshare and delete keys (each logs in for the one operation)
 from __future__ import annotations
 
 import urllib.parse
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from hsmsim.cluster.api import Login
