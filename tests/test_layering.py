@@ -1,5 +1,6 @@
 """The package's layers import only downward (STYLE.md): core < PKCS#11 vocabulary < node <
-cluster < gateway | kms < control, daemon < cli, testing, tls, bench."""
+cluster < gateway | kms < control, daemon < cli, testing, tls, bench; and no modules import one
+another in a cycle, inside one area either (test_no_import_cycles)."""
 
 from __future__ import annotations
 
