@@ -78,7 +78,7 @@ def _init_direct(gw: Gateway, app: Application, s: Session, kind: OpKind, mech: 
         return _init_direct_slow(gw, app, s, kind, mech, info, key, validated)
     hasher = hashlib.new(info.hash) if info.hash else None
     rv, body = operations.start(s, kind, mech, info, key, hasher)
-    return rv, body + gw.routes.section(s.ops[kind], routes)
+    return rv, body + gw.routes.section(app, s.ops[kind], routes)
 
 
 async def _init_direct_slow(gw: Gateway, app: Application, s: Session, kind: OpKind,
@@ -92,7 +92,7 @@ async def _init_direct_slow(gw: Gateway, app: Application, s: Session, kind: OpK
         raise err(RV.OPERATION_ACTIVE, f"a {kind.value} operation is already active")
     hasher = hashlib.new(info.hash) if info.hash else None
     rv, body = operations.start(s, kind, mech, info, key, hasher)
-    return rv, body + gw.routes.section(s.ops[kind], routes)
+    return rv, body + gw.routes.section(app, s.ops[kind], routes)
 
 
 async def _init_after_check(gw: Gateway, app: Application, s: Session, kind: OpKind,

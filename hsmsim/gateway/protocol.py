@@ -16,8 +16,11 @@ MAJOR = 1
 # 1.1: outspec 2 (a length query that also returns the result); 1.2: EncryptInit returns the GCM IV;
 # 1.3: Sign/Verify/Encrypt/DecryptInit return the HSMs for the direct data path, and request flag
 # DIRECT_DONE (docs/direct-protocol.md)
-MINOR = 3
+MINOR = 4
 DIRECT_MINOR = 3
+# 1.4: an application connected over TLS is offered the HSMs' TCP+TLS direct listeners
+# (tls:NAME@HOST:PORT in the direct section); before 1.4 it is offered none
+TLS_DIRECT_MINOR = 4
 # Request header flag: the session's operation of this opcode's kind was finished on an HSM
 # directly; the gateway ends it before handling the request.
 FLAG_DIRECT_DONE = 0x1

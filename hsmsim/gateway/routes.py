@@ -9,7 +9,7 @@ from typing import Any
 
 from hsmsim.gateway.config import GatewayConfig
 from hsmsim.gateway.multipart import PIECE
-from hsmsim.gateway.protocol import Op, Writer
+from hsmsim.gateway.protocol import TLS_DIRECT_MINOR, Op, Writer
 from hsmsim.gateway.state import Application, Operation, OpKind
 from hsmsim.node import codec as node_codec
 from hsmsim.node.direct import descriptor_mac, encode_descriptor
@@ -35,20 +35,33 @@ class DirectRoutes:
         self._descs: dict[tuple[Any, ...], bytes] = {}
         self._macs: dict[tuple[bytes, bytes], bytes] = {}
 
-    def section(self, op: Operation, routes: list[Any]) -> bytes:
+    def section(self, app: Application, op: Operation, routes: list[Any]) -> bytes:
         w = Writer()
-        if not routes:
+        # a route's address lists the node's listeners (unix:PATH, then tls:NAME@HOST:PORT):
+        # an application connected over TLS gets the TLS one (protocol 1.4; none before), a
+        # local one the Unix socket (docs/direct-protocol.md)
+        if app.remote:
+            want = "tls:" if app.minor >= TLS_DIRECT_MINOR else None
+        else:
+            want = "unix:"
+        picked = []
+        for route in routes:
+            for a in route.address.split(" "):
+                if want is not None and a.startswith(want):
+                    picked.append((a.removeprefix("unix:"), route))
+                    break
+        if not picked:
             return w.u8(0).done()
         desc = self.descriptor(op)
-        w.u8(len(routes)).bytes(desc)
+        w.u8(len(picked)).bytes(desc)
         macs = self._macs
         if len(macs) > 65536:
             macs.clear()
-        for route in routes:
+        for address, route in picked:
             mac = macs.get((desc, route.ticket))
             if mac is None:
                 mac = macs[(desc, route.ticket)] = descriptor_mac(route.key, desc)
-            w.bytes(route.address.removeprefix("unix:").encode()).bytes(route.ticket)
+            w.bytes(address.encode()).bytes(route.ticket)
             w.bytes(mac).u32(max(1, int(route.timeout_s * 1000)))
         return w.done()
 

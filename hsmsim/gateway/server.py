@@ -174,6 +174,7 @@ class Connection(asyncio.Protocol):
         app = self.gw.apps.get(hello.app_token) if hello.app_token else None
         if app is None:
             app = Application(new_token(), hello.pid)
+            app.remote = self.transport is not None and self.transport.get_extra_info("sslcontext") is not None
             self.gw.apps[app.token] = app
         app.connections += 1
         app.minor = hello.minor

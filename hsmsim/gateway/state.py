@@ -78,6 +78,7 @@ class Application:
         self.sessions: dict[int, Session] = {}
         self.connections = 0
         self.minor = 0  # the module's protocol minor version (1.3: the direct data path)
+        self.remote = False  # connected over TLS: direct calls go to the nodes' TLS listeners
 
     def session(self, handle: int) -> Session:
         s = self.sessions.get(handle)

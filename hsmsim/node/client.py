@@ -472,10 +472,13 @@ class NodeClient:
         return dict(await self.call("set_fault", **fields))
 
     async def direct_ticket(self, login_id: int) -> tuple[bytes, bytes, str]:
-        """(ticket, descriptor key, direct address) bound to `login_id` on this node
-        (docs/direct-protocol.md); the ticket dies with the login."""
+        """(ticket, descriptor key, direct addresses) bound to `login_id` on this node
+        (docs/direct-protocol.md); the ticket dies with the login. The addresses are the Unix
+        listener's (unix:PATH) and, when the node has one, the TCP+TLS listener's
+        (tls:NAME@HOST:PORT), separated by a space."""
         r = await self.call("direct_ticket", login_id=login_id)
-        return bytes(r["ticket"]), bytes(r["key"]), str(r["address"])
+        addresses = " ".join(a for a in (str(r["address"]), str(r.get("tls_address") or "")) if a)
+        return bytes(r["ticket"]), bytes(r["key"]), addresses
 
     async def counters(self) -> dict[str, int]:
         """Fault and direct-path counters: delayed, throttled, direct_calls, direct_fallbacks,

@@ -16,3 +16,6 @@ class NodeConfig:
     # creation, which is file-I/O bound and overlaps well.
     softhsm_threads: int = 4
     softhsm_log_level: str = "ERROR"
+    # The direct data path over TCP+TLS for remote applications (docs/direct-protocol.md):
+    # auto (this HSM's own loopback address 127.A.B.C on port 2223), off, or HOST:PORT.
+    direct_tls_listen: str = "auto"

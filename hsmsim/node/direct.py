@@ -27,10 +27,13 @@ import msgpack
 from hsmsim.node import codec, protocol
 from hsmsim.node.codec import Fields
 from hsmsim.node.context import Conn
+from hsmsim.node.direct_tls import HandshakeLog, TlsAccept
 from hsmsim.pkcs11.constants import RV
 from hsmsim.pkcs11.errors import Pkcs11Error
 
 if TYPE_CHECKING:
+    import ssl
+
     from hsmsim.node.server import NodeServer
 
 log = logging.getLogger("hsmsim.node.direct")
@@ -99,12 +102,18 @@ class DirectService:
         self.server = server
         self.tickets: dict[bytes, tuple[int, bytes]] = {}  # ticket -> (login id, descriptor key)
         self.address: str | None = None
+        # the TCP+TLS listener (direct_tls.py): "tls:NAME@HOST:PORT" as given to modules
+        self.tls_address: str | None = None
         self.connections: set[_DirectConnection] = set()
+        self.handshaking = 0  # TCP connections still in their TLS handshake (count to the cap)
+        self.handshakes = HandshakeLog()
         self.calls = 0  # direct calls answered (any result), for tests and the bench
+        self.tls_calls = 0  # of which over TCP+TLS
         self.fallbacks = 0
         self.delayed = 0  # direct calls that waited for injected latency
         self._descs: dict[bytes, Descriptor] = {}
         self._srv: asyncio.AbstractServer | None = None
+        self._tls_srv: asyncio.AbstractServer | None = None
 
     # -- tickets (node protocol op `direct_ticket`, cluster principal) ---------------------------
     def issue(self, login_id: int) -> dict[str, Any]:
@@ -117,7 +126,8 @@ class DirectService:
             self.tickets = {t: v for t, v in self.tickets.items() if v[0] in live}
         ticket, key = os.urandom(TICKET_LEN), os.urandom(32)
         self.tickets[ticket] = (login_id, key)
-        return {"ticket": ticket, "key": key, "address": self.address}
+        return {"ticket": ticket, "key": key, "address": self.address,
+                "tls_address": self.tls_address or ""}
 
     # -- listening ----------------------------------------------------------------------------------
     async def listen(self, path: str) -> str:
@@ -136,6 +146,32 @@ class DirectService:
         self.address = f"unix:{path}"
         return self.address
 
+    async def listen_tls(self, candidates: list[tuple[str, int]], ctx: "ssl.SSLContext",
+                         name: str) -> str:
+        """The TCP+TLS listener on the first of `candidates` (host, port) that binds; returns
+        its address, tls:HOST:PORT. Module connections verify the certificate names `name`."""
+        loop = asyncio.get_running_loop()
+        err: OSError | None = None
+        for host, port in candidates:
+            try:
+                self._tls_srv = await loop.create_server(lambda: TlsAccept(self, ctx), host, port)
+            except OSError as exc:
+                err = exc
+                continue
+            h, p = self._tls_srv.sockets[0].getsockname()[:2]
+            where = f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
+            self.tls_address = f"tls:{name}@{where}"
+            return f"tls:{where}"
+        assert err is not None
+        raise err
+
+    def admit(self) -> bool:
+        """Whether a new connection may be served: not while partitioned, and at most the
+        node's max_connections direct connections (both listeners, handshakes included)."""
+        if self.server.faults.partitioned:
+            return False
+        return len(self.connections) + self.handshaking < self.server.max_connections
+
     def partition(self) -> None:
         """A partition cuts the module off too: every direct connection closes (new ones are
         closed at once while the partition lasts)."""
@@ -143,13 +179,15 @@ class DirectService:
             c.abort()
 
     async def close(self) -> None:
-        if self._srv is not None:
-            self._srv.close()
+        for srv in (self._srv, self._tls_srv):
+            if srv is not None:
+                srv.close()
         for c in list(self.connections):
             c.abort()
-        if self._srv is not None:
-            await self._srv.wait_closed()
-            self._srv = None
+        for srv in (self._srv, self._tls_srv):
+            if srv is not None:
+                await srv.wait_closed()
+        self._srv = self._tls_srv = None
 
     # -- calls ------------------------------------------------------------------------------------
     def _descriptor(self, raw: bytes) -> Descriptor:
@@ -222,8 +260,9 @@ class _DirectConnection(asyncio.Protocol):
     """One module connection: a version handshake, then requests answered in order of
     completion (each carries its id)."""
 
-    def __init__(self, svc: DirectService) -> None:
+    def __init__(self, svc: DirectService, tls: bool = False) -> None:
         self.svc = svc
+        self.tls = tls  # over TCP+TLS (admitted by direct_tls.TlsAccept)
         self.buf = bytearray()
         self.transport: asyncio.Transport | None = None
         self.greeted = False
@@ -232,7 +271,7 @@ class _DirectConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        if self.svc.server.faults.partitioned:
+        if self.svc.server.faults.partitioned or (not self.tls and not self.svc.admit()):
             self.abort()
             return
         self.svc.connections.add(self)
@@ -283,6 +322,8 @@ class _DirectConnection(asyncio.Protocol):
         except (struct.error, ValueError):
             self.abort()  # a malformed request: close, as the node protocol does
             return
+        if self.tls:
+            self.svc.tls_calls += 1
         task = asyncio.get_running_loop().create_task(self._answer(rid, verb, *fields))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)

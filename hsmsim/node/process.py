@@ -17,12 +17,14 @@ import os
 import re
 import signal
 import sqlite3
+import ssl
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from hsmsim import aio, files
 from hsmsim.errors import ConfigError, HsmsimError
+from hsmsim.node import direct_tls
 from hsmsim.node.audit import AuditLog
 from hsmsim.node.config import NodeConfig
 from hsmsim.node.index import IndexStore
@@ -170,6 +172,7 @@ class Node:
         if self.opts.tls_ca and self.opts.tls_cert and self.opts.tls_key:
             ctx = server_context(self.opts.tls_ca, self.opts.tls_cert, self.opts.tls_key)
         bound = await self.server.listen(self.opts.listen, ctx)
+        await self._direct_tls()
         print(f"READY {bound}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -180,6 +183,20 @@ class Node:
         await stop.wait()
         await self.server.close()
         await self.keystore.drain()  # creations in flight end (or are undone) before exit
+
+    async def _direct_tls(self) -> None:
+        """The direct path's TCP+TLS listener (docs/direct-protocol.md), for remote
+        applications; without it (off, no cluster CA here, no address) they use the daemon."""
+        hsm_id = self.opts.hsm_id
+        address = None
+        try:
+            candidates = direct_tls.parse_listen(self.config.direct_tls_listen, hsm_id)
+            if candidates is not None:
+                ctx = direct_tls.server_context(self.opts.state, self.dir, hsm_id, [h for h, _ in candidates])
+                address = await self.server.direct.listen_tls(candidates, ctx, hsm_id)
+        except (OSError, ValueError, ssl.SSLError) as exc:
+            log.warning("no direct TLS listener: %s", exc)
+        direct_tls.write_address(self.dir, address)
 
     def close(self) -> None:
         self.keystore.close()

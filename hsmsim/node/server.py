@@ -83,7 +83,8 @@ class NodeServer:
             "counters": self._sync(lambda c_, f: {
                 "delayed": self.faults.delayed, "throttled": self.faults.throttled,
                 "direct_calls": self.direct.calls, "direct_fallbacks": self.direct.fallbacks,
-                "direct_delayed": self.direct.delayed}),
+                "direct_delayed": self.direct.delayed, "direct_tls_calls": self.direct.tls_calls,
+                "direct_tls_refused": self.direct.handshakes.failed}),
             "audit_read": self._sync(lambda c_, f: [
                 {"seq": r.seq, "time_us": r.time_us, "event": r.event, "fields": r.fields}
                 for r in s.audit.read(f.int("since_seq", 0), f.int("limit", 1000, lo=1,

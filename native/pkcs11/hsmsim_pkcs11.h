@@ -316,7 +316,8 @@ struct CK_FUNCTION_LIST {
 /* ---- wire protocol (docs/gateway-protocol.md) ------------------------------------------- */
 #define HSMSIM_PROTO_MAGIC 0x4D495348u /* "HSIM" little-endian */
 #define HSMSIM_PROTO_MAJOR 1
-#define HSMSIM_PROTO_MINOR 3 /* 1.3: the direct data path (docs/direct-protocol.md) */
+/* 1.3: the direct data path (docs/direct-protocol.md); 1.4: over TCP+TLS for a remote module */
+#define HSMSIM_PROTO_MINOR 4
 #define HS_FLAG_DIRECT_DONE 0x1
 #define HS_DIRECT_MAX_FRAME (1u << 20)
 #define HSMSIM_MAX_FRAME (64u * 1024u * 1024u)
@@ -371,7 +372,9 @@ void hs_atfork_child(void);
 #define HS_HDR_RESERVE 12
 CK_RV hs_call(uint16_t op, hs_wbuf *w, hs_rbuf *resp, uint8_t **mem);
 CK_RV hs_call_flags(uint16_t op, uint16_t flags, hs_wbuf *w, hs_rbuf *resp, uint8_t **mem);
-/* One direct call to a node (docs/direct-protocol.md). 0: answered (*rv, *fallback, *out of
+/* One direct call to a node (docs/direct-protocol.md) at `path`: a Unix socket path, or
+ * tls:NAME@HOST:PORT (TCP+TLS, the certificate checked against the daemon's trust anchor and
+ * NAME; only when the daemon itself is reached over TLS). 0: answered (*rv, *fallback, *out of
  * *outlen bytes, malloc'd); -1: the node could not be reached or did not answer in time. */
 int hs_node_call(const char *path, uint32_t timeout_ms, uint8_t verb, const uint8_t *ticket, size_t ticketlen,
                  const uint8_t *desc, size_t desclen, const uint8_t *mac, size_t maclen, const uint8_t *data,

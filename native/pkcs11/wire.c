@@ -499,9 +499,10 @@ CK_RV hs_call(uint16_t op, hs_wbuf *w, hs_rbuf *resp, uint8_t **mem) {
 
 
 /* ---- direct node connections (docs/direct-protocol.md) ------------------------------------
- * Pooled per node socket path; a connection is used by one thread at a time. Like the daemon
+ * Pooled per node address (a Unix socket path, or tls:NAME@HOST:PORT for a module that reaches
+ * the daemon over TLS); a connection is used by one thread at a time. Like the daemon
  * connections they belong to one library generation and one process: a forked child closes
- * its copies unused. */
+ * its copies (and frees their TLS state without a word to the node) unused. */
 #define NPOOL_MAX 64
 #define DP_MAGIC 0x50444D48u /* "HMDP" little-endian */
 #define DP_MAJOR 1
@@ -509,8 +510,9 @@ CK_RV hs_call(uint16_t op, hs_wbuf *w, hs_rbuf *resp, uint8_t **mem) {
 
 typedef struct {
     int fd;
+    SSL *ssl; /* TCP+TLS to the node, else NULL (Unix socket) */
     unsigned gen;
-    uint32_t timeout_ms; /* SO_RCVTIMEO in force */
+    uint32_t timeout_ms; /* SO_RCVTIMEO (and for TLS SO_SNDTIMEO) in force */
     char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
 } nconn_t;
 
@@ -520,17 +522,35 @@ static uint32_t g_nreqid;
 
 static void nconn_close(nconn_t *c) {
     if (!c) return;
-    close(c->fd);
+    if (c->ssl) SSL_free(c->ssl); /* no close_notify: the node treats EOF alike */
+    if (c->fd >= 0) close(c->fd);
     free(c);
 }
 
-/* Reads exactly n bytes, each recv bounded by the socket's SO_RCVTIMEO; -1 on error, EOF or
- * timeout (errno ETIMEDOUT: a silent node, the caller hands the call to the daemon). */
-static int n_read_all(int fd, uint8_t *p, size_t n) {
-    while (n) {
-        ssize_t m = recv(fd, p, n, 0);
+/* Reads what is there (at least one byte), bounded by SO_RCVTIMEO: the count, or -1 on error,
+ * EOF or timeout (errno ETIMEDOUT: a silent node, the caller hands the call to the daemon). */
+static ssize_t n_recv(nconn_t *c, uint8_t *p, size_t n) {
+    for (;;) {
+        errno = 0;
+        if (c->ssl) {
+            int m = SSL_read(c->ssl, p, n > INT32_MAX ? INT32_MAX : (int)n);
+            if (m > 0) return m;
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) errno = ETIMEDOUT;
+            ERR_clear_error();
+            return -1;
+        }
+        ssize_t m = recv(c->fd, p, n, 0);
         if (m < 0 && errno == EINTR) continue;
         if (m < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) errno = ETIMEDOUT;
+        return m > 0 ? m : -1;
+    }
+}
+
+/* Reads exactly n bytes (n_recv's errors). */
+static int n_read_all(nconn_t *c, uint8_t *p, size_t n) {
+    while (n) {
+        ssize_t m = n_recv(c, p, n);
         if (m <= 0) return -1;
         p += m;
         n -= (size_t)m;
@@ -542,19 +562,87 @@ static int n_timeout(nconn_t *c, uint32_t timeout_ms) {
     if (c->timeout_ms == timeout_ms) return 0;
     struct timeval tv = {(time_t)(timeout_ms / 1000), (suseconds_t)((timeout_ms % 1000) * 1000)};
     if (setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) != 0) return -1;
+    /* TCP: connect() and a stuck send are bounded too (a Unix peer answers or refuses) */
+    if (c->ssl && setsockopt(c->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) != 0) return -1;
     c->timeout_ms = timeout_ms;
     return 0;
 }
 
-static int n_write_all(int fd, const uint8_t *p, size_t n) {
+static int n_write_all(nconn_t *c, const uint8_t *p, size_t n) {
     while (n) {
-        ssize_t k = send(fd, p, n, MSG_NOSIGNAL);
-        if (k < 0) {
-            if (errno == EINTR) continue;
-            return -1;
+        ssize_t k;
+        if (c->ssl) {
+            int m = SSL_write(c->ssl, p, n > INT32_MAX ? INT32_MAX : (int)n);
+            if (m <= 0) {
+                ERR_clear_error();
+                return -1;
+            }
+            k = m;
+        } else {
+            k = send(c->fd, p, n, MSG_NOSIGNAL);
+            if (k < 0) {
+                if (errno == EINTR) continue;
+                return -1;
+            }
         }
         p += k;
         n -= (size_t)k;
+    }
+    return 0;
+}
+
+/* tls:NAME@HOST:PORT (HOST may be [v6]) into its parts; 0 on success. */
+static int n_parse_tls(const char *addr, char *name, size_t namelen, char *host, size_t hostlen, char *port,
+                       size_t portlen) {
+    const char *at = strchr(addr, '@');
+    const char *colon = strrchr(addr, ':');
+    if (!at || !colon || colon < at || at == addr || !colon[1]) return -1;
+    size_t nl = (size_t)(at - addr), hl = (size_t)(colon - at - 1);
+    const char *h = at + 1;
+    if (hl >= 2 && h[0] == '[' && h[hl - 1] == ']') {
+        h++;
+        hl -= 2;
+    }
+    if (!hl || nl >= namelen || hl >= hostlen || strlen(colon + 1) >= portlen) return -1;
+    memcpy(name, addr, nl);
+    name[nl] = 0;
+    memcpy(host, h, hl);
+    host[hl] = 0;
+    snprintf(port, portlen, "%s", colon + 1);
+    return 0;
+}
+
+/* A TCP connection to the node with TLS: its certificate must chain to the module's trust
+ * anchor (the daemon's, g_ctx) and name NAME (the HSM id). 0 on success. */
+static int n_connect_tls(nconn_t *c, const char *addr, uint32_t timeout_ms) {
+    char name[128], host[128], port[16];
+    if (!g_ctx || n_parse_tls(addr, name, sizeof name, host, sizeof host, port, sizeof port) != 0) return -1;
+    struct addrinfo hints, *res = NULL;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_NUMERICSERV;
+    if (getaddrinfo(host, port, &hints, &res) != 0) return -1;
+    for (struct addrinfo *a = res; a && c->fd < 0; a = a->ai_next) {
+        c->fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+        if (c->fd < 0) continue;
+        c->ssl = SSL_new(g_ctx); /* marks the connection as TCP for n_timeout */
+        c->timeout_ms = 0;
+        if (!c->ssl || n_timeout(c, timeout_ms) != 0 || connect(c->fd, a->ai_addr, a->ai_addrlen) != 0) {
+            if (c->ssl) SSL_free(c->ssl);
+            c->ssl = NULL;
+            close(c->fd);
+            c->fd = -1;
+        }
+    }
+    freeaddrinfo(res);
+    if (c->fd < 0) return -1;
+    int one = 1;
+    setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (SSL_set_fd(c->ssl, c->fd) != 1 || SSL_set1_host(c->ssl, name) != 1 ||
+        SSL_set_tlsext_host_name(c->ssl, name) != 1 || SSL_connect(c->ssl) != 1) {
+        ERR_clear_error(); /* an impostor or a stale address: the daemon takes the call */
+        return -1;
     }
     return 0;
 }
@@ -570,18 +658,29 @@ static nconn_t *n_open(const char *path, uint32_t timeout_ms) {
     if (!c || plen >= sizeof c->path) { free(c); return NULL; }
     memcpy(c->path, path, plen + 1);
     c->gen = __atomic_load_n(&g_gen, __ATOMIC_ACQUIRE);
-    c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (c->fd < 0) { free(c); return NULL; }
-    struct sockaddr_un sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sun_family = AF_UNIX;
-    memcpy(sa.sun_path, path, plen + 1);
+    c->fd = -1;
+    if (strncmp(path, "tls:", 4) == 0) {
+        if (n_connect_tls(c, path + 4, timeout_ms) != 0) {
+            nconn_close(c);
+            return NULL;
+        }
+    } else {
+        c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (c->fd < 0) { free(c); return NULL; }
+        struct sockaddr_un sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sun_family = AF_UNIX;
+        memcpy(sa.sun_path, path, plen + 1);
+        if (n_timeout(c, timeout_ms) != 0 || connect(c->fd, (struct sockaddr *)&sa, sizeof sa) != 0) {
+            nconn_close(c);
+            return NULL;
+        }
+    }
     uint8_t hello[12], reply[16];
     put32(hello, 8);
     put32(hello + 4, DP_MAGIC);
     hello[8] = DP_MAJOR; hello[9] = 0; hello[10] = DP_MINOR; hello[11] = 0;
-    if (n_timeout(c, timeout_ms) != 0 || connect(c->fd, (struct sockaddr *)&sa, sizeof sa) != 0 ||
-        n_write_all(c->fd, hello, sizeof hello) != 0 || n_read_all(c->fd, reply, sizeof reply) != 0 ||
+    if (n_write_all(c, hello, sizeof hello) != 0 || n_read_all(c, reply, sizeof reply) != 0 ||
         get32(reply) != 12 ||
         get32(reply + 4) != DP_MAGIC || reply[8] != DP_MAJOR || reply[9] != 0) {
         nconn_close(c);
@@ -658,7 +757,7 @@ int hs_node_call(const char *path, uint32_t timeout_ms, uint8_t verb, const uint
             nconn_close(c);
             break;
         }
-        if (n_write_all(c->fd, req, pos) != 0) {
+        if (n_write_all(c, req, pos) != 0) {
             nconn_close(c);
             if (reused) continue; /* a pooled connection to a restarted node: one fresh try */
             break;
@@ -669,9 +768,7 @@ int hs_node_call(const char *path, uint32_t timeout_ms, uint8_t verb, const uint
         int failed = 0;
         errno = 0;
         while (got < 21) {
-            ssize_t k = recv(c->fd, first + got, sizeof first - got, 0);
-            if (k < 0 && errno == EINTR) continue;
-            if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) errno = ETIMEDOUT;
+            ssize_t k = n_recv(c, first + got, sizeof first - got);
             if (k <= 0) { failed = 1; break; }
             got += (size_t)k;
         }
@@ -687,7 +784,7 @@ int hs_node_call(const char *path, uint32_t timeout_ms, uint8_t verb, const uint
         uint8_t *buf = malloc(n ? n : 1);
         size_t have = got - 21;
         if (buf && have) memcpy(buf, first + 21, have);
-        if (!buf || (n > have && n_read_all(c->fd, buf + have, n - have) != 0)) {
+        if (!buf || (n > have && n_read_all(c, buf + have, n - have) != 0)) {
             if (buf) {
                 volatile uint8_t *b = buf;
                 for (size_t i = 0; i < have; i++) b[i] = 0;
