@@ -16,6 +16,7 @@ from hsmsim.control.context import ControlContext, Op, arg_int, arg_str
 from hsmsim.control.protocol import ControlError
 from hsmsim.control.server import Progress
 from hsmsim.errors import HsmsimError
+from hsmsim.node import direct_tls
 
 log = logging.getLogger("hsmsim.control")
 
@@ -33,7 +34,8 @@ async def status(ctx: ControlContext, args: dict[str, Any], p: Progress) -> Any:
                      "condition": s.condition, "pid": s.pid, "keys": s.keys,
                      "sync_lag": s.sync_lag, "last_error": s.last_error,
                      "restarts": s.restarts, "latency_ms": s.latency_ms,
-                     "throttle_rps": s.throttle_rps})
+                     "throttle_rps": s.throttle_rps,
+                     "direct_address": direct_tls.read_address(m.dir)})
     return {"cluster_id": info.cluster_id, "state": info.state,
             "converging": sup.converging(), "objects": len(c.live_token_handles()),
             "hsms": hsms, "daemon_pid": os.getpid(), "endpoints": dict(ctx.endpoints),
