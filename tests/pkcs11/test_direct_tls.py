@@ -448,3 +448,47 @@ def test_a_partition_closes_the_tls_listener_too(remote: Remote, mod: Raw) -> No
         r = run_cli(["hsm", "heal", victim.name, "--state", str(gw.state)], timeout=120)
         assert r.returncode == 0, r.stderr
     assert wait_for(lambda: healthy(gw), 90)
+
+
+# -- the listener's bounds, in-process (a real listener; a stand-in for the node's server) ---------
+
+class _StandIn:
+    """What DirectService reads of the node server when no call is made."""
+
+    def __init__(self, max_connections: int) -> None:
+        from hsmsim.node.faults import Faults
+        self.faults = Faults()
+        self.max_connections = max_connections
+
+
+def test_the_tls_listener_caps_connections_and_drops_slow_handshakes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from hsmsim.node import direct_tls
+    from hsmsim.node.direct import DirectService
+
+    ca_key, ca = _cert("ca", None, None, [], ca=True)
+    key, cert = _cert("hsm-aaaaaaaaaaa", ca_key, ca.subject, [x509.DNSName("hsm-aaaaaaaaaaa")])
+    crt, k = _write(tmp_path, "node", key, cert)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(crt), str(k))
+    monkeypatch.setattr(direct_tls, "HANDSHAKE_TIMEOUT_S", 0.5)
+
+    async def run() -> None:
+        svc = DirectService(_StandIn(max_connections=2))  # type: ignore[arg-type]
+        where = await svc.listen_tls([("127.0.0.1", 0)], ctx, "hsm-aaaaaaaaaaa")
+        host, port = host_port(where)
+        assert svc.tls_address == f"tls:hsm-aaaaaaaaaaa@{host}:{port}"
+        slow = [await asyncio.open_connection(host, port) for _ in range(2)]  # no handshake
+        r3, w3 = await asyncio.open_connection(host, port)  # over the cap: closed at once
+        assert await asyncio.wait_for(r3.read(), 30) == b""
+        for r, _ in slow:  # dropped when their handshake time is up, and counted
+            assert await asyncio.wait_for(r.read(), 30) == b""
+        assert svc.handshakes.failed == 2 and svc.handshaking == 0
+        for _, w in slow + [(r3, w3)]:
+            w.close()
+        await svc.close()
+
+    with caplog.at_level("WARNING", logger="hsmsim.node.direct"):
+        asyncio.run(run())
+    lines = [r.getMessage() for r in caplog.records if "handshake" in r.getMessage()]
+    assert len(lines) == 2 and all(line.startswith("direct TLS handshake from 127.0.0.1:") for line in lines)
