@@ -191,6 +191,9 @@ class Node:
         address = None
         try:
             candidates = direct_tls.parse_listen(self.config.direct_tls_listen, hsm_id)
+            if candidates is not None and not (self.opts.state / "ca" / "ca.key").is_file():
+                log.info("no direct TLS listener: no cluster CA in %s", self.opts.state)
+                candidates = None
             if candidates is not None:
                 ctx = direct_tls.server_context(self.opts.state, self.dir, hsm_id, [h for h, _ in candidates])
                 address = await self.server.direct.listen_tls(candidates, ctx, hsm_id)
