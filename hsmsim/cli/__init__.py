@@ -7,23 +7,23 @@ stderr and exit code 1; bad flags exit 2 (argparse)."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
 from hsmsim import __version__
+from hsmsim.cli import audit, cluster, config, hsm, logs, node, pkcs11, tls, users
 from hsmsim.errors import HsmsimError
 
 COMMAND_MODULES = (
-    "hsmsim.cli.cluster",  # up, down, reset, env, status
-    "hsmsim.cli.hsm",  # hsm, backup
-    "hsmsim.cli.users",  # user, key
-    "hsmsim.cli.audit",  # audit
-    "hsmsim.cli.node",  # node serve
-    "hsmsim.cli.pkcs11",  # module-path
-    "hsmsim.cli.tls",  # tls init, tls bench
-    "hsmsim.cli.config",  # config
-    "hsmsim.cli.logs",  # logs
+    cluster,  # up, down, reset, env, status
+    hsm,  # hsm, backup
+    users,  # user, key
+    audit,  # audit
+    node,  # node serve
+    pkcs11,  # module-path
+    tls,  # tls init, tls bench
+    config,  # config
+    logs,  # logs
 )
 
 
@@ -36,13 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"hsmsim {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue  # that area is not built yet
-            raise
+    for mod in COMMAND_MODULES:
         mod.register(sub)
     _mark_parsers(parser)
     return parser
