@@ -35,11 +35,12 @@ _LOG_BURST = 10  # failed handshakes logged per minute; the rest are counted
 
 
 def loopback_ip(hsm_id: str) -> str:
-    """This HSM's own loopback address, 127.A.B.C (A, B from its id; C in 1..254), so that
-    each HSM on one host has its own IP as each CloudHSM HSM has its own ENI.
+    """This HSM's own loopback address, 127.A.B.C (the first bytes of SHA-256 of its id, C at
+    least 1), so that each HSM on one host has its own IP as each CloudHSM HSM has its own ENI
+    (the CloudHSMv2 API's EniIp derives the same address: hsmsim.cloudhsm.plane.eni_ip).
     FIDELITY: real HSMs are on the VPC's subnets; Linux answers every 127/8 address."""
     d = hashlib.sha256(hsm_id.encode()).digest()
-    return f"127.{d[0]}.{d[1]}.{1 + d[2] % 254}"
+    return f"127.{d[0]}.{d[1]}.{max(1, d[2])}"
 
 
 def parse_listen(setting: str, hsm_id: str) -> list[tuple[str, int]] | None:
