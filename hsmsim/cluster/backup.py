@@ -57,13 +57,13 @@ async def create_backup(c: Cluster, state: StateDir, reason: str,
     if not sources:
         raise BackupError("no healthy HSM to take the backup from")
     src = sources[0]
-    assert src.client is not None
-    inv = await c.timed(src, src.client.inventory(), timeout=60)
-    handles = [e.handle for e in inv if e.handle not in c.journal.tombstones]
-    users = await c.timed(src, src.client.export_users())
+    client = src.connection()
+    inv = await c.pool.timed(src, client.inventory(), timeout=60)
+    handles = [e.handle for e in inv if not c.directory.is_tombstoned(e.handle)]
+    users = await c.pool.timed(src, client.export_users())
     blobs: list[bytes] = []
     for i, h in enumerate(handles, 1):
-        blobs.append(await c.timed(src, src.client.export_masked(h)))
+        blobs.append(await c.pool.timed(src, client.export_masked(h)))
         if progress is not None and (i % 20 == 0 or i == len(handles)):
             await progress(i, len(handles), "backing up")
     backup_id = new_id("backup-")

@@ -16,7 +16,7 @@ from typing import Any
 from hsmsim import files
 from hsmsim.cluster.state import StateDir
 from hsmsim.errors import HsmsimError
-from hsmsim.node.client import NodeClient
+from hsmsim.node.client import NodeClient, NodeUnavailable
 
 log = logging.getLogger("hsmsim.cluster")
 
@@ -112,6 +112,14 @@ class Member:
     @property
     def connected(self) -> bool:
         return self.client is not None and not self.client.closed
+
+    def connection(self) -> NodeClient:
+        """The current connection to the node; NodeUnavailable when there is none (the caller
+        then treats the HSM as lost, as it would a connection that fails mid-call)."""
+        client = self.client
+        if client is None:
+            raise NodeUnavailable(f"{self.hsm_id} is not connected")
+        return client
 
     @property
     def usable(self) -> bool:

@@ -1,7 +1,7 @@
-"""Keeps the cluster's members alive and in sync: bootstrap of a new cluster (masking key,
-first users, cloning), start of an existing one, health checks, restart of crashed nodes,
-reconciliation of a member that returns (inventory diff, masked copies, tombstones), adding
-and removing HSMs, and fault injection."""
+"""Keeps the cluster's members alive: bootstrap of a new cluster (masking key, first users,
+cloning), start of an existing one, health checks, restart or replacement of crashed nodes,
+adding and removing HSMs, and fault injection. Bringing a member back in sync is
+reconcile.Reconciler's job."""
 
 from __future__ import annotations
 
@@ -10,21 +10,19 @@ import logging
 import shutil
 import signal
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from hsmsim import files
-from hsmsim.cluster.cluster import Cluster, Obj
+from hsmsim.cluster.cluster import Cluster
 from hsmsim.cluster.members import ACTIVE, CREATE_IN_PROGRESS, DELETE_IN_PROGRESS, Member, MemberDown
+from hsmsim.cluster.reconcile import ProgressFn, Reconciler
 from hsmsim.cluster.state import AZ_RE, MAX_HSMS, HsmSpec, new_id
 from hsmsim.errors import HsmsimError
 from hsmsim.node.client import NodeUnavailable
-from hsmsim.pkcs11.constants import RV, UserType
 from hsmsim.pkcs11.errors import Pkcs11Error
 
 log = logging.getLogger("hsmsim.cluster")
 
-ProgressFn = Callable[[int, int, str], Awaitable[None]]
 REPLACE_AFTER = 3  # consecutive failed starts before an HSM is replaced
 SPACE_RETRY_S = 5.0  # a node that could not start for want of disk space is tried this often
 
@@ -38,7 +36,9 @@ class Supervisor:
         self.c = cluster
         self._task: asyncio.Task[None] | None = None
         self._anti_entropy_at = 0.0
-        self.last_converged: float | None = None
+        self.reconciler = Reconciler(cluster)
+        self.clone_into = self.reconciler.clone_into
+        self.reconcile = self.reconciler.reconcile
         self.space_retry_at: dict[str, float] = {}  # HSM id -> next start try (disk full)
 
     # -- start -----------------------------------------------------------------------------------
@@ -50,23 +50,12 @@ class Supervisor:
         first, others = members[0], members[1:]
         await asyncio.gather(first.spawn("new", c.config.node_start_timeout_s),
                              *(m.spawn("clone", c.config.node_start_timeout_s) for m in others))
-        assert first.client is not None
-        await first.client.initialize_users(admin_password, cu_password)
+        await first.connection().initialize_users(admin_password, cu_password)
         c.journal.append({"t": "user_live", "u": "admin"}, {"t": "user_live", "u": "crypto_user"})
         await asyncio.gather(*(self.clone_into(first, m) for m in others))
         for m in members:
             m.converged = True
             m.hsm_state = ACTIVE
-
-    async def clone_into(self, source: Member, target: Member) -> None:
-        """Masking key transfer (wrapped to the target's ephemeral key), then users."""
-        if source.client is None or target.client is None:
-            raise MemberDown(f"cannot clone {target.hsm_id} from {source.hsm_id}: one is down")
-        offer = await target.client.clone_offer()
-        blob = await source.client.clone_export(offer)
-        await target.client.clone_accept(blob)
-        users = await source.client.export_users()
-        await target.client.import_users(users)
 
     async def start_existing(self) -> None:
         c = self.c
@@ -83,179 +72,8 @@ class Supervisor:
         if not c.usable():
             raise MemberDown("no HSM of the cluster could be started: " +
                              "; ".join(str(r) for r in results if isinstance(r, BaseException)))
-        await self.rebuild_directory()
-        await self.reconcile_all()
-
-    async def rebuild_directory(self) -> None:
-        """The object directory from every reachable member's inventory (daemon start)."""
-        c = self.c
-        invs = await self._inventories(c.usable())
-        c.objects = {h: o for h, o in c.objects.items() if not o.token}
-        top = 0
-        for hid, inv in invs.items():
-            for h in inv:
-                top = max(top, h)
-                if h in c.journal.tombstones:
-                    continue
-                c.objects.setdefault(h, Obj(True, set())).holders.add(hid)
-        for h in c.journal.tombstones:
-            top = max(top, h)
-        if top:
-            c.handles.bump_past(top)
-
-    async def _inventories(self, members: list[Member]) -> dict[str, dict[int, bytes]]:
-        out: dict[str, dict[int, bytes]] = {}
-
-        async def one(m: Member) -> None:
-            try:
-                inv = await self.c.timed(m, m.client.inventory(), timeout=30.0)  # type: ignore[union-attr]
-                out[m.hsm_id] = {e.handle: e.fingerprint for e in inv}
-            except (NodeUnavailable, Pkcs11Error) as exc:
-                log.info("inventory of %s failed: %s", m.hsm_id, exc)
-        await asyncio.gather(*(one(m) for m in members))
-        return out
-
-    # -- reconciliation --------------------------------------------------------------------------
-    async def reconcile_all(self) -> None:
-        await asyncio.gather(*(self.reconcile(m) for m in self.c.usable() if not m.converged))
-
-    async def reconcile(self, m: Member, progress: ProgressFn | None = None) -> None:
-        """Bring `m` in line with the cluster: users, tombstones, missing or different token
-        objects (masked copies from a member that holds the reference version)."""
-        c = self.c
-        if m.hsm_id in c._reconciling:
-            return
-        c._reconciling.add(m.hsm_id)
-        try:
-            gen = m.generation
-            refs = [x for x in c.usable() if x is not m and x.converged] or \
-                   [x for x in c.usable() if x is not m]
-            # A node whose cloning was interrupted has no masking key yet: clone it first.
-            try:
-                st = await c.timed(m, m.client.status())  # type: ignore[union-attr]
-                if not st.has_masking_key:
-                    if not refs:
-                        return
-                    await self.clone_into(refs[0], m)
-            except (NodeUnavailable, Pkcs11Error, MemberDown) as exc:
-                log.info("%s: masking key check/clone failed: %s", m.hsm_id, exc)
-                return
-            invs = await self._inventories([m] + refs)
-            mine = invs.get(m.hsm_id)
-            if mine is None or m.generation != gen:
-                return
-            # users: converged both ways, as keys are: `m` may hold a newer record than the
-            # others (e.g. a password changed while it was the only HSM up), or an older one.
-            if refs and not await c.converge_users([m] + refs):
-                log.info("user sync of %s failed; it is retried", m.hsm_id)
-                return
-            await self._apply_user_tombstones(m)
-            # objects the member holds that the cluster does not know (e.g. the daemon died
-            # between creation and its record): adopt them, the others get copies.
-            for h in mine:
-                if h not in c.journal.tombstones and h not in c.objects:
-                    c.objects[h] = Obj(True, {m.hsm_id})
-                    c.handles.bump_past(h)
-            # tombstones
-            for h in [h for h in mine if h in c.journal.tombstones]:
-                try:
-                    await c.timed(m, m.client.destroy_object(None, h))  # type: ignore[union-attr]
-                except Pkcs11Error as exc:
-                    if exc.rv not in (RV.OBJECT_HANDLE_INVALID, RV.KEY_HANDLE_INVALID):
-                        raise
-                mine.pop(h, None)
-            # missing or different objects
-            work: list[tuple[int, Member, bool]] = []
-            for h, obj in list(c.objects.items()):
-                if not obj.token or h in c.journal.tombstones:
-                    continue
-                ref_fps = {invs[r.hsm_id][h] for r in refs if r.hsm_id in invs and h in invs[r.hsm_id]}
-                holders = [r for r in refs if r.hsm_id in invs and h in invs[r.hsm_id]]
-                if h in mine:
-                    obj.holders.add(m.hsm_id)
-                    if holders and mine[h] not in ref_fps:
-                        work.append((h, holders[0], True))
-                elif holders:
-                    work.append((h, holders[0], False))
-                else:
-                    obj.holders.discard(m.hsm_id)
-            total = len(work)
-            done = 0
-            if progress is not None:
-                await progress(0, total, f"syncing {m.hsm_id}")
-            sem = asyncio.Semaphore(16)
-
-            async def copy(h: int, src: Member, replace: bool) -> None:
-                nonlocal done
-                async with sem:
-                    blob = await c.timed(src, src.client.export_masked(h))  # type: ignore[union-attr]
-                    if h in c.journal.tombstones:
-                        return
-                    await c.import_blob(m, h, blob, replace=replace)
-                    done += 1
-                    if progress is not None and (done % 10 == 0 or done == total):
-                        await progress(done, total, f"syncing {m.hsm_id}")
-
-            results = await asyncio.gather(*(copy(*w) for w in work), return_exceptions=True)
-            failed = [r for r in results if isinstance(r, BaseException)]
-            if failed:
-                log.info("reconciliation of %s: %d copies failed (%s)", m.hsm_id, len(failed),
-                         failed[0])
-                return
-            if m.generation == gen and m.usable:
-                m.login_refused.clear()  # users are in sync now: refusals may be stale
-                await self._prelogin(m)
-                if not m.converged:
-                    log.info("%s converged (%d objects copied)", m.hsm_id, total)
-                m.converged = True
-                m.last_error = None if m.last_error and "exited" not in m.last_error else m.last_error
-                c.converge_events += 1
-                if all(x.converged for x in c.members.values() if not x.killed):
-                    self.last_converged = time.monotonic()
-        finally:
-            c._reconciling.discard(m.hsm_id)
-
-    async def _apply_user_tombstones(self, m: Member) -> None:
-        """Users deleted while this member was away: delete them here too, as the admin
-        (user records merge by version, so an import alone cannot remove a user)."""
-        c = self.c
-        if not c.journal.user_tombstones or m.client is None:
-            return
-        try:
-            present = {u.username for u in await c.timed(m, m.client.list_users(None))}
-        except (NodeUnavailable, Pkcs11Error):
-            return
-        doomed = sorted(present & c.journal.user_tombstones)
-        if not doomed:
-            return
-        try:
-            info = await c.timed(m, m.client.login(UserType.SO, "admin", c.state.read_secret(
-                c.state.admin_password)))
-        except (HsmsimError, NodeUnavailable) as exc:
-            log.info("cannot remove deleted users %s from %s: %s", doomed, m.hsm_id, exc)
-            return
-        try:
-            for name in doomed:
-                try:
-                    await c.timed(m, m.client.delete_user(info.login_id, name))
-                except Pkcs11Error as exc:
-                    log.info("deleting user %s on %s: %s", name, m.hsm_id, exc)
-        finally:
-            try:
-                await c.timed(m, m.client.logout(info.login_id))
-            except (NodeUnavailable, Pkcs11Error):
-                pass
-
-    async def _prelogin(self, m: Member) -> None:
-        """Log every application in on a member before it takes traffic again, so that no
-        request pays for a login (a slow password hash) on the way."""
-        c = self.c
-        recs = [r for r in c._logins.values() if r.login.login_id not in m.logins]
-        results = await asyncio.gather(*(c.node_login(m, r) for r in recs),
-                                       return_exceptions=True)
-        for r, res in zip(recs, results):
-            if isinstance(res, BaseException):
-                log.info("login of %s on %s failed: %s", r.login.username, m.hsm_id, res)
+        await self.reconciler.rebuild_directory()
+        await self.reconciler.reconcile_all()
 
     # -- supervision -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -284,17 +102,17 @@ class Supervisor:
         for m in list(c.members.values()):
             if m.removing or m.killed or m.partitioned or m.paused:
                 continue
-            lock = c.lock_for(m.hsm_id)
+            lock = c.pool.lock_for(m.hsm_id)
             if lock.locked():
                 continue
-            c.spawn_bg(self._check_member(m, lock), f"check {m.hsm_id}")
+            c.pool.spawn_bg(self._check_member(m, lock), f"check {m.hsm_id}")
         now = time.monotonic()
         if now - self._anti_entropy_at > max(5.0, c.config.reconcile_interval_s * 5):
             self._anti_entropy_at = now
             # Periodic anti-entropy (CloudHSM's server-side sync): catch anything a failed
             # background copy left behind.
             for m in c.usable():
-                if m.converged and m.pending_sync == 0 and c.sync_lag(m) > 0:
+                if m.converged and m.pending_sync == 0 and c.directory.sync_lag(m.hsm_id) > 0:
                     m.converged = False
 
     async def _check_member(self, m: Member, lock: asyncio.Lock) -> None:
@@ -305,7 +123,7 @@ class Supervisor:
                     code = m.proc.returncode if m.proc is not None else "unknown"
                     why = f"node process exited with status {code}"
                     m.mark_down(why)
-                    c._drop_session_objects(m)
+                    c.directory.on_member_lost(m.hsm_id)
                     m.restarts += 1
                     log.warning("%s: %s; restarting", m.hsm_id, why)
                 if time.monotonic() < self.space_retry_at.get(m.hsm_id, 0.0):
@@ -315,7 +133,7 @@ class Supervisor:
                     return
                 try:
                     await m.spawn(None, c.config.node_start_timeout_s)
-                    c._drop_session_objects(m)
+                    c.directory.on_member_lost(m.hsm_id)
                     m.start_failures = 0
                     self.space_retry_at.pop(m.hsm_id, None)
                 except (HsmsimError, OSError) as exc:
@@ -334,25 +152,25 @@ class Supervisor:
             elif not m.connected:
                 try:
                     await m.connect()
-                    c._drop_session_objects(m)
+                    c.directory.on_member_lost(m.hsm_id)
                 except (HsmsimError, OSError) as exc:
                     m.last_error = f"cannot connect: {exc}"
                     return
             else:
                 try:
-                    await asyncio.wait_for(m.client.ping(), c.liveness_window())  # type: ignore[union-attr]
+                    await asyncio.wait_for(m.connection().ping(), c.pool.liveness_window())
                     m.ping_failures = 0
                 except asyncio.TimeoutError:
                     # A slow answer on a busy machine is not a failure yet: two in a row are,
                     # unless the node still answers other requests (it is loaded, not dead).
                     m.ping_failures += 1
-                    if m.ping_failures >= 2 and not m.answering(c.liveness_window()):
+                    if m.ping_failures >= 2 and not m.answering(c.pool.liveness_window()):
                         m.mark_down("health check: no answer")
-                        c._drop_session_objects(m)
+                        c.directory.on_member_lost(m.hsm_id)
                     return
                 except (NodeUnavailable, Pkcs11Error) as exc:
                     m.mark_down(f"health check failed: {exc}")
-                    c._drop_session_objects(m)
+                    c.directory.on_member_lost(m.hsm_id)
                     return
         if m.usable and not m.converged:
             await self.reconcile(m)
@@ -391,8 +209,7 @@ class Supervisor:
         except OSError as exc:
             m.last_error = f"cannot set the damaged node aside: {exc}"
             return
-        for o in c.objects.values():
-            o.holders.discard(m.hsm_id)
+        c.directory.on_member_removed(m.hsm_id)
         try:
             await m.spawn("clone", c.config.node_start_timeout_s)
             await self.clone_into(sources[0], m)
@@ -433,7 +250,7 @@ class Supervisor:
         m.hsm_state = CREATE_IN_PROGRESS
         c.members[hsm_id] = m
         try:
-            async with c.lock_for(hsm_id):
+            async with c.pool.lock_for(hsm_id):
                 await m.spawn("clone", c.config.node_start_timeout_s)
                 await self.clone_into(sources[0], m)
                 await self.reconcile(m, progress)
@@ -458,11 +275,9 @@ class Supervisor:
             raise ClusterOpError("cannot remove the last HSM of the cluster")
         m.removing = True
         m.hsm_state = DELETE_IN_PROGRESS
-        async with c.lock_for(hsm_id):
+        async with c.pool.lock_for(hsm_id):
             await m.terminate()
-        for o in c.objects.values():
-            o.holders.discard(hsm_id)
-        c._drop_session_objects(m)
+        c.directory.on_member_removed(hsm_id)
         del c.members[hsm_id]
         c.spec = c.spec.with_hsms([h for h in c.spec.hsms if h.hsm_id != hsm_id])
         c.state.save_spec(c.spec)
@@ -472,7 +287,7 @@ class Supervisor:
     async def kill(self, hsm_id: str) -> None:
         m = self.member(hsm_id)
         await m.kill()
-        self.c._drop_session_objects(m)
+        self.c.directory.on_member_lost(m.hsm_id)
 
     async def start_hsm(self, hsm_id: str) -> None:
         """Start an HSM that was killed on purpose (or is down) again."""
@@ -480,7 +295,7 @@ class Supervisor:
         if m.paused:
             raise ClusterOpError(f"{hsm_id} is paused; resume it instead")
         m.killed = False
-        async with self.c.lock_for(hsm_id):
+        async with self.c.pool.lock_for(hsm_id):
             if m.exited():
                 m.restarts += 1
                 await m.spawn(None, self.c.config.node_start_timeout_s)
@@ -496,7 +311,7 @@ class Supervisor:
         m.paused = True
         m.send_signal(signal.SIGSTOP)
         m.mark_down("paused")
-        self.c._drop_session_objects(m)
+        self.c.directory.on_member_lost(m.hsm_id)
 
     async def resume(self, hsm_id: str) -> None:
         m = self.member(hsm_id)
@@ -512,12 +327,12 @@ class Supervisor:
             # the node closes the applications' direct connections too, until the daemon
             # reaches it again (heal): a partition cuts the HSM off from every client
             try:
-                await self.c.timed(m, m.client.set_fault(partitioned=True), timeout=5.0)
+                await self.c.pool.timed(m, m.client.set_fault(partitioned=True), timeout=5.0)
             except Exception as exc:  # noqa: BLE001 - partitioned either way
                 log.info("partition of %s: the node was not told (%s)", hsm_id, exc)
         m.partitioned = True
         m.mark_down("partitioned from the daemon")
-        self.c._drop_session_objects(m)
+        self.c.directory.on_member_lost(m.hsm_id)
 
     async def heal(self, hsm_id: str) -> None:
         m = self.member(hsm_id)
@@ -530,20 +345,20 @@ class Supervisor:
         """Reconnect an HSM that is neither paused, partitioned nor killed, and catch it up."""
         if m.paused or m.partitioned or m.killed:
             return
-        async with self.c.lock_for(m.hsm_id):
+        async with self.c.pool.lock_for(m.hsm_id):
             if not m.connected and not m.exited():
                 try:
                     await m.connect()
                 except (HsmsimError, OSError) as exc:
                     m.last_error = str(exc)
         if m.usable:
-            self.c.spawn_bg(self.reconcile(m), "reconcile")
+            self.c.pool.spawn_bg(self.reconcile(m), "reconcile")
 
     async def set_fault(self, hsm_id: str, **fields: Any) -> dict[str, Any]:
         m = self.member(hsm_id)
         if not m.usable or m.client is None:
             raise ClusterOpError(f"{hsm_id} is not reachable ({m.condition()})")
-        result = await self.c.timed(m, m.client.set_fault(**fields))
+        result = await self.c.pool.timed(m, m.client.set_fault(**fields))
         if "latency_ms" in fields:
             m.latency_ms = int(fields["latency_ms"])
         if "throttle_rps" in fields:

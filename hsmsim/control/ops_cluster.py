@@ -107,9 +107,9 @@ async def inventory(ctx: ControlContext, args: dict[str, Any], p: Progress) -> A
     c = ctx.cluster
     out: dict[str, Any] = {}
     for m in c.usable():
-        inv = await c.timed(m, m.client.inventory(), timeout=30)  # type: ignore[union-attr]
+        inv = await c.pool.timed(m, m.connection().inventory(), timeout=30)
         out[m.hsm_id] = {str(e.handle): e.fingerprint.hex() for e in inv}
-    return {"hsms": out, "tombstones": len(c.journal.tombstones),
+    return {"hsms": out, "tombstones": c.directory.tombstone_count(),
             "live": sorted(c.live_token_handles())}
 
 
@@ -130,7 +130,7 @@ async def audit_read(ctx: ControlContext, args: dict[str, Any], p: Progress) -> 
             continue
         if not m.usable or m.client is None:
             continue
-        recs = await c.timed(m, m.client.audit_read(int(since.get(m.hsm_id, 0)), limit))
+        recs = await c.pool.timed(m, m.client.audit_read(int(since.get(m.hsm_id, 0)), limit))
         for r in recs:
             out.append({"hsm_id": m.hsm_id, "seq": r.seq, "time_us": r.time_us,
                         "event": r.event, **{k: v for k, v in r.fields.items()

@@ -89,7 +89,7 @@ async def key_list(ctx: ControlContext, args: dict[str, Any], p: Progress) -> An
             kt = attrs.get(int(Attribute.KEY_TYPE))
             label = attrs.get(int(Attribute.LABEL))
             id_ = attrs.get(int(Attribute.ID))
-            obj = c.objects.get(h)
+            obj = c.directory.get(h)
             out.append({
                 "handle": h, "key_reference": key_reference(h),
                 "label": label if isinstance(label, str) else None,

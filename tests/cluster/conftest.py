@@ -97,7 +97,7 @@ class Harness:
             c = self.cluster
             live = [m for m in c.members.values() if not (m.killed or m.paused or m.partitioned)]
             return all(m.usable and m.converged and c.sync_lag(m) == 0 for m in live) \
-                and not c._reconciling
+                and not self.sup.reconciler.reconciling()
 
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:

@@ -52,12 +52,12 @@ def test_three_hsm_cluster_with_two_down_refuses_new_token_keys(fresh3: Harness)
         h.call(h.cluster.generate_key(login, AES_GEN, aes_template(), 1))
     assert e.value.rv == RV.FUNCTION_FAILED
     assert h.inventories()[h.hsm_ids[0]] == {} or all(
-        hd in h.cluster.journal.tombstones for hd in h.inventories()[h.hsm_ids[0]])
+        h.cluster.directory.is_tombstoned(hd) for hd in h.inventories()[h.hsm_ids[0]])
     for hid in h.hsm_ids[1:]:
         h.call(h.sup.heal(hid))
     h.wait_converged(30)
     k = h.call(h.cluster.generate_key(login, AES_GEN, aes_template(), 1))
-    assert len(h.cluster.objects[k].holders) >= 2
+    assert len(h.cluster.directory.holders(k)) >= 2
 
 
 def test_user_creation_needs_two_hsms_too(fresh3: Harness) -> None:

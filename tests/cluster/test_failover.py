@@ -35,7 +35,7 @@ def test_partitioned_node_catches_up_and_applies_tombstones(fresh3: Harness) -> 
     h.call(h.cluster.destroy_object(login, doomed))
     for k in new:
         _roundtrip(h, login, k)
-        assert victim not in h.cluster.objects[k].holders
+        assert victim not in h.cluster.directory.holders(k)
     st = {m.hsm_id: h.cluster.sync_lag(m) for m in h.cluster.members.values()}
     assert st[victim] == 5
     h.call(h.sup.heal(victim))
@@ -51,7 +51,7 @@ def test_crashed_node_is_restarted_and_session_objects_die_with_it(fresh3: Harne
     login = h.login()
     token = h.call(h.cluster.generate_key(login, AES_GEN, aes_template(), 1))
     sess = h.call(h.cluster.generate_key(login, AES_GEN, aes_template(token=False), 9))
-    home = next(iter(h.cluster.objects[sess].holders))
+    home = next(iter(h.cluster.directory.holders(sess)))
     restarts = h.cluster.members[home].restarts
     h.crash(home)
     # operations on the token key keep working while the node is down
@@ -81,8 +81,8 @@ def test_paused_node_does_not_block_the_others(fresh3: Harness) -> None:
         for k in keys:
             _roundtrip(h, login, k)
         k2 = h.call(h.cluster.generate_key(login, AES_GEN, aes_template(), 1))
-        assert victim not in h.cluster.objects[k2].holders
-        assert len(h.cluster.objects[k2].holders) >= 2
+        assert victim not in h.cluster.directory.holders(k2)
+        assert len(h.cluster.directory.holders(k2)) >= 2
     finally:
         h.call(h.sup.resume(victim))
     h.wait_converged(30)

@@ -200,7 +200,7 @@ def storm(rig: Rig, logins: int) -> None:
             if before[m.hsm_id] != m.generation or not m.usable}
     print(f"\nstorm of {logins} logins: answers {dict(got)}; honest signer {dict(signed)}; "
           f"HSMs marked down {down}")
-    alive = session_key in c.objects
+    alive = session_key in c.directory
     gcm = MechanismSpec(int(Mechanism.AES_GCM), GcmParams(iv=b"", aad=b"", tag_bits=128))
     if alive:
         h.call(c.encrypt(other, session_key, gcm, b"still here"))
