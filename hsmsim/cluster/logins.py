@@ -76,8 +76,9 @@ class Logins:
                                             rec.login.username, rec.password)
             except Pkcs11Error as exc:
                 if not isinstance(exc, NodeThrottled):
-                    # Do not try again on this HSM until it reconnects: a stale password
-                    # would otherwise count towards the user's lockout on every request.
+                    # Do not try again on this HSM until it reconnects (or, once, as the last
+                    # HSM left for a request: Router._retry_refused): a stale password would
+                    # otherwise count towards the user's lockout on every request.
                     member.login_refused.add(rec.login.login_id)
                     log.warning("login of %s on %s refused (CKR_%s) while the cluster accepted "
                                 "it: that HSM is not asked again for this login until it is "

@@ -83,6 +83,7 @@ class Member:
         self.logins: dict[int, int] = {}  # cluster login id -> node login id (this generation)
         self.adopted_pid: int | None = None  # a node left running by a previous daemon
         self.login_refused: set[int] = set()  # cluster logins this HSM refused (this generation)
+        self.login_retried: set[int] = set()  # ...and of those, the ones tried once more since
         self.login_pending: dict[int, asyncio.Future[int]] = {}
         self.down_since: float | None = time.monotonic()
         self._lock = asyncio.Lock()
@@ -215,6 +216,7 @@ class Member:
         self.generation += 1
         self.logins.clear()
         self.login_refused.clear()
+        self.login_retried.clear()
         self.converged = False
         self.ping_failures = 0
         self.down_since = None

@@ -154,6 +154,7 @@ class Reconciler:
         if m.generation == gen and m.usable:
             # users are in sync now: refusals may be stale
             m.login_refused.clear()
+            m.login_retried.clear()
             await c.logins.prelogin(m)
             if not m.converged:
                 log.info("%s converged (%d objects copied)", m.hsm_id, total)

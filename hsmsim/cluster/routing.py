@@ -57,7 +57,9 @@ class Router:
     def candidates(self, handles: Sequence[int], invalid: RV, tried: set[str],
                    login_id: int | None = None) -> list[Member]:
         """The usable HSMs holding every one of `handles` (any HSM when there are none), not
-        yet tried and not refusing this login, converged ones first."""
+        yet tried, converged ones first. An HSM that refused this login comes last: CloudHSM
+        fails over to any HSM holding the key, so it is still tried when nothing else is left
+        (see _retry_refused)."""
         members = self.pool.members
         holders: frozenset[str] | None = None
         for h in handles:
@@ -77,7 +79,7 @@ class Router:
             out = self.pool.rotate(complete or converged or accepted)
         else:
             out = self.pool.rotate(converged or accepted)
-        return out
+        return out or [m for m in usable if m not in accepted]
 
     # -- the retry loop --------------------------------------------------------------------------
     async def _retry(self, rec: LoginRecord | None, handles: Sequence[int], invalid: RV,
@@ -110,7 +112,7 @@ class Router:
                 raise Pkcs11Error(RV.DEVICE_ERROR, "no HSM holding the object is reachable")
             m = choose(cands)
             try:
-                lid = await self.logins.node_login(m, rec) if rec is not None else None
+                lid = await self._node_login(m, rec) if rec is not None else None
                 return await self.pool.timed(m, call(m, m.connection(), lid), timeout), m
             except NodeThrottled as exc:
                 last = exc
@@ -142,6 +144,27 @@ class Router:
                 raise Pkcs11Error(RV.DEVICE_ERROR, f"the HSM was lost: {last}")
             if isinstance(last, NodeThrottled):
                 await asyncio.sleep(self.pool.backoff(attempt))
+
+    async def _node_login(self, m: Member, rec: LoginRecord) -> int:
+        if rec.login.login_id in m.login_refused:
+            return await self._retry_refused(m, rec)
+        return await self.logins.node_login(m, rec)
+
+    async def _retry_refused(self, m: Member, rec: LoginRecord) -> int:
+        """The last HSM left for a request refused this application's login earlier. The
+        refusal is not taken as final (it may predate the HSM's user sync): the login is sent
+        there once more, once per refusal, so that a stale password costs at most one more
+        failed attempt on that HSM until it is reconnected or reconciled. FIDELITY: CloudHSM
+        fails over to any HSM holding the key; how it treats an HSM that refused a login is
+        not documented (README, "Fidelity")."""
+        lid = rec.login.login_id
+        if lid in m.login_retried:
+            raise Pkcs11Error(RV.USER_NOT_LOGGED_IN, f"{m.hsm_id} refused this login")
+        m.login_retried.add(lid)
+        m.login_refused.discard(lid)
+        log.info("%s refused %s's login earlier and is the last HSM left for a request: "
+                 "logging in there again", m.hsm_id, rec.login.username)
+        return await self.logins.node_login(m, rec)
 
     # -- requests --------------------------------------------------------------------------------
     async def run_on(self, login: Login, handles: Sequence[int], invalid: RV,
