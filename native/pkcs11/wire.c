@@ -16,6 +16,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/time.h>
+#include <time.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -591,6 +592,52 @@ static int n_write_all(nconn_t *c, const uint8_t *p, size_t n) {
     return 0;
 }
 
+/* Addresses whose certificate failed verification (no chain to the trust anchor, another
+ * name): skipped for REFUSE_S so that each call does not pay a handshake before going to the
+ * daemon; forgotten at C_Initialize/C_Finalize and in a forked child (the generation). */
+#define REFUSE_MAX 16
+#define REFUSE_S 30
+static struct {
+    char addr[sizeof(((struct sockaddr_un *)0)->sun_path)];
+    time_t until;
+    unsigned gen;
+} g_refused[REFUSE_MAX];
+static pthread_mutex_t g_refused_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static time_t mono_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec;
+}
+
+static void n_refuse(const char *addr) {
+    size_t n = strlen(addr);
+    if (n >= sizeof g_refused[0].addr) return;
+    unsigned gen = __atomic_load_n(&g_gen, __ATOMIC_ACQUIRE);
+    time_t now = mono_s();
+    pthread_mutex_lock(&g_refused_lock);
+    int slot = 0;
+    for (int i = 0; i < REFUSE_MAX; i++) {
+        if (strcmp(g_refused[i].addr, addr) == 0) { slot = i; break; }
+        if (g_refused[i].until < g_refused[slot].until) slot = i; /* the oldest goes */
+    }
+    memcpy(g_refused[slot].addr, addr, n + 1);
+    g_refused[slot].until = now + REFUSE_S;
+    g_refused[slot].gen = gen;
+    pthread_mutex_unlock(&g_refused_lock);
+}
+
+static int n_refused(const char *addr) {
+    unsigned gen = __atomic_load_n(&g_gen, __ATOMIC_ACQUIRE);
+    time_t now = mono_s();
+    int found = 0;
+    pthread_mutex_lock(&g_refused_lock);
+    for (int i = 0; i < REFUSE_MAX && !found; i++)
+        found = g_refused[i].gen == gen && g_refused[i].until > now && strcmp(g_refused[i].addr, addr) == 0;
+    pthread_mutex_unlock(&g_refused_lock);
+    return found;
+}
+
 /* tls:NAME@HOST:PORT (HOST may be [v6]) into its parts; 0 on success. */
 static int n_parse_tls(const char *addr, char *name, size_t namelen, char *host, size_t hostlen, char *port,
                        size_t portlen) {
@@ -612,11 +659,11 @@ static int n_parse_tls(const char *addr, char *name, size_t namelen, char *host,
     return 0;
 }
 
-/* A TCP connection to the node with TLS: its certificate must chain to the module's trust
- * anchor (the daemon's, g_ctx) and name NAME (the HSM id). 0 on success. */
-static int n_connect_tls(nconn_t *c, const char *addr, uint32_t timeout_ms) {
+/* A TCP connection to the node at tls:NAME@HOST:PORT with TLS: its certificate must chain to
+ * the module's trust anchor (the daemon's, g_ctx) and name NAME (the HSM id). 0 on success. */
+static int n_connect_tls(nconn_t *c, const char *path, uint32_t timeout_ms) {
     char name[128], host[128], port[16];
-    if (!g_ctx || n_parse_tls(addr, name, sizeof name, host, sizeof host, port, sizeof port) != 0) return -1;
+    if (!g_ctx || n_parse_tls(path + 4, name, sizeof name, host, sizeof host, port, sizeof port) != 0) return -1;
     struct addrinfo hints, *res = NULL;
     memset(&hints, 0, sizeof hints);
     hints.ai_family = AF_UNSPEC;
@@ -641,7 +688,12 @@ static int n_connect_tls(nconn_t *c, const char *addr, uint32_t timeout_ms) {
     setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     if (SSL_set_fd(c->ssl, c->fd) != 1 || SSL_set1_host(c->ssl, name) != 1 ||
         SSL_set_tlsext_host_name(c->ssl, name) != 1 || SSL_connect(c->ssl) != 1) {
-        ERR_clear_error(); /* an impostor or a stale address: the daemon takes the call */
+        /* the daemon takes the call. A certificate that does not chain is remembered (a trust
+         * anchor without the cluster CA would otherwise cost a handshake per call); one that
+         * names another HSM is not (an impostor or a stale address: the HSM may come back) */
+        long vr = SSL_get_verify_result(c->ssl);
+        if (vr != X509_V_OK && vr != X509_V_ERR_HOSTNAME_MISMATCH) n_refuse(path);
+        ERR_clear_error();
         return -1;
     }
     return 0;
@@ -660,7 +712,7 @@ static nconn_t *n_open(const char *path, uint32_t timeout_ms) {
     c->gen = __atomic_load_n(&g_gen, __ATOMIC_ACQUIRE);
     c->fd = -1;
     if (strncmp(path, "tls:", 4) == 0) {
-        if (n_connect_tls(c, path + 4, timeout_ms) != 0) {
+        if (n_connect_tls(c, path, timeout_ms) != 0) {
             nconn_close(c);
             return NULL;
         }
@@ -731,6 +783,7 @@ int hs_node_call(const char *path, uint32_t timeout_ms, uint8_t verb, const uint
     *fallback = 0;
     size_t total = 4 + 1 + 5 * 4 + ticketlen + desclen + maclen + datalen + siglen;
     if (total > HS_DIRECT_MAX_FRAME) return -1;
+    if (strncmp(path, "tls:", 4) == 0 && n_refused(path)) return -1; /* its certificate failed */
     uint8_t *req = malloc(4 + total);
     if (!req) return -1;
     uint32_t id = __atomic_add_fetch(&g_nreqid, 1, __ATOMIC_RELAXED);
@@ -866,6 +919,7 @@ void hs_forget_after_fork(void) {
 void hs_atfork_prepare(void) { pthread_mutex_lock(&g_hello_lock); pthread_mutex_lock(&g_lock); }
 void hs_atfork_parent(void) { pthread_mutex_unlock(&g_lock); pthread_mutex_unlock(&g_hello_lock); }
 void hs_atfork_child(void) {
+    pthread_mutex_init(&g_refused_lock, NULL);
     pthread_mutex_init(&g_lock, NULL);
     pthread_mutex_init(&g_hello_lock, NULL);
 }

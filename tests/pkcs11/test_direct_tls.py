@@ -221,12 +221,13 @@ def test_a_node_certificate_that_does_not_chain_is_refused_and_the_call_falls_ba
         h = open_session(mod, REF_PIN)
         pub, priv = ec_pair(mod, h)
         before = counters(remote.gw)
-        for i in range(4):
+        for i in range(8):
             rv, sig = sign_once(mod, h, priv, b"%d" % i)
             assert rv == 0 and verify(mod, h, pub, b"%d" % i, sig) == 0  # through the daemon
         after = counters(remote.gw)
         assert total(after, "direct_tls_calls") == total(before, "direct_tls_calls")  # none reached a node
-        assert total(after, "direct_tls_refused") > total(before, "direct_tls_refused")  # handshakes refused
+        # each HSM's handshake was refused once; the module then remembers that address
+        assert 1 <= total(after, "direct_tls_refused") - total(before, "direct_tls_refused") <= 2
     finally:
         mod.C_Finalize(None)
 
@@ -312,7 +313,9 @@ def test_kill_9_of_the_chosen_hsm_and_an_impostor_on_its_address(remote: Remote,
             assert rv == 0 and verify(mod, h, pub, b"impostor", sig) == 0, hex(rv)
     finally:
         impostor.close()
-    assert impostor.attempts >= 2  # both certificates were presented...
+    # both certificates were presented (the other name first: a wrong name is not remembered,
+    # a wrong chain is, so no third attempt)...
+    assert impostor.attempts == 2
     assert impostor.handshakes == 0 and impostor.received == b""  # ...and refused before any request
     assert wait_for(lambda: healthy(gw), 120)
     # kill -9 alone: nothing listens at the address any more; the daemon answers
@@ -323,11 +326,14 @@ def test_kill_9_of_the_chosen_hsm_and_an_impostor_on_its_address(remote: Remote,
         rv, sig = sign(mod, s, b"killed")
         assert rv == 0 and verify(mod, h, pub, b"killed", sig) == 0, hex(rv)
     assert wait_for(lambda: healthy(gw), 120)
-    before = counters(gw)
-    for i in range(4):  # the restarted HSM serves direct calls again
-        rv, sig = sign_once(mod, h, priv, b"again %d" % i)
-        assert rv == 0 and verify(mod, h, pub, b"again %d" % i, sig) == 0
-    assert total(counters(gw), "direct_tls_calls") >= total(before, "direct_tls_calls") + 4
+    before = counters(gw)[victim.name]["direct_tls_calls"]
+
+    def victim_serves() -> bool:  # once the module stops skipping the impostor's address
+        for i in range(2):
+            rv, sig = sign_once(mod, h, priv, b"again %d" % i)
+            assert rv == 0 and verify(mod, h, pub, b"again %d" % i, sig) == 0
+        return counters(gw)[victim.name]["direct_tls_calls"] > before
+    assert wait_for(victim_serves, 120)  # the restarted HSM serves direct calls again
 
 
 # -- hostile clients -----------------------------------------------------------------------------
