@@ -19,6 +19,8 @@ import hmac
 import logging
 import os
 import struct
+import types
+from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +32,7 @@ from hsmsim.node.context import Conn
 from hsmsim.node.direct_tls import HandshakeLog, TlsAccept
 from hsmsim.pkcs11.constants import RV
 from hsmsim.pkcs11.errors import Pkcs11Error
+from hsmsim.pkcs11.params import MechanismSpec
 
 if TYPE_CHECKING:
     import ssl
@@ -70,6 +73,8 @@ class Descriptor:
     max_data: int | None  # CloudHSM's data limit (CKR_DATA_LEN_RANGE above it)
     overhead: int  # bytes of the input not counted by the limit (the GCM tag on decryption)
     max_direct: int  # larger inputs go to the daemon
+    spec: MechanismSpec  # `mech` decoded once (the node runs it on every call)
+    digest: Callable[[bytes], Any] | None  # `hash`'s constructor
 
     @classmethod
     def decode(cls, raw: bytes) -> "Descriptor":
@@ -79,12 +84,54 @@ class Descriptor:
         verb = m["verb"]
         if verb not in VERBS.values():
             raise ValueError("bad verb")
-        codec.mech_from_wire(m["mech"])  # checked once here
+        spec = codec.mech_from_wire(m["mech"])  # checked and decoded once here
         h = m.get("hash")
         if h is not None and h not in hashlib.algorithms_available:
             raise ValueError("bad hash")
+        digest = getattr(hashlib, h, None) if h is not None else None
+        if h is not None and digest is None:
+            name = h
+            digest = lambda data: hashlib.new(name, data)  # noqa: E731 - a name without a shortcut
         return cls(verb, int(m["handle"]), m["mech"], h, bytes(m.get("prefix") or b""),
-                   m.get("max_data"), int(m.get("overhead") or 0), int(m["max_direct"]))
+                   m.get("max_data"), int(m.get("overhead") or 0), int(m["max_direct"]),
+                   spec, digest)
+
+
+class _DirectFields(Fields):
+    """A direct call's fields for ops_crypto: the descriptor's mechanism, decoded once when
+    the descriptor was first seen, instead of from its wire form on every call."""
+
+    def __init__(self, raw: dict[str, Any], spec: MechanismSpec) -> None:
+        super().__init__(raw)
+        self._spec = spec
+
+    def mech(self, name: str = "mech") -> MechanismSpec:
+        return self._spec
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, None], first: Any) -> Generator[Any, Any, None]:
+    """Continues, inside a task, a coroutine already stepped once outside of one: hands its
+    pending future to the task and relays results and exceptions (what `yield from` does for a
+    coroutine not yet started)."""
+    value = first
+    while True:
+        try:
+            sent = yield value
+        except BaseException as exc:  # noqa: BLE001 - relayed (CancelledError included)
+            try:
+                value = coro.throw(exc)
+            except StopIteration:
+                return
+        else:
+            try:
+                value = coro.send(sent)
+            except StopIteration:
+                return
+
+
+async def _rest(coro: Coroutine[Any, Any, None], first: Any) -> None:
+    await _resume(coro, first)
 
 
 def encode_descriptor(verb: str, handle: int, mech: Any, hash_name: str | None, prefix: bytes,
@@ -112,6 +159,10 @@ class DirectService:
         self.fallbacks = 0
         self.delayed = 0  # direct calls that waited for injected latency
         self._descs: dict[bytes, Descriptor] = {}
+        # (ticket, descriptor) -> its MAC, once checked: one HMAC per operation kind and key,
+        # not per call (the ticket is looked up, and must be live, before this is)
+        self._macs: dict[tuple[bytes, bytes], bytes] = {}
+        self._conns: dict[int, Conn] = {}  # login id -> the principal ops_crypto checks
         self._srv: asyncio.AbstractServer | None = None
         self._tls_srv: asyncio.AbstractServer | None = None
 
@@ -215,7 +266,15 @@ class DirectService:
             # the daemon knows whether the application is still logged in
             self.fallbacks += 1
             return int(RV.USER_NOT_LOGGED_IN), FALLBACK, b""
-        if not hmac.compare_digest(descriptor_mac(entry[1], desc), mac):
+        known = self._macs.get((ticket, desc))
+        if known is None:
+            known = descriptor_mac(entry[1], desc)
+            if not hmac.compare_digest(known, mac):
+                return int(RV.ARGUMENTS_BAD), 0, b""
+            if len(self._macs) >= 4096:
+                self._macs.clear()
+            self._macs[(ticket, desc)] = known
+        elif not hmac.compare_digest(known, mac):
             return int(RV.ARGUMENTS_BAD), 0, b""
         d = self._descriptor(desc)
         if VERBS.get(verb) != d.verb:
@@ -232,11 +291,16 @@ class DirectService:
             return int(RV.DATA_LEN_RANGE), FALLBACK, b""
         if d.max_data is not None and len(data) - d.overhead > d.max_data:
             return int(RV.DATA_LEN_RANGE), 0, b""
-        if d.hash is not None:
-            data = d.prefix + hashlib.new(d.hash, data).digest()
-        conn = Conn(0, b"", hello=True, logins={login.login_id: login})
-        f = Fields({"login_id": login.login_id, "handle": d.handle, "mech": d.mech, "data": data,
-                    "signature": sig})
+        if d.digest is not None:
+            data = d.prefix + d.digest(data).digest()
+        lid = login.login_id
+        conn = self._conns.get(lid)
+        if conn is None or conn.logins.get(lid) is not login:
+            if len(self._conns) >= 4096:
+                self._conns.clear()
+            conn = self._conns[lid] = Conn(0, b"", hello=True, logins={lid: login})
+        f = _DirectFields({"login_id": lid, "handle": d.handle, "mech": d.mech, "data": data,
+                           "signature": sig}, d.spec)
         crypto = self.server.service.crypto
         try:
             if d.verb == "encrypt":
@@ -324,7 +388,18 @@ class _DirectConnection(asyncio.Protocol):
             return
         if self.tls:
             self.svc.tls_calls += 1
-        task = asyncio.get_running_loop().create_task(self._answer(rid, verb, *fields))
+        # Run the call at once, in this loop pass: most finish without waiting (a cached key,
+        # a signature in the C core), and a task per call cost a loop pass and its bookkeeping.
+        # A call that must wait (paused, latency, RSA batch, a thread) continues as a task.
+        coro = self._answer(rid, verb, *fields)
+        try:
+            first = coro.send(None)
+        except StopIteration:
+            return
+        except BaseException:
+            coro.close()
+            raise
+        task = asyncio.get_running_loop().create_task(_rest(coro, first))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
