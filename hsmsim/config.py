@@ -28,7 +28,7 @@ T = TypeVar("T")
 
 CONFIG_FILE = "hsmsim.toml"
 # The sections a config file may have: one per component that declares a config dataclass.
-SECTIONS = ("cluster", "node", "gateway", "kms")
+SECTIONS = ("cluster", "node", "gateway", "kms", "cloudhsm")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 

@@ -16,10 +16,13 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import os
 import shutil
+import stat
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hsmsim.cloudhsm import errors as e
@@ -67,6 +70,41 @@ def eni_ip(address: str, hsm_id: str) -> str:
             return host
     d = hashlib.sha256(hsm_id.encode()).digest()
     return f"127.{d[0]}.{d[1]}.{max(1, d[2])}"
+
+
+def short_root(real: Path, cid: str) -> Path:
+    """The path a hosted cluster is served from: `/tmp/hsmsim-<uid>/<cluster id>`, a link to
+    its directory STATE/clusters/<id>, because a Unix socket path has at most 107 bytes and
+    the node sockets under STATE/clusters/<id>/nodes/ pass that in most places a state
+    directory lives. The link's directory must be ours and private, else the real path is
+    used."""
+    base = Path(f"/tmp/hsmsim-{os.getuid()}")
+    try:
+        base.mkdir(mode=0o700, exist_ok=True)
+        st = base.lstat()
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            return real
+        link = base / cid
+        if link.is_symlink() and os.readlink(link) == str(real):
+            return link
+        if link.exists() and not link.is_symlink():
+            return real
+        tmp = base / f".{cid}.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(real)
+        os.replace(tmp, link)
+        return link
+    except OSError:
+        return real
+
+
+def drop_short_root(real: Path, cid: str) -> None:
+    link = Path(f"/tmp/hsmsim-{os.getuid()}") / cid
+    try:
+        if link.is_symlink() and os.readlink(link) == str(real):
+            link.unlink()
+    except OSError:
+        pass
 
 
 def region_of_az(az: str) -> str:
@@ -382,7 +420,9 @@ class Plane:
         owner = self.cluster_obj(str(meta.get("cluster_id")))
         if owner is None:
             raise e.InvalidRequest("The backup's cluster is not running; it must hand over the masking key.")
-        await restore_backup(owner[0], self.cluster_dir(str(meta["cluster_id"])), bid, str(sub.root), None)
+        sub.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        target = short_root(sub.root, cid)  # the restore's nodes listen there
+        await restore_backup(owner[0], self.cluster_dir(str(meta["cluster_id"])), bid, str(target), None)
         spec = sub.load_spec()
         keep = spec.hsms[0].hsm_id
         for h in spec.hsms[1:]:
@@ -398,7 +438,7 @@ class Plane:
         from hsmsim.gateway.config import GatewayConfig
         from hsmsim.gateway.server import start_gateway
         main = self.daemon
-        d = Daemon(DaemonOptions(state_dir=self.cluster_dir(cid).root,
+        d = Daemon(DaemonOptions(state_dir=short_root(self.cluster_dir(cid).root, cid),
                                  cluster_overrides=main.opts.cluster_overrides, services=False),
                    main.environ)
         self.hosted[cid] = d
@@ -538,6 +578,7 @@ class Plane:
         # the backups (and the key that opens them) stay, as CloudHSM keeps a deleted
         # cluster's backups; the HSMs' tokens go
         shutil.rmtree(sub.nodes, ignore_errors=True)
+        drop_short_root(sub.root, cid)
         rec["phase"] = "DELETED"
         self.save()
         return self.describe(cid)

@@ -13,13 +13,13 @@ import errno
 import logging
 import re
 import uuid
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from hsmsim.cloudhsm import errors as e
 from hsmsim.cloudhsm import wire
+from hsmsim.cloudhsm.config import CloudHsmConfig
 from hsmsim.cloudhsm.ops import HANDLERS
 from hsmsim.cloudhsm.plane import Plane
 
@@ -30,16 +30,6 @@ log = logging.getLogger("hsmsim.cloudhsm")
 
 MAX_REQUEST_BYTES = 256 * 1024
 _REGION = re.compile(r"[a-z]{2}(-gov)?-[a-z]+-\d")
-
-
-@dataclass(frozen=True)
-class CloudHsmConfig:
-    """[cloudhsm] in hsmsim.toml (HSMSIM_CLOUDHSM_HOST / _PORT): where the endpoint listens.
-    Port 4600 by default; when it is taken the endpoint takes any free port (with a warning),
-    and `hsmsim env` exports the one in use."""
-
-    host: str = "127.0.0.1"
-    port: int = 4600
 
 
 def _region(headers: dict[str, str]) -> str:

@@ -8,6 +8,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from hsmsim.cloudhsm.config import CloudHsmConfig
 from hsmsim.cluster.config import ClusterConfig
 from hsmsim.config import SECTIONS, resolve_section
 from hsmsim.gateway.config import GatewayConfig
@@ -15,7 +16,8 @@ from hsmsim.kms.config import KmsConfig
 from hsmsim.node.config import NodeConfig
 
 _CLASSES: dict[str, type[Any]] = {
-    "cluster": ClusterConfig, "node": NodeConfig, "gateway": GatewayConfig, "kms": KmsConfig}
+    "cluster": ClusterConfig, "node": NodeConfig, "gateway": GatewayConfig, "kms": KmsConfig,
+    "cloudhsm": CloudHsmConfig}
 SECTION_CLASSES: tuple[tuple[str, type[Any]], ...] = tuple((s, _CLASSES[s]) for s in SECTIONS)
 
 

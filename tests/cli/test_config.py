@@ -65,7 +65,7 @@ def test_readme_documents_every_setting(tmp_path: Path) -> None:
     rows = set(re.findall(r"^\| (\w+) \| `(\w+)` \|", readme.split("## Configuration")[1], re.M))
     assert rows and rows <= known, f"README documents settings that do not exist: {rows - known}"
     assert "../shared" not in readme, "the README points outside the repository"
-    assert {s for s, _ in SECTIONS} == {"cluster", "node", "gateway", "kms"}
+    assert {s for s, _ in SECTIONS} == {"cluster", "node", "gateway", "kms", "cloudhsm"}
 
 
 def test_running_daemon_settings_and_edits_not_applied(cli_cluster: HsmsimCluster) -> None:

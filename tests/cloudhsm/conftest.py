@@ -6,12 +6,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from hsmsim.testing.cluster import ClusterStartError, HsmsimCluster, start_cluster
+from hsmsim.testing.cluster import ClusterStartError, HsmsimCluster, free_port, start_cluster
 
 REGION = "us-east-1"
 
@@ -24,12 +23,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HsmsimCluster]
     except FileNotFoundError as exc:
         pytest.skip(f"hsmsim cluster unavailable: {exc}")
     state = tmp_path_factory.mktemp("cloudhsm") / "state"
+    port = free_port()  # several test daemons run at once; a restart keeps the port
     try:
-        # port 0: several test daemons run at once
         c = start_cluster(state, azs=2, extra_args=["--disable-key-availability-check"],
-                          env={**os.environ, "HSMSIM_CLOUDHSM_PORT": "0"})
+                          env={**os.environ, "HSMSIM_CLOUDHSM_PORT": str(port)})
     except ClusterStartError as exc:
         pytest.fail(f"the hsmsim cluster did not start:\n{exc}", pytrace=False)
+    with (state / "hsmsim.toml").open("a") as f:
+        f.write(f"\n[cloudhsm]\nport = {port}\n")
     yield c
     c.down()
 

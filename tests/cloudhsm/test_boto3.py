@@ -194,6 +194,24 @@ def test_modify_cluster_retention(client: Any, new_cluster: dict[str, Any]) -> N
     assert _code(exc) == "CloudHsmInvalidRequestException"
 
 
+def test_a_restart_brings_back_every_cluster(client: Any, cluster: HsmsimCluster,
+                                            new_cluster: dict[str, Any]) -> None:
+    """The daemon's cluster keeps its id; a hosted cluster comes back with its HSMs and keys."""
+    primary = cluster.status()["cluster_id"]
+    cluster.down()
+    cluster.up("--disable-key-availability-check")  # as the fixture started it
+    assert cluster.status()["cluster_id"] == primary
+    assert describe(client, primary)["State"] in ("ACTIVE", "DEGRADED")
+    cid = new_cluster["id"]
+    wait_for(lambda: sorted(h["State"] for h in describe(client, cid)["Hsms"]) == ["ACTIVE", "ACTIVE"],
+             "the hosted cluster's HSMs ACTIVE again")
+    assert describe(client, cid)["State"] == "ACTIVE"
+    msg = new_cluster["msg"]
+    r = pkcs11_tool(new_cluster["env"], "--sign", "-m", "SHA256-RSA-PKCS", "--label", "gs-rsa",
+                    "-i", str(msg), "-o", str(msg) + ".sig4")
+    assert r.returncode == 0, r.stderr
+
+
 def test_backups_describe_delete_restore_modify_copy_policy(client: Any, cluster: HsmsimCluster) -> None:
     primary = cluster.status()["cluster_id"]
     made = [cluster.control("backup.create")["backup_id"] for _ in range(3)]

@@ -74,7 +74,7 @@ def workdir(tmp_path: Path) -> Iterator[Workdir]:
 
 def test_every_tutorial_block_is_known() -> None:
     assert set(tutorials()) == {"pkcs11", "pkcs11-python", "faults", "pytest", "tls",
-                                "tls-serve", "kms", "kms-python"}
+                                "tls-serve", "kms", "kms-python", "cloudhsmv2"}
     assert "../shared" not in README.read_text()
 
 
@@ -124,6 +124,10 @@ def test_every_block_runs_as_pasted_in_order_in_one_shell(workdir: Workdir) -> N
     # Tutorial 3
     assert "top secret" in out
     assert re.search(r"arn:aws:kms:us-east-1:\d{12}:key/\S+\s+AWS_CLOUDHSM\s+Enabled", out), out
+    # Tutorial 4: a cluster made through the CloudHSMv2 API signs with a key on both its HSMs
+    assert (scratch / "ha.sig").stat().st_size == 256
+    assert re.search(r"PRIVATE_KEY\s+RSA\s+ha-rsa\s+2/2", out), out
+    assert re.search(r"hsm-\w+\s+us-east-1b\s+[\d.]+\s+ACTIVE", out), out
     # The config line of Tutorial 2 can be pasted again without breaking the next start.
     again = tutorials()["tls"][1].splitlines()[0]
     subprocess.run(["bash", "-euo", "pipefail", "-c", again], cwd=workdir.path, env=env,
