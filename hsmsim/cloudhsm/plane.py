@@ -647,7 +647,8 @@ class Plane:
         gone = []
         metas = self._all_backups()
         newest: dict[str, str] = {}
-        for bid, meta in sorted(metas.items(), key=lambda kv: str(kv[1].get("created", ""))):
+        for bid, meta in sorted(metas.items(), key=lambda kv: (str(kv[1].get("created", "")),
+                                                              kv[1].get("_order", 0))):
             if "_copy" not in meta:
                 newest[str(meta["_owner"])] = bid
         for bid, meta in metas.items():

@@ -47,15 +47,16 @@ def _region(headers: dict[str, str]) -> str:
 
 
 async def handle(plane: Plane, method: str, path: str, headers: dict[str, str],
-                 body: bytes) -> tuple[int, bytes, bool]:
-    """One request: (HTTP status, body, body is CBOR). Never raises."""
+                 body: bytes | None) -> tuple[int, bytes, bool]:
+    """One request (`body` None: it was too large to read): (HTTP status, body, body is CBOR).
+    Never raises."""
     lower = {k.lower(): v for k, v in headers.items()}
     is_cbor = path.startswith("/service/") or "cbor" in lower.get("content-type", "")
     op = "Unknown"
     try:
         if method != "POST":
             raise e.UnknownOperation("")
-        if len(body) > MAX_REQUEST_BYTES:
+        if body is None or len(body) > MAX_REQUEST_BYTES:
             raise e.TooLarge(f"Request body exceeds {MAX_REQUEST_BYTES} bytes")
         op = (wire.operation_from_path(path) if path.startswith("/service/")
               else wire.operation_from_target(lower.get("x-amz-target")))
@@ -94,7 +95,13 @@ class CloudHsmServer:
 def make_app(plane: Plane) -> web.Application:
     async def serve(request: web.Request) -> web.Response:
         request_id = str(uuid.uuid4())
-        body = await request.read()
+        try:
+            if request.content_length is not None and request.content_length > MAX_REQUEST_BYTES:
+                raise web.HTTPRequestEntityTooLarge(max_size=MAX_REQUEST_BYTES,
+                                                    actual_size=request.content_length)
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            body = None
         status, out, is_cbor = await handle(plane, request.method, request.raw_path.split("?", 1)[0],
                                             dict(request.headers), body)
         headers = {"x-amzn-RequestId": request_id,
