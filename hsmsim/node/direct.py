@@ -342,6 +342,12 @@ class _DirectConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf
+        if not buf and self.greeted and not self.closed and type(data) is bytes and len(data) >= 4:
+            # the usual case, one whole request: parsed where it lies, without buffering it
+            (n,) = _U32.unpack_from(data)
+            if n == len(data) - 4 and HELLO.size <= n <= MAX_FRAME + 4096:
+                self._request(data, 4)
+                return
         buf += data
         while len(buf) >= 4 and not self.closed:
             (n,) = _U32.unpack_from(buf)
@@ -369,10 +375,11 @@ class _DirectConnection(asyncio.Protocol):
             return
         self.greeted = True
 
-    def _request(self, frame: bytes) -> None:
+    def _request(self, frame: bytes, start: int = 0) -> None:
+        """The request in frame[start:] (the u32 length before it already checked)."""
         try:
-            rid, verb = REQ_HEAD.unpack_from(frame)
-            pos = REQ_HEAD.size
+            rid, verb = REQ_HEAD.unpack_from(frame, start)
+            pos = start + REQ_HEAD.size
             fields = []
             for _ in range(5):
                 (k,) = _U32.unpack_from(frame, pos)
