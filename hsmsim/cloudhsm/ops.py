@@ -57,7 +57,7 @@ async def create_cluster(p: Plane, region: str, a: dict[str, Any]) -> dict[str, 
     tags = _tags(a.get("TagList"))
     if len(tags) > MAX_TAGS:
         raise e.TagError(f"A resource has at most {MAX_TAGS} tags.")
-    async with p._lock:
+    async with p.lock:
         cid = p.create_cluster(region, a["HsmType"], a["SubnetIds"], a.get("Mode", "FIPS"),
                                a.get("NetworkType", "IPV4"), _retention(a.get("BackupRetentionPolicy")),
                                a.get("SourceBackupId"), tags)
@@ -66,30 +66,30 @@ async def create_cluster(p: Plane, region: str, a: dict[str, Any]) -> dict[str, 
 
 async def create_hsm(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
     # FIDELITY: IpAddress is accepted and ignored: the HSM's address is its node's listener.
-    async with p._lock:
+    async with p.lock:
         return {"Hsm": await p.create_hsm(a["ClusterId"], region, a["AvailabilityZone"])}
 
 
 async def delete_hsm(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
-    async with p._lock:
+    async with p.lock:
         return {"HsmId": await p.delete_hsm(a["ClusterId"], region, a.get("HsmId"), a.get("EniId"),
                                             a.get("EniIp"))}
 
 
 async def initialize_cluster(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
-    async with p._lock:
+    async with p.lock:
         state = await p.initialize(a["ClusterId"], region, a["SignedCert"], a["TrustAnchor"])
     return {"State": state, "StateMessage": "Cluster is initializing."}
 
 
 async def delete_cluster(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
-    async with p._lock:
+    async with p.lock:
         return {"Cluster": await p.delete_cluster(a["ClusterId"], region)}
 
 
 async def modify_cluster(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
     cid = a["ClusterId"]
-    async with p._lock:
+    async with p.lock:
         rec = p.record(cid, region)
         if rec["phase"] == "DELETED":
             raise e.InvalidRequest(f"Cluster {cid} is deleted.")
@@ -133,7 +133,7 @@ async def describe_backups(p: Plane, region: str, a: dict[str, Any]) -> dict[str
 
 async def delete_backup(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
     bid = a["BackupId"]
-    async with p._lock:
+    async with p.lock:
         p.sweep()
         meta = p.backup(bid, region)
         if p.backup_state(bid) != "READY":
@@ -145,7 +145,7 @@ async def delete_backup(p: Plane, region: str, a: dict[str, Any]) -> dict[str, A
 
 async def restore_backup(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
     bid = a["BackupId"]
-    async with p._lock:
+    async with p.lock:
         p.sweep()
         meta = p.backup(bid, region)
         if p.backup_state(bid) != "PENDING_DELETION":
@@ -157,7 +157,7 @@ async def restore_backup(p: Plane, region: str, a: dict[str, Any]) -> dict[str, 
 
 async def modify_backup_attributes(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
     bid = a["BackupId"]
-    async with p._lock:
+    async with p.lock:
         p.sweep()
         meta = p.backup(bid, region)
         p.data["backups"].setdefault(bid, {})["never_expires"] = bool(a["NeverExpires"])
@@ -167,7 +167,7 @@ async def modify_backup_attributes(p: Plane, region: str, a: dict[str, Any]) -> 
 
 async def copy_backup_to_region(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
     bid, dest = a["BackupId"], a["DestinationRegion"]
-    async with p._lock:
+    async with p.lock:
         p.sweep()
         meta = p.backup(bid, region)
         if dest == region:
@@ -201,7 +201,7 @@ def _resource(p: Plane, rid: str, region: str) -> None:
 
 async def tag_resource(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
     rid = a["ResourceId"]
-    async with p._lock:
+    async with p.lock:
         _resource(p, rid, region)
         tags = {**p.data["tags"].get(rid, {}), **_tags(a["TagList"])}
         if len(tags) > MAX_TAGS:
@@ -213,7 +213,7 @@ async def tag_resource(p: Plane, region: str, a: dict[str, Any]) -> dict[str, An
 
 async def untag_resource(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
     rid = a["ResourceId"]
-    async with p._lock:
+    async with p.lock:
         _resource(p, rid, region)
         tags = p.data["tags"].get(rid, {})
         for k in a["TagKeyList"]:
@@ -250,7 +250,7 @@ def _policy_target(p: Plane, arn: str | None, region: str) -> str:
 
 
 async def put_resource_policy(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
-    async with p._lock:
+    async with p.lock:
         arn = _policy_target(p, a.get("ResourceArn"), region)
         policy = a.get("Policy")
         try:
@@ -270,7 +270,7 @@ async def get_resource_policy(p: Plane, region: str, a: dict[str, Any]) -> dict[
 
 
 async def delete_resource_policy(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
-    async with p._lock:
+    async with p.lock:
         arn = _policy_target(p, a.get("ResourceArn"), region)
         policy = p.data["policies"].pop(arn, None)
         if policy is None:

@@ -32,6 +32,7 @@ from hsmsim.cluster.members import ACTIVE, CREATE_IN_PROGRESS, DEGRADED, DELETE_
 from hsmsim.cluster.state import (MAX_HSMS, ClusterSpec, HsmSpec, StateDir, atomic_write,
                                   discard_new_cluster, new_id, prepare_new_cluster, write_secret)
 from hsmsim.cluster.supervisor import Supervisor
+from hsmsim.node import direct_tls
 
 if TYPE_CHECKING:
     from hsmsim.daemon.main import Daemon
@@ -59,17 +60,19 @@ def eni_id(hsm_id: str) -> str:
     return f"eni-{_hex(hsm_id, 17)}"
 
 
-def eni_ip(address: str, hsm_id: str) -> str:
-    """The HSM's ENI address: the host of the node's TCP listener (`tcp:HOST:PORT`, the
-    direct data path's per-node address) when it has one. FIDELITY: a node that listens only
-    on a Unix socket has no IP; it is given a stable loopback address derived from its id,
-    which identifies it (DeleteHsm --eni-ip) but nothing listens there."""
-    if address.startswith("tcp:"):
-        host = address[4:].rsplit(":", 1)[0].strip("[]")
-        if host.count(".") == 3:
-            return host
-    d = hashlib.sha256(hsm_id.encode()).digest()
-    return f"127.{d[0]}.{d[1]}.{max(1, d[2])}"
+def eni_ip(node_dir: Path, address: str, hsm_id: str) -> str:
+    """The HSM's ENI address: the host of the node's direct TLS listener (`direct.addr`: by
+    default the HSM's own loopback address 127.A.B.C, port 2223, where Client SDK 5 would
+    connect to its ENI), else of its TCP node listener. FIDELITY: a node with neither (direct
+    TLS off, nodes on Unix sockets) is given that same derived loopback address, which
+    identifies it (DeleteHsm --eni-ip) but on which nothing listens."""
+    for where in (direct_tls.read_address(node_dir) or "", address):
+        kind, _, rest = where.partition(":")
+        if kind in ("tls", "tcp"):
+            host = rest.rsplit(":", 1)[0].strip("[]")
+            if host.count(".") == 3:
+                return host
+    return direct_tls.loopback_ip(hsm_id)
 
 
 def short_root(real: Path, cid: str) -> Path:
@@ -142,7 +145,7 @@ class Plane:
         self.pending: dict[str, dict[str, tuple[str, str]]] = {}
         self.transient: dict[str, str] = {}  # cluster id -> INITIALIZE_IN_PROGRESS
         self.tasks: set[asyncio.Task[Any]] = set()
-        self._lock = asyncio.Lock()
+        self.lock = asyncio.Lock()  # one API change at a time
         self.data: dict[str, Any] = self._load()
         primary = daemon.cluster.spec
         if primary.cluster_id not in self.data["clusters"]:
@@ -213,7 +216,7 @@ class Plane:
                 state = m.hsm_state
                 if state == ACTIVE and not m.usable:
                     state = DEGRADED
-                out[m.hsm_id] = self._hsm(cid, rec, m.hsm_id, m.az, state, m.address,
+                out[m.hsm_id] = self._hsm(cid, rec, m.hsm_id, m.az, state, m.dir, m.address,
                                           f"HSM is {m.condition()}")
         elif rec.get("phase") != "DELETED" and not rec.get("parked"):
             state_dir = self.cluster_dir(cid)
@@ -223,22 +226,22 @@ class Plane:
                 except Exception:
                     spec = None
                 for h in spec.hsms if spec else ():
-                    out[h.hsm_id] = self._hsm(cid, rec, h.hsm_id, h.az, DEGRADED,
-                                              Member(h.hsm_id, h.az, state_dir).address,
+                    m = Member(h.hsm_id, h.az, state_dir)
+                    out[h.hsm_id] = self._hsm(cid, rec, h.hsm_id, h.az, DEGRADED, m.dir, m.address,
                                               "HSM is not running (its cluster was stopped)")
         for hsm_id, (az, state) in self.pending.get(cid, {}).items():
             if hsm_id not in out or state == DELETE_IN_PROGRESS:
-                out[hsm_id] = self._hsm(cid, rec, hsm_id, az, state,
+                out[hsm_id] = self._hsm(cid, rec, hsm_id, az, state, self.cluster_dir(cid).node_dir(hsm_id),
                                         f"unix:{self.cluster_dir(cid).node_socket(hsm_id)}",
                                         "HSM is being created" if state == CREATE_IN_PROGRESS
                                         else "HSM is being deleted")
         return list(out.values())
 
-    def _hsm(self, cid: str, rec: dict[str, Any], hsm_id: str, az: str, state: str, address: str,
-             message: str) -> dict[str, Any]:
+    def _hsm(self, cid: str, rec: dict[str, Any], hsm_id: str, az: str, state: str, node_dir: Path,
+             address: str, message: str) -> dict[str, Any]:
         return {"AvailabilityZone": az, "ClusterId": cid,
                 "SubnetId": rec["subnets"].get(az, subnet_for(cid, az)),
-                "EniId": eni_id(hsm_id), "EniIp": eni_ip(address, hsm_id), "HsmType": rec["hsm_type"],
+                "EniId": eni_id(hsm_id), "EniIp": eni_ip(node_dir, address, hsm_id), "HsmType": rec["hsm_type"],
                 "HsmId": hsm_id, "State": state, "StateMessage": message}
 
     def cluster_state(self, cid: str) -> str:

@@ -110,6 +110,11 @@ def test_describe_clusters_shows_the_daemons_cluster(client: Any, cluster: Hsmsi
     assert sorted(h["HsmId"] for h in c["Hsms"]) == sorted(h["hsm_id"] for h in st["hsms"])
     assert {h["AvailabilityZone"] for h in c["Hsms"]} == {h["az"] for h in st["hsms"]}
     assert all(h["State"] == "ACTIVE" and h["EniIp"].count(".") == 3 for h in c["Hsms"])
+    # EniIp is where the HSM's direct TLS listener is (Client SDK 5 connects to each HSM's ENI)
+    listens = {h["hsm_id"]: h.get("direct_address") for h in st["hsms"]}
+    assert all(listens.values()), listens
+    assert {h["HsmId"]: f"tls:{h['EniIp']}:" for h in c["Hsms"]} == {
+        k: v.rsplit(":", 1)[0] + ":" for k, v in listens.items()}
     assert c["Certificates"]["ClusterCertificate"] == (cluster.state_dir / "ca" / "ca.crt").read_text()
 
 
