@@ -170,7 +170,13 @@ class Plane:
         except FileNotFoundError:
             pass
         except (OSError, ValueError) as exc:
-            log.error("%s is unreadable (%s); starting a new control-plane record", self.file, exc)
+            aside = self.file.with_name(f"plane.json.unreadable-{int(time.time())}")
+            try:  # kept for the user to repair; the hosted clusters' directories stay as they are
+                os.replace(self.file, aside)
+            except OSError:
+                pass
+            log.error("%s is unreadable (%s); moved to %s, starting a new control-plane record",
+                      self.file, exc, aside.name)
         return {"clusters": {}, "tags": {}, "backups": {}, "copies": {}, "policies": {}}
 
     def save(self) -> None:
@@ -462,14 +468,14 @@ class Plane:
         async def watch() -> None:  # `hsmsim down --state STATE/clusters/<id>` stops it
             await d.stopping.wait()
             if self.hosted.get(cid) is d:
-                self.hosted.pop(cid, None)
-                await d.close()
+                await self.unhost(cid)
         self.spawn(watch(), f"cluster {cid}")
 
     async def unhost(self, cid: str) -> None:
         d = self.hosted.pop(cid, None)
         if d is not None:
             await d.close()
+        drop_short_root(self.cluster_dir(cid).root, cid)
 
     async def delete_hsm(self, cid: str, region: str, hsm_id: str | None, eni: str | None,
                          ip: str | None) -> str:

@@ -110,3 +110,14 @@ def test_retention_spares_never_expires_and_the_newest(plane: tuple[Plane, Loop]
     left = backups(plane)
     assert ids[0] in left and ids[2] in left and ids[1] not in left
     p.clock = lambda: now
+
+
+def test_an_unreadable_record_is_kept_aside(plane: tuple[Plane, Loop]) -> None:
+    p, _ = plane
+    p.file.write_bytes(b"{not json")
+    fresh = Plane(p.daemon)
+    aside = list(p.file.parent.glob("plane.json.unreadable-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == b"{not json"
+    assert list(fresh.data["clusters"]) == [p.primary_id]
+    assert json.loads(p.file.read_bytes())["clusters"][p.primary_id]["primary"] is True
+    p.save()
