@@ -37,9 +37,13 @@ class Supervisor:
         self._task: asyncio.Task[None] | None = None
         self._anti_entropy_at = 0.0
         self.reconciler = Reconciler(cluster)
-        self.clone_into = self.reconciler.clone_into
-        self.reconcile = self.reconciler.reconcile
         self.space_retry_at: dict[str, float] = {}  # HSM id -> next start try (disk full)
+
+    async def clone_into(self, source: Member, target: Member) -> None:
+        await self.reconciler.clone_into(source, target)
+
+    async def reconcile(self, m: Member, progress: ProgressFn | None = None) -> None:
+        await self.reconciler.reconcile(m, progress)
 
     # -- start -----------------------------------------------------------------------------------
     async def bootstrap_new(self, admin_password: str, cu_password: str) -> None:
