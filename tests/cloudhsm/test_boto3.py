@@ -118,6 +118,19 @@ def test_describe_clusters_shows_the_daemons_cluster(client: Any, cluster: Hsmsi
     assert c["Certificates"]["ClusterCertificate"] == (cluster.state_dir / "ca" / "ca.crt").read_text()
 
 
+def test_hsm_kill_in_the_daemons_cluster(client: Any, cluster: HsmsimCluster) -> None:
+    """`hsmsim hsm kill` makes the HSM DEGRADED and the cluster DEGRADED; started, both are
+    ACTIVE again."""
+    primary = cluster.status()["cluster_id"]
+    hsm = cluster.status()["hsms"][0]["hsm_id"]
+    cluster.kill(hsm)
+    wait_for(lambda: hsm_state(client, primary, hsm) == "DEGRADED", "DEGRADED after kill")
+    assert describe(client, primary)["State"] == "DEGRADED"
+    cluster.start(hsm)
+    wait_for(lambda: hsm_state(client, primary, hsm) == "ACTIVE", "ACTIVE after start")
+    wait_for(lambda: describe(client, primary)["State"] == "ACTIVE", "the cluster ACTIVE again")
+
+
 def test_getting_started_key_is_on_both_hsms(client: Any, new_cluster: dict[str, Any]) -> None:
     cid = new_cluster["id"]
     c = describe(client, cid)
