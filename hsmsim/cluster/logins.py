@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hsmsim.cluster.api import Login
@@ -186,6 +185,3 @@ class Logins:
             if m.usable and m.client is not None:
                 calls.append(self.pool.quiet(self.pool.timed(m, m.client.logout(lid))))
         await asyncio.gather(*calls)
-
-    def login_ids(self) -> Sequence[int]:
-        return list(self._records)
