@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from hsmsim import awsmodel
 from hsmsim.cloudhsm import cbor
 from hsmsim.cloudhsm import errors as e
 from hsmsim.cloudhsm.shapes import OPERATIONS, SHAPES, TARGET_PREFIX
@@ -89,110 +90,32 @@ _UNICODE_CLASS = re.compile(r"\\p\{([A-Z])\}")
 
 @lru_cache(maxsize=None)
 def _matcher(pattern: str) -> Callable[[str], bool]:
-    cats = _UNICODE_CLASS.findall(pattern)
-    if cats:
-        m = re.fullmatch(r"\^?\(\[(.*)\]\*\)\$?", pattern)
-        assert m is not None, pattern
-        literal = _UNICODE_CLASS.sub("", m.group(1)).replace("\\", "")
-        allowed = set(literal)
-        majors = tuple(cats)
-        return lambda s: all(c in allowed or unicodedata.category(c)[0] in majors for c in s)
-    rx = re.compile(pattern)
-    # Smithy patterns are not anchored: a pattern holds when it matches somewhere, as AWS's
-    # validators do; those in this model that matter start with ^ or name a whole id.
-    return lambda s: rx.search(s) is not None if pattern.startswith("^") else rx.fullmatch(s) is not None
+    """A check for a pattern of the form ^([<classes and characters>]*)$ with \\p{X} classes."""
+    m = re.fullmatch(r"\^?\(\[(.*)\]\*\)\$?", pattern)
+    if m is None:
+        raise ValueError(f"unsupported pattern {pattern!r}")
+    majors = tuple(_UNICODE_CLASS.findall(m.group(1)))
+    allowed = set(_UNICODE_CLASS.sub("", m.group(1)).replace("\\", ""))
+    return lambda s: all(c in allowed or unicodedata.category(c)[0] in majors for c in s)
 
 
-def _camel(name: str) -> str:
-    return name[:1].lower() + name[1:]
-
-
-class _Decoder:
-    def __init__(self) -> None:
-        self.violations: list[str] = []
-
-    def _violate(self, shape_name: str, value: Any, path: str, constraint: str) -> None:
-        shown = ""
-        if shape_name not in _SENSITIVE and isinstance(value, (str, int)) and not isinstance(value, bool):
-            text = str(value)
-            shown = f" '{text}'" if len(text) <= 256 else ""
-        elif value is None:
-            shown = " null"
-        self.violations.append(f"Value{shown} at '{path}' failed to satisfy constraint: {constraint}")
+class _Decoder(awsmodel.Decoder):
+    """The shared AWS model walk (`hsmsim.awsmodel`, as the KMS uses it) with what this model
+    needs beyond it: patterns with Unicode classes (the tag patterns) and map sizes (Filters
+    has at most 30 entries)."""
 
     def decode(self, shape_name: str, value: Any, path: str) -> Any:
-        shape = SHAPES[shape_name]
-        typ = shape["type"]
-        if typ == "structure":
-            if not isinstance(value, dict):
-                raise e.Malformed(f"Expected an object at '{path or 'input'}'")
-            out: dict[str, Any] = {}
-            members: Mapping[str, str] = shape["members"]
-            for req in shape.get("required", ()):
-                if value.get(req) is None:
-                    self._violate(members[req], None, self._join(path, req), "Member must not be null")
-            for name, raw in value.items():
-                if name not in members or raw is None:
-                    continue  # AWS ignores unknown members
-                out[name] = self.decode(members[name], raw, self._join(path, name))
-            return out
-        if typ == "string":
-            if not isinstance(value, str):
-                raise e.Malformed(f"STRING_VALUE expected at '{path}'")
+        shape = self.shapes[shape_name]
+        pattern = shape.get("pattern")
+        if shape["type"] == "string" and isinstance(value, str) and pattern and "\\p{" in pattern:
             self._lengths(shape_name, shape, value, len(value), path)
-            if "enum" in shape and value not in shape["enum"]:
+            if not _matcher(pattern)(value):
                 self._violate(shape_name, value, path,
-                              f"Member must satisfy enum value set: [{', '.join(shape['enum'])}]")
-            elif "pattern" in shape and not _matcher(shape["pattern"])(value):
-                self._violate(shape_name, value, path,
-                              f"Member must satisfy regular expression pattern: {shape['pattern']}")
+                              f"Member must satisfy regular expression pattern: {pattern}")
             return value
-        if typ in ("integer", "long"):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise e.Malformed(f"Integer expected at '{path}'")
-            if "min" in shape and value < shape["min"]:
-                self._violate(shape_name, value, path,
-                              f"Member must have value greater than or equal to {shape['min']}")
-            if "max" in shape and value > shape["max"]:
-                self._violate(shape_name, value, path,
-                              f"Member must have value less than or equal to {shape['max']}")
-            return value
-        if typ == "boolean":
-            if not isinstance(value, bool):
-                raise e.Malformed(f"Boolean expected at '{path}'")
-            return value
-        if typ == "timestamp":
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise e.Malformed(f"Epoch seconds expected at '{path}'")
-            return float(value)
-        if typ == "list":
-            if not isinstance(value, list):
-                raise e.Malformed(f"Array expected at '{path}'")
+        if shape["type"] == "map" and isinstance(value, dict):
             self._lengths(shape_name, shape, value, len(value), path)
-            return [self.decode(shape["member"], item, f"{path}.{i + 1}.member")
-                    for i, item in enumerate(value)]
-        if typ == "map":
-            if not isinstance(value, dict):
-                raise e.Malformed(f"Object expected at '{path}'")
-            self._lengths(shape_name, shape, value, len(value), path)
-            result: dict[str, Any] = {}
-            for k, v in value.items():
-                self.decode(shape["key"], k, f"{path}.key")
-                result[k] = self.decode(shape["value"], v, f"{path}.{k}.member")
-            return result
-        return value
-
-    @staticmethod
-    def _join(path: str, name: str) -> str:
-        return f"{path}.{_camel(name)}" if path else _camel(name)
-
-    def _lengths(self, shape_name: str, shape: Mapping[str, Any], value: Any, n: int, path: str) -> None:
-        if "min" in shape and n < shape["min"]:
-            self._violate(shape_name, value, path,
-                          f"Member must have length greater than or equal to {shape['min']}")
-        if "max" in shape and n > shape["max"]:
-            self._violate(shape_name, value, path,
-                          f"Member must have length less than or equal to {shape['max']}")
+        return super().decode(shape_name, value, path)
 
 
 MAX_DEPTH = 32
@@ -233,8 +156,11 @@ def decode_request(op: str, raw: Any) -> dict[str, Any]:
     shape = OPERATIONS[op]["input"]
     if shape is None:
         return {}
-    decoder = _Decoder()
-    out = decoder.decode(shape, raw, "")
+    decoder = _Decoder(SHAPES, _SENSITIVE)
+    try:
+        out = decoder.decode(shape, raw, "")
+    except awsmodel.Malformed as exc:
+        raise e.Malformed(exc.message) from None
     if decoder.violations:
         n = len(decoder.violations)
         head = f"{n} validation error{'s' if n > 1 else ''} detected: "

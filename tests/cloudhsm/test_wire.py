@@ -90,6 +90,9 @@ def test_the_models_constraints_give_aws_messages() -> None:
         wire.decode_request("DescribeClusters", {"Filters": ["clusterIds"]})
     with pytest.raises(e.Malformed):
         wire.decode_request("ModifyBackupAttributes", {"BackupId": "backup-abcdefghijk", "NeverExpires": "yes"})
+    with pytest.raises(e.Invalid) as exc:
+        wire.decode_request("DescribeBackups", {"Filters": {f"f{i}": ["x"] for i in range(31)}})
+    assert "Member must have length less than or equal to 30" in exc.value.message
     # a certificate's value is never echoed
     with pytest.raises(e.Invalid) as exc:
         wire.decode_request("InitializeCluster", {"ClusterId": "cluster-abcdefghijk",
@@ -127,3 +130,16 @@ def test_cbor_round_trip(value: Any) -> None:
             return [strip(x) for x in v]
         return v
     assert cbor.loads(cbor.dumps(value)) == strip(value)
+
+
+def test_every_pattern_of_the_model_is_checkable() -> None:
+    import re
+    from hsmsim.cloudhsm.shapes import SHAPES
+    for name, shape in SHAPES.items():
+        pattern = shape.get("pattern")
+        if pattern is None:
+            continue
+        if "\\p{" in pattern:
+            assert wire._matcher(pattern)("Ab 1_.:/=+-@") and not wire._matcher(pattern)("a!b"), name
+        else:
+            re.compile(pattern)
