@@ -210,6 +210,12 @@ def test_modify_cluster_retention(client: Any, new_cluster: dict[str, Any]) -> N
     with pytest.raises(ClientError) as exc:
         client.modify_cluster(ClusterId=cid, BackupRetentionPolicy={"Type": "DAYS", "Value": "5"})
     assert _code(exc) == "CloudHsmInvalidRequestException"
+    got = client.modify_cluster(ClusterId=cid, HsmType="hsm1.medium")["Cluster"]
+    assert got["HsmType"] == "hsm1.medium" and all(h["HsmType"] == "hsm1.medium" for h in got["Hsms"])
+    client.modify_cluster(ClusterId=cid, HsmType="hsm2m.medium")
+    with pytest.raises(ClientError) as exc:
+        client.modify_cluster(ClusterId=cid, HsmType="hsm9.medium")
+    assert _code(exc) == "CloudHsmInvalidRequestException"
 
 
 def test_a_restart_brings_back_every_cluster(client: Any, cluster: HsmsimCluster,
