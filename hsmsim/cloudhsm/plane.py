@@ -145,6 +145,7 @@ class Plane:
         self.pending: dict[str, dict[str, tuple[str, str]]] = {}
         self.transient: dict[str, str] = {}  # cluster id -> INITIALIZE_IN_PROGRESS
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.closing: set[asyncio.Task[None]] = set()  # nested daemons being closed
         self.lock = asyncio.Lock()  # one API change at a time
         self.data: dict[str, Any] = self._load()
         primary = daemon.cluster.spec
@@ -472,10 +473,20 @@ class Plane:
         self.spawn(watch(), f"cluster {cid}")
 
     async def unhost(self, cid: str) -> None:
+        """Stop serving `cid`: its nested daemon closes (its nodes stop) even if the caller is
+        cancelled meanwhile (the close runs in its own task, which `closing` keeps for the
+        endpoint's own close to wait for)."""
         d = self.hosted.pop(cid, None)
         if d is not None:
-            await d.close()
-        drop_short_root(self.cluster_dir(cid).root, cid)
+            t = asyncio.get_running_loop().create_task(d.close())
+            self.closing.add(t)
+            t.add_done_callback(self.closing.discard)
+            try:
+                await asyncio.shield(t)
+            finally:
+                drop_short_root(self.cluster_dir(cid).root, cid)
+        else:
+            drop_short_root(self.cluster_dir(cid).root, cid)
 
     async def delete_hsm(self, cid: str, region: str, hsm_id: str | None, eni: str | None,
                          ip: str | None) -> str:

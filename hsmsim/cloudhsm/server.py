@@ -87,6 +87,7 @@ class CloudHsmServer:
         for t in list(self.plane.tasks):
             t.cancel()
         await asyncio.gather(*self.plane.tasks, return_exceptions=True)
+        await asyncio.gather(*self.plane.closing, return_exceptions=True)  # closes a task began
         for cid in list(self.plane.hosted):
             with contextlib.suppress(Exception):
                 await self.plane.unhost(cid)

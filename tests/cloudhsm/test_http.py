@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from botocore.auth import SigV4Auth
@@ -128,3 +129,39 @@ def test_initialize_checks_the_certificate(endpoint: str, cluster: HsmsimCluster
     assert c["State"] == "UNINITIALIZED" and "ClusterCsr" in c["Certificates"]
     status, _, body = call_json(endpoint, "DeleteHsm", {"ClusterId": cid, "HsmId": hsm})
     assert status == 200 and body == {"HsmId": hsm}
+
+
+def test_down_while_the_last_hsm_is_being_deleted_leaves_no_node(endpoint: str, cluster: HsmsimCluster) -> None:
+    """The daemon stops while a hosted cluster's last HSM is being deleted: the node process
+    stops too, and the cluster's /tmp link goes. Runs last: it stops this module's daemon."""
+    import os
+    import time
+    from hsmsim.testing.cluster import run_cli
+    _, _, body = call_json(endpoint, "CreateCluster", {"HsmType": "hsm2m.medium",
+                                                       "SubnetIds": ["subnet-0a1b2c3d4e5f60001"]})
+    cid = body["Cluster"]["ClusterId"]
+    hsm = call_json(endpoint, "CreateHsm", {"ClusterId": cid, "AvailabilityZone": "us-east-1a"})[2]["Hsm"]["HsmId"]
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        c = call_json(endpoint, "DescribeClusters", {"Filters": {"clusterIds": [cid]}})[2]["Clusters"][0]
+        if [h["State"] for h in c["Hsms"]] == ["ACTIVE"]:
+            break
+        time.sleep(0.2)
+    link = f"/tmp/hsmsim-{os.getuid()}/{cid}"
+    st = json.loads(run_cli(["status", "--json", "--state", link]).stdout)
+    pid = st["hsms"][0]["pid"]
+    assert st["hsms"][0]["hsm_id"] == hsm and pid
+    assert call_json(endpoint, "DeleteHsm", {"ClusterId": cid, "HsmId": hsm})[0] == 200
+    cluster.down()
+
+    def alive() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return b"node" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    deadline = time.monotonic() + 30
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive()
+    assert not os.path.lexists(link)
