@@ -280,8 +280,15 @@ def write_address(ndir: Path, address: str | None) -> None:
             pass
         return
     tmp = path.with_suffix(".tmp")
-    files.write_private(tmp, address + "\n")
-    os.replace(tmp, path)
+    try:
+        files.write_private(tmp, address + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        try:  # no half-written file left behind (the previous address, if any, stays)
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def read_address(ndir: Path) -> str | None:

@@ -199,7 +199,12 @@ class Node:
                 address = await self.server.direct.listen_tls(candidates, ctx, hsm_id)
         except (OSError, ValueError, ssl.SSLError) as exc:
             log.warning("no direct TLS listener: %s", exc)
-        direct_tls.write_address(self.dir, address)
+        try:
+            direct_tls.write_address(self.dir, address)
+        except OSError as exc:
+            # The file only tells `hsmsim status` the address (tickets carry it to the daemon):
+            # a node on a full disk still starts and serves the keys it has.
+            log.warning("the direct TLS address is not recorded in %s: %s", self.dir, exc)
 
     def close(self) -> None:
         self.keystore.close()
@@ -211,16 +216,24 @@ class Node:
 def run(opts: NodeOptions, config: NodeConfig) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    ndir = node_dir(opts.state, opts.hsm_id)
     try:
         node = Node(opts, config)
     except (OSError, sqlite3.Error, Pkcs11Error, HsmsimError) as exc:
-        if files.is_no_space(exc, node_dir(opts.state, opts.hsm_id)):
+        if files.is_no_space(exc, ndir):
             log.error("node %s cannot start: no space left on the disk of %s (%s)", opts.hsm_id,
-                      node_dir(opts.state, opts.hsm_id), exc)
+                      ndir, exc)
             return files.EXIT_NO_SPACE
         raise
     try:
         aio.run(node.serve())
+    except OSError as exc:
+        # serve() writes files before READY too (the direct TLS certificate and address)
+        if files.is_no_space(exc, ndir):
+            log.error("node %s cannot start: no space left on the disk of %s (%s)", opts.hsm_id,
+                      ndir, exc)
+            return files.EXIT_NO_SPACE
+        raise
     finally:
         node.close()
     return 0
