@@ -18,7 +18,7 @@ DEBS   += openssh-client gnutls-bin p11-kit p11-kit-modules
 NATIVE_SRC := $(shell find native softhsm-config -type f 2>/dev/null) setup.py pyproject.toml
 PYTEST_ARGS ?=
 
-.PHONY: help deps venv build test soak run bench bench-core bench-node bench-cluster bench-pkcs11 bench-kms bench-tls typecheck kms-shapes clean
+.PHONY: help deps venv build test soak run bench bench-core bench-node bench-cluster bench-pkcs11 bench-kms bench-tls typecheck kms-shapes cloudhsm-shapes aws-models clean
 
 help:
 	@echo "make run    - set up and start the default 3-HSM cluster (hsmsim up)"
@@ -28,6 +28,7 @@ help:
 	@echo "make bench-{core,node,cluster,pkcs11,kms,tls}"
 	@echo "make typecheck - mypy --strict"
 	@echo "make kms-shapes - regenerate hsmsim/kms/api_model.json and inputs.py from botocore"
+	@echo "make cloudhsm-shapes - the same for hsmsim/cloudhsm/ (aws-models: both)"
 
 # Debian packages: apt-get update once, only when something is missing.
 deps:
@@ -68,6 +69,10 @@ typecheck: venv
 # tests/kms/test_shapes_fresh.py fails until this is run after a botocore upgrade.
 kms-shapes: venv
 	$(PY) tools/gen_aws_model.py kms
+# The same for the CloudHSMv2 control plane (tests/cloudhsm/test_shapes_fresh.py).
+cloudhsm-shapes: venv
+	$(PY) tools/gen_aws_model.py cloudhsmv2
+aws-models: kms-shapes cloudhsm-shapes
 
 bench-core: venv
 	$(PY) -m hsmsim.bench core

@@ -8,8 +8,10 @@ For each service in SERVICES it writes
   * `hsmsim/<pkg>/inputs.py`: one frozen dataclass per structure reachable from an operation's
     input, fields in snake_case (`hsmsim.awsmodel.snake`), for `hsmsim.awsmodel.build`.
 
-Run `make kms-shapes` (or `python tools/gen_aws_model.py kms`) after upgrading botocore; the test
-tests/kms/test_shapes_fresh.py regenerates in memory and fails when the files are stale."""
+Run `make aws-models` (both services; `make kms-shapes` / `make cloudhsm-shapes` for one, or
+`python tools/gen_aws_model.py <service>`) after upgrading botocore; the tests
+tests/kms/test_shapes_fresh.py and tests/cloudhsm/test_shapes_fresh.py regenerate in memory and
+fail when the files are stale."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from hsmsim.awsmodel import snake  # noqa: E402  (the generator and the runtime 
 # service name in botocore -> (package directory under hsmsim/, title in docstrings, make target)
 SERVICES: dict[str, tuple[str, str, str]] = {
     "kms": ("kms", "KMS", "kms-shapes"),
+    "cloudhsmv2": ("cloudhsm", "CloudHSMv2", "cloudhsm-shapes"),
 }
 MODEL_FILE = "api_model.json"
 INPUTS_FILE = "inputs.py"
