@@ -7,6 +7,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from hsmsim.cloudhsm import backups, lifecycle
 from hsmsim.cloudhsm import errors as e
 from hsmsim.cloudhsm.plane import ACCOUNT, MAX_TAGS, Plane, page
 
@@ -58,7 +59,7 @@ async def create_cluster(p: Plane, region: str, a: dict[str, Any]) -> dict[str, 
     if len(tags) > MAX_TAGS:
         raise e.TagError(f"A resource has at most {MAX_TAGS} tags.")
     async with p.lock:
-        cid = p.create_cluster(region, a["HsmType"], a["SubnetIds"], a.get("Mode", "FIPS"),
+        cid = lifecycle.create_cluster(p, region, a["HsmType"], a["SubnetIds"], a.get("Mode", "FIPS"),
                                a.get("NetworkType", "IPV4"), _retention(a.get("BackupRetentionPolicy")),
                                a.get("SourceBackupId"), tags)
     return {"Cluster": p.describe(cid)}
@@ -67,24 +68,24 @@ async def create_cluster(p: Plane, region: str, a: dict[str, Any]) -> dict[str, 
 async def create_hsm(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
     # FIDELITY: IpAddress is accepted and ignored: the HSM's address is its node's listener.
     async with p.lock:
-        return {"Hsm": await p.create_hsm(a["ClusterId"], region, a["AvailabilityZone"])}
+        return {"Hsm": await lifecycle.create_hsm(p, a["ClusterId"], region, a["AvailabilityZone"])}
 
 
 async def delete_hsm(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
     async with p.lock:
-        return {"HsmId": await p.delete_hsm(a["ClusterId"], region, a.get("HsmId"), a.get("EniId"),
+        return {"HsmId": await lifecycle.delete_hsm(p, a["ClusterId"], region, a.get("HsmId"), a.get("EniId"),
                                             a.get("EniIp"))}
 
 
 async def initialize_cluster(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
     async with p.lock:
-        state = await p.initialize(a["ClusterId"], region, a["SignedCert"], a["TrustAnchor"])
+        state = await lifecycle.initialize(p, a["ClusterId"], region, a["SignedCert"], a["TrustAnchor"])
     return {"State": state, "StateMessage": "Cluster is initializing."}
 
 
 async def delete_cluster(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
     async with p.lock:
-        return {"Cluster": await p.delete_cluster(a["ClusterId"], region)}
+        return {"Cluster": await lifecycle.delete_cluster(p, a["ClusterId"], region)}
 
 
 async def modify_cluster(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
@@ -111,11 +112,11 @@ async def modify_cluster(p: Plane, region: str, a: dict[str, Any]) -> dict[str, 
 # -- backups ---------------------------------------------------------------------------------------
 async def describe_backups(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
     f = _filters(a.get("Filters"), ("backupIds", "sourceBackupIds", "clusterIds", "states", "neverExpires"))
-    metas = sorted(p.backups_in(region), key=lambda m: (str(m.get("created", "")), m.get("_order", 0),
+    metas = sorted(backups.backups_in(p, region), key=lambda m: (str(m.get("created", "")), m.get("_order", 0),
                                                         "_copy" in m, str(m["backup_id"])))
     if not a.get("SortAscending", False):
         metas.reverse()
-    views = [p.backup_view(m) for m in metas]
+    views = [backups.backup_view(p, m) for m in metas]
     if "backupIds" in f:
         views = [v for v in views if v["BackupId"] in f["backupIds"]]
     if "sourceBackupIds" in f:
@@ -134,45 +135,45 @@ async def describe_backups(p: Plane, region: str, a: dict[str, Any]) -> dict[str
 async def delete_backup(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
     bid = a["BackupId"]
     async with p.lock:
-        p.sweep()
-        meta = p.backup(bid, region)
-        if p.backup_state(bid) != "READY":
+        backups.sweep(p)
+        meta = backups.backup(p, bid, region)
+        if backups.backup_state(p, bid) != "READY":
             raise e.InvalidRequest(f"Backup {bid} is already pending deletion.")
         p.data["backups"].setdefault(bid, {})["deleted_at"] = p.clock()
         p.save()
-        return {"Backup": p.backup_view(meta)}
+        return {"Backup": backups.backup_view(p, meta)}
 
 
 async def restore_backup(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
     bid = a["BackupId"]
     async with p.lock:
-        p.sweep()
-        meta = p.backup(bid, region)
-        if p.backup_state(bid) != "PENDING_DELETION":
+        backups.sweep(p)
+        meta = backups.backup(p, bid, region)
+        if backups.backup_state(p, bid) != "PENDING_DELETION":
             raise e.InvalidRequest(f"Backup {bid} is not pending deletion.")
         p.data["backups"][bid].pop("deleted_at", None)
         p.save()
-        return {"Backup": p.backup_view(meta)}
+        return {"Backup": backups.backup_view(p, meta)}
 
 
 async def modify_backup_attributes(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
     bid = a["BackupId"]
     async with p.lock:
-        p.sweep()
-        meta = p.backup(bid, region)
+        backups.sweep(p)
+        meta = backups.backup(p, bid, region)
         p.data["backups"].setdefault(bid, {})["never_expires"] = bool(a["NeverExpires"])
         p.save()
-        return {"Backup": p.backup_view(meta)}
+        return {"Backup": backups.backup_view(p, meta)}
 
 
 async def copy_backup_to_region(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
     bid, dest = a["BackupId"], a["DestinationRegion"]
     async with p.lock:
-        p.sweep()
-        meta = p.backup(bid, region)
+        backups.sweep(p)
+        meta = backups.backup(p, bid, region)
         if dest == region:
             raise e.InvalidRequest("DestinationRegion must differ from the backup's Region.")
-        if p.backup_state(bid) != "READY":
+        if backups.backup_state(p, bid) != "READY":
             raise e.InvalidRequest(f"Backup {bid} is not READY.")
         from hsmsim.cluster.state import new_id
         copy_id = new_id("backup-")
@@ -186,7 +187,7 @@ async def copy_backup_to_region(p: Plane, region: str, a: dict[str, Any]) -> dic
         if tags:
             p.data["tags"][copy_id] = tags
         p.save()
-        return {"DestinationBackup": {"CreateTimestamp": p.backup_view(meta)["CreateTimestamp"],
+        return {"DestinationBackup": {"CreateTimestamp": backups.backup_view(p, meta)["CreateTimestamp"],
                                       "SourceRegion": region, "SourceBackup": bid,
                                       "SourceCluster": meta.get("cluster_id")}}
 
@@ -196,7 +197,7 @@ def _resource(p: Plane, rid: str, region: str) -> None:
     if rid.startswith("cluster-"):
         p.record(rid, region)
     else:
-        p.backup(rid, region)
+        backups.backup(p, rid, region)
 
 
 async def tag_resource(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
@@ -245,7 +246,7 @@ def _policy_target(p: Plane, arn: str | None, region: str) -> str:
     if kind != "backup":
         # CloudHSM shares backups only (AWS RAM); clusters and HSMs take no resource policy
         raise e.InvalidRequest("Resource policies can be attached to backups only.")
-    p.backup(rid, region)
+    backups.backup(p, rid, region)
     return arn
 
 

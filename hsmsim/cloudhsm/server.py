@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from hsmsim.cloudhsm import errors as e
-from hsmsim.cloudhsm import wire
+from hsmsim.cloudhsm import hosting, wire
 from hsmsim.cloudhsm.config import CloudHsmConfig
 from hsmsim.cloudhsm.ops import HANDLERS
 from hsmsim.cloudhsm.plane import Plane
@@ -90,7 +90,7 @@ class CloudHsmServer:
         await asyncio.gather(*self.plane.closing, return_exceptions=True)  # closes a task began
         for cid in list(self.plane.hosted):
             with contextlib.suppress(Exception):
-                await self.plane.unhost(cid)
+                await hosting.unhost(self.plane, cid)
 
 
 def make_app(plane: Plane) -> web.Application:
@@ -141,5 +141,5 @@ async def start_cloudhsm(daemon: "Daemon", warnings: list[str]) -> CloudHsmServe
         if rec.get("primary") or rec["phase"] == "DELETED" or rec.get("parked"):
             continue
         if plane.cluster_dir(cid).exists():
-            plane.spawn(plane.host(cid), f"restarting cluster {cid}")
+            plane.spawn(hosting.host(plane, cid), f"restarting cluster {cid}")
     return CloudHsmServer(plane, runner, f"http://{config.host}:{port}")
