@@ -22,7 +22,7 @@ import struct
 import types
 from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 
@@ -30,14 +30,14 @@ from hsmsim.node import codec, protocol
 from hsmsim.node.codec import Fields
 from hsmsim.node.context import Conn
 from hsmsim.node.direct_tls import HandshakeLog, TlsAccept
+from hsmsim.node.faults import Faults
+from hsmsim.node.service import NodeService
 from hsmsim.pkcs11.constants import RV
 from hsmsim.pkcs11.errors import Pkcs11Error
 from hsmsim.pkcs11.params import MechanismSpec
 
 if TYPE_CHECKING:
     import ssl
-
-    from hsmsim.node.server import NodeServer
 
 log = logging.getLogger("hsmsim.node.direct")
 
@@ -142,10 +142,25 @@ def encode_descriptor(verb: str, handle: int, mech: Any, hash_name: str | None, 
     return raw
 
 
+class NodeOwner(Protocol):
+    """What the direct listener uses of the node server that owns it (server.NodeServer): its
+    service (logins, crypto operations), its faults and its connection cap. A Protocol, so this
+    module needs no import of the server (which imports this one)."""
+
+    @property
+    def service(self) -> NodeService: ...
+
+    @property
+    def faults(self) -> Faults: ...
+
+    @property
+    def max_connections(self) -> int: ...
+
+
 class DirectService:
     """Tickets and the direct calls of one node."""
 
-    def __init__(self, server: "NodeServer") -> None:
+    def __init__(self, server: NodeOwner) -> None:
         self.server = server
         self.tickets: dict[bytes, tuple[int, bytes]] = {}  # ticket -> (login id, descriptor key)
         self.address: str | None = None
@@ -205,7 +220,7 @@ class DirectService:
         err: OSError | None = None
         for host, port in candidates:
             try:
-                self._tls_srv = await loop.create_server(lambda: TlsAccept(self, ctx), host, port)
+                self._tls_srv = await loop.create_server(lambda: TlsAccept(self, ctx, _DirectConnection(self, tls=True)), host, port)
             except OSError as exc:
                 err = exc
                 continue

@@ -18,12 +18,9 @@ import os
 import ssl
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import Protocol, cast
 
 from hsmsim import files
-
-if TYPE_CHECKING:
-    from hsmsim.node.direct import DirectService
 
 log = logging.getLogger("hsmsim.node.direct")
 
@@ -147,19 +144,31 @@ def _peer(peer: object) -> str:
     return "?"
 
 
+class Listener(Protocol):
+    """What a TLS connection uses of the listener that accepted it (direct.DirectService): its
+    admission (the connection cap), the count of handshakes in progress (which the cap counts)
+    and the log of failed ones. A Protocol, so this module needs no import of direct.py (which
+    imports this one)."""
+
+    handshaking: int
+
+    @property
+    def handshakes(self) -> HandshakeLog: ...
+
+    def admit(self) -> bool: ...
+
+
 class TlsAccept(asyncio.Protocol):
     """One accepted TCP connection, TLS done here over memory BIOs (whatever the event loop):
     counted against the listener's cap, its handshake bounded by HANDSHAKE_TIMEOUT_S and a
-    failed one logged (HandshakeLog), then the plaintext handed to a direct connection, for
-    which this object is the transport (write, close, abort)."""
+    failed one logged (HandshakeLog), then the plaintext handed to `inner` (a direct
+    connection), for which this object is the transport (write, close, abort)."""
 
-    def __init__(self, svc: "DirectService", ctx: ssl.SSLContext) -> None:
-        from hsmsim.node.direct import _DirectConnection
-
+    def __init__(self, svc: Listener, ctx: ssl.SSLContext, inner: asyncio.Protocol) -> None:
         self.svc = svc
         self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.tls = ctx.wrap_bio(self.inc, self.out, server_side=True)
-        self.inner = _DirectConnection(svc, tls=True)
+        self.inner = inner
         self.raw: asyncio.Transport | None = None
         self.peer: object = None
         self.shaking = False  # counted in svc.handshaking
