@@ -1,7 +1,8 @@
 """What every node operation shares: the connection's principals (Conn, Login), the node's
 state (keystore, users, audit, C-core contexts, live logins), and the access rules an HSM
 enforces (roles, visibility, owner, usage flags). The operation families (ops_users,
-ops_objects, ops_crypto, ops_masking) build on `Ops`, which binds them to one NodeContext."""
+ops_objects, ops_crypto, ops_keys, ops_masking) build on `Ops`, which binds them to one
+NodeContext."""
 
 from __future__ import annotations
 

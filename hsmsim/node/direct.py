@@ -220,7 +220,8 @@ class DirectService:
         err: OSError | None = None
         for host, port in candidates:
             try:
-                self._tls_srv = await loop.create_server(lambda: TlsAccept(self, ctx, _DirectConnection(self, tls=True)), host, port)
+                self._tls_srv = await loop.create_server(
+                    lambda: TlsAccept(self, ctx, _DirectConnection(self, tls=True)), host, port)
             except OSError as exc:
                 err = exc
                 continue

@@ -39,6 +39,7 @@ class NodeServer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._connections: set[_Connection] = set()
         s, u, o, c, m = service, service.users, service.objects, service.crypto, service.masking
+        k = service.keys
         self.handlers: dict[str, Handler] = {
             "ping": self._none(lambda c_, f: None),
             "status": self._sync(lambda c_, f: s.status(self.faults.settings())),
@@ -69,9 +70,9 @@ class NodeServer:
             "verify": self._none_async(c.verify),
             "digest": lambda c_, f: c.digest(f),
             "generate_random": lambda c_, f: c.generate_random(f),
-            "wrap_key": c.wrap_key,
-            "unwrap_key": c.unwrap_key,
-            "derive_key": c.derive_key,
+            "wrap_key": k.wrap_key,
+            "unwrap_key": k.unwrap_key,
+            "derive_key": k.derive_key,
             "export_masked": lambda c_, f: m.export_masked(f),
             "import_masked": lambda c_, f: m.import_masked(f),
             "inventory": self._sync(lambda c_, f: m.inventory()),

@@ -1,4 +1,4 @@
-"""The node service: the operation families (users, objects, crypto, masking) over one
+"""The node service: the operation families (users, objects, crypto, keys, masking) over one
 shared NodeContext, plus the connection-level parts (cluster proof, status, disconnect).
 Wire-independent except for the typed `Fields` accessor; every operation raises Pkcs11Error
 on failure and changes nothing when it does."""
@@ -13,6 +13,7 @@ from hsmsim.node.audit import AuditLog
 from hsmsim.node.context import Conn, NodeContext
 from hsmsim.node.keystore import Keystore
 from hsmsim.node.ops_crypto import CryptoOps
+from hsmsim.node.ops_keys import KeyOps
 from hsmsim.node.ops_masking import MaskingOps
 from hsmsim.node.ops_objects import ObjectOps
 from hsmsim.node.ops_users import UserOps
@@ -33,6 +34,7 @@ class NodeService:
         self.users = UserOps(self.ctx)
         self.objects = ObjectOps(self.ctx)
         self.crypto = CryptoOps(self.ctx)
+        self.keys = KeyOps(self.ctx)
         self.masking = MaskingOps(self.ctx)
         self.connections = 0
         self.recovery: dict[str, int] = {}

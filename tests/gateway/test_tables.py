@@ -64,11 +64,11 @@ def test_one_mechanism_to_hash_table() -> None:
               if p.parts[-2] in ("node", "gateway", "pkcs11", "core", "cluster")]
     assert not copies, copies
     # the node's consumers read the table itself
-    from hsmsim.node import engine, kdf, ops_crypto
+    from hsmsim.node import engine, kdf, ops_crypto, ops_keys
     assert engine.HASH_OF_RSA_PKCS is mechanisms.HASH_OF_RSA_PKCS
     assert engine.HASH_OF_MGF is mechanisms.HASH_OF_MGF
     assert ops_crypto.HASH_OF_ECDSA is mechanisms.HASH_OF_ECDSA
-    assert ops_crypto.HASH_OF_KDF is mechanisms.HASH_OF_KDF
+    assert ops_keys.HASH_OF_KDF is mechanisms.HASH_OF_KDF
     assert kdf.HASH_OF_HMAC is mechanisms.HASH_OF_HMAC
     for gone in ("HASH_NAMES", "MGF_NAMES", "RSA_PKCS_HASH", "RSA_PSS_HASH"):
         assert not hasattr(engine, gone), gone
