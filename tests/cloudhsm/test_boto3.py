@@ -144,12 +144,19 @@ def test_getting_started_key_is_on_both_hsms(client: Any, new_cluster: dict[str,
         keys = [k for k in json.loads(r.stdout) if k["label"] == "gs-rsa"]
         assert len(keys) == 2  # the private and the public key
         return all(k["coverage"] == "2/2" for k in keys)
-    wait_for(on_both, "the key pair on both HSMs")
+    # the fixture waited for the second HSM to be ACTIVE: ACTIVE means it holds every key
+    # already (CloudHSM clones a new HSM from the cluster's backup), no further wait
+    assert on_both()
     # the same state for `hsmsim status` of the hosted cluster
     r = run_cli(["status", "--json", "--state", str(new_cluster["home"])])
     st = json.loads(r.stdout)
     assert st["cluster_id"] == cid
     assert sorted(h["hsm_id"] for h in st["hsms"]) == sorted([new_cluster["first"], new_cluster["second"]])
+    # each HSM's EniIp is the host its direct TLS listener is on, as for the daemon's cluster
+    listens = {h["hsm_id"]: h.get("direct_address") for h in st["hsms"]}
+    assert all(listens.values()), listens
+    assert {h["HsmId"]: f"tls:{h['EniIp']}:" for h in c["Hsms"]} == {
+        k: v.rsplit(":", 1)[0] + ":" for k, v in listens.items()}
 
 
 def test_hsm_kill_shows_degraded_then_active(client: Any, new_cluster: dict[str, Any]) -> None:

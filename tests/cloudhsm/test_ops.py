@@ -121,3 +121,61 @@ def test_an_unreadable_record_is_kept_aside(plane: tuple[Plane, Loop]) -> None:
     assert list(fresh.data["clusters"]) == [p.primary_id]
     assert json.loads(p.file.read_bytes())["clusters"][p.primary_id]["primary"] is True
     p.save()
+
+
+def test_a_created_hsm_is_active_only_once_it_holds_every_key(plane: tuple[Plane, Loop]) -> None:
+    """CloudHSM clones a new HSM from the cluster's backup: when DescribeClusters first shows it
+    ACTIVE it holds every key of the cluster. Here: at the first DescribeClusters (polled on the
+    daemon's own loop, so no step of CreateHsm is missed) showing the new HSM ACTIVE, its node's
+    inventory has every token key and `key list` coverage (the directory's holders) counts it."""
+    from hsmsim.pkcs11.constants import Attribute, Mechanism, UserType
+    from hsmsim.pkcs11.params import MechanismSpec
+    p, loop = plane
+    c = p.daemon.cluster
+    assert c is not None
+    cid = c.spec.cluster_id
+    cu = p.daemon.state.read_secret(p.daemon.state.cu_password)
+    template: dict[int, Any] = {int(Attribute.TOKEN): True, int(Attribute.VALUE_LEN): 32, int(Attribute.LABEL): "on-new",
+                int(Attribute.ENCRYPT): True, int(Attribute.SENSITIVE): True, int(Attribute.EXTRACTABLE): False}
+
+    async def op(name: str, params: dict[str, Any]) -> dict[str, Any]:
+        status, body, _ = await handle(p, "POST", "/", {
+            "X-Amz-Target": f"BaldrApiService.{name}", "Content-Type": "application/x-amz-json-1.1",
+            "Authorization": AUTH}, json.dumps(params).encode())
+        assert status == 200, body
+        return dict(json.loads(body))
+
+    async def scenario() -> tuple[str, set[int], set[int], dict[int, int]]:
+        login = await c.login(UserType.USER, "crypto_user", cu)
+        keys = {await c.generate_key(login, MechanismSpec(int(Mechanism.AES_KEY_GEN)), template, 1)
+                for _ in range(3)}
+        while any(c.sync_lag(m) for m in c.members.values()):
+            await asyncio.sleep(0.05)
+        hsm_id = str((await op("CreateHsm", {"ClusterId": cid, "AvailabilityZone": "us-east-1a"}))["Hsm"]["HsmId"])
+        states = []
+        while True:
+            cluster = (await op("DescribeClusters", {"Filters": {"clusterIds": [cid]}}))["Clusters"][0]
+            state = next((h["State"] for h in cluster["Hsms"] if h["HsmId"] == hsm_id), None)
+            states.append(state)
+            if state == "ACTIVE":
+                break
+            assert state == "CREATE_IN_PROGRESS", states
+            await asyncio.sleep(0.005)
+        m = c.members[hsm_id]
+        assert m.client is not None
+        on_node = {e.handle for e in await m.client.inventory()}
+        holders = {k: len(c.directory.holders(k)) for k in keys}
+        return hsm_id, keys, on_node, holders
+
+    hsm_id, keys, on_node, holders = loop.run(scenario(), timeout=240)
+    try:
+        assert keys <= on_node
+        assert holders == {k: len(c.members) for k in keys}  # `key list` coverage 3/3
+    finally:
+        status, _ = call(plane, "DeleteHsm", {"ClusterId": cid, "HsmId": hsm_id})
+        assert status == 200
+
+        async def gone() -> None:
+            while hsm_id in c.members:
+                await asyncio.sleep(0.05)
+        loop.run(gone(), timeout=120)
