@@ -1,48 +1,68 @@
-"""The 18 CloudHSMv2 operations, one handler each: validated input in, output dict out, domain
-errors (`hsmsim.cloudhsm.errors`) raised. Each acts on the `Plane` for the request's Region."""
+"""The 18 CloudHSMv2 operations, one handler each: the operation's typed input in (the generated
+frozen dataclass of `hsmsim.cloudhsm.inputs`, snake_case fields, built from the validated
+request), output dict out (wire member names: the output is encoded as it is), domain errors
+(`hsmsim.cloudhsm.errors`) raised. Each acts on the `Plane` for the request's Region."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from hsmsim.cloudhsm import backups, lifecycle
 from hsmsim.cloudhsm import errors as e
+from hsmsim.cloudhsm import inputs as i
 from hsmsim.cloudhsm.plane import ACCOUNT, MAX_TAGS, Plane, page
 
-Handler = Callable[[Plane, str, dict[str, Any]], Awaitable[dict[str, Any]]]
+In = TypeVar("In")
+Response = dict[str, Any]
 
 
-def _tags(items: list[dict[str, str]] | None) -> dict[str, str]:
+@dataclass(frozen=True)
+class Handler(Generic[In]):
+    """One operation: the generated class of its input and the coroutine serving it (plane,
+    Region, input). Built as `Handler(i.CreateHsmRequest, create_hsm)`, so mypy checks that
+    they agree."""
+
+    input: type[In]
+    run: Callable[[Plane, str, In], Awaitable[Response]]
+
+
+def _tags(items: tuple[i.Tag, ...] | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for t in items or ():
-        if t["Key"].startswith("aws:"):
+        if t.key.startswith("aws:"):
             raise e.TagError("Tag keys starting with 'aws:' are reserved.")
-        out[t["Key"]] = t["Value"]
+        out[t.key] = t.value
     return out
 
 
-def _retention(policy: dict[str, str] | None) -> str | None:
+def _retention(policy: i.BackupRetentionPolicy | None) -> str | None:
     if policy is None:
         return None
-    if policy.get("Type", "DAYS") != "DAYS" or "Value" not in policy:
+    if (policy.type or "DAYS") != "DAYS" or policy.value is None:
         raise e.InvalidRequest("BackupRetentionPolicy needs Type DAYS and a Value.")
-    days = int(policy["Value"])
+    days = int(policy.value)
     if not 7 <= days <= 379:
         raise e.InvalidRequest("The backup retention period must be between 7 and 379 days.")
     return str(days)
 
 
-def _filters(given: dict[str, list[str]] | None, allowed: tuple[str, ...]) -> dict[str, list[str]]:
+def _filters(given: Mapping[str, tuple[str, ...]] | None,
+             allowed: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
     for k in given or {}:
         if k not in allowed:
             raise e.InvalidRequest(f"Invalid filter {k}; valid filters are {', '.join(allowed)}.")
     return dict(given or {})
 
 
-async def describe_clusters(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
-    f = _filters(a.get("Filters"), ("clusterIds", "vpcIds", "states"))
+def _size(given: int | None, default: int) -> int:
+    return default if given is None else given
+
+
+async def describe_clusters(p: Plane, region: str, a: i.DescribeClustersRequest) -> Response:
+    f = _filters(a.filters, ("clusterIds", "vpcIds", "states"))
     views = [p.describe(cid) for cid in p.clusters_in(region)]
     if "clusterIds" in f:
         views = [v for v in views if v["ClusterId"] in f["clusterIds"]]
@@ -50,52 +70,51 @@ async def describe_clusters(p: Plane, region: str, a: dict[str, Any]) -> dict[st
         views = [v for v in views if v["VpcId"] in f["vpcIds"]]
     if "states" in f:
         views = [v for v in views if v["State"] in f["states"]]
-    items, nxt = page(views, a.get("NextToken"), a.get("MaxResults", 25), "clusters")
+    items, nxt = page(views, a.next_token, _size(a.max_results, 25), "clusters")
     return {"Clusters": items, "NextToken": nxt}
 
 
-async def create_cluster(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
-    tags = _tags(a.get("TagList"))
+async def create_cluster(p: Plane, region: str, a: i.CreateClusterRequest) -> Response:
+    tags = _tags(a.tag_list)
     if len(tags) > MAX_TAGS:
         raise e.TagError(f"A resource has at most {MAX_TAGS} tags.")
     async with p.lock:
-        cid = lifecycle.create_cluster(p, region, a["HsmType"], a["SubnetIds"], a.get("Mode", "FIPS"),
-                               a.get("NetworkType", "IPV4"), _retention(a.get("BackupRetentionPolicy")),
-                               a.get("SourceBackupId"), tags)
+        cid = lifecycle.create_cluster(p, region, a.hsm_type, list(a.subnet_ids), a.mode or "FIPS",
+                                       a.network_type or "IPV4", _retention(a.backup_retention_policy),
+                                       a.source_backup_id, tags)
     return {"Cluster": p.describe(cid)}
 
 
-async def create_hsm(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
+async def create_hsm(p: Plane, region: str, a: i.CreateHsmRequest) -> Response:
     # FIDELITY: IpAddress is accepted and ignored: the HSM's address is its node's listener.
     async with p.lock:
-        return {"Hsm": await lifecycle.create_hsm(p, a["ClusterId"], region, a["AvailabilityZone"])}
+        return {"Hsm": await lifecycle.create_hsm(p, a.cluster_id, region, a.availability_zone)}
 
 
-async def delete_hsm(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
+async def delete_hsm(p: Plane, region: str, a: i.DeleteHsmRequest) -> Response:
     async with p.lock:
-        return {"HsmId": await lifecycle.delete_hsm(p, a["ClusterId"], region, a.get("HsmId"), a.get("EniId"),
-                                            a.get("EniIp"))}
+        return {"HsmId": await lifecycle.delete_hsm(p, a.cluster_id, region, a.hsm_id, a.eni_id, a.eni_ip)}
 
 
-async def initialize_cluster(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
+async def initialize_cluster(p: Plane, region: str, a: i.InitializeClusterRequest) -> Response:
     async with p.lock:
-        state = await lifecycle.initialize(p, a["ClusterId"], region, a["SignedCert"], a["TrustAnchor"])
+        state = await lifecycle.initialize(p, a.cluster_id, region, a.signed_cert, a.trust_anchor)
     return {"State": state, "StateMessage": "Cluster is initializing."}
 
 
-async def delete_cluster(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
+async def delete_cluster(p: Plane, region: str, a: i.DeleteClusterRequest) -> Response:
     async with p.lock:
-        return {"Cluster": await lifecycle.delete_cluster(p, a["ClusterId"], region)}
+        return {"Cluster": await lifecycle.delete_cluster(p, a.cluster_id, region)}
 
 
-async def modify_cluster(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
-    cid = a["ClusterId"]
+async def modify_cluster(p: Plane, region: str, a: i.ModifyClusterRequest) -> Response:
+    cid = a.cluster_id
     async with p.lock:
         rec = p.record(cid, region)
         if rec["phase"] == "DELETED":
             raise e.InvalidRequest(f"Cluster {cid} is deleted.")
-        days = _retention(a.get("BackupRetentionPolicy"))
-        hsm_type = a.get("HsmType")
+        days = _retention(a.backup_retention_policy)
+        hsm_type = a.hsm_type
         if days is None and hsm_type is None:
             raise e.InvalidRequest("Specify BackupRetentionPolicy or HsmType.")
         if hsm_type is not None:
@@ -110,11 +129,11 @@ async def modify_cluster(p: Plane, region: str, a: dict[str, Any]) -> dict[str, 
 
 
 # -- backups ---------------------------------------------------------------------------------------
-async def describe_backups(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
-    f = _filters(a.get("Filters"), ("backupIds", "sourceBackupIds", "clusterIds", "states", "neverExpires"))
+async def describe_backups(p: Plane, region: str, a: i.DescribeBackupsRequest) -> Response:
+    f = _filters(a.filters, ("backupIds", "sourceBackupIds", "clusterIds", "states", "neverExpires"))
     metas = sorted(backups.backups_in(p, region), key=lambda m: (str(m.get("created", "")), m.get("_order", 0),
                                                         "_copy" in m, str(m["backup_id"])))
-    if not a.get("SortAscending", False):
+    if not a.sort_ascending:
         metas.reverse()
     views = [backups.backup_view(p, m) for m in metas]
     if "backupIds" in f:
@@ -128,12 +147,12 @@ async def describe_backups(p: Plane, region: str, a: dict[str, Any]) -> dict[str
     if "neverExpires" in f:
         want = {x.lower() == "true" for x in f["neverExpires"]}
         views = [v for v in views if v["NeverExpires"] in want]
-    items, nxt = page(views, a.get("NextToken"), a.get("MaxResults", 50), "backups")
+    items, nxt = page(views, a.next_token, _size(a.max_results, 50), "backups")
     return {"Backups": items, "NextToken": nxt}
 
 
-async def delete_backup(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
-    bid = a["BackupId"]
+async def delete_backup(p: Plane, region: str, a: i.DeleteBackupRequest) -> Response:
+    bid = a.backup_id
     async with p.lock:
         backups.sweep(p)
         meta = backups.backup(p, bid, region)
@@ -144,8 +163,8 @@ async def delete_backup(p: Plane, region: str, a: dict[str, Any]) -> dict[str, A
         return {"Backup": backups.backup_view(p, meta)}
 
 
-async def restore_backup(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
-    bid = a["BackupId"]
+async def restore_backup(p: Plane, region: str, a: i.RestoreBackupRequest) -> Response:
+    bid = a.backup_id
     async with p.lock:
         backups.sweep(p)
         meta = backups.backup(p, bid, region)
@@ -156,18 +175,18 @@ async def restore_backup(p: Plane, region: str, a: dict[str, Any]) -> dict[str, 
         return {"Backup": backups.backup_view(p, meta)}
 
 
-async def modify_backup_attributes(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
-    bid = a["BackupId"]
+async def modify_backup_attributes(p: Plane, region: str, a: i.ModifyBackupAttributesRequest) -> Response:
+    bid = a.backup_id
     async with p.lock:
         backups.sweep(p)
         meta = backups.backup(p, bid, region)
-        p.data["backups"].setdefault(bid, {})["never_expires"] = bool(a["NeverExpires"])
+        p.data["backups"].setdefault(bid, {})["never_expires"] = bool(a.never_expires)
         p.save()
         return {"Backup": backups.backup_view(p, meta)}
 
 
-async def copy_backup_to_region(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
-    bid, dest = a["BackupId"], a["DestinationRegion"]
+async def copy_backup_to_region(p: Plane, region: str, a: i.CopyBackupToRegionRequest) -> Response:
+    bid, dest = a.backup_id, a.destination_region
     async with p.lock:
         backups.sweep(p)
         meta = backups.backup(p, bid, region)
@@ -183,7 +202,7 @@ async def copy_backup_to_region(p: Plane, region: str, a: dict[str, Any]) -> dic
         p.data["copies"][copy_id] = {"source_backup": source, "source_region": region,
                                      "source_cluster": meta.get("cluster_id"), "region": dest,
                                      "created": p.clock()}
-        tags = _tags(a.get("TagList")) if a.get("TagList") is not None else dict(p.data["tags"].get(bid, {}))
+        tags = _tags(a.tag_list) if a.tag_list is not None else dict(p.data["tags"].get(bid, {}))
         if tags:
             p.data["tags"][copy_id] = tags
         p.save()
@@ -200,11 +219,11 @@ def _resource(p: Plane, rid: str, region: str) -> None:
         backups.backup(p, rid, region)
 
 
-async def tag_resource(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
-    rid = a["ResourceId"]
+async def tag_resource(p: Plane, region: str, a: i.TagResourceRequest) -> Response:
+    rid = a.resource_id
     async with p.lock:
         _resource(p, rid, region)
-        tags = {**p.data["tags"].get(rid, {}), **_tags(a["TagList"])}
+        tags = {**p.data["tags"].get(rid, {}), **_tags(a.tag_list)}
         if len(tags) > MAX_TAGS:
             raise e.LimitExceeded(f"A resource has at most {MAX_TAGS} tags.")
         p.data["tags"][rid] = tags
@@ -212,12 +231,12 @@ async def tag_resource(p: Plane, region: str, a: dict[str, Any]) -> dict[str, An
     return {}
 
 
-async def untag_resource(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
-    rid = a["ResourceId"]
+async def untag_resource(p: Plane, region: str, a: i.UntagResourceRequest) -> Response:
+    rid = a.resource_id
     async with p.lock:
         _resource(p, rid, region)
         tags = p.data["tags"].get(rid, {})
-        for k in a["TagKeyList"]:
+        for k in a.tag_key_list:
             tags.pop(k, None)
         if tags:
             p.data["tags"][rid] = tags
@@ -227,11 +246,11 @@ async def untag_resource(p: Plane, region: str, a: dict[str, Any]) -> dict[str, 
     return {}
 
 
-async def list_tags(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
-    rid = a["ResourceId"]
+async def list_tags(p: Plane, region: str, a: i.ListTagsRequest) -> Response:
+    rid = a.resource_id
     _resource(p, rid, region)
     items = [{"Key": k, "Value": v} for k, v in sorted(p.data["tags"].get(rid, {}).items())]
-    got, nxt = page(items, a.get("NextToken"), a.get("MaxResults", 100), "tags:" + rid)
+    got, nxt = page(items, a.next_token, _size(a.max_results, 100), "tags:" + rid)
     return {"TagList": got, "NextToken": nxt}
 
 
@@ -250,10 +269,10 @@ def _policy_target(p: Plane, arn: str | None, region: str) -> str:
     return arn
 
 
-async def put_resource_policy(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
+async def put_resource_policy(p: Plane, region: str, a: i.PutResourcePolicyRequest) -> Response:
     async with p.lock:
-        arn = _policy_target(p, a.get("ResourceArn"), region)
-        policy = a.get("Policy")
+        arn = _policy_target(p, a.resource_arn, region)
+        policy = a.policy
         try:
             doc = json.loads(policy or "")
         except ValueError:
@@ -265,14 +284,14 @@ async def put_resource_policy(p: Plane, region: str, a: dict[str, Any]) -> dict[
     return {"ResourceArn": arn, "Policy": policy}
 
 
-async def get_resource_policy(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
-    arn = _policy_target(p, a.get("ResourceArn"), region)
+async def get_resource_policy(p: Plane, region: str, a: i.GetResourcePolicyRequest) -> Response:
+    arn = _policy_target(p, a.resource_arn, region)
     return {"Policy": p.data["policies"].get(arn)}
 
 
-async def delete_resource_policy(p: Plane, region: str, a: dict[str, Any]) -> dict[str, Any]:
+async def delete_resource_policy(p: Plane, region: str, a: i.DeleteResourcePolicyRequest) -> Response:
     async with p.lock:
-        arn = _policy_target(p, a.get("ResourceArn"), region)
+        arn = _policy_target(p, a.resource_arn, region)
         policy = p.data["policies"].pop(arn, None)
         if policy is None:
             raise e.NotFound(f"No resource policy is attached to {arn}.")
@@ -280,13 +299,23 @@ async def delete_resource_policy(p: Plane, region: str, a: dict[str, Any]) -> di
     return {"ResourceArn": arn, "Policy": policy}
 
 
-HANDLERS: dict[str, Handler] = {
-    "CopyBackupToRegion": copy_backup_to_region, "CreateCluster": create_cluster,
-    "CreateHsm": create_hsm, "DeleteBackup": delete_backup, "DeleteCluster": delete_cluster,
-    "DeleteHsm": delete_hsm, "DeleteResourcePolicy": delete_resource_policy,
-    "DescribeBackups": describe_backups, "DescribeClusters": describe_clusters,
-    "GetResourcePolicy": get_resource_policy, "InitializeCluster": initialize_cluster,
-    "ListTags": list_tags, "ModifyBackupAttributes": modify_backup_attributes,
-    "ModifyCluster": modify_cluster, "PutResourcePolicy": put_resource_policy,
-    "RestoreBackup": restore_backup, "TagResource": tag_resource, "UntagResource": untag_resource,
+HANDLERS: dict[str, Handler[Any]] = {
+    "CopyBackupToRegion": Handler(i.CopyBackupToRegionRequest, copy_backup_to_region),
+    "CreateCluster": Handler(i.CreateClusterRequest, create_cluster),
+    "CreateHsm": Handler(i.CreateHsmRequest, create_hsm),
+    "DeleteBackup": Handler(i.DeleteBackupRequest, delete_backup),
+    "DeleteCluster": Handler(i.DeleteClusterRequest, delete_cluster),
+    "DeleteHsm": Handler(i.DeleteHsmRequest, delete_hsm),
+    "DeleteResourcePolicy": Handler(i.DeleteResourcePolicyRequest, delete_resource_policy),
+    "DescribeBackups": Handler(i.DescribeBackupsRequest, describe_backups),
+    "DescribeClusters": Handler(i.DescribeClustersRequest, describe_clusters),
+    "GetResourcePolicy": Handler(i.GetResourcePolicyRequest, get_resource_policy),
+    "InitializeCluster": Handler(i.InitializeClusterRequest, initialize_cluster),
+    "ListTags": Handler(i.ListTagsRequest, list_tags),
+    "ModifyBackupAttributes": Handler(i.ModifyBackupAttributesRequest, modify_backup_attributes),
+    "ModifyCluster": Handler(i.ModifyClusterRequest, modify_cluster),
+    "PutResourcePolicy": Handler(i.PutResourcePolicyRequest, put_resource_policy),
+    "RestoreBackup": Handler(i.RestoreBackupRequest, restore_backup),
+    "TagResource": Handler(i.TagResourceRequest, tag_resource),
+    "UntagResource": Handler(i.UntagResourceRequest, untag_resource),
 }

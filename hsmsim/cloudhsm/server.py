@@ -62,7 +62,8 @@ async def handle(plane: Plane, method: str, path: str, headers: dict[str, str],
               else wire.operation_from_target(lower.get("x-amz-target")))
         region = _region(lower)
         params = wire.decode_request(op, wire.parse_body(body, is_cbor))
-        output = await HANDLERS[op](plane, region, params)
+        handler = HANDLERS[op]
+        output = await handler.run(plane, region, wire.typed_input(op, params))
         return 200, wire.encode(output, is_cbor), is_cbor
     except e.CloudHsmError as exc:
         err = wire.to_wire(exc)

@@ -19,6 +19,7 @@ from typing import Any
 from hsmsim import awsmodel
 from hsmsim.cloudhsm import cbor
 from hsmsim.cloudhsm import errors as e
+from hsmsim.cloudhsm.inputs import STRUCTURES
 from hsmsim.cloudhsm.shapes import OPERATIONS, SHAPES, TARGET_PREFIX
 
 JSON_CONTENT_TYPE = "application/x-amz-json-1.1"
@@ -167,6 +168,12 @@ def decode_request(op: str, raw: Any) -> dict[str, Any]:
         raise e.Invalid(head + "; ".join(decoder.violations))
     assert isinstance(out, dict)
     return out
+
+
+def typed_input(op: str, params: Mapping[str, Any]) -> Any:
+    """The handler's input: `params` (from `decode_request`) as the operation's generated frozen
+    dataclass (`hsmsim.cloudhsm.inputs`), so no wire name reaches the handlers."""
+    return awsmodel.build(SHAPES, OPERATIONS[op]["input"], params, STRUCTURES)
 
 
 def _jsonable(value: Any) -> Any:

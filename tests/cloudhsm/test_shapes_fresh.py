@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from hsmsim.cloudhsm import inputs
+from hsmsim.cloudhsm import inputs, wire
 from hsmsim.cloudhsm.ops import HANDLERS
 from hsmsim.cloudhsm.shapes import API_VERSION, OPERATIONS, TARGET_PREFIX
 
@@ -66,8 +66,27 @@ def test_inputs_are_marked_generated() -> None:
 
 def test_the_endpoint_serves_exactly_the_models_operations() -> None:
     assert set(HANDLERS) == set(OPERATIONS) and len(OPERATIONS) == 18
-    for op in OPERATIONS.values():
-        assert op["input"] is None or op["input"] in inputs.STRUCTURES, op
+
+
+def test_every_served_operation_takes_its_model_input() -> None:
+    for op, handler in HANDLERS.items():
+        assert handler.input is inputs.STRUCTURES[OPERATIONS[op]["input"]], op
+
+
+def test_typed_input_from_a_validated_request() -> None:
+    params = wire.decode_request("CreateCluster", {
+        "HsmType": "hsm2m.medium", "SubnetIds": ["subnet-0a1b2c3d4e5f60001"], "Mode": "NON_FIPS",
+        "BackupRetentionPolicy": {"Type": "DAYS", "Value": "30"}, "TagList": [{"Key": "k", "Value": "v"}],
+        "Unknown": 1, "NetworkType": None})
+    assert wire.typed_input("CreateCluster", params) == inputs.CreateClusterRequest(
+        hsm_type="hsm2m.medium", subnet_ids=("subnet-0a1b2c3d4e5f60001",), mode="NON_FIPS",
+        backup_retention_policy=inputs.BackupRetentionPolicy(type="DAYS", value="30"),
+        tag_list=(inputs.Tag(key="k", value="v"),))
+    described = wire.typed_input("DescribeBackups", wire.decode_request("DescribeBackups", {
+        "Filters": {"states": ["READY", "PENDING_DELETION"]}, "SortAscending": True}))
+    assert described == inputs.DescribeBackupsRequest(
+        filters={"states": ("READY", "PENDING_DELETION")}, sort_ascending=True)
+    assert described.max_results is None and described.next_token is None
 
 
 def test_no_generator_inside_the_package() -> None:
