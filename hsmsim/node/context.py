@@ -15,6 +15,7 @@ from hsmsim.node.audit import AuditLog
 from hsmsim.node.codec import Fields
 from hsmsim.node.index import ObjectRecord
 from hsmsim.node.keystore import Keystore
+from hsmsim.node.softhsm import raw_template
 from hsmsim.node.users import UserStore
 from hsmsim.node.values import ROLE_CO, ROLE_CU
 from hsmsim.pkcs11.attributes import Template
@@ -176,3 +177,16 @@ class Ops:
         self.destroy_records = ctx.destroy_records
         self.public_material = ctx.public_material
         self.check_key_type = ctx.check_key_type
+
+    async def create_from_template(self, rec: ObjectRecord, soft_t: Template) -> None:
+        """Creates `rec` in SoftHSM2 as one object of `soft_t`, its template with the value
+        given, unwrapped or derived in this process (C_CreateObject, C_UnwrapKey,
+        C_DeriveKey), and clears the template, the key material with it, whatever the outcome."""
+        hsm = self.ks.hsm
+
+        def make() -> list[int]:
+            return [hsm.create_object(raw_template(soft_t.items()))]
+        try:
+            await self.ks.create([rec], make)
+        finally:
+            soft_t.clear()

@@ -18,7 +18,6 @@ from hsmsim.node.codec import Fields
 from hsmsim.node.context import Conn
 from hsmsim.node.index import ObjectRecord
 from hsmsim.node.ops_crypto import KeyContexts
-from hsmsim.node.softhsm import raw_template
 from hsmsim.pkcs11.constants import RV, Attribute as A, KeyType, Mechanism as M, ObjectClass
 from hsmsim.pkcs11.errors import Pkcs11Error
 from hsmsim.pkcs11.mechanisms import HASH_OF_KDF
@@ -159,7 +158,6 @@ class KeyOps(KeyContexts):
         rec = self.new_record(login, handle, attrs, session)
         soft_t = policy.softhsm_template(int(cls), int(kt), handle, rec.token)
         m = mech.mechanism
-        hsm = self.ks.hsm
         if m in AES_WRAPS:
             # RFC 3394 output is n+1 >= 3 blocks of 8 bytes, RFC 5649's >= 2: any other length is
             # CKR_WRAPPED_KEY_LEN_RANGE (PKCS#11 2.40 §5.14; SoftHSM2 checks the same bounds).
@@ -228,13 +226,7 @@ class KeyOps(KeyContexts):
             if real_kt != kt:
                 raise Pkcs11Error(RV.TEMPLATE_INCONSISTENT, "CKA_KEY_TYPE differs from the key")
             soft_t.update(parts)
-
-        def make() -> list[int]:
-            return [hsm.create_object(raw_template(soft_t.items()))]
-        try:
-            await self.ks.create([rec], make)
-        finally:
-            soft_t.clear()
+        await self.create_from_template(rec, soft_t)
         self.audit.record("key_unwrap", handle=handle, owner=login.username, token=rec.token)
         return handle
 
@@ -294,16 +286,9 @@ class KeyOps(KeyContexts):
         rec = self.new_record(login, handle, attrs, session)
         soft_t = policy.softhsm_template(ObjectClass.SECRET_KEY, int(kt), handle, rec.token,
                                          {A.VALUE_LEN: length})
-        hsm = self.ks.hsm
         # Created from the material derived in this process, as an unwrapped key.
         soft_t.pop(A.VALUE_LEN, None)  # computed by SoftHSM2 on creation
         soft_t[A.VALUE] = material
-
-        def make() -> list[int]:
-            return [hsm.create_object(raw_template(soft_t.items()))]
-        try:
-            await self.ks.create([rec], make)
-        finally:
-            soft_t.clear()
+        await self.create_from_template(rec, soft_t)
         self.audit.record("key_derive", handle=handle, base=base.handle, owner=login.username)
         return handle

@@ -135,11 +135,7 @@ class ObjectOps(Ops):
         rec = self.new_record(login, handle, attrs, session)
         soft_t = policy.softhsm_template(int(cls), kt, handle, rec.token,
                                          self._material_template(int(cls), kt, template))
-        hsm = self.ks.hsm
-        try:
-            await self.ks.create([rec], lambda: [hsm.create_object(raw_template(soft_t.items()))])
-        finally:
-            soft_t.clear()
+        await self.create_from_template(rec, soft_t)
         self.audit.record("key_create" if rec.is_key else "object_create", handle=handle,
                           owner=login.username, cls=int(cls), token=rec.token)
         return handle
