@@ -62,6 +62,31 @@ def snake(name: str) -> str:
     return out + "_" if keyword.iskeyword(out) else out
 
 
+# No AWS JSON input of the services served here nests deeper than a handful of levels (KMS:
+# Tags -> tag -> member); a document deeper than MAX_DEPTH is refused before parsing, so that
+# neither the JSON parser nor a decoder recurses on it. FIDELITY: AWS's nesting limit is
+# undocumented; beyond ours the answer is each service's "malformed request" error.
+MAX_DEPTH = 32
+_NESTING = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def too_deep(body: bytes) -> bool:
+    """Whether a JSON text nests arrays and objects deeper than MAX_DEPTH (brackets inside
+    strings ignored); cheap for the usual shallow body."""
+    if body.count(b"[") + body.count(b"{") <= MAX_DEPTH:
+        return False
+    depth = 0
+    for m in _NESTING.finditer(body):
+        c = m.group()
+        if c in (b"[", b"{"):
+            depth += 1
+            if depth > MAX_DEPTH:
+                return True
+        elif c in (b"]", b"}"):
+            depth -= 1
+    return False
+
+
 def _camel(name: str) -> str:
     return name[:1].lower() + name[1:]
 

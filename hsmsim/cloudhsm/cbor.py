@@ -10,7 +10,9 @@ import math
 import struct
 from typing import Any
 
-MAX_DEPTH = 32
+from hsmsim import awsmodel
+
+MAX_DEPTH = awsmodel.MAX_DEPTH  # one limit for JSON and CBOR bodies
 
 
 class CborError(ValueError):

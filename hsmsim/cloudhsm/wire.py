@@ -119,21 +119,6 @@ class _Decoder(awsmodel.Decoder):
         return super().decode(shape_name, value, path)
 
 
-MAX_DEPTH = 32
-_NESTING = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
-
-
-def _json_depth(body: bytes) -> int:
-    depth = deepest = 0
-    for m in _NESTING.finditer(body):
-        c = m.group()
-        if c in (b"[", b"{"):
-            depth += 1
-            deepest = max(deepest, depth)
-        elif c in (b"]", b"}"):
-            depth -= 1
-    return deepest
-
 
 def parse_body(body: bytes, cbor_body: bool) -> Any:
     """A request body (JSON or CBOR) as plain values; Malformed for anything else."""
@@ -144,8 +129,8 @@ def parse_body(body: bytes, cbor_body: bool) -> Any:
             return cbor.loads(body)
         except cbor.CborError as exc:
             raise e.Malformed(f"Request body is not valid CBOR ({exc})") from None
-    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _json_depth(body) > MAX_DEPTH:
-        raise e.Malformed(f"Request body nests deeper than {MAX_DEPTH} levels")
+    if awsmodel.too_deep(body):
+        raise e.Malformed(f"Request body nests deeper than {awsmodel.MAX_DEPTH} levels")
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -111,33 +110,13 @@ def operation_name(target: str | None) -> str:
     return name
 
 
-# No KMS input nests deeper than 5 (Tags -> tag -> member); a document deeper than this is
-# refused before parsing, so that neither the JSON parser nor the decoder recurses on it.
-# FIDELITY: AWS's nesting limit is undocumented; beyond ours the answer is 400
-# SerializationException, as AWS gives for deeply nested JSON.
-MAX_DEPTH = 32
-_NESTING = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
-
-
-def _depth(body: bytes) -> int:
-    """The deepest nesting of arrays and objects in a JSON text (brackets in strings ignored)."""
-    depth = deepest = 0
-    for m in _NESTING.finditer(body):
-        c = m.group()
-        if c in (b"[", b"{"):
-            depth += 1
-            deepest = max(deepest, depth)
-        elif c in (b"]", b"}"):
-            depth -= 1
-    return deepest
-
 
 def parse_json(body: bytes) -> Any:
     """A request body as JSON; Malformed (SerializationException) for anything that is not a
     JSON text or nests deeper than MAX_DEPTH. Never a RecursionError."""
     # Only a body with many brackets is scanned (bytes.count is cheap; the scan is not).
-    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _depth(body) > MAX_DEPTH:
-        raise e.Malformed(f"Request body nests deeper than {MAX_DEPTH} levels")
+    if awsmodel.too_deep(body):
+        raise e.Malformed(f"Request body nests deeper than {awsmodel.MAX_DEPTH} levels")
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
