@@ -217,23 +217,17 @@ def run(opts: NodeOptions, config: NodeConfig) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ndir = node_dir(opts.state, opts.hsm_id)
+    node: Node | None = None
     try:
         node = Node(opts, config)
+        aio.run(node.serve())  # writes files before READY too (the direct TLS certificate)
     except (OSError, sqlite3.Error, Pkcs11Error, HsmsimError) as exc:
-        if files.is_no_space(exc, ndir):
-            log.error("node %s cannot start: no space left on the disk of %s (%s)", opts.hsm_id,
-                      ndir, exc)
-            return files.EXIT_NO_SPACE
-        raise
-    try:
-        aio.run(node.serve())
-    except OSError as exc:
-        # serve() writes files before READY too (the direct TLS certificate and address)
-        if files.is_no_space(exc, ndir):
-            log.error("node %s cannot start: no space left on the disk of %s (%s)", opts.hsm_id,
-                      ndir, exc)
-            return files.EXIT_NO_SPACE
-        raise
+        if not files.is_no_space(exc, ndir):
+            raise
+        # A full disk is not a broken HSM: the daemon waits for space instead of replacing it.
+        log.error("node %s stops: no space left on the disk of %s (%s)", opts.hsm_id, ndir, exc)
+        return files.EXIT_NO_SPACE
     finally:
-        node.close()
+        if node is not None:
+            node.close()
     return 0
