@@ -10,6 +10,7 @@ import stat
 from pathlib import Path
 
 from hsmsim.cloudhsm.plane import Plane
+from hsmsim.cluster.api import ClusterClient, ClusterInfo, HsmInfo
 
 
 def short_root(real: Path, cid: str) -> Path:
@@ -65,7 +66,7 @@ async def host(p: Plane, cid: str) -> None:
         gcfg = resolve_section(GatewayConfig, "gateway", d.file_data, d.environ)
         d.services["gateway"] = await start_gateway(d.cluster, gcfg, d.state.gateway_sock)
         d.endpoints["gateway"] = str(d.state.gateway_sock)
-        # FIDELITY: one KMS per daemon: custom key stores take the daemon's own cluster;
+        # One KMS per daemon: its custom key stores take any cluster it serves (kms_cluster);
         # `hsmsim env --state` of a hosted cluster points at the daemon's endpoints
         d.endpoints.update({k: v for k, v in main.endpoints.items() if k in ("kms", "cloudhsm")})
     except BaseException:
@@ -95,3 +96,26 @@ async def unhost(p: Plane, cid: str) -> None:
             drop_short_root(p.cluster_dir(cid).root, cid)
     else:
         drop_short_root(p.cluster_dir(cid).root, cid)
+
+
+def served(p: Plane, cid: str) -> ClusterClient | None:
+    """The cluster object serving hosted cluster `cid` now (None: stopped, deleted, unknown)."""
+    if cid == p.primary_id:
+        return None
+    d = p.hosted.get(cid)
+    return d.cluster if d is not None else None
+
+
+async def kms_cluster(p: Plane, cid: str, region: str) -> tuple[ClusterClient, ClusterInfo] | None:
+    """What KMS custom key stores see of hosted cluster `cid` in `region`: the cluster serving
+    it and the plane's view (the state and HSM states DescribeClusters shows, the trust anchor
+    given to InitializeCluster). None for the daemon's own cluster (the KMS asks it directly),
+    another Region's, or one not served."""
+    rec = p.data["clusters"].get(cid)
+    client = served(p, cid)
+    if rec is None or rec.get("region") != region or client is None:
+        return None
+    hsms = tuple(HsmInfo(str(h["HsmId"]), str(h["AvailabilityZone"]), str(h["State"]), 0, 0, None)
+                 for h in p.hsms(cid))
+    anchor = str(rec.get("trust_anchor") or "")
+    return client, ClusterInfo(cid, p.cluster_state(cid), hsms, anchor.encode())

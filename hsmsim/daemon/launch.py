@@ -17,11 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from hsmsim import aio, files
+from hsmsim.cluster.api import ClusterClient, ClusterInfo
 from hsmsim.cluster.members import Member
 from hsmsim.cluster.state import StateDir, StateError
+from hsmsim.cloudhsm import hosting
 from hsmsim.cloudhsm.server import start_cloudhsm
 from hsmsim.daemon.main import Daemon, DaemonOptions, read_pid, serve, setup_logging
 from hsmsim.errors import ConfigError, HsmsimError
+from hsmsim.kms.server import KmsServer
 
 log = logging.getLogger("hsmsim.daemon")
 
@@ -36,6 +39,15 @@ async def start_cloudhsm_endpoint(d: Daemon) -> None:
         chsm = await start_cloudhsm(d, d.warnings)
         d.services["cloudhsm"] = chsm
         d.endpoints["cloudhsm"] = chsm.url
+        kms = d.services.get("kms")
+        if isinstance(kms, KmsServer):  # KMS custom key stores on any cluster the plane serves
+            plane = chsm.plane
+            clusters = kms.service.kms.clusters
+
+            async def lookup(cid: str, region: str) -> tuple[ClusterClient, ClusterInfo] | None:
+                return await hosting.kms_cluster(plane, cid, region)
+            clusters.lookup = lookup
+            clusters.serving = lambda cid: hosting.served(plane, cid)
     except Exception as exc:
         log.exception("the CloudHSMv2 endpoint failed to start")
         d.warnings.append(f"the CloudHSMv2 endpoint did not start: {exc} (choose another "

@@ -365,21 +365,37 @@ def cluster_material(arn: str, handle: int) -> bytes:
 
 
 class ClusterKeys:
-    """Crypto of AWS_CLOUDHSM keys, inside the cluster, as the store's logged-in kmsuser."""
+    """Crypto of AWS_CLOUDHSM keys, inside the cluster, as the store's logged-in kmsuser. A
+    login KMS holds in another cluster than the first (a store on a cluster CreateCluster made)
+    is bound to that cluster (`bind`): calls with it go there."""
 
     def __init__(self, cluster: ClusterClient) -> None:
         self._cluster = cluster
+        # id(login) -> (login, its cluster); the login is kept so its id stays its own
+        self._bound: dict[int, tuple[Login, ClusterClient]] = {}
+
+    def bind(self, login: Login, cluster: ClusterClient) -> None:
+        self._bound[id(login)] = (login, cluster)
+
+    def unbind(self, login: Login) -> None:
+        found = self._bound.get(id(login))
+        if found is not None and found[0] is login:
+            del self._bound[id(login)]
+
+    def cluster_of(self, login: Login | None) -> ClusterClient:
+        found = self._bound.get(id(login)) if login is not None else None
+        return found[1] if found is not None and found[0] is login else self._cluster
 
     async def create(self, login: Login, arn: str) -> int:
         try:
-            return await self._cluster.generate_key(
+            return await self.cluster_of(login).generate_key(
                 login, MechanismSpec(int(Mechanism.AES_KEY_GEN)), secret_key_template(arn), 0)
         except Pkcs11Error as exc:
             raise ClusterFailure(int(exc.rv), "create") from None
 
     async def encrypt(self, login: Login, handle: int, data: bytes, aad: bytes) -> tuple[bytes, bytes]:
         try:
-            res = await self._cluster.encrypt(login, handle, _gcm(aad), data)
+            res = await self.cluster_of(login).encrypt(login, handle, _gcm(aad), data)
         except Pkcs11Error as exc:
             raise ClusterFailure(int(exc.rv), "encrypt") from None
         if res.iv is None or len(res.iv) != GCM_IV:
@@ -388,7 +404,7 @@ class ClusterKeys:
 
     async def decrypt(self, login: Login, handle: int, iv: bytes, data: bytes, aad: bytes) -> bytes:
         try:
-            return await self._cluster.decrypt(login, handle, _gcm(aad, iv), data)
+            return await self.cluster_of(login).decrypt(login, handle, _gcm(aad, iv), data)
         except Pkcs11Error as exc:
             if exc.rv in _AUTH_FAILED:
                 raise BadCiphertext() from None
@@ -396,13 +412,13 @@ class ClusterKeys:
 
     async def destroy(self, login: Login, handle: int) -> None:
         try:
-            await self._cluster.destroy_object(login, handle)
+            await self.cluster_of(login).destroy_object(login, handle)
         except Pkcs11Error as exc:
             raise ClusterFailure(int(exc.rv), "destroy") from None
 
     async def random(self, login: Login | None, n: int) -> bytes:
         try:
-            return await self._cluster.generate_random(login, n)
+            return await self.cluster_of(login).generate_random(login, n)
         except Pkcs11Error as exc:
             raise ClusterFailure(int(exc.rv), "random") from None
 

@@ -16,7 +16,7 @@ from hsmsim.kms import errors as e
 from hsmsim.kms import model, policy
 from hsmsim.kms.clock import Clock, stored_offset
 from hsmsim.kms.config import KmsConfig
-from hsmsim.kms.keystores import KeyStores
+from hsmsim.kms.keystores import ClusterDirectory, KeyStores
 from hsmsim.kms.material import ClusterKeys, Fleet
 from hsmsim.kms.model import KeyRecord
 from hsmsim.kms.policy import Caller
@@ -32,7 +32,8 @@ class Kms:
     cluster; `in_region` gives another Region's KMS."""
 
     def __init__(self, cluster: ClusterClient, config: KmsConfig, state_dir: Path, store: Store,
-                 region: str | None = None, home: Kms | None = None) -> None:
+                 region: str | None = None, home: Kms | None = None,
+                 clusters: ClusterDirectory | None = None) -> None:
         self.cluster = cluster
         self.config = config
         self.state_dir = state_dir
@@ -44,6 +45,8 @@ class Kms:
             self.clock = Clock(stored_offset(store.get_meta("clock_offset")))
             self.fleet = Fleet(cluster, state_dir)
             self.cluster_keys = ClusterKeys(cluster)
+            # the clusters custom key stores may name (the daemon adds the CloudHSMv2 plane's)
+            self.clusters = clusters or ClusterDirectory(cluster)
             self._regions: dict[str, Kms] = {self._region: self}
             start = store.get_meta("tracking_start")
             if start is None:
@@ -55,12 +58,15 @@ class Kms:
             self.clock = home.clock
             self.fleet = home.fleet
             self.cluster_keys = home.cluster_keys
+            self.clusters = home.clusters
             self._regions = home._regions
             self.tracking_start = home.tracking_start
-        # FIDELITY: the simulated CloudHSM cluster lives in the default Region ([kms] region);
+        # FIDELITY: the first cluster (`hsmsim up`'s) lives in the default Region ([kms] region);
         # in any other Region its cluster id is CloudHsmClusterNotFoundException, as a cluster
-        # of another Region is on AWS.
-        self.keystores = KeyStores(cluster, self.store, self.fleet, cluster_here=self._region == config.region)
+        # of another Region is on AWS. A cluster CreateCluster made is in the Region it was
+        # created in.
+        self.keystores = KeyStores(cluster, self.store, self.fleet, cluster_here=self._region == config.region,
+                                   clusters=self.clusters, keys=self.cluster_keys, region=self._region)
         self.last_usage: dict[str, dict[str, Any]] = self.store.last_usage()
         self._usage_dirty: dict[str, dict[str, Any]] = {}
 

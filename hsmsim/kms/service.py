@@ -217,7 +217,8 @@ class KmsService:
                 await regional.keystores.close()
             await old.fleet.close()
             old.store.wipe()
-            self.kms = Kms(old.cluster, old.config, old.state_dir, old.store.view(old.config.region))
+            self.kms = Kms(old.cluster, old.config, old.state_dir, old.store.view(old.config.region),
+                           clusters=old.clusters)
             self.kms.open_stored_regions()
             self._quotas.clear()
 

@@ -62,6 +62,7 @@ async def create_custom_key_store(kms: Kms, call: Call, req: CreateCustomKeyStor
 
 
 async def connect_custom_key_store(kms: Kms, call: Call, req: ConnectCustomKeyStoreRequest) -> Response:
+    kms.keystores.check_served()  # a store whose cluster stopped is DISCONNECTED
     s = _store(kms, req.custom_key_store_id)
     _event(call, s)
     if s.state in (DISCONNECTING, FAILED):
@@ -86,6 +87,7 @@ async def disconnect_custom_key_store(kms: Kms, call: Call, req: DisconnectCusto
 
 
 async def describe_custom_key_stores(kms: Kms, call: Call, req: DescribeCustomKeyStoresRequest) -> Response:
+    kms.keystores.check_served()
     stores = sorted(kms.store.stores.values(), key=lambda s: s.created)
     if req.custom_key_store_id is not None:
         stores = [s for s in stores if s.store_id == req.custom_key_store_id]
