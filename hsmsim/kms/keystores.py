@@ -123,7 +123,8 @@ class KeyStores:
     def check_served(self) -> None:
         """Stores logged in to a cluster that is no longer served (a hosted cluster stopped or
         deleted) are DISCONNECTED, as KMS disconnects a store whose cluster it lost; stores left
-        to reconnect after a restart connect once their cluster is served again."""
+        to reconnect after a restart connect once their cluster is served again.
+        FIDELITY: checked at the KMS's requests (AWS disconnects the store by itself)."""
         for store_id, client in list(self._clients.items()):
             s = self._store.stores.get(store_id)
             if s is not None and self._clusters.gone(s.cluster_id, client):
