@@ -24,6 +24,7 @@ from hsmsim.pkcs11.constants import RV, UserType
 from hsmsim.pkcs11.errors import Pkcs11Error
 
 KMS_USER = "kmsuser"
+RESUME_PATIENCE = 300.0  # seconds a restarted store waits for its hosted cluster to be back
 CONNECTED, CONNECTING, DISCONNECTED, DISCONNECTING, FAILED = (
     "CONNECTED", "CONNECTING", "DISCONNECTED", "DISCONNECTING", "FAILED")
 
@@ -98,7 +99,6 @@ class KeyStores:
         self._fleet = fleet
         self._logins: dict[str, Login] = {}
         self._clients: dict[str, ClusterClient] = {}  # store id -> the cluster of its login
-        self._deferred: set[str] = set()  # stores to reconnect once their cluster is served
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     async def seal_password(self, store_id: str, password: str) -> str:
@@ -122,8 +122,7 @@ class KeyStores:
 
     def check_served(self) -> None:
         """Stores logged in to a cluster that is no longer served (a hosted cluster stopped or
-        deleted) are DISCONNECTED, as KMS disconnects a store whose cluster it lost; stores left
-        to reconnect after a restart connect once their cluster is served again.
+        deleted) are DISCONNECTED, as KMS disconnects a store whose cluster it lost.
         FIDELITY: checked at the KMS's requests (AWS disconnects the store by itself)."""
         for store_id, client in list(self._clients.items()):
             s = self._store.stores.get(store_id)
@@ -134,18 +133,6 @@ class KeyStores:
                     self._keys.unbind(login)
                 if s.state in (CONNECTED, CONNECTING):
                     self._store.put_store(replace(s, state=DISCONNECTED, error_code=None))
-        if self._deferred and self._clusters.serving is not None:
-            for store_id in list(self._deferred):
-                s = self._store.stores.get(store_id)
-                if s is None or s.state not in (CONNECTED, CONNECTING):
-                    self._deferred.discard(store_id)
-                elif self._clusters.serving(s.cluster_id) is not None:
-                    try:
-                        asyncio.get_running_loop()
-                    except RuntimeError:  # not from a request: the next one reconnects it
-                        return
-                    self._deferred.discard(store_id)
-                    self.start_connect(store_id)
 
     def login(self, store_id: str) -> Login | None:
         return self._logins.get(store_id) if self.connected(store_id) else None
@@ -318,7 +305,6 @@ class KeyStores:
         self._store.put_store(replace(s, state=DISCONNECTING))
         login = self._logins.pop(store_id, None)
         client = self._clients.pop(store_id, None)
-        self._deferred.discard(store_id)
         if login is not None:
             await self._safe_logout(login, client)
         s = self._store.stores[store_id]
@@ -342,13 +328,30 @@ class KeyStores:
             pass
         for s in list(self._store.stores.values()):
             if s.state in (CONNECTED, CONNECTING):
-                if first is not None and s.cluster_id != first and not (
-                        self._clusters.serving is not None and self._clusters.serving(s.cluster_id) is not None):
-                    self._deferred.add(s.store_id)
+                if first is not None and s.cluster_id != first:
+                    self._store.put_store(replace(s, state=CONNECTING, error_code=None))
+                    self._tasks[s.store_id] = asyncio.get_running_loop().create_task(
+                        self._connect_when_served(s.store_id))
                     continue
                 self.start_connect(s.store_id)
             elif s.state == DISCONNECTING:
                 self._store.put_store(replace(s, state=DISCONNECTED))
+
+    async def _connect_when_served(self, store_id: str, patience: float = RESUME_PATIENCE) -> None:
+        """Connects a store on a cluster other than the first once that cluster is served with
+        an ACTIVE HSM (the plane restarts it in the background), or after `patience` seconds
+        (then the connection fails as the cluster's state says)."""
+        s = self._store.stores[store_id]
+        deadline = asyncio.get_running_loop().time() + patience
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                found = await self._clusters.find(s.cluster_id, self._region, self._cluster_here)
+            except Exception:
+                found = None
+            if found is not None and active_hsms(found[1]):
+                break
+            await asyncio.sleep(0.5)
+        await self._connect(store_id)
 
     async def wait(self, store_id: str) -> None:
         task = self._tasks.get(store_id)

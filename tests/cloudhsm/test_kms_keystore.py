@@ -22,11 +22,15 @@ def _code(exc: pytest.ExceptionInfo[ClientError]) -> str:
     return str(exc.value.response["Error"]["Code"])
 
 
+def _kms_client(cluster: HsmsimCluster, region: str) -> Any:
+    import boto3
+    return boto3.client("kms", endpoint_url=str(cluster.status()["endpoints"]["kms"]), region_name=region,
+                        aws_access_key_id="AKIDEXAMPLE", aws_secret_access_key="secret")
+
+
 @pytest.fixture(scope="module")
 def kms(cluster: HsmsimCluster) -> Any:
-    import boto3
-    return boto3.client("kms", endpoint_url=str(cluster.status()["endpoints"]["kms"]), region_name=REGION,
-                        aws_access_key_id="AKIDEXAMPLE", aws_secret_access_key="secret")
+    return _kms_client(cluster, REGION)
 
 
 def _keys(home: Any, user: str) -> list[dict[str, Any]]:
@@ -75,9 +79,7 @@ def test_custom_key_store_on_a_created_cluster(client: Any, kms: Any, cluster: H
             **args, "TrustAnchorCertificate": (cluster.state_dir / "ca" / "ca.crt").read_text()})
     assert _code(exc) == "IncorrectTrustAnchorException"
     # a cluster of another Region is not found there
-    import boto3
-    west = boto3.client("kms", endpoint_url=kms.meta.endpoint_url, region_name="us-west-2",
-                        aws_access_key_id="AKIDEXAMPLE", aws_secret_access_key="secret")
+    west = _kms_client(cluster, "us-west-2")
     with pytest.raises(ClientError) as exc:
         west.create_custom_key_store(CustomKeyStoreName="hosted-store", **args)
     assert _code(exc) == "CloudHsmClusterNotFoundException"
@@ -87,7 +89,7 @@ def test_custom_key_store_on_a_created_cluster(client: Any, kms: Any, cluster: H
     kms.connect_custom_key_store(CustomKeyStoreId=store_id)
     got = wait_for(lambda: (s := _store_state(kms, store_id))["ConnectionState"] in ("CONNECTED", "FAILED") and s,
                    "the store connected")
-    assert got["ConnectionState"] == "CONNECTED", got
+    assert (got["ConnectionState"], got.get("ConnectionErrorCode")) == ("CONNECTED", None)
     key = kms.create_key(Origin="AWS_CLOUDHSM", CustomKeyStoreId=store_id)["KeyMetadata"]
     assert key["Origin"] == "AWS_CLOUDHSM" and key["CloudHsmClusterId"] == cid
     blob = kms.encrypt(KeyId=key["KeyId"], Plaintext=b"on the new cluster")["CiphertextBlob"]
@@ -97,6 +99,15 @@ def test_custom_key_store_on_a_created_cluster(client: Any, kms: Any, cluster: H
     assert len(backing) == 1 and backing[0]["coverage"] == "2/2", backing
     # (kmsfleet: the KMS's own user in the first cluster, which sealed the kmsuser password)
     assert not [k for k in _keys(cluster.state_dir, "kmsfleet") if k["label"] == key["Arn"]]
+
+    # the daemon restarts: the store reconnects once the plane serves its cluster again
+    cluster.down()
+    cluster.up()
+    kms = _kms_client(cluster, REGION)
+    got = wait_for(lambda: (s := _store_state(kms, store_id))["ConnectionState"] in ("CONNECTED", "FAILED") and s,
+                   "the store reconnected after the restart")
+    assert (got["ConnectionState"], got.get("ConnectionErrorCode")) == ("CONNECTED", None)
+    assert kms.decrypt(CiphertextBlob=blob)["Plaintext"] == b"on the new cluster"
 
     # the created cluster stops: the store is disconnected, its keys unavailable
     r = run_cli(["down", "--state", str(home)])
