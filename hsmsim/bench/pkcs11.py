@@ -385,7 +385,7 @@ def main() -> str:
                "ECDSA P-256 ≥ 0.9× SoftHSM2 direct (1 thread); AES-256-GCM 1 KiB encrypt ≥ 0.6× SoftHSM2 "
                "direct (1 thread); empty round trip ≤ 30 µs added; the daemon's share of the cluster's CPU "
                "(daemon + nodes) during the 4-thread ECDSA loop ≤ 20%; TLS handshakes ≥ 1.05× SoftHSM2 "
-               "through the same engine (`make bench-tls`: its "x SoftHSM2 (engine)" column).")
+               "through the same engine (`make bench-tls`: its 'x SoftHSM2 (engine)' column).")
     table = render("pkcs11: python-pkcs11 through libhsmsim-pkcs11 (3-HSM cluster) vs SoftHSM2 direct and "
                    "openssl (ops/s)", rows) + "\n" + targets + "\n\n" + render(
         "pkcs11: CPU per operation by process (/proc/<pid>/stat utime+stime over the 4-thread run, "
