@@ -15,6 +15,8 @@ import shutil
 from dataclasses import replace
 from typing import Any
 
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
 from hsmsim.cloudhsm import backups, hosting
 from hsmsim.cloudhsm import errors as e
 from hsmsim.cloudhsm.hosting import drop_short_root, short_root
@@ -194,6 +196,11 @@ async def delete_hsm(p: Plane, cid: str, region: str, hsm_id: str | None, eni: s
     return target
 
 
+
+def _spki(key: Any) -> bytes:
+    """A public key's DER SubjectPublicKeyInfo: what a certificate and a CSR compare by."""
+    return bytes(key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
+
 async def initialize(p: Plane, cid: str, region: str, signed_pem: str, anchor_pem: str) -> str:
     from cryptography import x509
     rec = p.record(cid, region)
@@ -209,7 +216,7 @@ async def initialize(p: Plane, cid: str, region: str, signed_pem: str, anchor_pe
         csr = x509.load_pem_x509_csr(str(rec["csr"]).encode())
     except (ValueError, KeyError):
         raise e.InvalidRequest("SignedCert and TrustAnchor must be PEM certificates.") from None
-    if signed.public_key().public_numbers() != csr.public_key().public_numbers():  # type: ignore[union-attr]
+    if _spki(signed.public_key()) != _spki(csr.public_key()):
         raise e.InvalidRequest("SignedCert does not certify the cluster's CSR.")
     try:
         signed.verify_directly_issued_by(anchor)
