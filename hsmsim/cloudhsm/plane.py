@@ -180,17 +180,14 @@ class Plane:
         both = self.cluster_obj(cid)
         if both is not None:
             c = both[0]
-            # An HSM being added (CreateHsm, `hsmsim hsm add`) enters the cluster's spec only
-            # once it has been cloned and reconciled. Until then it is CREATE_IN_PROGRESS, though
-            # its member reads ACTIVE as soon as its node answers: on CloudHSM a new HSM is
-            # cloned from the cluster's backup and holds every key when it is ACTIVE.
-            created = {h.hsm_id for h in c.spec.hsms}
+            # The member's own state (`hsmsim status` and ClusterInfo read it too): an HSM
+            # being added (CreateHsm, `hsmsim hsm add`) is CREATE_IN_PROGRESS until it has been
+            # cloned and reconciled, as on CloudHSM a new HSM holds every key when it is ACTIVE.
             for m in list(c.members.values()):
                 state = m.hsm_state
-                message = f"HSM is {m.condition()}"
-                if state in (ACTIVE, DEGRADED) and m.hsm_id not in created:
-                    state, message = CREATE_IN_PROGRESS, "HSM is being created"
-                elif state == ACTIVE and not m.usable:
+                message = ("HSM is being created" if state == CREATE_IN_PROGRESS
+                           else f"HSM is {m.condition()}")
+                if state == ACTIVE and not m.usable:
                     state = DEGRADED
                 out[m.hsm_id] = self._hsm(cid, rec, m.hsm_id, m.az, state, m.dir, m.address, message)
         elif rec.get("phase") != "DELETED" and not rec.get("parked"):

@@ -56,12 +56,19 @@ class MemberStatus:
 class Member:
     """A node process and the daemon's connection to it."""
 
-    def __init__(self, hsm_id: str, az: str, state: StateDir, python: str = sys.executable) -> None:
+    def __init__(self, hsm_id: str, az: str, state: StateDir, python: str = sys.executable,
+                 adding: bool = False) -> None:
         self.hsm_id, self.az, self.state, self.python = hsm_id, az, state, python
         self.proc: asyncio.subprocess.Process | None = None
         self.client: NodeClient | None = None
         self.generation = 0  # bumps on every new connection: node login ids die with it
+        # The one HSM state every view reads (`hsmsim status`, ClusterInfo, DescribeClusters).
+        # An HSM of the cluster's spec is CREATE_IN_PROGRESS only until its node first answers;
+        # one being added (`adding`: `hsm add`, CreateHsm) stays CREATE_IN_PROGRESS until
+        # Supervisor.add_hsm has cloned and reconciled it (it then holds every key), as a new
+        # CloudHSM HSM is ACTIVE once cloned from the cluster's backup.
         self.hsm_state = CREATE_IN_PROGRESS
+        self.adding = adding
         self.killed = False  # stopped on purpose (`hsm kill`): not restarted by supervision
         self.paused = False
         self.partitioned = False
@@ -220,7 +227,7 @@ class Member:
         self.converged = False
         self.ping_failures = 0
         self.down_since = None
-        if self.hsm_state in (CREATE_IN_PROGRESS, DEGRADED):
+        if self.hsm_state == DEGRADED or (self.hsm_state == CREATE_IN_PROGRESS and not self.adding):
             self.hsm_state = ACTIVE
 
     def exited(self) -> bool:

@@ -14,7 +14,7 @@ from typing import Any
 
 from hsmsim import files
 from hsmsim.cluster.cluster import Cluster
-from hsmsim.cluster.members import ACTIVE, CREATE_IN_PROGRESS, DELETE_IN_PROGRESS, Member, MemberDown
+from hsmsim.cluster.members import ACTIVE, DEGRADED, DELETE_IN_PROGRESS, Member, MemberDown
 from hsmsim.cluster.reconcile import ProgressFn, Reconciler
 from hsmsim.cluster.state import AZ_RE, MAX_HSMS, HsmSpec, new_id
 from hsmsim.errors import HsmsimError
@@ -250,8 +250,7 @@ class Supervisor:
         if not sources:
             raise ClusterOpError("no healthy HSM to clone the new HSM from")
         hsm_id = new_id("hsm-")
-        m = Member(hsm_id, az, c.state)
-        m.hsm_state = CREATE_IN_PROGRESS
+        m = Member(hsm_id, az, c.state, adding=True)  # CREATE_IN_PROGRESS until it holds every key
         c.members[hsm_id] = m
         try:
             async with c.pool.lock_for(hsm_id):
@@ -265,7 +264,8 @@ class Supervisor:
             await m.terminate()
             shutil.rmtree(m.dir, ignore_errors=True)
             raise
-        m.hsm_state = ACTIVE
+        m.adding = False
+        m.hsm_state = ACTIVE if m.usable else DEGRADED
         c.spec = c.spec.with_hsms([*c.spec.hsms, HsmSpec(hsm_id, az)])
         c.state.save_spec(c.spec)
         return hsm_id
