@@ -69,7 +69,7 @@ async def handle(plane: Plane, method: str, path: str, headers: dict[str, str],
         err = wire.to_wire(exc)
     except Exception:
         log.exception("CloudHSMv2 %s failed", op)
-        err = wire.WireError("CloudHsmInternalFailureException", 500, "")
+        err = wire.to_wire(e.Internal(""))
     return err.status, wire.encode(err.fields(), is_cbor), is_cbor
 
 

@@ -65,7 +65,8 @@ def to_wire(exc: e.CloudHsmError) -> WireError:
         if cls in ERROR_TABLE:
             code, status = ERROR_TABLE[cls]
             return WireError(code, status, exc.message)
-    return WireError("CloudHsmInternalFailureException", 500, "")
+    code, status = ERROR_TABLE[e.Internal]
+    return WireError(code, status, "")
 
 
 def operation_from_target(target: str | None) -> str:

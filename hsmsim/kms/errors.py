@@ -72,3 +72,16 @@ class InvalidImportToken(KmsError): ...
 class ExpiredImportToken(KmsError): ...
 class IncorrectKeyMaterial(KmsError): ...
 class KeyUnavailable(KmsError): ...
+
+
+# The endpoint's own refusals, made by the HTTP layer before an operation runs.
+class Overloaded(KmsError):
+    """The endpoint is at its connection cap (ServiceUnavailableException, 503)."""
+
+
+class RequestTimeout(KmsError):
+    """The request body stalled (RequestTimeoutException, 408)."""
+
+
+class NoSuchEndpoint(KmsError):
+    """A path under the test endpoints that is not served (NotFoundException, 404)."""

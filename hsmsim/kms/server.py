@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import uuid
+from http import HTTPStatus
 from pathlib import Path
 
 from aiohttp import web
@@ -54,8 +55,16 @@ class _Redact(logging.Filter):
 
 http_log.addFilter(_Redact())
 
-_REFUSED_BODY = json.dumps({"__type": "ServiceUnavailableException",
-                            "message": "Too many open connections to the KMS endpoint"}).encode()
+
+def _raw_error(err: wire.WireError) -> bytes:
+    """A whole HTTP/1.1 error response for a connection that no aiohttp handler serves."""
+    body = err.body()
+    return (f"HTTP/1.1 {err.status} {HTTPStatus(err.status).phrase}\r\n"
+            f"Content-Type: {wire.CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode() + body
+
+
+_REFUSED = _raw_error(wire.to_wire(e.Overloaded("Too many open connections to the KMS endpoint")))
 
 
 class _Refused(asyncio.Protocol):
@@ -63,13 +72,11 @@ class _Refused(asyncio.Protocol):
     no descriptor the daemon needs for its gateway, control and node connections.
 
     FIDELITY: AWS's front-end connection limits are undocumented; ours answers 503
-    ServiceUnavailableException (which SDKs retry)."""
+    ServiceUnavailableException (which SDKs retry; status and code from `wire.ERROR_TABLE`)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # duck-typed, not isinstance(asyncio.WriteTransport): uvloop's transports are not subclasses
-        transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: " + wire.CONTENT_TYPE.encode()  # type: ignore[attr-defined]
-                        + b"\r\nContent-Length: " + str(len(_REFUSED_BODY)).encode()
-                        + b"\r\nConnection: close\r\n\r\n" + _REFUSED_BODY)
+        transport.write(_REFUSED)  # type: ignore[attr-defined]
         transport.close()
 
 
@@ -127,6 +134,12 @@ def _response(status: int, body: bytes, request_id: str) -> web.Response:
         "x-amzn-RequestId": request_id, "Content-Type": wire.CONTENT_TYPE})
 
 
+def _error(exc: e.KmsError, request_id: str) -> web.Response:
+    """The response for a domain error, from the wire layer's one table."""
+    err = wire.to_wire(exc)
+    return _response(err.status, err.body(), request_id)
+
+
 def make_app(service: KmsService) -> web.Application:
     max_size = service.kms.config.max_request_bytes
     idle_timeout = service.kms.config.idle_timeout_seconds
@@ -134,23 +147,19 @@ def make_app(service: KmsService) -> web.Application:
     async def handle(request: web.Request) -> web.Response:
         request_id = str(uuid.uuid4())
         if request.method != "POST":
-            err = wire.to_wire(e.UnknownOperation(""))
-            return _response(err.status, err.body(), request_id)
+            return _error(e.UnknownOperation(""), request_id)
         if request.content_length is not None and request.content_length > max_size:
-            err = wire.to_wire(e.TooLarge(f"Request body exceeds {max_size} bytes"))
-            return _response(err.status, err.body(), request_id)
+            return _error(e.TooLarge(f"Request body exceeds {max_size} bytes"), request_id)
         try:
             async with asyncio.timeout(idle_timeout):
                 body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            err = wire.to_wire(e.TooLarge(f"Request body exceeds {max_size} bytes"))
-            return _response(err.status, err.body(), request_id)
+            return _error(e.TooLarge(f"Request body exceeds {max_size} bytes"), request_id)
         except TimeoutError:
             # FIDELITY: AWS's front end answers a body that stalls with a bare 408; ours has a
             # JSON body (RequestTimeoutException) and closes the connection.
-            resp = _response(408, json.dumps({"__type": "RequestTimeoutException", "message":
-                             f"The request body did not arrive within {idle_timeout:g} seconds"}).encode(),
-                             request_id)
+            resp = _error(e.RequestTimeout(
+                f"The request body did not arrive within {idle_timeout:g} seconds"), request_id)
             resp.force_close()
             return resp
         result = await service.handle(HttpRequest(
@@ -177,8 +186,7 @@ def make_app(service: KmsService) -> web.Application:
             except ClockError as exc:
                 raise e.Invalid(str(exc)) from None
         except e.KmsError as exc:
-            err = wire.to_wire(exc)
-            return _response(err.status, err.body(), request_id)
+            return _error(exc, request_id)
         service.kms.store.set_meta("clock_offset", repr(service.kms.clock.offset))
         await service.sweep()
         return _response(200, json.dumps({"now": service.kms.clock.now(),
@@ -199,16 +207,14 @@ def make_app(service: KmsService) -> web.Application:
                     query=request.query_string, headers=dict(request.headers), body=body,
                     source_ip=request.remote or "", request_id=request_id))
         except e.KmsError as exc:
-            err = wire.to_wire(exc)
-            return _response(err.status, err.body(), request_id)
+            return _error(exc, request_id)
         await service.reset()
         return _response(200, json.dumps({"status": "ok"}).encode(), request_id)
 
     async def refused(request: web.Request) -> web.Response:
-        err = wire.WireError("NotFoundException", 404, "No such endpoint: the hsmsim test endpoints "
-                             "are POST /_hsmsim/clock and POST /moto-api/reset, served while "
-                             "[kms] clock_control is on")
-        return _response(err.status, err.body(), str(uuid.uuid4()))
+        return _error(e.NoSuchEndpoint("No such endpoint: the hsmsim test endpoints are POST "
+                                       "/_hsmsim/clock and POST /moto-api/reset, served while "
+                                       "[kms] clock_control is on"), str(uuid.uuid4()))
 
     app = web.Application(client_max_size=max_size)
     if service.kms.config.clock_control:

@@ -116,7 +116,7 @@ class KmsService:
         except Exception:  # a bug: never leak details, always answer
             await self._undo(unit, call, req)
             log.exception("KMS %s failed (request %s)", op, req.request_id)
-            err = wire.WireError("KMSInternalException", 500, "")
+            err = wire.to_wire(e.Internal(""))
             self._audit(kms, req, op, params, call, access_key, (err.code, "internal error"))
             return HttpResponse(err.status, err.body())
         except BaseException:  # cancelled: the client went away before an answer

@@ -74,6 +74,12 @@ ERROR_TABLE: dict[type[e.KmsError], tuple[str, int]] = {
     e.Internal: ("KMSInternalException", 500),
     e.DependencyTimeout: ("DependencyTimeoutException", 503),
     e.KeyUnavailable: ("KeyUnavailableException", 500),
+    # FIDELITY: AWS's front-end connection limits are undocumented; ours answers 503
+    # ServiceUnavailableException (which SDKs retry).
+    e.Overloaded: ("ServiceUnavailableException", 503),
+    # FIDELITY: AWS's front end answers a body that stalls with a bare 408; ours has a body.
+    e.RequestTimeout: ("RequestTimeoutException", 408),
+    e.NoSuchEndpoint: ("NotFoundException", 404),
 }
 
 # Shapes whose values are never echoed in validation messages.
@@ -97,7 +103,8 @@ def to_wire(exc: e.KmsError) -> WireError:
         if cls in ERROR_TABLE:
             code, status = ERROR_TABLE[cls]
             return WireError(code, status, exc.message)
-    return WireError("KMSInternalException", 500, "")
+    code, status = ERROR_TABLE[e.Internal]
+    return WireError(code, status, "")
 
 
 def operation_name(target: str | None) -> str:
