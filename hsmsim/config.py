@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from hsmsim import files
 from hsmsim.errors import ConfigError
 
 T = TypeVar("T")
@@ -175,9 +176,5 @@ def set_in_file(path: Path, cls: type[Any], section: str, name: str, raw: str) -
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: cannot set {section}.{name} in it ({exc})") from None
     resolve_section(cls, section, data, {})
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    files.atomic_write(path, text.encode())
     return value

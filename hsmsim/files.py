@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import sqlite3
+import tempfile
 from pathlib import Path
 from typing import IO
 
@@ -75,6 +76,39 @@ def write_private(path: Path, data: str | bytes, mode: int = PRIVATE_FILE) -> No
     fd = open_fd(path, os.O_WRONLY | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = PRIVATE_FILE) -> None:
+    """Write `data` to `path` so that a crash leaves either the old or the new file: temp file,
+    fsync, rename, fsync the directory. Private (0600) unless `mode` says otherwise (exact,
+    whatever the umask); a missing parent directory is made 0700. On failure the temp file is
+    removed and the old file, if any, stays."""
+    if not path.parent.is_dir():
+        make_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink in directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def touch_private(path: Path) -> Path:

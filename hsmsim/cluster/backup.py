@@ -18,7 +18,7 @@ from hsmsim import files
 from hsmsim.cluster.cluster import Cluster
 from hsmsim.cluster.journal import HandleAllocator
 from hsmsim.cluster.members import Member
-from hsmsim.cluster.state import (ClusterSpec, StateDir, atomic_write, discard_new_cluster,
+from hsmsim.cluster.state import (ClusterSpec, StateDir, discard_new_cluster,
                                   finish_new_cluster, new_id, prepare_new_cluster, utcnow)
 from hsmsim.errors import HsmsimError
 
@@ -76,8 +76,8 @@ async def create_backup(c: Cluster, state: StateDir, reason: str,
     ct = AESGCM(_key(state)).encrypt(nonce, payload, backup_id.encode())
     data_path, meta_path = _paths(state, backup_id)
     files.make_dir(state.backups, parents=False)
-    atomic_write(data_path, MAGIC + nonce + ct, mode=0o600)
-    atomic_write(meta_path, (json.dumps(meta, indent=2) + "\n").encode(), mode=0o600)
+    files.atomic_write(data_path, MAGIC + nonce + ct, mode=0o600)
+    files.atomic_write(meta_path, (json.dumps(meta, indent=2) + "\n").encode(), mode=0o600)
     return meta
 
 
@@ -130,7 +130,7 @@ async def restore_backup(c: Cluster, state: StateDir, backup_id: str, target: st
                               state.read_secret(state.cu_password))
     spec = ClusterSpec(new.spec.cluster_id, new.spec.hsms, new.spec.created, meta.get("hsm_type",
                        "hsm2m.medium"), meta.get("mode", "FIPS"), backup_id)
-    atomic_write(tstate.init_marker, spec.to_json())
+    files.atomic_write(tstate.init_marker, spec.to_json())
     members = [Member(h.hsm_id, h.az, tstate) for h in spec.hsms]
     objects: list[bytes] = list(backup["objects"])
     total = len(objects) * len(members)

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 from hsmsim import files
-from hsmsim.cluster.state import StateError, atomic_write
+from hsmsim.cluster.state import StateError
 
 HANDLE_BLOCK = 4096  # handles reserved on disk ahead of use
 FIRST_HANDLE = 0x10000  # room below for nothing in particular; keeps handles visibly cluster-made
@@ -51,7 +51,7 @@ class HandleAllocator:
 
     def _reserve(self, at_least: int) -> None:
         self._reserved = at_least + HANDLE_BLOCK
-        atomic_write(self.path, json.dumps({"reserved": self._reserved}).encode(), mode=0o600)
+        files.atomic_write(self.path, json.dumps({"reserved": self._reserved}).encode(), mode=0o600)
 
 
 class Journal:

@@ -10,13 +10,14 @@ import re
 import secrets as _secrets
 import shutil
 import string
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from hsmsim import files
+# re-exported: cloudhsm/plane.py and cloudhsm/lifecycle.py import it from here
+from hsmsim.files import atomic_write as atomic_write
 from hsmsim.errors import HsmsimError
 
 FORMAT_VERSION = 1
@@ -39,37 +40,6 @@ def new_id(prefix: str, length: int = 11) -> str:
 def new_password() -> str:
     """A generated password within CloudHSM's 8-32 character rule."""
     return _secrets.token_urlsafe(15)  # 20 characters: "crypto_user:" + 20 fits libp11's 32-character PIN limit
-
-
-def atomic_write(path: Path, data: bytes, mode: int = files.PRIVATE_FILE) -> None:
-    """Write `data` to `path` so that a crash leaves either the old or the new file: temp file,
-    fsync, rename, fsync the directory. Private (0600) unless `mode` says otherwise; a missing
-    parent directory is made 0700."""
-    if not path.parent.is_dir():
-        files.make_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -312,7 +282,7 @@ def prepare_new_cluster(state: StateDir, azs: Sequence[str], hsms_per_az: int,
 def finish_new_cluster(state: StateDir, spec: ClusterSpec) -> None:
     state.save_spec(spec)
     state.init_marker.unlink(missing_ok=True)
-    fsync_dir(state.root)
+    files.fsync_dir(state.root)
 
 
 def discard_new_cluster(state: StateDir, created_root: bool) -> None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from hsmsim import files
 from hsmsim.config import resolve_section
 from hsmsim.errors import ConfigError
 
@@ -157,14 +157,4 @@ def settle_port(config: KmsConfig, state_dir: Path, given: bool) -> tuple[KmsCon
 
 def remember_port(state_dir: Path, port: int) -> None:
     """Stores the port the endpoint serves on (0600, written atomically)."""
-    path = state_dir / PORT_FILE
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, json.dumps({"port": port}).encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    files.atomic_write(state_dir / PORT_FILE, json.dumps({"port": port}).encode() + b"\n")

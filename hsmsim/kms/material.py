@@ -18,7 +18,6 @@ import functools
 import hashlib
 import hmac
 import logging
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from hsmsim import files
 from hsmsim.cluster.api import ClusterClient, Login
 from hsmsim.core import AesGcmKey, InvalidSignature as CoreInvalidSignature, RsaPrivateKey, RsaPublicKey
 from hsmsim.core import CoreError
@@ -255,11 +255,7 @@ class Fleet:
         try:
             if not secret_file.exists():
                 password = secrets.token_urlsafe(18)[:24]
-                tmp = secret_file.with_suffix(".tmp")
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "w") as f:
-                    f.write(password)
-                os.replace(tmp, secret_file)
+                files.atomic_write(secret_file, password.encode())
             password = secret_file.read_text().strip()
             try:
                 login = await self._cluster.login(UserType.USER, FLEET_USER, password)

@@ -288,16 +288,8 @@ def write_address(ndir: Path, address: str | None) -> None:
         except FileNotFoundError:
             pass
         return
-    tmp = path.with_suffix(".tmp")
-    try:
-        files.write_private(tmp, address + "\n")
-        os.replace(tmp, path)
-    except OSError:
-        try:  # no half-written file left behind (the previous address, if any, stays)
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    # no half-written file left behind (the previous address, if any, stays)
+    files.atomic_write(path, (address + "\n").encode())
 
 
 def read_address(ndir: Path) -> str | None:

@@ -80,9 +80,7 @@ def render_softhsm_conf(ndir: Path, level: str) -> Path:
             return conf  # unchanged: no write needed (a node must start on a full disk)
     except (OSError, UnicodeDecodeError):
         pass
-    tmp = conf.with_suffix(".tmp")
-    files.write_private(tmp, text)
-    os.replace(tmp, conf)
+    files.atomic_write(conf, text.encode())
     return conf
 
 
