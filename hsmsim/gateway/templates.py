@@ -21,16 +21,26 @@ _USAGE_BY_CLASS: dict[int, tuple[int, ...]] = {
 PRIVATE_USAGE = (A.DECRYPT, A.SIGN, A.UNWRAP, A.DERIVE)
 
 
+def _read_template(r: Reader, skip_unknown: bool) -> tuple[Template, bool]:
+    """The one template decoder: (template, whether an attribute type unknown to hsmsim was
+    skipped). Unknown types are skipped only when `skip_unknown`; otherwise, as every other bad
+    attribute, `attributes.decode` refuses them."""
+    out: Template = {}
+    unknown = False
+    for _ in range(r.count()):
+        attr = r.u64()
+        raw = r.bytes()
+        if skip_unknown and attr not in attributes.KINDS:
+            unknown = True
+            continue
+        out[attr] = attributes.decode(attr, raw)
+    return out, unknown
+
+
 def decode_template(r: Reader) -> Template:
     """FIDELITY: attributes whose values are attribute arrays (CKA_WRAP_TEMPLATE,
     CKA_UNWRAP_TEMPLATE, CKA_DERIVE_TEMPLATE) are not carried: CKR_ATTRIBUTE_TYPE_INVALID."""
-    n = r.count()
-    out: Template = {}
-    for _ in range(n):
-        attr = r.u64()
-        raw = r.bytes()
-        out[attr] = attributes.decode(attr, raw)
-    return out
+    return _read_template(r, skip_unknown=False)[0]
 
 
 def decode_find_template(r: Reader) -> Template | None:
@@ -39,16 +49,7 @@ def decode_find_template(r: Reader) -> Template | None:
     nothing and C_FindObjectsInit succeeds, as SoftHSM2 answers (PKCS#11 2.40 allows this or
     CKR_ATTRIBUTE_TYPE_INVALID; CloudHSM documents neither). Types CloudHSM does not support
     (attributes.UNSUPPORTED) are still refused, as in every template."""
-    n = r.count()
-    out: Template = {}
-    unknown = False
-    for _ in range(n):
-        attr = r.u64()
-        raw = r.bytes()
-        if attr not in attributes.KINDS:
-            unknown = True
-            continue
-        out[attr] = attributes.decode(attr, raw)
+    out, unknown = _read_template(r, skip_unknown=True)
     return None if unknown else out
 
 
