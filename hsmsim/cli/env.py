@@ -7,12 +7,16 @@ import argparse
 import json
 import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hsmsim.cli.common import state_of
 from hsmsim.cluster.state import StateDir
 from hsmsim.config import environ
 from hsmsim.control.client import ControlClient
 from hsmsim.control.protocol import ControlError
+
+if TYPE_CHECKING:
+    from hsmsim.kms.config import KmsConfig
 
 
 def client_env(state: StateDir, endpoints: dict[str, str] | None = None,
@@ -25,7 +29,8 @@ def client_env(state: StateDir, endpoints: dict[str, str] | None = None,
     except FileNotFoundError:
         module = str(Path(__file__).resolve().parents[1] / "_lib" / "libhsmsim-pkcs11.so")
     pw = state.read_secret(state.cu_password)
-    kms = (endpoints or {}).get("kms") or _kms_endpoint(state)
+    kms_config = _kms_config(state)
+    kms = (endpoints or {}).get("kms") or _kms_endpoint(kms_config)
     env = {
         "HSMSIM_HOME": str(state.root),
         "HSMSIM_SOCKET": str(state.gateway_sock),
@@ -44,7 +49,7 @@ def client_env(state: StateDir, endpoints: dict[str, str] | None = None,
         env[var] = str(path)
     for k, v in (("AWS_ACCESS_KEY_ID", "hsmsimAKIAEXAMPLE"),
                  ("AWS_SECRET_ACCESS_KEY", "hsmsim-secret-not-checked"),
-                 ("AWS_DEFAULT_REGION", _kms_region(state))):
+                 ("AWS_DEFAULT_REGION", _kms_region(kms_config))):
         if not base.get(k):
             env[k] = v
     return env
@@ -122,24 +127,26 @@ def _tool_files(state: StateDir, module: str) -> list[tuple[str, Path]]:
     return out
 
 
-def _kms_region(state: StateDir) -> str:
+def _kms_config(state: StateDir) -> KmsConfig | None:
+    """The [kms] section as the daemon resolves it (file, then environment), loaded once per
+    command; None when the configuration cannot be read (the built-in defaults are exported)."""
+    try:
+        from hsmsim.config import load_file, resolve_section
+        from hsmsim.kms.config import KmsConfig
+        return resolve_section(KmsConfig, "kms", load_file(state.config_file), environ())
+    except Exception:
+        return None
+
+
+def _kms_region(cfg: KmsConfig | None) -> str:
     """The KMS's default Region ([kms] region): the one `hsmsim env` exports."""
-    try:
-        from hsmsim.config import load_file, resolve_section
-        from hsmsim.kms.config import KmsConfig
-        return str(resolve_section(KmsConfig, "kms", load_file(state.config_file), environ()).region)
-    except Exception:
-        return "us-east-1"
+    return "us-east-1" if cfg is None else str(cfg.region)
 
 
-def _kms_endpoint(state: StateDir) -> str:
-    try:
-        from hsmsim.config import load_file, resolve_section
-        from hsmsim.kms.config import KmsConfig
-        cfg = resolve_section(KmsConfig, "kms", load_file(state.config_file), environ())
-        return f"http://{getattr(cfg, 'host', '127.0.0.1')}:{getattr(cfg, 'port', 4599)}"
-    except Exception:
+def _kms_endpoint(cfg: KmsConfig | None) -> str:
+    if cfg is None:
         return "http://127.0.0.1:4599"
+    return f"http://{cfg.host}:{cfg.port}"
 
 
 def exports(env: dict[str, str]) -> str:
