@@ -1,11 +1,13 @@
 """The gateway's two caches, each bounded and each with its own rule for forgetting:
 validate-key-at-init results per login, key and operation kind (`KeyChecks`: a time to live,
 forgotten on destroy, logout and session close), and the decoded mechanisms of *Init requests
-(`MechanismCache`: the same bytes always decode and check the same way)."""
+(`MechanismCache`: the same bytes always decode and check the same way). At its bound each
+forgets its least recently used entry, never the whole table."""
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from typing import Any
 
 from hsmsim.cluster.api import ClusterClient
@@ -29,10 +31,14 @@ class KeyChecks:
     HSM. FIDELITY (GatewayConfig.validate_key_cache_seconds): a success is remembered per
     login, key and kind for that long."""
 
-    def __init__(self, cluster: ClusterClient, config: GatewayConfig) -> None:
+    def __init__(self, cluster: ClusterClient, config: GatewayConfig, limit: int | None = None) -> None:
         self.cluster = cluster
         self.config = config
-        self._results: dict[tuple[int, int, OpKind], tuple[float, Any]] = {}
+        self.limit = _MAX_CHECKS if limit is None else limit  # at most this many results, the least recently used forgotten first
+        self._results: OrderedDict[tuple[int, int, OpKind], tuple[float, Any]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._results)
 
     def validated(self, app: Application, key: int, kind: OpKind, info: MechanismInfo) -> bool:
         """True when the check needs no round trip (off, or a cached success); the cached key
@@ -40,9 +46,11 @@ class KeyChecks:
         if not self.config.validate_key_at_init:
             return True
         login = app.require_login()
-        hit = self._results.get((login.login_id, key, kind))
+        k = (login.login_id, key, kind)
+        hit = self._results.get(k)
         if hit is None or hit[0] <= time.monotonic():
             return False
+        self._results.move_to_end(k)
         check_key_type(hit[1], info)
         return True
 
@@ -60,10 +68,11 @@ class KeyChecks:
         if usage is False:
             raise err(RV.KEY_FUNCTION_NOT_PERMITTED, f"the key does not allow {kind.value}")
         if self.config.validate_key_cache_seconds > 0:
-            if len(self._results) > _MAX_CHECKS:
-                self._results.clear()
-            self._results[(login.login_id, key, kind)] = (
-                now + self.config.validate_key_cache_seconds, key_type)
+            k = (login.login_id, key, kind)
+            self._results[k] = (now + self.config.validate_key_cache_seconds, key_type)
+            self._results.move_to_end(k)
+            while len(self._results) > self.limit:
+                self._results.popitem(last=False)
         check_key_type(key_type, info)
 
     def forget(self, *, handle: int | None = None, login_id: int | None = None) -> None:
@@ -72,15 +81,24 @@ class KeyChecks:
 
 
 class MechanismCache:
-    """*Init mechanism bytes (per kind) that decoded and passed the checks, with their result."""
+    """*Init mechanism bytes (per kind) that decoded and passed the checks, with their result:
+    at most `limit`, the least recently used forgotten first."""
 
-    def __init__(self) -> None:
-        self._known: dict[tuple[OpKind, bytes], tuple[DecodedMechanism, MechanismInfo]] = {}
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = _MAX_MECHANISMS if limit is None else limit
+        self._known: OrderedDict[tuple[OpKind, bytes], tuple[DecodedMechanism, MechanismInfo]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._known)
 
     def get(self, kind: OpKind, raw: bytes) -> tuple[DecodedMechanism, MechanismInfo] | None:
-        return self._known.get((kind, raw))
+        hit = self._known.get((kind, raw))
+        if hit is not None:
+            self._known.move_to_end((kind, raw))
+        return hit
 
     def put(self, kind: OpKind, raw: bytes, mech: DecodedMechanism, info: MechanismInfo) -> None:
-        if len(self._known) >= _MAX_MECHANISMS:
-            self._known.clear()
         self._known[(kind, raw)] = (mech, info)
+        self._known.move_to_end((kind, raw))
+        while len(self._known) > self.limit:
+            self._known.popitem(last=False)
