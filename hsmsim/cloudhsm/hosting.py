@@ -117,5 +117,5 @@ async def kms_cluster(p: Plane, cid: str, region: str) -> tuple[ClusterClient, C
         return None
     hsms = tuple(HsmInfo(str(h["HsmId"]), str(h["AvailabilityZone"]), str(h["State"]), 0, 0, None)
                  for h in p.hsms(cid))
-    anchor = str(rec.get("trust_anchor") or "")
+    anchor = p.certificate(cid, "trust_anchor") or ""  # a restored cluster: its origin's
     return client, ClusterInfo(cid, p.cluster_state(cid), hsms, anchor.encode())

@@ -216,6 +216,61 @@ class Plane:
                 "EniId": eni_id(hsm_id), "EniIp": eni_ip(node_dir, address, hsm_id), "HsmType": rec["hsm_type"],
                 "HsmId": hsm_id, "State": state, "StateMessage": message}
 
+    # -- backup history ----------------------------------------------------------------------------
+    def _backup_cluster(self, bid: str) -> str | None:
+        """The cluster backup `bid` (or the backup it is a copy of) was taken of, or None."""
+        bid = str(self.data["copies"].get(bid, {}).get("source_backup", bid))
+        for cid in self.data["clusters"]:
+            try:
+                meta = json.loads((self.cluster_dir(cid).backups / f"{bid}.json").read_bytes())
+            except (OSError, ValueError):
+                continue
+            if isinstance(meta, dict) and meta.get("cluster_id"):
+                return str(meta["cluster_id"])
+        return None
+
+    def lineage(self, cid: str) -> str:
+        """The first cluster of `cid`'s backup history: following SourceBackupId (made from a
+        backup of ...) back to a cluster not made from a backup this plane knows."""
+        seen = {cid}
+        while True:
+            rec = self.data["clusters"].get(cid) or {}
+            bid = rec.get("source_backup")
+            parent = self._backup_cluster(str(bid)) if bid else None
+            if parent is None or parent in seen or parent not in self.data["clusters"]:
+                return cid
+            seen.add(parent)
+            cid = parent
+
+    def related(self, a: str, b: str) -> bool:
+        """Whether two clusters share a backup history (one was made from a backup of the
+        other, or both from backups of a third): on CloudHSM these have the same cluster
+        certificate, which is what KMS's UpdateCustomKeyStore compares. FIDELITY: compared
+        here by that history, not by the certificates (a cluster made from a backup shows
+        its origin's ClusterCertificate, `certificate`)."""
+        return a in self.data["clusters"] and b in self.data["clusters"] and \
+            self.lineage(a) == self.lineage(b)
+
+    def certificate(self, cid: str, which: str) -> str | None:
+        """The cluster's `cluster_cert` or `trust_anchor` (InitializeCluster's): for a cluster
+        made from a backup, its backup history's, as CloudHSM restores the cluster certificate
+        with the backup."""
+        rec = self.data["clusters"].get(cid) or {}
+        root = self.data["clusters"].get(self.lineage(cid)) or {}
+        value = rec.get(which) or root.get(which)
+        if not value and root.get("primary"):
+            try:  # the cluster CA `hsmsim up` made stands for both (see `describe`)
+                value = self.daemon.state.ca_cert.read_text()
+            except OSError:
+                pass
+        return str(value) if value else None
+
+    def known(self, cid: str, region: str) -> bool:
+        """Whether `cid` is a cluster of `region` that has not been deleted (it may have no
+        HSM, or not be served now)."""
+        rec = self.data["clusters"].get(cid)
+        return rec is not None and rec.get("region") == region and rec.get("phase") != "DELETED"
+
     def cluster_state(self, cid: str) -> str:
         rec = self.data["clusters"][cid]
         if cid in self.transient:
@@ -246,13 +301,11 @@ class Plane:
         certs: dict[str, str] = {}
         if state == "UNINITIALIZED" and rec.get("csr"):
             certs["ClusterCsr"] = rec["csr"]
-        if rec.get("cluster_cert"):
-            certs["ClusterCertificate"] = rec["cluster_cert"]
-        elif rec.get("primary"):
-            try:  # the cluster CA `hsmsim up` made: the trust anchor KMS custom key stores take
-                certs["ClusterCertificate"] = self.daemon.state.ca_cert.read_text()
-            except OSError:
-                pass
+        # InitializeCluster's certificate; a restored cluster's origin's; the daemon's own
+        # cluster: the cluster CA `hsmsim up` made (the trust anchor KMS custom key stores take)
+        cluster_cert = self.certificate(cid, "cluster_cert")
+        if cluster_cert:
+            certs["ClusterCertificate"] = cluster_cert
         return {
             "BackupPolicy": "DEFAULT",
             "BackupRetentionPolicy": {"Type": "DAYS", "Value": str(rec.get("retention", DEFAULT_RETENTION_DAYS))},

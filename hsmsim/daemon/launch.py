@@ -48,6 +48,8 @@ async def start_cloudhsm_endpoint(d: Daemon) -> None:
                 return await hosting.kms_cluster(plane, cid, region)
             clusters.lookup = lookup
             clusters.serving = lambda cid: hosting.served(plane, cid)
+            clusters.exists = plane.known
+            clusters.related = plane.related
     except Exception as exc:
         log.exception("the CloudHSMv2 endpoint failed to start")
         d.warnings.append(f"the CloudHSMv2 endpoint did not start: {exc} (choose another "

@@ -60,6 +60,10 @@ class ClusterDirectory:
         self.first = first
         self.lookup: ClusterLookup | None = None
         self.serving: Callable[[str], ClusterClient | None] | None = None
+        # (cluster id, Region) -> whether the cluster exists (not deleted), served or not
+        self.exists: Callable[[str, str], bool] | None = None
+        # (a, b) -> whether two clusters share a backup history (UpdateCustomKeyStore)
+        self.related: Callable[[str, str], bool] | None = None
 
     async def find(self, cluster_id: str, region: str,
                    first_here: bool) -> tuple[ClusterClient, ClusterInfo] | None:
@@ -158,6 +162,17 @@ class KeyStores:
         self.require_two_azs(info)
         return info
 
+    def check_related(self, current: str, anchor: str, info: ClusterInfo) -> None:
+        """UpdateCustomKeyStore: a store moves only to a cluster sharing its cluster's backup
+        history (CloudHSM gives those the same cluster certificate). Without the plane (the
+        first cluster alone) the trust anchors are compared."""
+        related = self._clusters.related
+        ok = (related(current, info.cluster_id) if related is not None
+              else same_certificate(anchor, info.ca_cert_pem))
+        if not ok:
+            raise e.ClusterNotRelated(f"Cluster {info.cluster_id} is not related to the custom key "
+                                      "store's cluster: it does not share its backup history.")
+
     @staticmethod
     def require_two_azs(info: ClusterInfo) -> None:
         azs = active_hsms(info)
@@ -187,6 +202,11 @@ class KeyStores:
         except Exception:
             return await self._fail(store_id, "NETWORK_ERRORS")
         if found is None:
+            # a cluster that exists but is not served has no HSM (its last was deleted) or
+            # none running (`hsmsim down` of a hosted cluster)
+            exists = self._clusters.exists
+            if exists is not None and exists(s.cluster_id, self._region):
+                return await self._fail(store_id, "INSUFFICIENT_CLOUDHSM_HSMS")
             return await self._fail(store_id, "CLUSTER_NOT_FOUND")
         cluster, info = found
         if not active_hsms(info):

@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 from hsmsim.kms import errors as e
-from hsmsim.kms.keystores import CONNECTED, CONNECTING, DISCONNECTED, DISCONNECTING, FAILED, same_certificate
+from hsmsim.kms.keystores import CONNECTED, CONNECTING, DISCONNECTED, DISCONNECTING, FAILED
 from hsmsim.kms.model import StoreRecord
 from hsmsim.kms.inputs import (ConnectCustomKeyStoreRequest, CreateCustomKeyStoreRequest,
                                DeleteCustomKeyStoreRequest, DescribeCustomKeyStoresRequest,
@@ -70,8 +70,13 @@ async def connect_custom_key_store(kms: Kms, call: Call, req: ConnectCustomKeySt
                                   "connected in this state.")
     if s.state in (CONNECTED, CONNECTING):
         return {}
-    info = await kms.keystores.cluster_info(s.cluster_id)
-    if info.state not in ("ACTIVE", "DEGRADED"):
+    try:
+        info = await kms.keystores.cluster_info(s.cluster_id)
+    except e.ClusterNotFound:
+        # ConnectCustomKeyStore has no CloudHsmClusterNotFoundException: a cluster without HSMs
+        # or deleted fails the connection (INSUFFICIENT_CLOUDHSM_HSMS, CLUSTER_NOT_FOUND)
+        info = None
+    if info is not None and info.state not in ("ACTIVE", "DEGRADED"):
         raise e.ClusterNotActive(f"Cluster {s.cluster_id} is not active.")
     kms.keystores.start_connect(s.store_id)
     return {}
@@ -126,9 +131,7 @@ async def update_custom_key_store(kms: Kms, call: Call, req: UpdateCustomKeyStor
                                   f"{sorted(other)[0]}.")
     if req.cloud_hsm_cluster_id is not None and req.cloud_hsm_cluster_id != s.cluster_id:
         info = await kms.keystores.check_for_create(req.cloud_hsm_cluster_id, None)
-        if not same_certificate(s.trust_anchor, info.ca_cert_pem):
-            raise e.ClusterNotRelated(f"Cluster {req.cloud_hsm_cluster_id} is not related to the "
-                                      "custom key store's cluster.")
+        kms.keystores.check_related(s.cluster_id, s.trust_anchor, info)
         changes["cluster_id"] = req.cloud_hsm_cluster_id
     if req.key_store_password is not None:
         changes["password"] = await kms.keystores.seal_password(s.store_id, req.key_store_password)
