@@ -23,8 +23,9 @@ from hsmsim.cloudhsm.hosting import drop_short_root, short_root
 from hsmsim.cloudhsm.plane import AZ_LETTERS, DEFAULT_RETENTION_DAYS, HSM_TYPES, Plane, log
 from hsmsim.cluster.backup import create_backup, restore_backup
 from hsmsim.cluster.members import CREATE_IN_PROGRESS, DELETE_IN_PROGRESS
-from hsmsim.cluster.state import (MAX_HSMS, HsmSpec, StateDir, atomic_write, discard_new_cluster,
-                                  new_id, prepare_new_cluster, write_secret)
+from hsmsim.cluster.state import (MAX_HSMS, HsmSpec, StateDir, discard_new_cluster, new_id,
+                                  prepare_new_cluster, write_secret)
+from hsmsim.files import atomic_write
 
 
 def create_cluster(p: Plane, region: str, hsm_type: str, subnets: list[str], mode: str,

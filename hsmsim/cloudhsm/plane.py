@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 from hsmsim.cloudhsm import errors as e
 from hsmsim.cluster.cluster import Cluster
 from hsmsim.cluster.members import ACTIVE, CREATE_IN_PROGRESS, DEGRADED, DELETE_IN_PROGRESS, Member
-from hsmsim.cluster.state import StateDir, atomic_write
+from hsmsim.cluster.state import StateDir
 from hsmsim.cluster.supervisor import Supervisor
+from hsmsim.files import atomic_write
 from hsmsim.node import direct_tls
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ from typing import Any
 
 from hsmsim import files
 # re-exported: cloudhsm/plane.py and cloudhsm/lifecycle.py import it from here
-from hsmsim.files import atomic_write as atomic_write
+from hsmsim.files import atomic_write
 from hsmsim.errors import HsmsimError
 
 FORMAT_VERSION = 1
