@@ -171,6 +171,8 @@ def _print_ready(state: StateDir, cluster_id: str, endpoints: dict[str, Any], ne
     print(f"  PIN            : {env['HSMSIM_PIN']}")
     print(f"  KMS endpoint   : {env['AWS_ENDPOINT_URL_KMS']}"
           + ("" if "kms" in endpoints else "   (not running; see warnings)"))
+    if "AWS_ENDPOINT_URL_CLOUDHSM_V2" in env:
+        print(f"  CloudHSMv2 API : {env['AWS_ENDPOINT_URL_CLOUDHSM_V2']}")
     if new is not None:
         print(f"  admin password : {new.admin_password}   (shown once; stored in "
               f"{state.admin_password})")
@@ -240,6 +242,9 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"{st['objects']}  daemon pid {st['daemon_pid']}")
     kms = (st.get("endpoints") or {}).get("kms")
     print(f"KMS endpoint {kms}" if kms else "KMS endpoint: not running (see the warnings)")
+    chsm = (st.get("endpoints") or {}).get("cloudhsm")
+    if chsm:
+        print(f"CloudHSMv2 endpoint {chsm}")
     for w in st.get("warnings") or ():
         print(f"warning: {w}")
     table(hsm_rows(st))

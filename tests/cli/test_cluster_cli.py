@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -205,6 +206,9 @@ def test_foreground_up_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
                 break
         out = "".join(lines)
         assert "export HSMSIM_PIN=" in out and "is ready" in out, out + p.stderr.read()  # type: ignore[union-attr]
+        # the banner names the CloudHSMv2 endpoint the exports point at
+        chsm = re.search(r"^export AWS_ENDPOINT_URL_CLOUDHSM_V2=(\S+)$", out, re.M)
+        assert chsm and f"  CloudHSMv2 API : {chsm.group(1)}\n" in out, out
         pids = [int((state / "nodes" / d / "node.pid").read_text())
                 for d in os.listdir(state / "nodes")]
         p.send_signal(signal.SIGINT)

@@ -30,6 +30,8 @@ def test_hsm_named_by_az_and_listed(cli_cluster: HsmsimCluster) -> None:
         assert "latency 7 ms" in table and by_az["us-east-1b"] in table
         status = cli_cluster.cli("status").stdout
         assert f"KMS endpoint {cli_cluster.kms_endpoint}" in status
+        env = json.loads(cli_cluster.cli("env", "--json").stdout)
+        assert f"CloudHSMv2 endpoint {env['AWS_ENDPOINT_URL_CLOUDHSM_V2']}\n" in status
         assert "latency 7 ms" in status
     finally:
         cli_cluster.cli("hsm", "latency", "us-east-1b", "--ms", "0")
