@@ -62,6 +62,19 @@ def snake(name: str) -> str:
     return out + "_" if keyword.iskeyword(out) else out
 
 
+def error_entry(table: Mapping[type, tuple[str, int]], exc: BaseException,
+                fallback: type) -> tuple[str, int, bool]:
+    """An endpoint's (code, HTTP status) for a domain error: the entry of the nearest class of
+    `exc` in `table`, else `fallback`'s; the flag says whether `exc` itself was found (an error
+    not in the table is a bug: its message is not shown)."""
+    for cls in type(exc).__mro__:
+        if cls in table:
+            code, status = table[cls]
+            return code, status, True
+    code, status = table[fallback]
+    return code, status, False
+
+
 # No AWS JSON input of the services served here nests deeper than a handful of levels (KMS:
 # Tags -> tag -> member); a document deeper than MAX_DEPTH is refused before parsing, so that
 # neither the JSON parser nor a decoder recurses on it. FIDELITY: AWS's nesting limit is

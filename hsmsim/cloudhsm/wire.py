@@ -61,12 +61,8 @@ class WireError:
 
 def to_wire(exc: e.CloudHsmError) -> WireError:
     """The AWS error for a domain error: the nearest class in the table wins."""
-    for cls in type(exc).__mro__:
-        if cls in ERROR_TABLE:
-            code, status = ERROR_TABLE[cls]
-            return WireError(code, status, exc.message)
-    code, status = ERROR_TABLE[e.Internal]
-    return WireError(code, status, "")
+    code, status, found = awsmodel.error_entry(ERROR_TABLE, exc, e.Internal)
+    return WireError(code, status, exc.message if found else "")
 
 
 def operation_from_target(target: str | None) -> str:
